@@ -1,0 +1,134 @@
+//! The one error type the gateway answers with: status, retryability, metric label and an
+//! OpenAI-shaped JSON body (`{"error":{"code","message","type"}}`), the shape every SDK parses.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{BoxBody, full};
+
+/// What went wrong, at the granularity an operator or a client can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route for the path.
+    NotFound,
+    /// Request body over `server.max_body_bytes`.
+    BodyTooLarge,
+    /// The client's request could not be read or is malformed.
+    BadRequest,
+    /// The backend could not be reached (refused, DNS, TLS).
+    UpstreamConnect,
+    /// The backend did not answer in time.
+    UpstreamTimeout,
+    /// The backend broke the exchange (reset, bad HTTP).
+    UpstreamProtocol,
+    /// The gateway is stopping and takes no new work.
+    ShuttingDown,
+}
+
+impl ErrorKind {
+    /// HTTP status the client receives.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Whether another backend may succeed where this attempt failed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamTimeout | ErrorKind::UpstreamProtocol
+        )
+    }
+
+    /// Low-cardinality label for metrics and the `code` field of the body.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::UpstreamConnect => "backend_connect_error",
+            ErrorKind::UpstreamTimeout => "backend_timeout",
+            ErrorKind::UpstreamProtocol => "backend_protocol_error",
+            ErrorKind::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn error_type(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound | ErrorKind::BodyTooLarge | ErrorKind::BadRequest => {
+                "invalid_request_error"
+            }
+            _ => "gateway_error",
+        }
+    }
+}
+
+/// An error the gateway itself answers with. The message must never carry a secret.
+#[derive(Debug, Clone)]
+pub struct GatewayError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl GatewayError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body, `{"error":{"code":..,"message":..,"type":..}}`.
+    pub fn body(&self) -> Bytes {
+        openai_error_body(self.kind.label(), &self.message, self.kind.error_type())
+    }
+
+    pub fn into_response(self) -> Response<BoxBody> {
+        let mut resp = Response::new(full(self.body()));
+        *resp.status_mut() = self.kind.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.label(), self.message)
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+/// Builds an OpenAI-shaped error body; used by the gateway and the simulator.
+pub fn openai_error_body(code: &str, message: &str, error_type: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "code": code, "message": message, "type": error_type }
+    });
+    Bytes::from(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let e = GatewayError::new(ErrorKind::NotFound, "no route for /x");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "not_found");
+        assert_eq!(v["error"]["message"], "no route for /x");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(e.into_response().status(), StatusCode::NOT_FOUND);
+        assert!(ErrorKind::UpstreamTimeout.retryable());
+        assert!(!ErrorKind::BadRequest.retryable());
+    }
+}

@@ -1,0 +1,23 @@
+//! Switchyard: a self-hosted gateway for Azure OpenAI.
+//!
+//! Request pipeline (see `server::gateway`): `api` classifies the path, the body is read under
+//! `server.max_body_bytes`, `proxy` runs the attempt loop (`balancer` picks, `upstream` sends one
+//! attempt with the backend's own credential), and the response streams back through a body
+//! wrapper that ends the request's accounting in `telemetry`.
+
+pub mod admin;
+pub mod api;
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+
+/// Installs the process-wide TLS crypto provider (ring). Idempotent; call before building clients.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

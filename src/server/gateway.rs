@@ -1,0 +1,299 @@
+//! The client request path, top to bottom:
+//! request id → route → read body (capped) → attempt loop → response headers → tracked body.
+//! WebSocket upgrades take the same path and are tunnelled once the backend answers 101.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::body::{BoxBody, BoxError};
+use crate::error::{ErrorKind, GatewayError};
+use crate::proxy::Proxy;
+use crate::telemetry::{BackendLabels, Metrics, RequestLabels};
+use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
+
+static X_BACKEND: header::HeaderName = header::HeaderName::from_static("x-switchyard-backend");
+static X_ATTEMPTS: header::HeaderName = header::HeaderName::from_static("x-switchyard-attempts");
+
+/// Shared by every connection of the client listener.
+pub struct GatewayState {
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+    /// Owns the WebSocket tunnels, which outlive the request that opened them.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    ids: crate::ids::IdGen,
+}
+
+impl GatewayState {
+    pub fn new(
+        proxy: Proxy,
+        metrics: Arc<Metrics>,
+        max_body_bytes: usize,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            proxy,
+            metrics,
+            max_body_bytes,
+            tasks,
+            shutdown,
+            ids: crate::ids::IdGen::new(),
+        }
+    }
+}
+
+pub async fn handle(
+    state: Arc<GatewayState>,
+    mut req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let started = Instant::now();
+    state.metrics.in_flight.inc();
+    let request_id = request_id(req.headers(), &state.ids);
+    let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (answer_backend, attempts, mut resp) = match serve(&state, req, &request_id).await {
+        Ok((backend, attempts, resp)) => (backend, attempts, resp),
+        Err((backend, attempts, e)) => (backend, attempts, e.into_response()),
+    };
+    let backend_name = answer_backend.map(|i| state.proxy.backends[i].name.clone());
+
+    let status = resp.status();
+    let h = resp.headers_mut();
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(name) = &backend_name
+        && let Ok(v) = HeaderValue::from_str(name)
+    {
+        h.insert(X_BACKEND.clone(), v);
+    }
+    if attempts > 0 {
+        h.insert(X_ATTEMPTS.clone(), HeaderValue::from(attempts));
+    }
+    let label = backend_name.as_deref().unwrap_or("none").to_string();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            backend: label.clone(),
+            status: status.as_u16(),
+        })
+        .inc();
+    tracing::info!(
+        request_id = request_id.to_str().unwrap_or(""),
+        status = status.as_u16(),
+        backend = %label,
+        attempts,
+        first_byte_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+
+    if status == http::StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            tunnel(&state, client_upgrade, &mut resp);
+        }
+    }
+
+    let (parts, body) = resp.into_parts();
+    let tracked = TrackedBody {
+        inner: body,
+        guard: RequestGuard {
+            metrics: state.metrics.clone(),
+            backend: label,
+            started,
+        },
+    };
+    Ok(Response::from_parts(parts, tracked.boxed()))
+}
+
+type Served = (Option<usize>, u32, Response<BoxBody>);
+type Failed = (Option<usize>, u32, GatewayError);
+
+async fn serve(
+    state: &GatewayState,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Served, Failed> {
+    if state.shutdown.is_cancelled() {
+        return Err((
+            None,
+            0,
+            GatewayError::new(ErrorKind::ShuttingDown, "the gateway is shutting down"),
+        ));
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(path);
+    let route = api::route(path, pq).map_err(|e| (None, 0, e))?;
+    let upgrade = route.upgrade_allowed && parts.headers.contains_key(header::UPGRADE);
+
+    let body = read_body(body, &parts.headers, state.max_body_bytes)
+        .await
+        .map_err(|e| (None, 0, e))?;
+
+    let outbound = OutboundRequest {
+        method: &parts.method,
+        path_and_query: &route.path_and_query,
+        headers: &parts.headers,
+        body,
+        request_id,
+        upgrade,
+    };
+    let answer = state.proxy.forward(&outbound).await;
+    match answer.result {
+        Ok(mut resp) => {
+            clean_response_headers(resp.headers_mut(), upgrade);
+            Ok((answer.backend, answer.attempts, resp))
+        }
+        Err(e) => {
+            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %e, "no backend answered");
+            Err((answer.backend, answer.attempts, e))
+        }
+    }
+}
+
+async fn read_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    max: usize,
+) -> Result<Bytes, GatewayError> {
+    let too_large = || {
+        GatewayError::new(
+            ErrorKind::BodyTooLarge,
+            format!(
+                "request body exceeds the gateway's limit of {max} bytes (server.max_body_bytes)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// Keeps the client's `x-request-id` when it is a sane token, else makes one.
+fn request_id(headers: &http::HeaderMap, ids: &crate::ids::IdGen) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let ok =
+            v.len() <= 128 && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        if ok {
+            return v.clone();
+        }
+    }
+    HeaderValue::from_str(&ids.uuid_v4()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Joins the client's and the backend's upgraded connections once both sides have switched.
+fn tunnel(state: &GatewayState, client: hyper::upgrade::OnUpgrade, resp: &mut Response<BoxBody>) {
+    let backend = hyper::upgrade::on(resp);
+    let shutdown = state.shutdown.clone();
+    state.tasks.spawn(async move {
+        let (client, backend) = match tokio::try_join!(client, backend) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut backend = TokioIo::new(backend);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "websocket tunnel closed with an error");
+                }
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// Ends a request's accounting when its body is done: finished, failed or dropped because the
+/// client went away. A stream counts as in flight until then.
+struct RequestGuard {
+    metrics: Arc<Metrics>,
+    backend: String,
+    started: Instant,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .get_or_create(&BackendLabels {
+                backend: std::mem::take(&mut self.backend),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct TrackedBody {
+        #[pin]
+        inner: BoxBody,
+        guard: RequestGuard,
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
+            this.guard
+                .metrics
+                .stream_errors
+                .get_or_create(&BackendLabels {
+                    backend: this.guard.backend.clone(),
+                })
+                .inc();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,139 @@
+//! Metrics (one struct of families, registered once and passed by reference) and log set-up.
+//! Label values are bounded: backend names come from the config, statuses and outcomes are
+//! small fixed sets; nothing from the request (keys, paths, error text) becomes a label.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The backend that produced the response, or `none` when the gateway answered itself.
+    pub backend: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub backend: String,
+    /// A status code (`"429"`) or a transport outcome (`connect_error`, `timeout`, ...).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub attempts: Family<AttemptLabels, Counter>,
+    /// Attempts that failed and were followed by another attempt on another backend.
+    pub retries: Family<AttemptLabels, Counter>,
+    pub duration: Family<BackendLabels, Histogram>,
+    pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub stream_errors: Family<BackendLabels, Counter<u64, AtomicU64>>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        120.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests answered, by serving backend and status",
+            requests.clone(),
+        );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "attempts",
+            "Upstream attempts, by backend and outcome",
+            attempts.clone(),
+        );
+        let retries = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Failed attempts that were retried on another backend, by backend and outcome",
+            retries.clone(),
+        );
+        let duration = Family::<BackendLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to the last response byte sent, by serving backend",
+            duration.clone(),
+        );
+        let in_flight = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being served, streams included until they end",
+            in_flight.clone(),
+        );
+        let stream_errors = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "stream_errors",
+            "Responses whose body failed after headers were sent to the client",
+            stream_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            attempts,
+            retries,
+            duration,
+            in_flight,
+            stream_errors,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Attempts on `backend` with `outcome` that were retried elsewhere (the demo's "absorbed").
+    pub fn retried(&self, backend: &str, outcome: &str) -> u64 {
+        self.retries
+            .get_or_create(&AttemptLabels {
+                backend: backend.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .get()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Installs the log subscriber: `RUST_LOG` wins, else `default_filter`.
+pub fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
