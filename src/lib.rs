@@ -10,10 +10,12 @@ pub mod api;
 pub mod balancer;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod ids;
 pub mod proxy;
 pub mod server;
+pub mod sim;
 pub mod telemetry;
 pub mod upstream;
 

@@ -1,1 +1,237 @@
-fn main() {}
+//! The `switchyard` command: parse the command line, load config, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use switchyard::config::Config;
+use switchyard::sim::{Faults, SimConfig, Simulator};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A self-hosted gateway for Azure OpenAI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary (secrets masked); exit 0 if valid, 1 if not.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run one simulated Azure OpenAI instance.
+    Simulate(SimulateArgs),
+    /// Three simulated backends, the gateway in front, a load run and a table.
+    Demo {
+        /// How many chat requests to send.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Exit after the table instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    #[arg(long, default_value = "127.0.0.1:18001")]
+    listen: SocketAddr,
+    /// Region name reported in `x-ms-region`.
+    #[arg(long, default_value = "sim")]
+    name: String,
+    /// Require this key in `api-key` (or `Authorization: Bearer`).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Time to first token, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Time between tokens, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    token_ms: u64,
+    /// Tokens in an answer unless max_tokens is lower.
+    #[arg(long, default_value_t = 16)]
+    completion_tokens: u32,
+    /// Tokens-per-minute limit (429 beyond it).
+    #[arg(long)]
+    tpm: Option<u32>,
+    /// Requests-per-minute limit, enforced per 10 s like Azure.
+    #[arg(long)]
+    rpm: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of requests answered with --error-status.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    #[arg(long, default_value_t = 500)]
+    error_status: u16,
+    /// Share of requests whose connection drops (mid-stream for streams).
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Share of requests never answered.
+    #[arg(long, default_value_t = 0.0)]
+    stall_rate: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    switchyard::install_crypto_provider();
+    let default_log = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    switchyard::telemetry::init_logging(default_log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: valid\n\n{}", config.display(), c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: invalid: {e}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let shutdown = stop_on_signal();
+            match switchyard::server::start(cfg, shutdown).await {
+                Ok(gw) => {
+                    gw.wait().await;
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Simulate(a) => {
+            let cfg = SimConfig {
+                name: a.name,
+                api_key: a.api_key,
+                ttft: Duration::from_millis(a.ttft_ms),
+                token_interval: Duration::from_millis(a.token_ms),
+                completion_tokens: a.completion_tokens,
+                tokens_per_minute: a.tpm,
+                requests_per_minute: a.rpm,
+                seed: a.seed,
+                record: false,
+                faults: Faults {
+                    error_rate: a.error_rate,
+                    error_status: a.error_status,
+                    drop_rate: a.drop_rate,
+                    stall_rate: a.stall_rate,
+                    refuse: false,
+                },
+            };
+            let shutdown = stop_on_signal();
+            match Simulator::start(cfg, a.listen).await {
+                Ok(sim) => {
+                    tracing::info!(url = %sim.url(), name = sim.name(), "simulator listening");
+                    shutdown.cancelled().await;
+                    sim.stop().await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot listen on {}: {e}", a.listen);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            requests,
+            concurrency,
+            once,
+            listen,
+            admin_listen,
+        } => {
+            let shutdown = stop_on_signal();
+            let opts = switchyard::demo::DemoOptions {
+                requests,
+                concurrency,
+                once,
+                listen,
+                admin_listen,
+            };
+            match switchyard::demo::run(opts, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    // Lives as long as the process; it only waits for a signal.
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("stop signal received; draining");
+        t.cancel();
+    });
+    token
+}

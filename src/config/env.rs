@@ -12,10 +12,8 @@ pub fn expand(
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        Value::String(s) => {
-            if s.contains('$') {
-                *s = expand_str(s, lookup).map_err(|message| ConfigError::at(path, message))?;
-            }
+        Value::String(s) if s.contains('$') => {
+            *s = expand_str(s, lookup).map_err(|message| ConfigError::at(path, message))?;
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {

@@ -1,0 +1,639 @@
+//! The built-in Azure OpenAI simulator: chat completions (plain and streamed), completions and
+//! embeddings with realistic bodies; api-key checking; latency; Azure-style TPM/RPM limits with
+//! `retry-after`, `retry-after-ms` and `x-ratelimit-remaining-*`; fault injection. Any other
+//! operation echoes the request body back, so byte-exact forwarding can be checked.
+//!
+//! Used in-process by tests and the demo, and as `switchyard simulate`.
+
+mod limits;
+mod paced;
+mod responses;
+mod rng;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{BoxBody, BoxError, full};
+use crate::ids::IdGen;
+use limits::Bucket;
+use paced::PacedBody;
+use responses::{Ask, Reply, azure_error};
+use rng::SplitMix64;
+
+/// How a simulated instance behaves.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Shown in `x-ms-region` and logs.
+    pub name: String,
+    /// When set, requests must carry it in `api-key` or `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    /// Time to first token (streams) or added to the whole answer (plain responses).
+    pub ttft: Duration,
+    /// Time between generated tokens.
+    pub token_interval: Duration,
+    /// How many tokens an answer has when `max_tokens` does not cut it shorter.
+    pub completion_tokens: u32,
+    pub tokens_per_minute: Option<u32>,
+    pub requests_per_minute: Option<u32>,
+    /// Seeds fault draws and generated text, so runs repeat.
+    pub seed: u64,
+    /// Keep every request (method, path, headers, body) for inspection by tests.
+    pub record: bool,
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            name: "sim".into(),
+            api_key: None,
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            completion_tokens: 16,
+            tokens_per_minute: None,
+            requests_per_minute: None,
+            seed: 1,
+            record: false,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Injected failures, drawn per request from the seeded generator.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// Share of requests answered with `error_status` (0.0 to 1.0).
+    pub error_rate: f64,
+    /// The status for injected errors (500 when 0).
+    pub error_status: u16,
+    /// Share of requests whose connection drops: mid-stream for streams, before the answer else.
+    pub drop_rate: f64,
+    /// Share of requests that are never answered.
+    pub stall_rate: f64,
+    /// Refuse connections (the listener is closed until this is cleared).
+    pub refuse: bool,
+}
+
+/// One request as the simulator received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Counts by outcome.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SimStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub throttled: u64,
+    pub faulted: u64,
+    pub unauthorized: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    throttled: AtomicU64,
+    faulted: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
+struct Limits {
+    tokens: Option<Bucket>,
+    requests: Option<Bucket>,
+}
+
+struct SimState {
+    cfg: SimConfig,
+    faults: Mutex<Faults>,
+    rng: Mutex<SplitMix64>,
+    limits: Mutex<Limits>,
+    recorded: Mutex<Vec<RecordedRequest>>,
+    counters: Counters,
+    ids: IdGen,
+    refuse: watch::Sender<bool>,
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data half-updated in a way that
+    // matters for a simulator; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running simulated Azure OpenAI instance. Dropping it stops it.
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Simulator {
+    /// Binds `listen` (port 0 for any) and starts serving.
+    pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<Simulator> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let now = tokio::time::Instant::now();
+        let limits = Limits {
+            tokens: cfg.tokens_per_minute.map(|l| Bucket::per_minute(l, now)),
+            requests: cfg
+                .requests_per_minute
+                .map(|l| Bucket::requests_per_minute(l, now)),
+        };
+        let (refuse, refuse_rx) = watch::channel(cfg.faults.refuse);
+        let state = Arc::new(SimState {
+            faults: Mutex::new(cfg.faults.clone()),
+            rng: Mutex::new(SplitMix64::new(cfg.seed)),
+            limits: Mutex::new(limits),
+            recorded: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            ids: IdGen::new(),
+            refuse,
+            shutdown: CancellationToken::new(),
+            cfg,
+        });
+        let task = tokio::spawn(accept_loop(listener, addr, state.clone(), refuse_rx));
+        Ok(Simulator {
+            addr,
+            state,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:port`, ready for a backend `url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.cfg.name
+    }
+
+    /// Changes the injected faults from now on.
+    pub fn set_faults(&self, faults: Faults) {
+        let refuse = faults.refuse;
+        *lock(&self.state.faults) = faults;
+        self.state.refuse.send_replace(refuse);
+    }
+
+    /// Every request received so far (only when `record` is on).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.state.recorded).clone()
+    }
+
+    pub fn stats(&self) -> SimStats {
+        let c = &self.state.counters;
+        SimStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            ok: c.ok.load(Ordering::Relaxed),
+            throttled: c.throttled.load(Ordering::Relaxed),
+            faulted: c.faulted.load(Ordering::Relaxed),
+            unauthorized: c.unauthorized.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting and cuts every open connection, as a dying instance would.
+    pub async fn stop(mut self) {
+        self.state.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.state.shutdown.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    mut refuse: watch::Receiver<bool>,
+) {
+    let mut listener = Some(listener);
+    let mut connections = JoinSet::new();
+    loop {
+        if *refuse.borrow_and_update() {
+            // Closing the socket makes connects fail with "connection refused".
+            listener = None;
+        } else if listener.is_none() {
+            match TcpListener::bind(addr).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "simulator could not re-bind");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            r = refuse.changed() => if r.is_err() { break },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = async { match &listener { Some(l) => l.accept().await, None => std::future::pending().await } } => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                connections.spawn(async move {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let svc = service_fn(move |req| handle(state.clone(), req));
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        }
+    }
+    connections.shutdown().await;
+}
+
+type SimResult = Result<Response<BoxBody>, BoxError>;
+
+async fn handle(state: Arc<SimState>, req: Request<Incoming>) -> SimResult {
+    state.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    if state.cfg.record {
+        lock(&state.recorded).push(RecordedRequest {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    let mut resp = answer(&state, &parts, body).await?;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&state.cfg.name) {
+        h.insert("x-ms-region", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&state.ids.uuid_v4()) {
+        h.insert("apim-request-id", v);
+    }
+    if let Some(rid) = parts.headers.get("x-request-id") {
+        h.insert("x-request-id", rid.clone());
+    }
+    Ok(resp)
+}
+
+enum Op {
+    Chat,
+    Completions,
+    Embeddings,
+    Echo,
+}
+
+async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> SimResult {
+    let path = parts.uri.path();
+    let op_path = if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        rest.split_once('/').map(|(_, op)| op)
+    } else {
+        path.strip_prefix("/openai/v1/")
+    };
+    let Some(op_path) = op_path else {
+        return Ok(json_response(
+            StatusCode::NOT_FOUND,
+            azure_error("404", "Resource not found"),
+        ));
+    };
+    let deployment = path
+        .strip_prefix("/openai/deployments/")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+
+    if let Some(key) = &state.cfg.api_key
+        && !authorized(&parts.headers, key)
+    {
+        state.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return Ok(json_response(
+            StatusCode::UNAUTHORIZED,
+            azure_error(
+                "401",
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+            ),
+        ));
+    }
+
+    let (fault, draw_drop, words_seed) = {
+        let faults = lock(&state.faults).clone();
+        let mut rng = lock(&state.rng);
+        let stall = rng.next_f64() < faults.stall_rate;
+        let error = rng.next_f64() < faults.error_rate;
+        let drop = rng.next_f64() < faults.drop_rate;
+        let seed = rng.next_u64();
+        let fault = if stall {
+            Some(None)
+        } else if error {
+            Some(Some(if faults.error_status == 0 {
+                500
+            } else {
+                faults.error_status
+            }))
+        } else {
+            None
+        };
+        (fault, drop, seed)
+    };
+    match fault {
+        Some(None) => {
+            state.counters.faulted.fetch_add(1, Ordering::Relaxed);
+            state.shutdown.cancelled().await;
+            return Err("simulator stopped".into());
+        }
+        Some(Some(code)) => {
+            state.counters.faulted.fetch_add(1, Ordering::Relaxed);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut r = json_response(status, azure_error(status.as_str(), "Simulated failure"));
+            if code == 429 || code == 503 {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            return Ok(r);
+        }
+        None => {}
+    }
+
+    let op = match op_path {
+        "chat/completions" => Op::Chat,
+        "completions" => Op::Completions,
+        "embeddings" => Op::Embeddings,
+        _ => Op::Echo,
+    };
+    if matches!(op, Op::Echo) {
+        if draw_drop {
+            state.counters.faulted.fetch_add(1, Ordering::Relaxed);
+            return Err("simulated connection drop".into());
+        }
+        state.counters.ok.fetch_add(1, Ordering::Relaxed);
+        let mut r = Response::new(full(body));
+        if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+            r.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+        }
+        r.headers_mut()
+            .insert("x-sim-echo", HeaderValue::from_static("1"));
+        return Ok(r);
+    }
+
+    let json: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(json_response(
+                StatusCode::BAD_REQUEST,
+                azure_error(
+                    "BadRequest",
+                    &format!("The request body is not valid JSON: {e}"),
+                ),
+            ));
+        }
+    };
+    let op_name = match op {
+        Op::Chat => "chat/completions",
+        Op::Completions => "completions",
+        _ => "embeddings",
+    };
+    let ask = responses::parse_ask(op_name, &json);
+    let completion = match op {
+        Op::Embeddings => 0,
+        _ => ask
+            .max_tokens
+            .unwrap_or(state.cfg.completion_tokens)
+            .min(state.cfg.completion_tokens),
+    };
+    let charge = ask.prompt_tokens + ask.max_tokens.unwrap_or(completion).max(completion);
+    let remaining = match admit(state, charge) {
+        Ok(r) => r,
+        Err(throttled) => {
+            state.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            return Ok(throttled.response());
+        }
+    };
+
+    let model = ask
+        .model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| {
+            if deployment.is_empty() {
+                "gpt-4o".into()
+            } else {
+                deployment.into()
+            }
+        });
+    let mut rng = SplitMix64::new(words_seed);
+    let mut resp = match op {
+        Op::Embeddings => {
+            tokio::time::sleep(state.cfg.ttft).await;
+            json_response(
+                StatusCode::OK,
+                responses::embeddings(&model, &ask, &mut rng),
+            )
+        }
+        _ => {
+            let words = responses::words(&mut rng, completion);
+            let finish = if ask
+                .max_tokens
+                .is_some_and(|m| m < state.cfg.completion_tokens)
+            {
+                "length"
+            } else {
+                "stop"
+            };
+            let id = format!("chatcmpl-{}", &state.ids.uuid_v4()[..13]);
+            let reply = Reply {
+                id: &id,
+                created: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                model: &model,
+                words: &words,
+                finish_reason: finish,
+                prompt_tokens: ask.prompt_tokens,
+            };
+            stream_or_plain(state, &op, &ask, &reply, draw_drop).await?
+        }
+    };
+    state.counters.ok.fetch_add(1, Ordering::Relaxed);
+    let h = resp.headers_mut();
+    h.insert(
+        "x-ratelimit-remaining-tokens",
+        HeaderValue::from(remaining.0),
+    );
+    h.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from(remaining.1),
+    );
+    Ok(resp)
+}
+
+async fn stream_or_plain(
+    state: &SimState,
+    op: &Op,
+    ask: &Ask,
+    reply: &Reply<'_>,
+    drop_connection: bool,
+) -> SimResult {
+    let cfg = &state.cfg;
+    if ask.stream {
+        let events = match op {
+            Op::Chat => reply.chat_events(ask.include_usage),
+            _ => reply.completion_events(),
+        };
+        // A dropped stream gets about half its events out first.
+        let fail_after = drop_connection.then_some(events.len() / 2);
+        if drop_connection {
+            state.counters.faulted.fetch_add(1, Ordering::Relaxed);
+        }
+        // Headers go out when the first token is ready, as Azure's do.
+        tokio::time::sleep(cfg.ttft).await;
+        let body = PacedBody::new(events, Duration::ZERO, cfg.token_interval, fail_after);
+        let mut r = Response::new(body.boxed());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(r);
+    }
+    let total = cfg.ttft + cfg.token_interval * reply.words.len() as u32;
+    tokio::time::sleep(total).await;
+    if drop_connection {
+        state.counters.faulted.fetch_add(1, Ordering::Relaxed);
+        return Err("simulated connection drop".into());
+    }
+    let body = match op {
+        Op::Chat => reply.chat(),
+        _ => reply.completion(),
+    };
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// A request over the limits: how long until it would fit, and what is left.
+struct Throttled {
+    wait: Duration,
+    tokens: bool,
+    remaining: (u64, u64),
+}
+
+impl Throttled {
+    fn response(&self) -> Response<BoxBody> {
+        let what = if self.tokens {
+            "token rate limit"
+        } else {
+            "call rate limit"
+        };
+        let secs = self.wait.as_millis().div_ceil(1000).max(1);
+        let mut r = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            azure_error(
+                "429",
+                &format!(
+                    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded {what} of your current OpenAI S0 pricing tier. Please retry after {secs} seconds."
+                ),
+            ),
+        );
+        let h = r.headers_mut();
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        h.insert(
+            "retry-after-ms",
+            HeaderValue::from(self.wait.as_millis().max(1) as u64),
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(self.remaining.0),
+        );
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from(self.remaining.1),
+        );
+        r
+    }
+}
+
+/// Charges a request against the limits; returns what remains (tokens, requests).
+fn admit(state: &SimState, tokens: u32) -> Result<(u64, u64), Throttled> {
+    let now = tokio::time::Instant::now();
+    let mut limits = lock(&state.limits);
+    let wait_tokens = limits
+        .tokens
+        .as_mut()
+        .and_then(|b| b.wait_for(tokens as f64, now));
+    let wait_requests = limits.requests.as_mut().and_then(|b| b.wait_for(1.0, now));
+    if wait_tokens.is_none() && wait_requests.is_none() {
+        if let Some(b) = limits.tokens.as_mut() {
+            b.take(tokens as f64);
+        }
+        if let Some(b) = limits.requests.as_mut() {
+            b.take(1.0);
+        }
+    }
+    let remaining = (
+        limits
+            .tokens
+            .as_ref()
+            .map(Bucket::remaining)
+            .unwrap_or(u64::from(u32::MAX)),
+        limits
+            .requests
+            .as_ref()
+            .map(Bucket::remaining)
+            .unwrap_or(u64::from(u32::MAX)),
+    );
+    match (wait_tokens, wait_requests) {
+        (None, None) => Ok(remaining),
+        (a, b) => Err(Throttled {
+            wait: a.unwrap_or_default().max(b.unwrap_or_default()),
+            tokens: a.is_some(),
+            remaining,
+        }),
+    }
+}
+
+fn authorized(headers: &HeaderMap, key: &str) -> bool {
+    let by_header = headers
+        .get("api-key")
+        .is_some_and(|v| v.as_bytes() == key.as_bytes());
+    let by_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == key);
+    by_header || by_bearer
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<BoxBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
