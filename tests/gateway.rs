@@ -1,0 +1,609 @@
+//! End-to-end behaviour of the core gateway against in-process simulated backends.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use switchyard::sim::Faults;
+
+fn always(status: u16) -> Faults {
+    Faults {
+        error_rate: 1.0,
+        error_status: status,
+        ..Faults::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_round_robin_is_exact() {
+    let sims = [
+        start_sim(sim("a")).await,
+        start_sim(sim("b")).await,
+        start_sim(sim("c")).await,
+    ];
+    let gw = gateway(&sims.iter().map(B::sim).collect::<Vec<_>>(), "", "").await;
+    let client = client();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+        *seen.entry(header(&r, "x-switchyard-backend")).or_default() += 1;
+    }
+    for s in &sims {
+        assert_eq!(s.stats().ok, 100, "{}", s.name());
+        assert_eq!(seen[s.name()], 100);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_round_robin_shares_within_one() {
+    let sims = [
+        start_sim(sim("a")).await,
+        start_sim(sim("b")).await,
+        start_sim(sim("c")).await,
+    ];
+    let gw = gateway(&sims.iter().map(B::sim).collect::<Vec<_>>(), "", "").await;
+    let client = client();
+    let results = futures_util::stream::iter(0..301)
+        .map(|_| {
+            let client = client.clone();
+            let base = gw.base.clone();
+            async move { post_chat(&client, &base).await.status() }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(results.iter().all(|s| *s == 200));
+    for s in &sims {
+        let ok = s.stats().ok as i64;
+        assert!((ok - 100).abs() <= 1, "{} served {ok}", s.name());
+    }
+    gw.stop().await;
+}
+
+async fn failover_case(faults: Faults) {
+    let bad = start_sim(common::sim("bad")).await;
+    bad.set_faults(faults);
+    let good1 = start_sim(sim("good1")).await;
+    let good2 = start_sim(sim("good2")).await;
+    let gw = gateway(&[B::sim(&bad), B::sim(&good1), B::sim(&good2)], "", "").await;
+    let client = client();
+    for _ in 0..30 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_ne!(header(&r, "x-switchyard-backend"), "bad");
+        let attempts: u32 = header(&r, "x-switchyard-attempts").parse().unwrap();
+        assert!(attempts <= 2, "attempts {attempts}");
+    }
+    assert_eq!(bad.stats().ok, 0);
+    assert!(
+        bad.stats().faulted >= 10,
+        "the bad backend kept its share of first attempts"
+    );
+    assert_eq!(good1.stats().ok + good2.stats().ok, 30);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_429() {
+    failover_case(always(429)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_500() {
+    failover_case(always(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_refused_connections() {
+    let good = start_sim(sim("good")).await;
+    let gw = gateway(&[B::dead("dead"), B::sim(&good)], "", "").await;
+    let client = client();
+    for _ in 0..10 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-backend"), "good");
+    }
+    let metrics = client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    let text = metrics.text().await.unwrap();
+    // Each request takes two slots of the rotation (dead, then good), so with no health state
+    // the dead backend is every request's first attempt, as in the sample's policy.
+    assert!(
+        text.contains(
+            "switchyard_attempts_total{backend=\"dead\",outcome=\"backend_connect_error\"} 10"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(
+        "switchyard_retries_total{backend=\"dead\",outcome=\"backend_connect_error\"} 10"
+    ));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_simulator_is_skipped_and_comes_back() {
+    let flaky = start_sim(sim("flaky")).await;
+    let good = start_sim(sim("good")).await;
+    let gw = gateway(&[B::sim(&flaky), B::sim(&good)], "", "").await;
+    let client = client();
+    flaky.set_faults(Faults {
+        refuse: true,
+        ..Faults::default()
+    });
+    for _ in 0..4 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-backend"), "good");
+    }
+    flaky.set_faults(Faults::default());
+    let mut served_by_flaky = 0;
+    for _ in 0..4 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        served_by_flaky += (header(&r, "x-switchyard-backend") == "flaky") as u32;
+    }
+    assert_eq!(served_by_flaky, 2);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_not_retried() {
+    let a = start_sim(sim("a")).await;
+    let b = start_sim(sim("b")).await;
+    let gw = gateway(&[B::sim(&a), B::sim(&b)], "", "").await;
+    let client = client();
+    // Invalid JSON: the backend answers 400, which goes back as it is.
+    let r = client
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-switchyard-attempts"), "1");
+    assert_eq!(a.requests().len() + b.requests().len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "BadRequest");
+    gw.stop().await;
+
+    // A backend configured with the wrong key answers 401: not retried either.
+    let mut wrong = B::sim(&a);
+    wrong.key = Some("wrong".into());
+    let gw = gateway(&[wrong, B::sim(&b)], "", "").await;
+    let before = b.requests().len();
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(header(&r, "x-switchyard-backend"), "a");
+    assert_eq!(b.requests().len(), before);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_attempts_is_respected_and_the_last_response_returned() {
+    let sims = [
+        start_sim(sim("a")).await,
+        start_sim(sim("b")).await,
+        start_sim(sim("c")).await,
+    ];
+    for s in &sims {
+        s.set_faults(always(503));
+    }
+    let backends: Vec<B> = sims.iter().map(B::sim).collect();
+    let gw = gateway(&backends, "max_attempts = 2", "").await;
+    let client = client();
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(
+        r.status(),
+        503,
+        "the backend's own answer, not a gateway 500"
+    );
+    assert_eq!(header(&r, "x-switchyard-attempts"), "2");
+    assert_eq!(header(&r, "x-switchyard-backend"), "b");
+    assert_eq!(header(&r, "retry-after"), "1");
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["message"], "Simulated failure");
+    let total: usize = sims.iter().map(|s| s.requests().len()).sum();
+    assert_eq!(total, 2);
+    gw.stop().await;
+
+    // More attempts than backends: the rotation goes around again.
+    let gw = gateway(&backends, "max_attempts = 5", "").await;
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-switchyard-attempts"), "5");
+    let total: usize = sims.iter().map(|s| s.requests().len()).sum();
+    assert_eq!(total, 2 + 5);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_last_attempt_cannot_connect_the_last_real_response_is_returned() {
+    let throttled = start_sim(sim("throttled")).await;
+    throttled.set_faults(always(429));
+    let gw = gateway(
+        &[B::sim(&throttled), B::dead("dead")],
+        "max_attempts = 2",
+        "",
+    )
+    .await;
+    let r = post_chat(&client(), &gw.base).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-switchyard-backend"), "throttled");
+    assert_eq!(header(&r, "retry-after"), "1");
+    gw.stop().await;
+
+    // Nothing answered at all: a gateway error in the OpenAI shape.
+    let gw = gateway(&[B::dead("d1"), B::dead("d2")], "", "").await;
+    let r = post_chat(&client(), &gw.base).await;
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "backend_connect_error");
+    assert!(v["error"]["type"].is_string());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_fail_over() {
+    let stalled = start_sim(sim("stalled")).await;
+    stalled.set_faults(Faults {
+        stall_rate: 1.0,
+        ..Faults::default()
+    });
+    let good = start_sim(sim("good")).await;
+    let gw = gateway(
+        &[B::sim(&stalled), B::sim(&good)],
+        "first_byte_timeout = \"300ms\"",
+        "",
+    )
+    .await;
+    let r = post_chat(&client(), &gw.base).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-backend"), "good");
+    assert_eq!(header(&r, "x-switchyard-attempts"), "2");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_never_sees_the_clients_credentials() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let r = client()
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .header("api-key", "client-secret-1")
+        .header("authorization", "Bearer client-secret-2")
+        .header("ocp-apim-subscription-key", "client-secret-3")
+        .header("x-custom", "kept")
+        .header("x-request-id", "my-trace-123")
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-request-id"), "my-trace-123");
+    let seen = s.requests();
+    let h = &seen[0].headers;
+    assert_eq!(h["api-key"], "key-east");
+    assert!(h.get("authorization").is_none());
+    assert!(h.get("ocp-apim-subscription-key").is_none());
+    assert_eq!(h["x-custom"], "kept");
+    assert_eq!(h["x-request-id"], "my-trace-123");
+    assert_eq!(h["host"], s.addr().to_string());
+    let all = format!("{h:?}");
+    assert!(!all.contains("client-secret"), "{all}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_request_ids_reach_the_client() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let r = post_chat(&client(), &gw.base).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ms-region"), "east");
+    assert!(!header(&r, "apim-request-id").is_empty());
+    assert!(!header(&r, "x-ratelimit-remaining-tokens").is_empty());
+    assert_eq!(header(&r, "x-switchyard-backend"), "east");
+    let rid = header(&r, "x-request-id");
+    assert_eq!(rid.len(), 36, "a generated id: {rid}");
+    assert_eq!(s.requests()[0].headers["x-request-id"], rid.as_str());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_paths_and_queries_are_forwarded_byte_exact() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let client = client();
+
+    // Binary body on a sub-path the gateway knows nothing about.
+    let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let path = "/openai/deployments/tts-1/audio/speech?api-version=2025-03-01-preview&x=a%2Fb";
+    let r = client
+        .post(gw.url(path))
+        .header("content-type", "application/octet-stream")
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "application/octet-stream");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), binary.as_slice());
+    let rec = s.requests().pop().unwrap();
+    assert_eq!(rec.path_and_query, path);
+    assert_eq!(rec.body.as_ref(), binary.as_slice());
+
+    // Multipart, as audio transcription sends it.
+    let boundary = "----switchyard-test";
+    let mut multipart = Vec::new();
+    multipart.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes());
+    multipart.extend_from_slice(&[0u8, 1, 2, 255, 254, 13, 10, 0]);
+    multipart.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = client
+        .post(gw.url("/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21"))
+        .header("content-type", &ct)
+        .body(multipart.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = s.requests().pop().unwrap();
+    assert_eq!(rec.body.as_ref(), multipart.as_slice());
+    assert_eq!(rec.headers["content-type"], ct.as_str());
+
+    // OpenAI-style /v1 goes to the backend's /openai/v1; other /openai paths verbatim.
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.requests().pop().unwrap().path_and_query,
+        "/openai/v1/chat/completions"
+    );
+    let r = client
+        .get(gw.url("/openai/v1/models?api-version=preview"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = s.requests().pop().unwrap();
+    assert_eq!(rec.method, http::Method::GET);
+    assert_eq!(rec.path_and_query, "/openai/v1/models?api-version=preview");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_oversized_bodies_get_openai_errors() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "max_body_bytes = 1024").await;
+    let client = client();
+    for path in [
+        "/",
+        "/admin",
+        "/openai/deployments/x",
+        "/v2/chat/completions",
+    ] {
+        let r = client.post(gw.url(path)).body("{}").send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "not_found");
+        assert!(v["error"]["message"].is_string());
+        assert!(v["error"]["type"].is_string());
+    }
+    let r = client
+        .post(gw.url(CHAT))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_body_bytes")
+    );
+    // Chunked (no content-length) and over the limit: also 413.
+    let chunks = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 512]))),
+    );
+    let r = client
+        .post(gw.url(CHAT))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(s.requests().is_empty(), "nothing reached the backend");
+    gw.stop().await;
+}
+
+/// A backend whose stream the test releases chunk by chunk: if the gateway buffered, the client
+/// would never see the first chunk, because the backend sends the second only after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_chunks_reach_the_client_before_the_backend_sends_the_next() {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use switchyard::body::ChannelBody;
+    use tokio::sync::mpsc;
+
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = service_fn(move |_req| {
+            let (tx, body) = ChannelBody::new(4);
+            senders_tx.send(tx).unwrap();
+            async move {
+                let mut r = http::Response::new(body.boxed());
+                r.headers_mut()
+                    .insert("content-type", "text/event-stream".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    });
+    let gw = gateway(
+        &[B {
+            name: "manual".into(),
+            url,
+            key: None,
+        }],
+        "",
+        "",
+    )
+    .await;
+    let resp = client()
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .body(chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let backend = senders_rx.recv().await.unwrap();
+    let mut body = resp.bytes_stream();
+    for i in 0..3 {
+        let event = format!("data: {{\"n\":{i}}}\n\n");
+        backend.send(Ok(Bytes::from(event.clone()))).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("chunk was held back by the gateway")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, event.as_bytes());
+    }
+    backend
+        .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+        .await
+        .unwrap();
+    drop(backend);
+    let rest: Vec<_> = body.collect().await;
+    assert_eq!(rest.len(), 1);
+    gw.stop().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_streams_pass_through_whole() {
+    let s = start_sim(switchyard::sim::SimConfig {
+        token_interval: Duration::from_millis(2),
+        ..sim("east")
+    })
+    .await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let r = client()
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .body(chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-type").starts_with("text/event-stream"));
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(
+        text.starts_with("data: {\"choices\":[],"),
+        "Azure's filter event first: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(text.matches("chat.completion.chunk").count(), 1 + 8 + 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_streams_finish_and_stops_accepting() {
+    let s = start_sim(switchyard::sim::SimConfig {
+        token_interval: Duration::from_millis(50),
+        ..sim("east")
+    })
+    .await;
+    let gw = gateway(&[B::sim(&s)], "", "shutdown_grace = \"10s\"").await;
+    let client = client();
+    let r = client
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .body(chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    let admin = gw.admin.clone();
+    let base = gw.base.clone();
+    gw.shutdown.cancel();
+    // The stream still runs to its end.
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+    tokio::time::timeout(Duration::from_secs(5), gw.gateway.wait())
+        .await
+        .expect("gateway stopped after the stream");
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{admin}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(
+        reqwest::Client::new()
+            .post(format!("{base}{CHAT}"))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let client = client();
+    post_chat(&client, &gw.base).await;
+    let get = |p: &str| client.get(format!("{}{p}", gw.admin)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let m = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        m.contains("switchyard_requests_total{backend=\"east\",status=\"200\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("switchyard_attempts_total{backend=\"east\",outcome=\"200\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("switchyard_request_duration_seconds_bucket"),
+        "{m}"
+    );
+    assert!(m.contains("switchyard_in_flight_requests 0"), "{m}");
+    assert!(!m.contains("key-east"));
+    assert_eq!(get("/nope").await.unwrap().status(), 404);
+    gw.stop().await;
+}
