@@ -1,5 +1,7 @@
 //! End-to-end behaviour of the core gateway against in-process simulated backends.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use std::collections::HashMap;
@@ -606,4 +608,85 @@ async fn admin_endpoints() {
     assert!(!m.contains("key-east"));
     assert_eq!(get("/nope").await.unwrap().status(), 404);
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_limits_auth_and_determinism() {
+    let client = client();
+    let s = start_sim(switchyard::sim::SimConfig {
+        tokens_per_minute: Some(60),
+        requests_per_minute: Some(600),
+        ..sim("lim")
+    })
+    .await;
+    let url = format!("{}{CHAT}", s.url());
+    let r = client
+        .post(&url)
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no key");
+    let send = || {
+        client
+            .post(&url)
+            .header("api-key", "key-lim")
+            .body(chat_body(false))
+            .send()
+    };
+    // Each request is charged prompt + max_tokens (about 16 tokens) of the 60-token minute.
+    let mut statuses = Vec::new();
+    let mut throttled = None;
+    for _ in 0..6 {
+        let r = send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            throttled = Some(r);
+            break;
+        }
+        assert!(!header(&r, "x-ratelimit-remaining-tokens").is_empty());
+    }
+    let r = throttled.unwrap_or_else(|| panic!("never throttled: {statuses:?}"));
+    let secs: u64 = header(&r, "retry-after").parse().unwrap();
+    let ms: u64 = header(&r, "retry-after-ms").parse().unwrap();
+    assert!(
+        secs >= 1 && ms > 0 && ms <= secs * 1000,
+        "{secs} s vs {ms} ms"
+    );
+    assert!(!header(&r, "x-ratelimit-remaining-requests").is_empty());
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "429");
+
+    // The same seed gives the same fault sequence.
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let s = start_sim(switchyard::sim::SimConfig {
+            seed: 99,
+            faults: Faults {
+                error_rate: 0.5,
+                ..Faults::default()
+            },
+            ..sim("det")
+        })
+        .await;
+        let url = format!("{}{CHAT}", s.url());
+        let mut seq = Vec::new();
+        for _ in 0..20 {
+            let r = client
+                .post(&url)
+                .header("api-key", "key-det")
+                .body(chat_body(false))
+                .send()
+                .await
+                .unwrap();
+            seq.push(r.status().as_u16());
+        }
+        runs.push(seq);
+    }
+    assert_eq!(runs[0], runs[1]);
+    assert!(
+        runs[0].contains(&500) && runs[0].contains(&200),
+        "{:?}",
+        runs[0]
+    );
 }

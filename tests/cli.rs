@@ -1,0 +1,129 @@
+//! The `switchyard` binary: `check`, `serve` start-up errors, serving and SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("switchyard.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("switchyard-cli-{}-{name}", std::process::id()))
+}
+
+const VALID: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[routing]
+strategy = "round_robin"
+max_attempts = 3
+
+[[backends]]
+name = "eastus"
+url = "https://my-eastus.openai.azure.com"
+auth = { type = "api_key", key = "${SY_TEST_EASTUS_KEY}" }
+
+[[backends]]
+name = "westus"
+url = "https://my-westus.openai.azure.com"
+auth = { type = "api_key", key = "${SY_TEST_WESTUS_KEY}" }
+"#;
+
+#[test]
+fn check_accepts_a_valid_config_without_printing_secrets() {
+    let p = write_config(&tmp("valid"), VALID);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&p)
+        .env("SY_TEST_EASTUS_KEY", "super-secret-east")
+        .env("SY_TEST_WESTUS_KEY", "super-secret-west")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("eastus") && all.contains("westus"), "{all}");
+    assert!(!all.contains("super-secret"), "{all}");
+}
+
+#[test]
+fn check_and_serve_reject_bad_configs_naming_the_field() {
+    let p = write_config(&tmp("missing-env"), VALID);
+    for cmd in ["check", "serve"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--config"])
+            .arg(&p)
+            .env_remove("SY_TEST_EASTUS_KEY")
+            .env("SY_TEST_WESTUS_KEY", "x")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("backends[0].auth.key"), "{cmd}: {err}");
+        assert!(err.contains("SY_TEST_EASTUS_KEY"), "{cmd}: {err}");
+    }
+    let p = write_config(
+        &tmp("bad-url"),
+        &VALID.replace("https://my-westus.openai.azure.com", "my-westus"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&p)
+        .env("SY_TEST_EASTUS_KEY", "x")
+        .env("SY_TEST_WESTUS_KEY", "y")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backends[1].url"));
+}
+
+#[test]
+fn serve_runs_and_exits_cleanly_on_sigterm() {
+    let p = write_config(&tmp("serve"), VALID);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .env("SY_TEST_EASTUS_KEY", "x")
+        .env("SY_TEST_WESTUS_KEY", "y")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let listening = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("switchyard listening"))
+        .expect("a listening line");
+    let admin = listening
+        .split("admin=Some(")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("admin address in the log line")
+        .to_string();
+    let health = std::net::TcpStream::connect(&admin);
+    assert!(health.is_ok(), "admin listener accepts on {admin}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit {exit:?}");
+}
