@@ -67,6 +67,9 @@ pub async fn handle(
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let method = req.method().clone();
+    // The path only: a query string may carry a key (`subscription-key=`), so it stays out of logs.
+    let path: String = req.uri().path().chars().take(256).collect();
 
     let (answer_backend, attempts, mut resp) = match serve(&state, req, &request_id).await {
         Ok((backend, attempts, resp)) => (backend, attempts, resp),
@@ -96,6 +99,8 @@ pub async fn handle(
         .inc();
     tracing::info!(
         request_id = request_id.to_str().unwrap_or(""),
+        %method,
+        path,
         status = status.as_u16(),
         backend = %label,
         attempts,
