@@ -690,3 +690,69 @@ async fn simulator_limits_auth_and_determinism() {
         runs[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_dropped_connections() {
+    failover_case(Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
+}
+
+/// Once bytes went to the client nothing is retried; a backend dying mid-stream must not look
+/// like a stream that ended normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_way_is_not_a_clean_end() {
+    // Paced, so the headers and the first events are out before the connection drops.
+    let s = start_sim(switchyard::sim::SimConfig {
+        token_interval: Duration::from_millis(5),
+        ..sim("cut")
+    })
+    .await;
+    s.set_faults(Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    });
+    let other = start_sim(sim("other")).await;
+    let gw = gateway(&[B::sim(&s), B::sim(&other)], "", "").await;
+    let client = client();
+    let r = client
+        .post(gw.url(CHAT))
+        .header("content-type", "application/json")
+        .body(chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-backend"), "cut");
+    let mut body = r.bytes_stream();
+    let mut got = Vec::new();
+    let mut failed = false;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the client saw an error, not a clean end");
+    assert!(!got.ends_with(b"data: [DONE]\n\n"));
+    assert_eq!(other.requests().len(), 0, "no retry after bytes were sent");
+    let m = client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("switchyard_stream_errors_total{backend=\"cut\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("switchyard_in_flight_requests 0"), "{m}");
+    gw.stop().await;
+}
