@@ -20,29 +20,18 @@ fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("switchyard-cli-{}-{name}", std::process::id()))
 }
 
-const VALID: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[routing]
-strategy = "round_robin"
-max_attempts = 3
-
-[[backends]]
-name = "eastus"
-url = "https://my-eastus.openai.azure.com"
-auth = { type = "api_key", key = "${SY_TEST_EASTUS_KEY}" }
-
-[[backends]]
-name = "westus"
-url = "https://my-westus.openai.azure.com"
-auth = { type = "api_key", key = "${SY_TEST_WESTUS_KEY}" }
-"#;
+/// The shipped example, on ports the OS picks and with this test's variable names.
+fn valid() -> String {
+    include_str!("../switchyard.example.toml")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("${EASTUS_KEY}", "${SY_TEST_EASTUS_KEY}")
+        .replace("${WESTUS_KEY}", "${SY_TEST_WESTUS_KEY}")
+}
 
 #[test]
 fn check_accepts_a_valid_config_without_printing_secrets() {
-    let p = write_config(&tmp("valid"), VALID);
+    let p = write_config(&tmp("valid"), &valid());
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&p)
@@ -62,7 +51,7 @@ fn check_accepts_a_valid_config_without_printing_secrets() {
 
 #[test]
 fn check_and_serve_reject_bad_configs_naming_the_field() {
-    let p = write_config(&tmp("missing-env"), VALID);
+    let p = write_config(&tmp("missing-env"), &valid());
     for cmd in ["check", "serve"] {
         let out = Command::new(BIN)
             .args([cmd, "--config"])
@@ -78,7 +67,7 @@ fn check_and_serve_reject_bad_configs_naming_the_field() {
     }
     let p = write_config(
         &tmp("bad-url"),
-        &VALID.replace("https://my-westus.openai.azure.com", "my-westus"),
+        &valid().replace("https://my-westus.openai.azure.com", "my-westus"),
     );
     let out = Command::new(BIN)
         .args(["check", "--config"])
@@ -93,7 +82,7 @@ fn check_and_serve_reject_bad_configs_naming_the_field() {
 
 #[test]
 fn serve_runs_and_exits_cleanly_on_sigterm() {
-    let p = write_config(&tmp("serve"), VALID);
+    let p = write_config(&tmp("serve"), &valid());
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&p)

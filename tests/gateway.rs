@@ -22,12 +22,8 @@ fn always(status: u16) -> Faults {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_round_robin_is_exact() {
-    let sims = [
-        start_sim(sim("a")).await,
-        start_sim(sim("b")).await,
-        start_sim(sim("c")).await,
-    ];
-    let gw = gateway(&sims.iter().map(B::sim).collect::<Vec<_>>(), "", "").await;
+    let (sims, backends) = start_sims(&["a", "b", "c"]).await;
+    let gw = gateway(&backends, "", "").await;
     let client = client();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..300 {
@@ -45,12 +41,8 @@ async fn sequential_round_robin_is_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_round_robin_shares_within_one() {
-    let sims = [
-        start_sim(sim("a")).await,
-        start_sim(sim("b")).await,
-        start_sim(sim("c")).await,
-    ];
-    let gw = gateway(&sims.iter().map(B::sim).collect::<Vec<_>>(), "", "").await;
+    let (sims, backends) = start_sims(&["a", "b", "c"]).await;
+    let gw = gateway(&backends, "", "").await;
     let client = client();
     let results = futures_util::stream::iter(0..301)
         .map(|_| {
@@ -193,15 +185,10 @@ async fn client_errors_are_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_is_respected_and_the_last_response_returned() {
-    let sims = [
-        start_sim(sim("a")).await,
-        start_sim(sim("b")).await,
-        start_sim(sim("c")).await,
-    ];
+    let (sims, backends) = start_sims(&["a", "b", "c"]).await;
     for s in &sims {
         s.set_faults(always(503));
     }
-    let backends: Vec<B> = sims.iter().map(B::sim).collect();
     let gw = gateway(&backends, "max_attempts = 2", "").await;
     let client = client();
     let r = post_chat(&client, &gw.base).await;
@@ -476,13 +463,7 @@ async fn stream_chunks_reach_the_client_before_the_backend_sends_the_next() {
         "",
     )
     .await;
-    let resp = client()
-        .post(gw.url(CHAT))
-        .header("content-type", "application/json")
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&client(), &gw.base, true).await;
     assert_eq!(resp.status(), 200);
     let backend = senders_rx.recv().await.unwrap();
     let mut body = resp.bytes_stream();
@@ -515,13 +496,7 @@ async fn simulated_streams_pass_through_whole() {
     })
     .await;
     let gw = gateway(&[B::sim(&s)], "", "").await;
-    let r = client()
-        .post(gw.url(CHAT))
-        .header("content-type", "application/json")
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&client(), &gw.base, true).await;
     assert_eq!(r.status(), 200);
     assert!(header(&r, "content-type").starts_with("text/event-stream"));
     let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
@@ -543,13 +518,7 @@ async fn shutdown_lets_streams_finish_and_stops_accepting() {
     .await;
     let gw = gateway(&[B::sim(&s)], "", "shutdown_grace = \"10s\"").await;
     let client = client();
-    let r = client
-        .post(gw.url(CHAT))
-        .header("content-type", "application/json")
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&client, &gw.base, true).await;
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
@@ -717,13 +686,7 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
     let other = start_sim(sim("other")).await;
     let gw = gateway(&[B::sim(&s), B::sim(&other)], "", "").await;
     let client = client();
-    let r = client
-        .post(gw.url(CHAT))
-        .header("content-type", "application/json")
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&client, &gw.base, true).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-switchyard-backend"), "cut");
     let mut body = r.bytes_stream();

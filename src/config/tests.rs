@@ -1,24 +1,6 @@
 use super::*;
 
-const SAMPLE: &str = r#"
-[server]
-listen = "127.0.0.1:8080"
-admin_listen = "127.0.0.1:9090"
-
-[routing]
-strategy = "round_robin"
-max_attempts = 3
-
-[[backends]]
-name = "eastus"
-url = "https://my-eastus.openai.azure.com"
-auth = { type = "api_key", key = "${EASTUS_KEY}" }
-
-[[backends]]
-name = "westus"
-url = "https://my-westus.openai.azure.com/"
-auth = { type = "api_key", key = "${WESTUS_KEY}" }
-"#;
+const SAMPLE: &str = include_str!("../../switchyard.example.toml");
 
 fn env(name: &str) -> Option<String> {
     match name {
@@ -132,4 +114,21 @@ fn durations_parse() {
     assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
     assert!(parse_duration("10").is_err());
     assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn backend_url_keeps_a_path_prefix_without_trailing_slash() {
+    let c = Config::parse(
+        &SAMPLE.replace(
+            "https://my-westus.openai.azure.com",
+            "https://apim.example.net/aoai/",
+        ),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.backends[1].url.base_path, "/aoai");
+    assert_eq!(
+        c.backends[1].url.to_string(),
+        "https://apim.example.net/aoai"
+    );
 }

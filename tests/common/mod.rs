@@ -24,6 +24,16 @@ pub async fn start_sim(cfg: SimConfig) -> Simulator {
     Simulator::start(cfg, ANY.parse().unwrap()).await.unwrap()
 }
 
+/// Default simulators named `names`, and the backend entries pointing at them.
+pub async fn start_sims(names: &[&str]) -> (Vec<Simulator>, Vec<B>) {
+    let mut sims = Vec::new();
+    for n in names {
+        sims.push(start_sim(sim(n)).await);
+    }
+    let backends = sims.iter().map(B::sim).collect();
+    (sims, backends)
+}
+
 /// A URL where nothing listens: connects are refused.
 pub fn dead_url() -> String {
     let l = std::net::TcpListener::bind(ANY).unwrap();
@@ -127,11 +137,16 @@ pub fn chat_body(stream: bool) -> String {
 }
 
 pub async fn post_chat(client: &reqwest::Client, base: &str) -> reqwest::Response {
+    send_chat(client, base, false).await
+}
+
+/// A chat completion request through the gateway at `base`, streaming or not.
+pub async fn send_chat(client: &reqwest::Client, base: &str, stream: bool) -> reqwest::Response {
     client
         .post(format!("{base}{CHAT}"))
         .header("content-type", "application/json")
         .header("api-key", "client-key")
-        .body(chat_body(false))
+        .body(chat_body(stream))
         .send()
         .await
         .unwrap()
