@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A first throughput check, loopback only, about 20 seconds: one simulator measured directly,
+# then the gateway over two simulators, with wrk (64 connections, plain chat completions,
+# instant simulated backends). The full side-by-side benchmark against nginx is separate work.
+#
+#   bash bench/smoke.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+cargo build --release -q
+B=target/release/switchyard
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+P1=$(port); P2=$(port); PG=$(port)
+$B simulate --listen 127.0.0.1:$P1 --name s1 --api-key k >/dev/null 2>&1 &
+$B simulate --listen 127.0.0.1:$P2 --name s2 --api-key k >/dev/null 2>&1 &
+cat > "$work/gw.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PG"
+[[backends]]
+name = "s1"
+url = "http://127.0.0.1:$P1"
+auth = { type = "api_key", key = "k" }
+[[backends]]
+name = "s2"
+url = "http://127.0.0.1:$P2"
+auth = { type = "api_key", key = "k" }
+TOML
+RUST_LOG=warn $B serve --config "$work/gw.toml" >/dev/null 2>&1 &
+cat > "$work/chat.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body   = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["api-key"] = "k"
+LUA
+for p in $P1 $P2 $PG; do
+  for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+done
+path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+run() { wrk -t2 -c64 -d8s -s "$work/chat.lua" "http://127.0.0.1:$1$path" | awk '/Requests\/sec/ {rps=$2} /Latency/ {lat=$2} /Non-2xx/ {bad=$NF} END {printf "%s req/s, mean latency %s, non-2xx %s\n", rps, lat, (bad==""?0:bad)}'; }
+echo "simulator direct:        $(run $P1)"
+echo "gateway over 2 sims:     $(run $PG)"
