@@ -196,7 +196,9 @@ pub fn build_request(
             && (HOP_BY_HOP.contains(&n)
                 || connection_listed.iter().any(|c| c == n)
                 || n == "host"
-                || n == "content-length")
+                || n == "content-length"
+                // The gateway already holds the whole body; a backend's 100-continue is moot.
+                || n == "expect")
         {
             continue;
         }

@@ -201,6 +201,10 @@ async fn websocket_upgrades_are_tunnelled() {
         assert_eq!(got, Message::text(format!("echo: hello {i}")));
     }
     ws.close(None).await.unwrap();
+    // Finish the closing handshake so both ends of the tunnel close; only then does the gateway
+    // stop without waiting out its grace period for an open tunnel.
+    while ws.next().await.is_some() {}
+    drop(ws);
     gw.stop().await;
     server.abort();
 }

@@ -36,6 +36,8 @@ pub struct GatewayState {
     /// Owns the WebSocket tunnels, which outlive the request that opened them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// How long open tunnels may go on after a stop signal, like any other in-flight exchange.
+    grace: std::time::Duration,
     ids: crate::ids::IdGen,
 }
 
@@ -46,6 +48,7 @@ impl GatewayState {
         max_body_bytes: usize,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        grace: std::time::Duration,
     ) -> Self {
         Self {
             proxy,
@@ -53,6 +56,7 @@ impl GatewayState {
             max_body_bytes,
             tasks,
             shutdown,
+            grace,
             ids: crate::ids::IdGen::new(),
         }
     }
@@ -222,6 +226,7 @@ fn request_id(headers: &http::HeaderMap, ids: &crate::ids::IdGen) -> HeaderValue
 fn tunnel(state: &GatewayState, client: hyper::upgrade::OnUpgrade, resp: &mut Response<BoxBody>) {
     let backend = hyper::upgrade::on(resp);
     let shutdown = state.shutdown.clone();
+    let grace = state.grace;
     state.tasks.spawn(async move {
         let (client, backend) = match tokio::try_join!(client, backend) {
             Ok(pair) => pair,
@@ -238,7 +243,9 @@ fn tunnel(state: &GatewayState, client: hyper::upgrade::OnUpgrade, resp: &mut Re
                     tracing::debug!(error = %e, "websocket tunnel closed with an error");
                 }
             }
-            _ = shutdown.cancelled() => {}
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::info!("closing a websocket tunnel at the end of the shutdown grace period");
+            }
         }
     });
 }

@@ -73,6 +73,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         config.server.max_body_bytes,
         tasks.clone(),
         shutdown.clone(),
+        grace,
     ));
     {
         let shutdown = shutdown.clone();
