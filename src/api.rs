@@ -12,9 +12,15 @@ pub struct Route<'a> {
     pub path_and_query: Cow<'a, str>,
     /// Whether a WebSocket upgrade may be tunnelled on this path (the Realtime API).
     pub upgrade_allowed: bool,
-    /// The deployment named in the path, for logs.
+    /// The deployment named in the path.
     pub deployment: Option<&'a str>,
+    /// Where that name sits in `path_and_query`, so it can be swapped per backend.
+    pub deployment_span: Option<std::ops::Range<usize>>,
+    /// The v1 API names the deployment in the JSON body's `model` instead.
+    pub model_in_body: bool,
 }
+
+const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 
 /// Classifies a request path:
 /// - `/openai/deployments/{deployment}/{operation...}`: Azure's classic surface, verbatim;
@@ -33,7 +39,7 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
             "path segments '.' and '..' are not allowed",
         ));
     }
-    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+    if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
         let (deployment, operation) = rest.split_once('/').unwrap_or((rest, ""));
         if deployment.is_empty() || operation.is_empty() {
             return Err(not_found(
@@ -41,10 +47,13 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
                 "expected /openai/deployments/{deployment}/{operation}",
             ));
         }
+        let start = DEPLOYMENTS_PREFIX.len();
         return Ok(Route {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed: false,
             deployment: Some(deployment),
+            deployment_span: Some(start..start + deployment.len()),
+            model_in_body: false,
         });
     }
     if path == "/openai" || path.starts_with("/openai/") {
@@ -53,6 +62,8 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed,
             deployment: None,
+            deployment_span: None,
+            model_in_body: path.starts_with("/openai/v1/"),
         });
     }
     if path == "/v1" || path.starts_with("/v1/") {
@@ -60,6 +71,8 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
             path_and_query: Cow::Owned(format!("/openai{path_and_query}")),
             upgrade_allowed: path == "/v1/realtime",
             deployment: None,
+            deployment_span: None,
+            model_in_body: true,
         });
     }
     Err(not_found(
@@ -91,6 +104,10 @@ mod tests {
             "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(r.deployment, Some("gpt-4o"));
+        assert_eq!(
+            &r.path_and_query[r.deployment_span.clone().unwrap()],
+            "gpt-4o"
+        );
         assert!(!r.upgrade_allowed);
         assert_eq!(
             ok("/openai/deployments/w/audio/transcriptions").deployment,

@@ -1,6 +1,8 @@
 //! The one error type the gateway answers with: status, retryability, metric label and an
 //! OpenAI-shaped JSON body (`{"error":{"code","message","type"}}`), the shape every SDK parses.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
@@ -23,13 +25,24 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The gateway is stopping and takes no new work.
     ShuttingDown,
+    /// No backend serves the deployment asked for.
+    UnknownDeployment,
+    /// Every backend that could serve the request is throttled (`Retry-After` says until when).
+    AllThrottled,
+    /// Every backend that could serve the request is down (circuits open).
+    NoBackendAvailable,
+    /// The request's own deadline (`routing.request_timeout`) ran out.
+    DeadlineExceeded,
 }
 
 impl ErrorKind {
     /// HTTP status the client receives.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::NotFound | ErrorKind::UnknownDeployment => StatusCode::NOT_FOUND,
+            ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::NoBackendAvailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
@@ -56,14 +69,20 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "backend_timeout",
             ErrorKind::UpstreamProtocol => "backend_protocol_error",
             ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::UnknownDeployment => "DeploymentNotFound",
+            ErrorKind::AllThrottled => "rate_limit_exceeded",
+            ErrorKind::NoBackendAvailable => "no_backend_available",
+            ErrorKind::DeadlineExceeded => "request_timeout",
         }
     }
 
     fn error_type(self) -> &'static str {
         match self {
-            ErrorKind::NotFound | ErrorKind::BodyTooLarge | ErrorKind::BadRequest => {
-                "invalid_request_error"
-            }
+            ErrorKind::NotFound
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::BadRequest
+            | ErrorKind::UnknownDeployment => "invalid_request_error",
+            ErrorKind::AllThrottled => "rate_limit_error",
             _ => "gateway_error",
         }
     }
@@ -74,6 +93,8 @@ impl ErrorKind {
 pub struct GatewayError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Sent as `retry-after` (whole seconds, rounded up) and `retry-after-ms`.
+    pub retry_after: Option<Duration>,
 }
 
 impl GatewayError {
@@ -81,7 +102,13 @@ impl GatewayError {
         Self {
             kind,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+        self.retry_after = wait;
+        self
     }
 
     /// The JSON body, `{"error":{"code":..,"message":..,"type":..}}`.
@@ -92,10 +119,19 @@ impl GatewayError {
     pub fn into_response(self) -> Response<BoxBody> {
         let mut resp = Response::new(full(self.body()));
         *resp.status_mut() = self.kind.status();
-        resp.headers_mut().insert(
+        let h = resp.headers_mut();
+        h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(wait) = self.retry_after {
+            let ms = wait.as_millis().max(1);
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(ms.div_ceil(1000) as u64),
+            );
+            h.insert("retry-after-ms", HeaderValue::from(ms as u64));
+        }
         resp
     }
 }
@@ -129,6 +165,12 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(e.into_response().status(), StatusCode::NOT_FOUND);
         assert!(ErrorKind::UpstreamTimeout.retryable());
+        let r = GatewayError::new(ErrorKind::AllThrottled, "busy")
+            .with_retry_after(Some(Duration::from_millis(2300)))
+            .into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.headers()["retry-after-ms"], "2300");
         assert!(!ErrorKind::BadRequest.retryable());
     }
 }

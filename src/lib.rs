@@ -14,8 +14,11 @@ pub mod demo;
 pub mod error;
 pub mod ids;
 pub mod proxy;
+pub mod rng;
+pub mod routing;
 pub mod server;
 pub mod sim;
+pub mod sync;
 pub mod telemetry;
 pub mod upstream;
 

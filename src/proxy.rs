@@ -1,22 +1,30 @@
-//! The attempt loop: pick a backend, send, classify, fail over. The only place retries live.
+//! The attempt loop: route, pick, send, classify, fail over. The only place retries live.
 //!
-//! Rules: at most `max_attempts` attempts; the next attempt goes to a backend this request has
-//! not tried while one remains; no sleeping between attempts (the next backend is another
-//! instance, not the same one asked again); a response is only retried before any of it went to
-//! the client (the loop returns headers and body together, so that holds by construction).
+//! Rules: at most `max_attempts` attempts, all within `request_timeout`; each goes to a backend
+//! this request has not tried while another can take it; no sleeping between attempts (the next
+//! backend is another instance, not the same one asked again); an attempt that the remaining
+//! time cannot fit (going by the backend's recent time to first byte) is not started. A response
+//! is retried only before any of it reached the client: the loop hands back headers and body
+//! together, so that holds by construction. When every candidate is throttled the client gets
+//! a 429 with the soonest `retry-after`; when every one is down, the last real backend answer
+//! if there was one, else a 503.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::time::Instant;
 
-use crate::balancer::RoundRobin;
+use crate::balancer::{Balancer, Lease, Outcome, Pick, Verdict};
 use crate::body::{BoxBody, full};
 use crate::config::RoutingConfig;
-use crate::error::GatewayError;
-use crate::telemetry::{AttemptLabels, Metrics};
+use crate::error::{ErrorKind, GatewayError};
+use crate::routing::Router;
+use crate::telemetry::{AttemptLabels, BackendLabels, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
 /// A retried response is kept (up to this size) in case every later attempt fails without one:
@@ -31,11 +39,25 @@ pub struct Answer {
     /// Index of the backend whose response this is.
     pub backend: Option<usize>,
     pub attempts: u32,
+    /// The serving backend's in-flight slot, held until the response body ends.
+    pub lease: Option<Lease>,
+}
+
+impl Answer {
+    fn error(e: GatewayError, attempts: u32) -> Self {
+        Self {
+            result: Err(e),
+            backend: None,
+            attempts,
+            lease: None,
+        }
+    }
 }
 
 pub struct Proxy {
     pub backends: Vec<Backend>,
-    balancer: RoundRobin,
+    balancer: Balancer,
+    router: Router,
     upstream: Upstream,
     routing: RoutingConfig,
     metrics: Arc<Metrics>,
@@ -44,102 +66,223 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         backends: Vec<Backend>,
+        balancer: Balancer,
+        router: Router,
         upstream: Upstream,
         routing: RoutingConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            balancer: RoundRobin::new(backends.len()),
             backends,
+            balancer,
+            router,
             upstream,
             routing,
             metrics,
         }
     }
 
-    pub async fn forward(&self, req: &OutboundRequest<'_>) -> Answer {
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    /// Runs the attempts for one request. `deployment` is the client-facing deployment name
+    /// (from the path or the body's `model`), the key health is tracked under.
+    pub async fn forward(&self, req: &OutboundRequest<'_>, deployment: Option<&str>) -> Answer {
+        let candidates = match self.router.resolve(deployment) {
+            Ok(c) => c,
+            Err(e) => return Answer::error(e, 0),
+        };
+        let backends: Vec<usize> = candidates.iter().map(|c| c.backend).collect();
+        let table = self.balancer.table(deployment.unwrap_or(""));
+        let shown = deployment.unwrap_or("(none)");
+        let deadline = Instant::now() + self.routing.request_timeout;
         let mut tried = vec![false; self.backends.len()];
         let mut kept: Option<(usize, Response<Bytes>)> = None;
         let mut last_error: Option<GatewayError> = None;
-        let max = self.routing.max_attempts;
-        for attempt in 1..=max {
-            let idx = self.balancer.pick(&tried);
+        let mut attempts = 0;
+
+        for attempt in 1..=self.routing.max_attempts {
+            let now = Instant::now();
+            let remaining = deadline.saturating_duration_since(now);
+            let mut lease = match table.pick(&backends, &tried, now) {
+                Pick::Chosen(lease) => lease,
+                Pick::Throttled { retry_after } => {
+                    self.metrics
+                        .rejections
+                        .get_or_create(&reason("all_throttled"))
+                        .inc();
+                    let e = GatewayError::new(
+                        ErrorKind::AllThrottled,
+                        format!(
+                            "Every backend serving deployment '{shown}' is rate limited; the soonest is available in {:.1} s.",
+                            retry_after.as_secs_f64()
+                        ),
+                    )
+                    .with_retry_after(Some(retry_after));
+                    return Answer::error(e, attempts);
+                }
+                Pick::Unavailable { retry_after } => {
+                    self.metrics
+                        .rejections
+                        .get_or_create(&reason("all_unavailable"))
+                        .inc();
+                    let e = GatewayError::new(
+                        ErrorKind::NoBackendAvailable,
+                        format!(
+                            "No backend serving deployment '{shown}' is available: their circuits are open after repeated failures."
+                        ),
+                    )
+                    .with_retry_after(retry_after);
+                    return self.give_up(kept, last_error.or(Some(e)), attempts);
+                }
+            };
+            if remaining.is_zero() || lease.expected_ttfb().is_some_and(|t| t > remaining) {
+                drop(lease);
+                let e = GatewayError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "routing.request_timeout ({:?}) leaves no time for another attempt",
+                        self.routing.request_timeout
+                    ),
+                );
+                return self.give_up(kept, last_error.or(Some(e)), attempts);
+            }
+            let idx = lease.backend();
             tried[idx] = true;
+            attempts = attempt;
             let backend = &self.backends[idx];
-            let is_last = attempt == max;
-            match self.upstream.send(backend, req).await {
+            let rename = candidates
+                .iter()
+                .find(|c| c.backend == idx)
+                .and_then(|c| c.rename.as_deref());
+            let sent = Instant::now();
+            let is_last = attempt == self.routing.max_attempts;
+            match self.upstream.send(backend, req, rename, remaining).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    self.count(&self.metrics.attempts, backend, status.as_str());
-                    if is_last || !self.routing.retries_status(status) {
+                    let retryable = self.routing.retries_status(status);
+                    let verdict = lease.report(
+                        Outcome::Response {
+                            status,
+                            headers: resp.headers(),
+                            retryable,
+                            ttfb: sent.elapsed(),
+                        },
+                        Instant::now(),
+                    );
+                    self.note(backend, status.as_str(), verdict, retryable && !is_last);
+                    if !retryable || is_last {
                         return Answer {
-                            result: Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+                            result: Ok(resp),
                             backend: Some(idx),
-                            attempts: attempt,
+                            attempts,
+                            lease: Some(lease),
                         };
                     }
-                    self.count(&self.metrics.retries, backend, status.as_str());
-                    tracing::debug!(backend = %backend.name, %status, attempt, "retrying on the next backend");
+                    tracing::debug!(backend = %backend.name, %status, attempt, "retrying on another backend");
                     let (parts, body) = resp.into_parts();
-                    let collected = tokio::time::timeout(
-                        KEEP_FAILED_BODY_TIMEOUT,
-                        Limited::new(body, KEEP_FAILED_BODY_BYTES).collect(),
-                    )
-                    .await;
-                    if let Ok(Ok(c)) = collected {
-                        kept = Some((idx, Response::from_parts(parts, c.to_bytes())));
+                    let collected =
+                        tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_capped(body)).await;
+                    if let Ok(Some(bytes)) = collected {
+                        kept = Some((idx, Response::from_parts(parts, bytes)));
                     }
                 }
                 Err(e) => {
-                    self.count(&self.metrics.attempts, backend, e.kind.label());
+                    let verdict = lease.report(
+                        Outcome::Failure {
+                            elapsed: sent.elapsed(),
+                        },
+                        Instant::now(),
+                    );
+                    let retry = e.kind.retryable() && !is_last;
+                    self.note(backend, e.kind.label(), verdict, retry);
                     if !e.kind.retryable() {
                         return Answer {
                             result: Err(e),
                             backend: Some(idx),
-                            attempts: attempt,
+                            attempts,
+                            lease: None,
                         };
-                    }
-                    if !is_last {
-                        self.count(&self.metrics.retries, backend, e.kind.label());
                     }
                     tracing::debug!(backend = %backend.name, error = %e, attempt, "attempt failed");
                     last_error = Some(e);
                 }
             }
         }
+        self.give_up(kept, last_error, attempts)
+    }
+
+    /// No attempt produced an answer to pass on: the last real backend response if one was
+    /// kept, else the gateway's own error.
+    fn give_up(
+        &self,
+        kept: Option<(usize, Response<Bytes>)>,
+        error: Option<GatewayError>,
+        attempts: u32,
+    ) -> Answer {
         match kept {
             Some((idx, resp)) => Answer {
                 result: Ok(resp.map(full)),
                 backend: Some(idx),
-                attempts: max,
+                attempts,
+                lease: None,
             },
-            None => Answer {
-                result: Err(last_error.unwrap_or_else(|| {
-                    GatewayError::new(
-                        crate::error::ErrorKind::UpstreamConnect,
-                        "no backend attempt was made",
-                    )
-                })),
-                backend: None,
-                attempts: max,
-            },
+            None => Answer::error(
+                error.unwrap_or_else(|| {
+                    GatewayError::new(ErrorKind::NoBackendAvailable, "no backend attempt was made")
+                }),
+                attempts,
+            ),
         }
     }
 
-    fn count(
-        &self,
-        family: &prometheus_client::metrics::family::Family<
-            AttemptLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-        backend: &Backend,
-        outcome: &str,
-    ) {
-        family
-            .get_or_create(&AttemptLabels {
-                backend: backend.name.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+    fn note(&self, backend: &Backend, outcome: &str, verdict: Verdict, retried: bool) {
+        let labels = AttemptLabels {
+            backend: backend.name.to_string(),
+            outcome: outcome.to_string(),
+        };
+        count(&self.metrics.attempts, &labels);
+        if retried {
+            count(&self.metrics.retries, &labels);
+        }
+        let b = BackendLabels {
+            backend: backend.name.to_string(),
+        };
+        match verdict {
+            Verdict::CooledDown(wait) => {
+                self.metrics.cooldowns.get_or_create(&b).inc();
+                tracing::info!(backend = %backend.name, cooldown_ms = wait.as_millis() as u64, "backend throttled; cooling down");
+            }
+            Verdict::Failed {
+                circuit_opened: true,
+            } => {
+                self.metrics.circuits_opened.get_or_create(&b).inc();
+                tracing::warn!(backend = %backend.name, "circuit opened after repeated failures");
+            }
+            _ => {}
+        }
     }
+}
+
+/// The whole body if it ends within `KEEP_FAILED_BODY_BYTES`.
+async fn collect_capped(mut body: BoxBody) -> Option<Bytes> {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > KEEP_FAILED_BODY_BYTES {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(Bytes::from(buf))
+}
+
+fn count(family: &Family<AttemptLabels, Counter>, labels: &AttemptLabels) {
+    family.get_or_create(labels).inc();
+}
+
+fn reason(r: &'static str) -> crate::telemetry::ReasonLabels {
+    crate::telemetry::ReasonLabels { reason: r }
 }

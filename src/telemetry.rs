@@ -30,6 +30,11 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +45,10 @@ pub struct Metrics {
     pub duration: Family<BackendLabels, Histogram>,
     pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub stream_errors: Family<BackendLabels, Counter<u64, AtomicU64>>,
+    pub cooldowns: Family<BackendLabels, Counter>,
+    pub circuits_opened: Family<BackendLabels, Counter>,
+    /// Requests the gateway answered itself because no backend could take them.
+    pub rejections: Family<ReasonLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -90,8 +99,29 @@ impl Metrics {
             "Responses whose body failed after headers were sent to the client",
             stream_errors.clone(),
         );
+        let cooldowns = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "cooldowns",
+            "Times a backend was put in cooldown after a throttling answer (429, or 503 with a retry hint)",
+            cooldowns.clone(),
+        );
+        let circuits_opened = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "circuits_opened",
+            "Times a backend's circuit breaker opened after repeated failures",
+            circuits_opened.clone(),
+        );
+        let rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rejections",
+            "Requests answered by the gateway because no backend could take them (all_throttled, all_unavailable)",
+            rejections.clone(),
+        );
         Self {
             registry,
+            cooldowns,
+            circuits_opened,
+            rejections,
             requests,
             attempts,
             retries,

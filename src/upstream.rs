@@ -1,18 +1,23 @@
 //! One attempt against one backend: the pooled client, URL and header rewriting, timeouts.
 
+use std::borrow::Cow;
+use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::body::{BoxBody, BoxError};
 use crate::config::{BackendAuth, BackendConfig, BackendUrl, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
 
@@ -65,16 +70,48 @@ impl Backend {
     }
 }
 
-/// What the attempt loop sends: everything but the backend-specific parts.
+/// What the attempt loop sends: the client's request, made specific to a backend per attempt.
 pub struct OutboundRequest<'a> {
     pub method: &'a Method,
     /// Path and query as the backend should see them (already rewritten for `/v1`).
     pub path_and_query: &'a str,
+    /// Where the deployment name sits in `path_and_query`, for requests that name it there.
+    pub deployment_span: Option<Range<usize>>,
+    /// The deployment travels in the JSON body's `model` (the v1 API).
+    pub model_in_body: bool,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
     pub request_id: &'a HeaderValue,
     /// A WebSocket upgrade: the `Upgrade`/`Connection` pair is kept and HTTP/1.1 is used.
     pub upgrade: bool,
+}
+
+impl OutboundRequest<'_> {
+    /// The path with the backend's own deployment name, when it has another.
+    pub fn path_for(&self, rename: Option<&str>) -> Cow<'_, str> {
+        match (rename, &self.deployment_span) {
+            (Some(name), Some(span)) => {
+                let pq = self.path_and_query;
+                Cow::Owned(format!("{}{name}{}", &pq[..span.start], &pq[span.end..]))
+            }
+            _ => Cow::Borrowed(self.path_and_query),
+        }
+    }
+
+    /// The body with the backend's own deployment name in `model`, when it has another.
+    /// Untouched (byte for byte) otherwise.
+    pub fn body_for(&self, rename: Option<&str>) -> Bytes {
+        if let (Some(name), true) = (rename, self.model_in_body)
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&self.body)
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("model".into(), serde_json::Value::String(name.into()));
+            if let Ok(b) = serde_json::to_vec(&v) {
+                return Bytes::from(b);
+            }
+        }
+        self.body.clone()
+    }
 }
 
 /// The HTTP clients to backends: one pooled client for normal traffic, one HTTP/1.1-only for
@@ -84,6 +121,7 @@ pub struct Upstream {
     client: HttpsClient,
     upgrade_client: HttpsClient,
     first_byte_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Upstream {
@@ -94,28 +132,30 @@ impl Upstream {
             client,
             upgrade_client,
             first_byte_timeout: routing.first_byte_timeout,
+            idle_timeout: routing.idle_timeout,
         })
     }
 
-    /// Sends one attempt and waits for the response headers (the body streams later).
+    /// Sends one attempt and waits for the response headers, at most `budget` (and never longer
+    /// than `routing.first_byte_timeout`). The body streams later, under the idle timeout.
     pub async fn send(
         &self,
         backend: &Backend,
         req: &OutboundRequest<'_>,
-    ) -> Result<Response<Incoming>, GatewayError> {
-        let request = build_request(backend, req)?;
+        rename: Option<&str>,
+        budget: Duration,
+    ) -> Result<Response<BoxBody>, GatewayError> {
+        let request = build_request(backend, req, rename)?;
         let client = if req.upgrade {
             &self.upgrade_client
         } else {
             &self.client
         };
-        match tokio::time::timeout(self.first_byte_timeout, client.request(request)).await {
+        let wait = budget.min(self.first_byte_timeout);
+        match tokio::time::timeout(wait, client.request(request)).await {
             Err(_) => Err(GatewayError::new(
                 ErrorKind::UpstreamTimeout,
-                format!(
-                    "backend {} sent no response within {:?}",
-                    backend.name, self.first_byte_timeout
-                ),
+                format!("backend {} sent no response within {wait:?}", backend.name),
             )),
             Ok(Err(e)) => {
                 let kind = if e.is_connect() {
@@ -128,8 +168,71 @@ impl Upstream {
                     format!("backend {}: {}", backend.name, describe(&e)),
                 ))
             }
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                let idle = self.idle_timeout;
+                Ok(resp.map(|b| {
+                    let inner: BoxBody = b.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+                    IdleTimeout::new(inner, idle).boxed()
+                }))
+            }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Fails a response body that goes quiet for longer than the idle timeout, so a stalled
+    /// stream ends (with an error event, see `server::gateway`) instead of hanging forever.
+    pub struct IdleTimeout {
+        #[pin]
+        inner: BoxBody,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        idle: Duration,
+    }
+}
+
+impl IdleTimeout {
+    pub fn new(inner: BoxBody, idle: Duration) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+impl Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + *this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the backend sent nothing for {:?} (routing.idle_timeout)",
+                    this.idle
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -170,12 +273,13 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn build_request(
     backend: &Backend,
     req: &OutboundRequest<'_>,
+    rename: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
     let url = &backend.url;
     let uri = Uri::builder()
         .scheme(url.scheme.clone())
         .authority(url.authority.clone())
-        .path_and_query(format!("{}{}", url.base_path, req.path_and_query))
+        .path_and_query(format!("{}{}", url.base_path, req.path_for(rename)))
         .build()
         .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid path: {e}")))?;
 
@@ -212,7 +316,7 @@ pub fn build_request(
     }
     headers.insert(X_REQUEST_ID.clone(), req.request_id.clone());
 
-    let mut request = Request::new(Full::new(req.body.clone()));
+    let mut request = Request::new(Full::new(req.body_for(rename)));
     *request.method_mut() = req.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
@@ -243,6 +347,8 @@ mod tests {
                 base_path: "/prefix".into(),
             },
             auth: BackendAuth::ApiKey(Secret::new("backend-secret")),
+            priority: 1,
+            weight: 1,
         })
         .unwrap()
     }
@@ -262,12 +368,14 @@ mod tests {
         let req = OutboundRequest {
             method: &Method::POST,
             path_and_query: "/openai/deployments/d/chat/completions?api-version=2024-10-21",
+            deployment_span: Some(20..21),
+            model_in_body: false,
             headers: &h,
             body: Bytes::from_static(b"{}"),
             request_id: &rid,
             upgrade: false,
         };
-        let out = build_request(&backend(), &req).unwrap();
+        let out = build_request(&backend(), &req, None).unwrap();
         assert_eq!(
             out.uri().to_string(),
             "https://east.example:8443/prefix/openai/deployments/d/chat/completions?api-version=2024-10-21"
@@ -281,5 +389,33 @@ mod tests {
         assert!(oh.get("x-hop").is_none());
         assert_eq!(oh["content-type"], "application/json");
         assert_eq!(oh["x-request-id"], "rid-1");
+        let renamed = build_request(&backend(), &req, Some("gpt-4o-2024-08-06")).unwrap();
+        assert_eq!(
+            renamed.uri().path(),
+            "/prefix/openai/deployments/gpt-4o-2024-08-06/chat/completions"
+        );
+    }
+
+    #[test]
+    fn renames_the_model_in_v1_bodies_only_when_asked() {
+        let h = HeaderMap::new();
+        let rid = HeaderValue::from_static("r");
+        let body = Bytes::from_static(br#"{"model":"gpt-4o","messages":[],"n":1}"#);
+        let req = OutboundRequest {
+            method: &Method::POST,
+            path_and_query: "/openai/v1/chat/completions",
+            deployment_span: None,
+            model_in_body: true,
+            headers: &h,
+            body: body.clone(),
+            request_id: &rid,
+            upgrade: false,
+        };
+        assert_eq!(req.body_for(None), body, "byte-exact when no rename");
+        let v: serde_json::Value =
+            serde_json::from_slice(&req.body_for(Some("gpt-4o-mini"))).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!(v["n"], 1);
+        assert_eq!(req.path_for(Some("x")), "/openai/v1/chat/completions");
     }
 }

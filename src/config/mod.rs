@@ -5,6 +5,9 @@
 mod env;
 mod raw;
 mod secret;
+mod validate;
+
+pub use validate::parse_duration;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -71,16 +74,39 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// A strict rotation over all backends, shared by every connection.
+    /// A strict rotation over the backends, shared by every connection.
     RoundRobin,
+    /// Smooth weighted round-robin on `weight`.
+    Weighted,
+    /// Fewest requests in flight (streams count until they end), relative to `weight`.
+    LeastInflight,
+    /// Power of two choices on a peak-EWMA of time to first byte, weighed by in-flight.
+    Latency,
+    /// Most room left in the backend's own rate limit, from its `x-ratelimit-remaining-*`.
+    Headroom,
 }
 
 impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round_robin",
+            Strategy::Weighted => "weighted",
+            Strategy::LeastInflight => "least_inflight",
+            Strategy::Latency => "latency",
+            Strategy::Headroom => "headroom",
         }
     }
+}
+
+/// What to do with a deployment no `[[deployments]]` entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownDeployments {
+    /// Send it to every backend under its own name (the core gateway's behaviour).
+    #[default]
+    Forward,
+    /// Answer 404 naming it.
+    Reject,
 }
 
 /// The validated configuration the gateway runs on.
@@ -89,6 +115,15 @@ pub struct Config {
     pub server: ServerConfig,
     pub routing: RoutingConfig,
     pub backends: Vec<BackendConfig>,
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+/// A deployment clients ask for, and what each backend that serves it calls it.
+#[derive(Debug, Clone)]
+pub struct DeploymentConfig {
+    pub name: String,
+    /// (index into `Config::backends`, the deployment's name on that backend), in config order.
+    pub backends: Vec<(usize, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +143,25 @@ pub struct RoutingConfig {
     pub connect_timeout: Duration,
     /// Longest wait for a backend's response headers before the attempt counts as failed.
     pub first_byte_timeout: Duration,
+    /// Longest silence between two body chunks once a response has started.
+    pub idle_timeout: Duration,
+    /// Budget for the whole request across attempts (until response headers).
+    pub request_timeout: Duration,
+    /// Cooldown after a 429 that carries no usable retry hint.
+    pub default_cooldown: Duration,
+    /// Upper bound for any cooldown (Azure can ask for a day).
+    pub max_cooldown: Duration,
+    pub unknown_deployments: UnknownDeployments,
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// APIM's backend circuit breaker: `failures` failures within `interval` open the circuit for
+/// `trip_duration`; then one probe is let through, and its success closes the circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakerConfig {
+    pub failures: u32,
+    pub interval: Duration,
+    pub trip_duration: Duration,
 }
 
 impl RoutingConfig {
@@ -121,6 +175,9 @@ pub struct BackendConfig {
     pub name: String,
     pub url: BackendUrl,
     pub auth: BackendAuth,
+    /// 1 is served first; higher numbers take traffic only when every better group is unavailable.
+    pub priority: u32,
+    pub weight: u32,
 }
 
 /// A backend's base URL, split so that request paths can be joined without re-parsing.
@@ -177,7 +234,7 @@ impl Config {
             let path = if path == "." { String::new() } else { path };
             ConfigError::field(path, e.into_inner().message().to_string())
         })?;
-        validate(raw)
+        validate::validate(raw)
     }
 
     /// A human summary for `switchyard check`; secrets are masked.
@@ -202,202 +259,29 @@ impl Config {
         );
         let _ = writeln!(s, "backends      {}", self.backends.len());
         for b in &self.backends {
-            let _ = writeln!(s, "  - {:<16} {}  auth={}", b.name, b.url, b.auth.kind());
+            let _ = writeln!(
+                s,
+                "  - {:<16} {}  auth={} priority={} weight={}",
+                b.name,
+                b.url,
+                b.auth.kind(),
+                b.priority,
+                b.weight
+            );
+        }
+        if !self.deployments.is_empty() {
+            let _ = writeln!(s, "deployments   {}", self.deployments.len());
+        }
+        for d in &self.deployments {
+            let names: Vec<String> = d
+                .backends
+                .iter()
+                .map(|(i, n)| format!("{}={n}", self.backends[*i].name))
+                .collect();
+            let _ = writeln!(s, "  - {:<16} {}", d.name, names.join(", "));
         }
         s
     }
-}
-
-fn validate(raw: raw::RawConfig) -> Result<Config, ConfigError> {
-    let server = validate_server(raw.server)?;
-    let routing = validate_routing(raw.routing)?;
-    if raw.backends.is_empty() {
-        return Err(ConfigError::field(
-            "backends",
-            "at least one [[backends]] entry is required",
-        ));
-    }
-    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backends.len());
-    for (i, b) in raw.backends.into_iter().enumerate() {
-        let at = |field: &str| format!("backends[{i}].{field}");
-        let name = b.name.trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(ConfigError::field(
-                at("name"),
-                format!(
-                    "{:?} is not a valid name (use letters, digits, '-', '_', '.')",
-                    b.name
-                ),
-            ));
-        }
-        if let Some(j) = backends.iter().position(|o| o.name == name) {
-            return Err(ConfigError::field(
-                at("name"),
-                format!("duplicate backend name {name:?} (also backends[{j}])"),
-            ));
-        }
-        let url = parse_backend_url(&b.url).map_err(|m| ConfigError::field(at("url"), m))?;
-        let auth = match b.auth {
-            raw::RawAuth::ApiKey { key } => {
-                if key.is_empty() {
-                    return Err(ConfigError::field(at("auth.key"), "must not be empty"));
-                }
-                if http::HeaderValue::from_str(&key).is_err() {
-                    return Err(ConfigError::field(
-                        at("auth.key"),
-                        "contains characters not allowed in an HTTP header",
-                    ));
-                }
-                BackendAuth::ApiKey(Secret::new(key))
-            }
-            raw::RawAuth::None => BackendAuth::None,
-        };
-        backends.push(BackendConfig { name, url, auth });
-    }
-    Ok(Config {
-        server,
-        routing,
-        backends,
-    })
-}
-
-fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
-    let listen = parse_addr(raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))
-        .map_err(|m| ConfigError::field("server.listen", m))?;
-    let admin_listen = raw
-        .admin_listen
-        .as_deref()
-        .map(parse_addr)
-        .transpose()
-        .map_err(|m| ConfigError::field("server.admin_listen", m))?;
-    let max_body_bytes = match raw.max_body_bytes {
-        None => DEFAULT_MAX_BODY_BYTES,
-        Some(0) => {
-            return Err(ConfigError::field(
-                "server.max_body_bytes",
-                "must be at least 1",
-            ));
-        }
-        Some(n) => usize::try_from(n)
-            .map_err(|_| ConfigError::field("server.max_body_bytes", "too large"))?,
-    };
-    let shutdown_grace = opt_duration(raw.shutdown_grace, "server.shutdown_grace", 30_000)?;
-    Ok(ServerConfig {
-        listen,
-        admin_listen,
-        max_body_bytes,
-        shutdown_grace,
-    })
-}
-
-fn validate_routing(raw: raw::RawRouting) -> Result<RoutingConfig, ConfigError> {
-    let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-    if !(1..=20).contains(&max_attempts) {
-        return Err(ConfigError::field(
-            "routing.max_attempts",
-            format!("{max_attempts} is out of range (1 to 20)"),
-        ));
-    }
-    let codes = raw
-        .retry_on_status
-        .unwrap_or_else(|| DEFAULT_RETRY_ON_STATUS.to_vec());
-    let mut retry_on_status = Vec::with_capacity(codes.len());
-    for (i, code) in codes.into_iter().enumerate() {
-        match StatusCode::from_u16(code) {
-            Ok(s) if (400..=599).contains(&code) => retry_on_status.push(s),
-            _ => {
-                return Err(ConfigError::field(
-                    format!("routing.retry_on_status[{i}]"),
-                    format!("{code} is not an HTTP error status (400 to 599)"),
-                ));
-            }
-        }
-    }
-    Ok(RoutingConfig {
-        strategy: raw.strategy.unwrap_or(Strategy::RoundRobin),
-        max_attempts,
-        retry_on_status,
-        connect_timeout: opt_duration(raw.connect_timeout, "routing.connect_timeout", 5_000)?,
-        first_byte_timeout: opt_duration(
-            raw.first_byte_timeout,
-            "routing.first_byte_timeout",
-            120_000,
-        )?,
-    })
-}
-
-fn opt_duration(raw: Option<String>, path: &str, default_ms: u64) -> Result<Duration, ConfigError> {
-    match raw {
-        None => Ok(Duration::from_millis(default_ms)),
-        Some(s) => match parse_duration(&s) {
-            Ok(d) if !d.is_zero() => Ok(d),
-            Ok(_) => Err(ConfigError::field(path, "must be greater than zero")),
-            Err(m) => Err(ConfigError::field(path, m)),
-        },
-    }
-}
-
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
-}
-
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` (one number, one unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. \"500ms\", \"30s\", \"2m\")"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
-}
-
-fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a valid URL ({e})"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no scheme; write https://<resource>.openai.azure.com"))?;
-    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-        return Err(format!("{s:?}: scheme must be http or https"));
-    }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no host"))?;
-    if authority.host().is_empty() {
-        return Err(format!("{s:?} has no host"));
-    }
-    if authority.as_str().contains('@') {
-        return Err(format!(
-            "{s:?}: credentials in the URL are not allowed; use auth"
-        ));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{s:?}: a backend URL takes no query string"));
-    }
-    let base_path = uri.path().trim_end_matches('/').to_string();
-    Ok(BackendUrl {
-        scheme,
-        authority,
-        base_path,
-    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ pub struct RawConfig {
     pub routing: RawRouting,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    #[serde(default)]
+    pub deployments: Vec<RawDeployment>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -31,6 +33,30 @@ pub struct RawRouting {
     pub retry_on_status: Option<Vec<u16>>,
     pub connect_timeout: Option<String>,
     pub first_byte_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub default_cooldown: Option<String>,
+    pub max_cooldown: Option<String>,
+    pub unknown_deployments: Option<super::UnknownDeployments>,
+    #[serde(default)]
+    pub circuit_breaker: RawCircuitBreaker,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    pub failures: Option<u32>,
+    pub interval: Option<String>,
+    pub trip_duration: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployment {
+    pub name: String,
+    /// Backend name -> the deployment's name on that backend. A `BTreeMap` keeps the
+    /// order stable, so errors and summaries read the same on every run.
+    pub backends: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +65,8 @@ pub struct RawBackend {
     pub name: String,
     pub url: String,
     pub auth: RawAuth,
+    pub priority: Option<u32>,
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

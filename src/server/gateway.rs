@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
+use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
 use crate::proxy::Proxy;
@@ -75,9 +76,14 @@ pub async fn handle(
     // The path only: a query string may carry a key (`subscription-key=`), so it stays out of logs.
     let path: String = req.uri().path().chars().take(256).collect();
 
-    let (answer_backend, attempts, mut resp) = match serve(&state, req, &request_id).await {
-        Ok((backend, attempts, resp)) => (backend, attempts, resp),
-        Err((backend, attempts, e)) => (backend, attempts, e.into_response()),
+    let (answer_backend, attempts, lease, mut resp) = match serve(&state, req, &request_id).await {
+        Ok(served) => (
+            served.backend,
+            served.attempts,
+            served.lease,
+            served.response,
+        ),
+        Err((backend, attempts, e)) => (backend, attempts, None, e.into_response()),
     };
     let backend_name = answer_backend.map(|i| state.proxy.backends[i].name.clone());
 
@@ -118,19 +124,32 @@ pub async fn handle(
         }
     }
 
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     let (parts, body) = resp.into_parts();
     let tracked = TrackedBody {
         inner: body,
+        sse,
+        ended: false,
         guard: RequestGuard {
             metrics: state.metrics.clone(),
             backend: label,
             started,
+            _lease: lease,
         },
     };
     Ok(Response::from_parts(parts, tracked.boxed()))
 }
 
-type Served = (Option<usize>, u32, Response<BoxBody>);
+struct Served {
+    backend: Option<usize>,
+    attempts: u32,
+    lease: Option<Lease>,
+    response: Response<BoxBody>,
+}
 type Failed = (Option<usize>, u32, GatewayError);
 
 async fn serve(
@@ -158,20 +177,33 @@ async fn serve(
     let body = read_body(body, &parts.headers, state.max_body_bytes)
         .await
         .map_err(|e| (None, 0, e))?;
+    let model = if route.model_in_body {
+        model_of(&body)
+    } else {
+        None
+    };
+    let deployment = route.deployment.or(model.as_deref());
 
     let outbound = OutboundRequest {
         method: &parts.method,
         path_and_query: &route.path_and_query,
+        deployment_span: route.deployment_span.clone(),
+        model_in_body: route.model_in_body && model.is_some(),
         headers: &parts.headers,
         body,
         request_id,
         upgrade,
     };
-    let answer = state.proxy.forward(&outbound).await;
+    let answer = state.proxy.forward(&outbound, deployment).await;
     match answer.result {
         Ok(mut resp) => {
             clean_response_headers(resp.headers_mut(), upgrade);
-            Ok((answer.backend, answer.attempts, resp))
+            Ok(Served {
+                backend: answer.backend,
+                attempts: answer.attempts,
+                lease: answer.lease,
+                response: resp,
+            })
         }
         Err(e) => {
             tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %e, "no backend answered");
@@ -208,6 +240,19 @@ async fn read_body(
             format!("could not read the request body: {e}"),
         )),
     }
+}
+
+/// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    let peek: Peek<'_> = serde_json::from_slice(body).ok()?;
+    peek.model
+        .filter(|m| !m.is_empty() && m.len() <= 256)
+        .map(|m| m.into_owned())
 }
 
 /// Keeps the client's `x-request-id` when it is a sane token, else makes one.
@@ -256,6 +301,8 @@ struct RequestGuard {
     metrics: Arc<Metrics>,
     backend: String,
     started: Instant,
+    /// The serving backend's in-flight slot; released when the body ends or is dropped.
+    _lease: Option<Lease>,
 }
 
 impl Drop for RequestGuard {
@@ -271,9 +318,14 @@ impl Drop for RequestGuard {
 }
 
 pin_project_lite::pin_project! {
+    /// The response body as the client gets it. If the backend fails after the headers went out,
+    /// an event stream gets a final SSE `error` event (and no `[DONE]`), so SDKs raise an error
+    /// instead of taking a cut stream for a complete one; other bodies are cut off.
     struct TrackedBody {
         #[pin]
         inner: BoxBody,
+        sse: bool,
+        ended: bool,
         guard: RequestGuard,
     }
 }
@@ -287,6 +339,9 @@ impl Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(Some(Err(e))) = &polled {
             tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
@@ -297,12 +352,25 @@ impl Body for TrackedBody {
                     backend: this.guard.backend.clone(),
                 })
                 .inc();
+            if *this.sse {
+                *this.ended = true;
+                let body = crate::error::openai_error_body(
+                    "backend_stream_error",
+                    &format!("The backend's stream broke off: {e}"),
+                    "gateway_error",
+                );
+                let mut event = Vec::with_capacity(body.len() + 8);
+                event.extend_from_slice(b"data: ");
+                event.extend_from_slice(&body);
+                event.extend_from_slice(b"\n\n");
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
+            }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

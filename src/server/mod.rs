@@ -19,9 +19,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::balancer::{Balancer, Policy};
 use crate::body::BoxBody;
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::upstream::{Backend, Upstream};
 
@@ -55,7 +57,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
     let upstream = Upstream::new(&config.routing)?;
-    let proxy = Proxy::new(backends, upstream, config.routing.clone(), metrics.clone());
+    let proxy = Proxy::new(
+        backends,
+        Balancer::new(Policy::from_config(&config)),
+        Router::new(&config),
+        upstream,
+        config.routing.clone(),
+        metrics.clone(),
+    );
 
     let listener = TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;

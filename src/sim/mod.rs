@@ -8,11 +8,10 @@
 mod limits;
 mod paced;
 mod responses;
-mod rng;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -29,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, BoxError, full};
 use crate::ids::IdGen;
+use crate::rng::SplitMix64;
+use crate::sync::lock;
 use limits::Bucket;
 use paced::PacedBody;
 use responses::{Ask, Reply, azure_error};
-use rng::SplitMix64;
 
 /// How a simulated instance behaves.
 #[derive(Debug, Clone)]
@@ -130,13 +130,9 @@ struct SimState {
     counters: Counters,
     ids: IdGen,
     refuse: watch::Sender<bool>,
+    /// The accept loop echoes each refuse setting here once it took effect.
+    refuse_applied: watch::Sender<bool>,
     shutdown: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data half-updated in a way that
-    // matters for a simulator; keep serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running simulated Azure OpenAI instance. Dropping it stops it.
@@ -159,6 +155,7 @@ impl Simulator {
                 .map(|l| Bucket::requests_per_minute(l, now)),
         };
         let (refuse, refuse_rx) = watch::channel(cfg.faults.refuse);
+        let (refuse_applied, _) = watch::channel(!cfg.faults.refuse);
         let state = Arc::new(SimState {
             faults: Mutex::new(cfg.faults.clone()),
             rng: Mutex::new(SplitMix64::new(cfg.seed)),
@@ -167,6 +164,7 @@ impl Simulator {
             counters: Counters::default(),
             ids: IdGen::new(),
             refuse,
+            refuse_applied,
             shutdown: CancellationToken::new(),
             cfg,
         });
@@ -191,11 +189,15 @@ impl Simulator {
         &self.state.cfg.name
     }
 
-    /// Changes the injected faults from now on.
-    pub fn set_faults(&self, faults: Faults) {
+    /// Changes the injected faults. Returns once they apply: in particular, once the listener
+    /// is closed (refuse) or accepting again, so the next connect sees the new behaviour.
+    pub async fn set_faults(&self, faults: Faults) {
         let refuse = faults.refuse;
         *lock(&self.state.faults) = faults;
+        let mut applied = self.state.refuse_applied.subscribe();
         self.state.refuse.send_replace(refuse);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a == refuse)).await;
     }
 
     /// Every request received so far (only when `record` is on).
@@ -238,7 +240,8 @@ async fn accept_loop(
     let mut listener = Some(listener);
     let mut connections = JoinSet::new();
     loop {
-        if *refuse.borrow_and_update() {
+        let refusing = *refuse.borrow_and_update();
+        if refusing {
             // Closing the socket makes connects fail with "connection refused".
             listener = None;
         } else if listener.is_none() {
@@ -251,6 +254,7 @@ async fn accept_loop(
                 }
             }
         }
+        state.refuse_applied.send_replace(refusing);
         tokio::select! {
             _ = state.shutdown.cancelled() => break,
             r = refuse.changed() => if r.is_err() { break },

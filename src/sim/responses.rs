@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 const WORDS: [&str; 24] = [
     "the", "gateway", "routes", "each", "request", "to", "a", "healthy", "backend", "and",

@@ -1,0 +1,435 @@
+//! Picks the backend for each attempt and keeps what it learns from the answers.
+//! Synchronous and free of I/O: callers pass the time, so tests run on paused clocks.
+//!
+//! State lives per deployment (a [`Table`]) and, inside it, per backend: health (cooldown and
+//! circuit breaker), requests in flight, a latency average and the rate-limit room the backend
+//! reported. A pick filters the deployment's candidates to those that may take an attempt,
+//! keeps the best priority group among them, and lets the strategy choose inside that group.
+
+mod health;
+mod hints;
+mod signals;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+use tokio::time::Instant;
+
+use crate::config::{CircuitBreakerConfig, Config, Strategy};
+use crate::rng::SplitMix64;
+use crate::sync::{lock, read, write};
+use health::Health;
+pub use health::{Availability, CircuitState};
+pub use hints::retry_hint;
+use signals::{Headroom, PeakEwma};
+
+/// Deployment tables kept at most; names past this share one table, so a client inventing
+/// deployment names cannot grow memory without bound.
+const MAX_TABLES: usize = 1024;
+
+/// What the balancer needs from the config.
+#[derive(Debug)]
+pub struct Policy {
+    pub strategy: Strategy,
+    pub priority: Vec<u32>,
+    pub weight: Vec<u32>,
+    pub default_cooldown: Duration,
+    pub max_cooldown: Duration,
+    pub breaker: CircuitBreakerConfig,
+}
+
+impl Policy {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            strategy: c.routing.strategy,
+            priority: c.backends.iter().map(|b| b.priority).collect(),
+            weight: c.backends.iter().map(|b| b.weight).collect(),
+            default_cooldown: c.routing.default_cooldown,
+            max_cooldown: c.routing.max_cooldown,
+            breaker: c.routing.circuit_breaker,
+        }
+    }
+}
+
+pub struct Balancer {
+    policy: Arc<Policy>,
+    tables: RwLock<HashMap<Arc<str>, Arc<Table>>>,
+    overflow: Arc<Table>,
+}
+
+/// One deployment's view of the backends.
+pub struct Table {
+    name: Arc<str>,
+    policy: Arc<Policy>,
+    state: Mutex<TableState>,
+}
+
+struct TableState {
+    pairs: Vec<Pair>,
+    /// Rotation position, shared by every request for this deployment.
+    rr: usize,
+    rng: SplitMix64,
+}
+
+#[derive(Debug, Default)]
+struct Pair {
+    health: Health,
+    in_flight: u32,
+    ttfb: PeakEwma,
+    headroom: Headroom,
+    /// Smooth weighted round-robin's running score.
+    wrr: i64,
+}
+
+/// The result of a pick.
+pub enum Pick {
+    Chosen(Lease),
+    /// Every candidate is cooling down (or its circuit is open); the soonest is free after this.
+    Throttled {
+        retry_after: Duration,
+    },
+    /// No candidate can take traffic for reasons other than throttling.
+    Unavailable {
+        retry_after: Option<Duration>,
+    },
+}
+
+/// How an attempt went, as far as health and load signals care.
+pub enum Outcome<'a> {
+    Response {
+        status: StatusCode,
+        headers: &'a HeaderMap,
+        /// Whether the status is one the gateway retries (`routing.retry_on_status`).
+        retryable: bool,
+        ttfb: Duration,
+    },
+    /// No response: connect error, timeout, broken exchange.
+    Failure { elapsed: Duration },
+}
+
+/// What the balancer concluded from an outcome (for metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy,
+    CooledDown(Duration),
+    Failed { circuit_opened: bool },
+}
+
+/// One attempt's hold on a backend: counts as in flight until dropped (for a streamed answer,
+/// when the stream ends), and carries the attempt's outcome back to the health state.
+pub struct Lease {
+    table: Arc<Table>,
+    idx: usize,
+    probe: bool,
+    reported: bool,
+    expected_ttfb: Option<Duration>,
+}
+
+impl Balancer {
+    pub fn new(policy: Policy) -> Self {
+        let policy = Arc::new(policy);
+        Self {
+            overflow: Arc::new(Table::new(Arc::from("*"), policy.clone())),
+            policy,
+            tables: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The state table for a deployment (the key health is tracked under).
+    pub fn table(&self, deployment: &str) -> Arc<Table> {
+        if let Some(t) = read(&self.tables).get(deployment) {
+            return t.clone();
+        }
+        let mut tables = write(&self.tables);
+        if tables.len() >= MAX_TABLES && !tables.contains_key(deployment) {
+            return self.overflow.clone();
+        }
+        tables
+            .entry(Arc::from(deployment))
+            .or_insert_with_key(|k| Arc::new(Table::new(k.clone(), self.policy.clone())))
+            .clone()
+    }
+
+    /// Every deployment table, for status views.
+    pub fn tables(&self) -> Vec<Arc<Table>> {
+        read(&self.tables).values().cloned().collect()
+    }
+}
+
+impl Table {
+    fn new(name: Arc<str>, policy: Arc<Policy>) -> Self {
+        let n = policy.priority.len();
+        // Seeded from the name so runs repeat; only `latency`'s coin flips use it.
+        let seed = name
+            .bytes()
+            .fold(0x5eed_u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+        Self {
+            name,
+            policy,
+            state: Mutex::new(TableState {
+                pairs: (0..n).map(|_| Pair::default()).collect(),
+                rr: 0,
+                rng: SplitMix64::new(seed),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Chooses a backend among `candidates` (backend indices). Backends marked in `tried` are
+    /// taken only when no other candidate can take the attempt.
+    pub fn pick(self: &Arc<Self>, candidates: &[usize], tried: &[bool], now: Instant) -> Pick {
+        let policy = &self.policy;
+        let mut st = lock(&self.state);
+        let n = st.pairs.len();
+        let avail: Vec<(usize, Availability)> = candidates
+            .iter()
+            .filter(|&&c| c < n)
+            .map(|&c| (c, st.pairs[c].health.availability(now)))
+            .collect();
+        let ready = |c: &usize| {
+            avail
+                .iter()
+                .any(|(i, a)| i == c && *a == Availability::Ready)
+        };
+        let untried: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|c| !tried.get(*c).copied().unwrap_or(false) && ready(c))
+            .collect();
+        let pool = if untried.is_empty() {
+            candidates.iter().copied().filter(|c| ready(c)).collect()
+        } else {
+            untried
+        };
+        let Some(best) = pool.iter().map(|&c| policy.priority[c]).min() else {
+            return exhausted(&avail);
+        };
+        let group: Vec<usize> = pool
+            .into_iter()
+            .filter(|&c| policy.priority[c] == best)
+            .collect();
+        let idx = st.choose(policy, candidates, &group, now);
+        let pair = &mut st.pairs[idx];
+        pair.in_flight += 1;
+        let probe = pair.health.begin();
+        let expected_ttfb = pair.ttfb.get().map(Duration::from_secs_f64);
+        Pick::Chosen(Lease {
+            table: self.clone(),
+            idx,
+            probe,
+            reported: false,
+            expected_ttfb,
+        })
+    }
+
+    /// A snapshot of one backend's state in this table, for status views and tests.
+    pub fn status(&self, idx: usize, now: Instant) -> Option<PairStatus> {
+        let mut st = lock(&self.state);
+        let pair = st.pairs.get_mut(idx)?;
+        Some(PairStatus {
+            availability: pair.health.availability(now),
+            circuit: pair.health.state(),
+            cooldown_until: pair.health.cooldown_until(),
+            in_flight: pair.in_flight,
+            ttfb_ewma: pair.ttfb.get().map(Duration::from_secs_f64),
+            room: pair.headroom.room(now, 0),
+        })
+    }
+}
+
+/// A backend's state in one deployment table.
+#[derive(Debug, Clone)]
+pub struct PairStatus {
+    pub availability: Availability,
+    pub circuit: CircuitState,
+    pub cooldown_until: Option<Instant>,
+    pub in_flight: u32,
+    pub ttfb_ewma: Option<Duration>,
+    pub room: f64,
+}
+
+fn exhausted(avail: &[(usize, Availability)]) -> Pick {
+    let cooling = avail
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Availability::Cooling(d) => Some(*d),
+            _ => None,
+        })
+        .min();
+    let open = avail
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Availability::Open(d) => Some(*d),
+            _ => None,
+        })
+        .min();
+    match cooling {
+        Some(c) => Pick::Throttled {
+            retry_after: open.map_or(c, |o| o.min(c)),
+        },
+        None => Pick::Unavailable { retry_after: open },
+    }
+}
+
+impl TableState {
+    /// The strategy's choice inside `group` (non-empty, all ready, one priority).
+    fn choose(
+        &mut self,
+        policy: &Policy,
+        candidates: &[usize],
+        group: &[usize],
+        now: Instant,
+    ) -> usize {
+        if group.len() == 1 {
+            // Keep the rotation moving so round-robin stays fair once the others return.
+            self.rr = self.rr.wrapping_add(1);
+            return group[0];
+        }
+        // Group members in rotation order, starting at the shared position: ties in every
+        // strategy go to the earliest in this order, so equal backends take turns.
+        let n = candidates.len();
+        let rotation: Vec<usize> = (0..n)
+            .map(|k| candidates[(self.rr + k) % n])
+            .filter(|c| group.contains(c))
+            .collect();
+        let chosen = match policy.strategy {
+            Strategy::RoundRobin => rotation[0],
+            Strategy::Weighted => {
+                let total: i64 = group.iter().map(|&c| i64::from(policy.weight[c])).sum();
+                for &c in group {
+                    self.pairs[c].wrr += i64::from(policy.weight[c]);
+                }
+                let best = rotation
+                    .iter()
+                    .copied()
+                    .reduce(|a, b| {
+                        if self.pairs[b].wrr > self.pairs[a].wrr {
+                            b
+                        } else {
+                            a
+                        }
+                    })
+                    .unwrap_or(rotation[0]);
+                self.pairs[best].wrr -= total;
+                best
+            }
+            Strategy::LeastInflight => rotation
+                .iter()
+                .copied()
+                .reduce(|a, b| {
+                    // in_flight / weight, compared without division.
+                    let la = u64::from(self.pairs[a].in_flight) * u64::from(policy.weight[b]);
+                    let lb = u64::from(self.pairs[b].in_flight) * u64::from(policy.weight[a]);
+                    if lb < la { b } else { a }
+                })
+                .unwrap_or(rotation[0]),
+            Strategy::Latency => {
+                let i = (self.rng.next_u64() % rotation.len() as u64) as usize;
+                let mut j = (self.rng.next_u64() % (rotation.len() as u64 - 1)) as usize;
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (rotation[i], rotation[j]);
+                let cost = |c: usize| {
+                    let p = &self.pairs[c];
+                    // Unsampled backends cost nothing: they get tried and measured.
+                    p.ttfb.get().unwrap_or(0.0) * f64::from(p.in_flight + 1)
+                        / f64::from(policy.weight[c])
+                };
+                if cost(b) < cost(a) { b } else { a }
+            }
+            Strategy::Headroom => rotation
+                .iter()
+                .copied()
+                .reduce(|a, b| {
+                    let ra = self.pairs[a].headroom.room(now, self.pairs[a].in_flight);
+                    let rb = self.pairs[b].headroom.room(now, self.pairs[b].in_flight);
+                    if rb > ra + 1e-9 { b } else { a }
+                })
+                .unwrap_or(rotation[0]),
+        };
+        // Move the rotation just past the chosen backend.
+        if let Some(pos) = (0..n).find(|k| candidates[(self.rr + k) % n] == chosen) {
+            self.rr = self.rr.wrapping_add(pos + 1);
+        }
+        chosen
+    }
+}
+
+impl Lease {
+    pub fn backend(&self) -> usize {
+        self.idx
+    }
+
+    /// This backend's recent time to first byte, if measured.
+    pub fn expected_ttfb(&self) -> Option<Duration> {
+        self.expected_ttfb
+    }
+
+    /// Feeds an attempt's outcome back. Call once per attempt.
+    pub fn report(&mut self, outcome: Outcome<'_>, now: Instant) -> Verdict {
+        self.reported = true;
+        let policy = &self.table.policy;
+        let mut st = lock(&self.table.state);
+        let pair = &mut st.pairs[self.idx];
+        match outcome {
+            Outcome::Response {
+                status,
+                headers,
+                retryable,
+                ttfb,
+            } => {
+                pair.headroom.observe(headers, now);
+                let hint = retry_hint(headers, SystemTime::now());
+                let throttled = status == StatusCode::TOO_MANY_REQUESTS
+                    || (status == StatusCode::SERVICE_UNAVAILABLE && hint.is_some());
+                if throttled {
+                    let wait = hint
+                        .unwrap_or(policy.default_cooldown)
+                        .min(policy.max_cooldown);
+                    pair.health.throttled(wait, now);
+                    Verdict::CooledDown(wait)
+                } else if retryable {
+                    pair.ttfb.observe(ttfb, now);
+                    Verdict::Failed {
+                        circuit_opened: pair.health.failure(&policy.breaker, now),
+                    }
+                } else {
+                    pair.ttfb.observe(ttfb, now);
+                    pair.health.success();
+                    Verdict::Healthy
+                }
+            }
+            Outcome::Failure { elapsed } => {
+                // A timeout is the slowest answer there is: let the latency average see it.
+                pair.ttfb.observe(elapsed, now);
+                Verdict::Failed {
+                    circuit_opened: pair.health.failure(&policy.breaker, now),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = lock(&self.table.state);
+        if let Some(pair) = st.pairs.get_mut(self.idx) {
+            pair.in_flight = pair.in_flight.saturating_sub(1);
+            if self.probe && !self.reported {
+                pair.health.abandon_probe();
+            }
+        }
+    }
+}

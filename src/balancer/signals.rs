@@ -1,0 +1,170 @@
+//! Load signals a strategy reads: a peak-EWMA of time to first byte, and the room a backend
+//! reported left in its own rate limit.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::time::Instant;
+
+/// How fast old latency samples fade.
+const EWMA_TAU: Duration = Duration::from_secs(10);
+
+/// Peak-sensitive moving average (as linkerd's): a slower sample takes over at once, faster
+/// ones pull the value down gradually, so a backend that slows down is avoided quickly and
+/// earns traffic back slowly.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PeakEwma {
+    value: Option<f64>,
+    stamp: Option<Instant>,
+}
+
+impl PeakEwma {
+    pub fn observe(&mut self, sample: Duration, now: Instant) {
+        let s = sample.as_secs_f64();
+        self.value = Some(match (self.value, self.stamp) {
+            (Some(v), _) if s > v => s,
+            (Some(v), Some(t)) => {
+                let dt = now.saturating_duration_since(t).as_secs_f64();
+                let w = (-dt / EWMA_TAU.as_secs_f64()).exp();
+                v * w + s * (1.0 - w)
+            }
+            _ => s,
+        });
+        self.stamp = Some(now);
+    }
+
+    /// Seconds; `None` until the first sample (an unsampled backend is tried first).
+    pub fn get(&self) -> Option<f64> {
+        self.value
+    }
+}
+
+/// One `x-ratelimit-remaining-*` reading.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    remaining: f64,
+    /// The largest remaining value seen: the best estimate of the limit itself.
+    max_seen: f64,
+    at: Instant,
+    /// Share of the limit one request uses, learnt from how readings drop.
+    per_request: f64,
+}
+
+impl Reading {
+    fn update(prev: Option<Reading>, remaining: f64, now: Instant) -> Reading {
+        let Some(p) = prev else {
+            return Reading {
+                remaining,
+                max_seen: remaining,
+                at: now,
+                per_request: 0.0,
+            };
+        };
+        let max_seen = p.max_seen.max(remaining);
+        let mut per_request = p.per_request;
+        if remaining < p.remaining && max_seen > 0.0 {
+            let drop = (p.remaining - remaining) / max_seen;
+            per_request = if per_request == 0.0 {
+                drop
+            } else {
+                0.8 * per_request + 0.2 * drop
+            };
+        }
+        Reading {
+            remaining,
+            max_seen,
+            at: now,
+            per_request,
+        }
+    }
+
+    /// Share of the limit estimated free now: the reading, refilled linearly over `window`
+    /// since it was taken, less what the requests in flight will use.
+    fn room(&self, now: Instant, window: Duration, in_flight: u32) -> f64 {
+        if self.max_seen <= 0.0 {
+            return 0.0;
+        }
+        let age = now.saturating_duration_since(self.at).as_secs_f64();
+        let refill = (age / window.as_secs_f64()).min(1.0);
+        let est = self.remaining + (self.max_seen - self.remaining) * refill;
+        est / self.max_seen - self.per_request * f64::from(in_flight)
+    }
+}
+
+/// What a backend last said about its remaining tokens and requests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Headroom {
+    tokens: Option<Reading>,
+    requests: Option<Reading>,
+}
+
+impl Headroom {
+    pub fn observe(&mut self, headers: &HeaderMap, now: Instant) {
+        let num = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|n| n.is_finite() && *n >= 0.0)
+        };
+        if let Some(t) = num("x-ratelimit-remaining-tokens") {
+            self.tokens = Some(Reading::update(self.tokens, t, now));
+        }
+        if let Some(r) = num("x-ratelimit-remaining-requests") {
+            self.requests = Some(Reading::update(self.requests, r, now));
+        }
+    }
+
+    /// Share of the backend's limit free now, the tighter of tokens and requests; 1.0 when the
+    /// backend never reported (so it gets tried and reports).
+    pub fn room(&self, now: Instant, in_flight: u32) -> f64 {
+        // Azure refills tokens over a minute and requests over 10-second windows.
+        let t = self
+            .tokens
+            .map(|r| r.room(now, Duration::from_secs(60), in_flight));
+        let r = self
+            .requests
+            .map(|r| r.room(now, Duration::from_secs(10), in_flight));
+        match (t, r) {
+            (None, None) => 1.0,
+            (Some(a), None) | (None, Some(a)) => a,
+            (Some(a), Some(b)) => a.min(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::default();
+        assert!(e.get().is_none());
+        e.observe(Duration::from_millis(100), t0);
+        e.observe(Duration::from_millis(500), t0 + Duration::from_secs(1));
+        assert!((e.get().unwrap() - 0.5).abs() < 1e-9, "peak taken at once");
+        e.observe(Duration::from_millis(100), t0 + Duration::from_secs(11));
+        let v = e.get().unwrap();
+        assert!(v < 0.5 && v > 0.1, "decays gradually: {v}");
+    }
+
+    #[test]
+    fn headroom_prefers_fresh_room_and_refills_with_age() {
+        let t0 = Instant::now();
+        let mut h = Headroom::default();
+        assert_eq!(h.room(t0, 0), 1.0);
+        let mut hm = HeaderMap::new();
+        hm.insert("x-ratelimit-remaining-tokens", "60000".parse().unwrap());
+        h.observe(&hm, t0);
+        hm.insert("x-ratelimit-remaining-tokens", "30000".parse().unwrap());
+        h.observe(&hm, t0);
+        assert!((h.room(t0, 0) - 0.5).abs() < 1e-9);
+        // Half a minute later, half the used budget is back.
+        assert!((h.room(t0 + Duration::from_secs(30), 0) - 0.75).abs() < 1e-9);
+        assert!((h.room(t0 + Duration::from_secs(120), 0) - 1.0).abs() < 1e-9);
+        // Requests in flight will use some of it (one request used half above).
+        assert!(h.room(t0, 1) < 0.01);
+    }
+}

@@ -1,0 +1,315 @@
+//! Raw config → validated types. Every check names the field it concerns.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use http::uri::Scheme;
+
+use super::*;
+
+pub(super) fn validate(raw: raw::RawConfig) -> Result<Config, ConfigError> {
+    let server = validate_server(raw.server)?;
+    let routing = validate_routing(raw.routing)?;
+    if raw.backends.is_empty() {
+        return Err(ConfigError::field(
+            "backends",
+            "at least one [[backends]] entry is required",
+        ));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backends.len());
+    for (i, b) in raw.backends.into_iter().enumerate() {
+        let at = |field: &str| format!("backends[{i}].{field}");
+        let name = b.name.trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ConfigError::field(
+                at("name"),
+                format!(
+                    "{:?} is not a valid name (use letters, digits, '-', '_', '.')",
+                    b.name
+                ),
+            ));
+        }
+        if let Some(j) = backends.iter().position(|o| o.name == name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!("duplicate backend name {name:?} (also backends[{j}])"),
+            ));
+        }
+        let url = parse_backend_url(&b.url).map_err(|m| ConfigError::field(at("url"), m))?;
+        let priority = b.priority.unwrap_or(1);
+        if !(1..=100).contains(&priority) {
+            return Err(ConfigError::field(
+                at("priority"),
+                format!("{priority} is out of range (1 = served first, up to 100)"),
+            ));
+        }
+        let weight = b.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return Err(ConfigError::field(
+                at("weight"),
+                format!("{weight} is out of range (1 to 1000)"),
+            ));
+        }
+        let auth = match b.auth {
+            raw::RawAuth::ApiKey { key } => {
+                if key.is_empty() {
+                    return Err(ConfigError::field(at("auth.key"), "must not be empty"));
+                }
+                if http::HeaderValue::from_str(&key).is_err() {
+                    return Err(ConfigError::field(
+                        at("auth.key"),
+                        "contains characters not allowed in an HTTP header",
+                    ));
+                }
+                BackendAuth::ApiKey(Secret::new(key))
+            }
+            raw::RawAuth::None => BackendAuth::None,
+        };
+        backends.push(BackendConfig {
+            name,
+            url,
+            auth,
+            priority,
+            weight,
+        });
+    }
+    let deployments = validate_deployments(raw.deployments, &backends)?;
+    Ok(Config {
+        server,
+        routing,
+        backends,
+        deployments,
+    })
+}
+
+/// A deployment name travels in a URL path segment: keep it to what Azure allows.
+fn valid_deployment_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn validate_deployments(
+    raw: Vec<raw::RawDeployment>,
+    backends: &[BackendConfig],
+) -> Result<Vec<DeploymentConfig>, ConfigError> {
+    let mut out: Vec<DeploymentConfig> = Vec::with_capacity(raw.len());
+    for (i, d) in raw.into_iter().enumerate() {
+        let at = |field: &str| format!("deployments[{i}].{field}");
+        if !valid_deployment_name(&d.name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!(
+                    "{:?} is not a valid deployment name (letters, digits, '-', '_', '.')",
+                    d.name
+                ),
+            ));
+        }
+        if let Some(j) = out.iter().position(|o| o.name == d.name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!("duplicate deployment {:?} (also deployments[{j}])", d.name),
+            ));
+        }
+        if d.backends.is_empty() {
+            return Err(ConfigError::field(at("backends"), "names no backend"));
+        }
+        let mut mapped = Vec::with_capacity(d.backends.len());
+        for (backend, upstream) in d.backends {
+            let Some(idx) = backends.iter().position(|b| b.name == backend) else {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}")),
+                    format!("no backend is named {backend:?}"),
+                ));
+            };
+            if !valid_deployment_name(&upstream) {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}")),
+                    format!("{upstream:?} is not a valid deployment name"),
+                ));
+            }
+            mapped.push((idx, upstream));
+        }
+        // Config order of backends, not the map's alphabetical order.
+        mapped.sort_by_key(|(idx, _)| *idx);
+        out.push(DeploymentConfig {
+            name: d.name,
+            backends: mapped,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
+    let listen = parse_addr(raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))
+        .map_err(|m| ConfigError::field("server.listen", m))?;
+    let admin_listen = raw
+        .admin_listen
+        .as_deref()
+        .map(parse_addr)
+        .transpose()
+        .map_err(|m| ConfigError::field("server.admin_listen", m))?;
+    let max_body_bytes = match raw.max_body_bytes {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(0) => {
+            return Err(ConfigError::field(
+                "server.max_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        Some(n) => usize::try_from(n)
+            .map_err(|_| ConfigError::field("server.max_body_bytes", "too large"))?,
+    };
+    let shutdown_grace = opt_duration(raw.shutdown_grace, "server.shutdown_grace", 30_000)?;
+    Ok(ServerConfig {
+        listen,
+        admin_listen,
+        max_body_bytes,
+        shutdown_grace,
+    })
+}
+
+fn validate_routing(raw: raw::RawRouting) -> Result<RoutingConfig, ConfigError> {
+    let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=20).contains(&max_attempts) {
+        return Err(ConfigError::field(
+            "routing.max_attempts",
+            format!("{max_attempts} is out of range (1 to 20)"),
+        ));
+    }
+    let codes = raw
+        .retry_on_status
+        .unwrap_or_else(|| DEFAULT_RETRY_ON_STATUS.to_vec());
+    let mut retry_on_status = Vec::with_capacity(codes.len());
+    for (i, code) in codes.into_iter().enumerate() {
+        match StatusCode::from_u16(code) {
+            Ok(s) if (400..=599).contains(&code) => retry_on_status.push(s),
+            _ => {
+                return Err(ConfigError::field(
+                    format!("routing.retry_on_status[{i}]"),
+                    format!("{code} is not an HTTP error status (400 to 599)"),
+                ));
+            }
+        }
+    }
+    let cb = raw.circuit_breaker;
+    let failures = cb.failures.unwrap_or(5);
+    if !(1..=1000).contains(&failures) {
+        return Err(ConfigError::field(
+            "routing.circuit_breaker.failures",
+            format!("{failures} is out of range (1 to 1000)"),
+        ));
+    }
+    let circuit_breaker = CircuitBreakerConfig {
+        failures,
+        interval: opt_duration(cb.interval, "routing.circuit_breaker.interval", 10_000)?,
+        trip_duration: opt_duration(
+            cb.trip_duration,
+            "routing.circuit_breaker.trip_duration",
+            30_000,
+        )?,
+    };
+    let default_cooldown = opt_duration(raw.default_cooldown, "routing.default_cooldown", 10_000)?;
+    let max_cooldown = opt_duration(raw.max_cooldown, "routing.max_cooldown", 60_000)?;
+    if default_cooldown > max_cooldown {
+        return Err(ConfigError::field(
+            "routing.default_cooldown",
+            "must not exceed routing.max_cooldown",
+        ));
+    }
+    Ok(RoutingConfig {
+        strategy: raw.strategy.unwrap_or(Strategy::RoundRobin),
+        max_attempts,
+        retry_on_status,
+        connect_timeout: opt_duration(raw.connect_timeout, "routing.connect_timeout", 5_000)?,
+        first_byte_timeout: opt_duration(
+            raw.first_byte_timeout,
+            "routing.first_byte_timeout",
+            120_000,
+        )?,
+        idle_timeout: opt_duration(raw.idle_timeout, "routing.idle_timeout", 60_000)?,
+        request_timeout: opt_duration(raw.request_timeout, "routing.request_timeout", 300_000)?,
+        default_cooldown,
+        max_cooldown,
+        unknown_deployments: raw.unknown_deployments.unwrap_or_default(),
+        circuit_breaker,
+    })
+}
+
+fn opt_duration(raw: Option<String>, path: &str, default_ms: u64) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(Duration::from_millis(default_ms)),
+        Some(s) => match parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(ConfigError::field(path, "must be greater than zero")),
+            Err(m) => Err(ConfigError::field(path, m)),
+        },
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` (one number, one unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. \"500ms\", \"30s\", \"2m\")"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
+fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a valid URL ({e})"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no scheme; write https://<resource>.openai.azure.com"))?;
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(format!("{s:?}: scheme must be http or https"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    if authority.host().is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{s:?}: credentials in the URL are not allowed; use auth"
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{s:?}: a backend URL takes no query string"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(BackendUrl {
+        scheme,
+        authority,
+        base_path,
+    })
+}

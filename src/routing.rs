@@ -1,0 +1,157 @@
+//! Which backends serve a deployment, and under which name. Pure lookups, no I/O.
+//!
+//! `[[deployments]]` entries map a client-facing name to backends and each backend's own name
+//! for it (`eastus` may call it `gpt-4o`, `westus` `gpt-4o-2024-08-06`). A deployment no entry
+//! names goes to every backend under its own name, unless `routing.unknown_deployments =
+//! "reject"`, which answers 404.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, UnknownDeployments};
+use crate::error::{ErrorKind, GatewayError};
+
+/// A backend that may serve a request, and the deployment name to use there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub backend: usize,
+    /// The backend's name for the deployment when it differs from the client's; `None` keeps
+    /// the request as the client sent it.
+    pub rename: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    by_name: HashMap<String, Arc<[Candidate]>>,
+    all: Arc<[Candidate]>,
+    reject_unknown: bool,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Self {
+        let all: Arc<[Candidate]> = (0..config.backends.len())
+            .map(|backend| Candidate {
+                backend,
+                rename: None,
+            })
+            .collect();
+        let by_name = config
+            .deployments
+            .iter()
+            .map(|d| {
+                let cands: Arc<[Candidate]> = d
+                    .backends
+                    .iter()
+                    .map(|(backend, upstream)| Candidate {
+                        backend: *backend,
+                        rename: (upstream != &d.name).then(|| Arc::from(upstream.as_str())),
+                    })
+                    .collect();
+                (d.name.clone(), cands)
+            })
+            .collect();
+        Self {
+            by_name,
+            all,
+            reject_unknown: config.routing.unknown_deployments == UnknownDeployments::Reject,
+        }
+    }
+
+    /// The candidates for a request naming `deployment` (in its path or its body's `model`).
+    /// Requests that name none (files, batches, ...) may go to any backend.
+    pub fn resolve(&self, deployment: Option<&str>) -> Result<Arc<[Candidate]>, GatewayError> {
+        let Some(name) = deployment else {
+            return Ok(self.all.clone());
+        };
+        if let Some(c) = self.by_name.get(name) {
+            return Ok(c.clone());
+        }
+        if self.reject_unknown {
+            let shown: String = name.chars().take(128).collect();
+            return Err(GatewayError::new(
+                ErrorKind::UnknownDeployment,
+                format!(
+                    "The deployment '{shown}' is not served by this gateway (no [[deployments]] entry names it)."
+                ),
+            ));
+        }
+        Ok(self.all.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"
+[[backends]]
+name = "eastus"
+url = "http://127.0.0.1:1"
+auth = {{ type = "none" }}
+[[backends]]
+name = "westus"
+url = "http://127.0.0.1:2"
+auth = {{ type = "none" }}
+[[backends]]
+name = "swe"
+url = "http://127.0.0.1:3"
+auth = {{ type = "none" }}
+[[deployments]]
+name = "gpt-4o"
+backends = {{ westus = "gpt-4o-2024-08-06", eastus = "gpt-4o" }}
+{extra}"#
+        );
+        Config::parse(&text, &|_| None).unwrap()
+    }
+
+    #[test]
+    fn maps_names_per_backend_in_config_order() {
+        let r = Router::new(&config(""));
+        let c = r.resolve(Some("gpt-4o")).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            Candidate {
+                backend: 0,
+                rename: None
+            }
+        );
+        assert_eq!(c[1].backend, 1);
+        assert_eq!(c[1].rename.as_deref(), Some("gpt-4o-2024-08-06"));
+    }
+
+    #[test]
+    fn unknown_deployments_forward_or_404() {
+        let r = Router::new(&config(""));
+        assert_eq!(r.resolve(Some("other")).unwrap().len(), 3);
+        assert_eq!(r.resolve(None).unwrap().len(), 3);
+        let r = Router::new(&config("[routing]\nunknown_deployments = \"reject\"\n"));
+        let e = r.resolve(Some("other")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnknownDeployment);
+        assert!(e.message.contains("'other'"));
+        assert_eq!(r.resolve(None).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn bad_mappings_are_config_errors() {
+        let text = r#"
+[[backends]]
+name = "eastus"
+url = "http://127.0.0.1:1"
+auth = { type = "none" }
+[[deployments]]
+name = "gpt-4o"
+backends = { nowhere = "x" }
+"#;
+        let e = Config::parse(text, &|_| None).unwrap_err();
+        assert_eq!(e.path, "deployments[0].backends.nowhere");
+        let e = Config::parse(
+            &text.replace("nowhere = \"x\"", "eastus = \"a/b\""),
+            &|_| None,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "deployments[0].backends.eastus");
+    }
+}
