@@ -90,6 +90,9 @@ struct SimulateArgs {
     /// Share of requests never answered.
     #[arg(long, default_value_t = 0.0)]
     stall_rate: f64,
+    /// Wait asked for by injected 429/503 answers, in milliseconds (`retry-after: 1` if unset).
+    #[arg(long)]
+    retry_after_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -163,6 +166,7 @@ async fn run(command: Command) -> ExitCode {
                     drop_rate: a.drop_rate,
                     stall_rate: a.stall_rate,
                     refuse: false,
+                    retry_after_ms: a.retry_after_ms,
                 },
             };
             let shutdown = stop_on_signal();

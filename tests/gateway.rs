@@ -433,41 +433,8 @@ async fn unknown_paths_and_oversized_bodies_get_openai_errors() {
 /// would never see the first chunk, because the backend sends the second only after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_chunks_reach_the_client_before_the_backend_sends_the_next() {
-    use http_body_util::BodyExt;
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use switchyard::body::ChannelBody;
-    use tokio::sync::mpsc;
-
-    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let svc = service_fn(move |_req| {
-            let (tx, body) = ChannelBody::new(4);
-            senders_tx.send(tx).unwrap();
-            async move {
-                let mut r = http::Response::new(body.boxed());
-                r.headers_mut()
-                    .insert("content-type", "text/event-stream".parse().unwrap());
-                Ok::<_, std::convert::Infallible>(r)
-            }
-        });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), svc)
-            .await;
-    });
-    let gw = gateway(
-        &[B {
-            name: "manual".into(),
-            url,
-            key: None,
-        }],
-        "",
-        "",
-    )
-    .await;
+    let (url, mut senders_rx, server) = manual_stream_backend().await;
+    let gw = gateway(&[B::url("manual", url)], "", "").await;
     let resp = send_chat(&client(), &gw.base, true).await;
     assert_eq!(resp.status(), 200);
     let backend = senders_rx.recv().await.unwrap();

@@ -165,9 +165,8 @@ async fn websocket_upgrades_are_tunnelled() {
     });
     let gw = gateway(
         &[B {
-            name: "rt".into(),
-            url,
             key: Some("backend-key".into()),
+            ..B::url("rt", url)
         }],
         "",
         "",

@@ -86,6 +86,9 @@ pub struct Faults {
     pub stall_rate: f64,
     /// Refuse connections (the listener is closed until this is cleared).
     pub refuse: bool,
+    /// The wait an injected 429 or 503 asks for, sent as `retry-after-ms` and `retry-after`
+    /// (rounded up); `retry-after: 1` alone when unset.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// One request as the simulator received it.
@@ -344,7 +347,7 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
         ));
     }
 
-    let (fault, draw_drop, words_seed) = {
+    let (fault, draw_drop, words_seed, retry_after_ms) = {
         let faults = lock(&state.faults).clone();
         let mut rng = lock(&state.rng);
         let stall = rng.next_f64() < faults.stall_rate;
@@ -362,7 +365,7 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
         } else {
             None
         };
-        (fault, drop, seed)
+        (fault, drop, seed, faults.retry_after_ms)
     };
     match fault {
         Some(None) => {
@@ -375,8 +378,16 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut r = json_response(status, azure_error(status.as_str(), "Simulated failure"));
             if code == 429 || code == 503 {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                let h = r.headers_mut();
+                match retry_after_ms {
+                    Some(ms) => {
+                        h.insert("retry-after-ms", HeaderValue::from(ms));
+                        h.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+                    }
+                    None => {
+                        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    }
+                }
             }
             return Ok(r);
         }

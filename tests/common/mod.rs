@@ -47,6 +47,8 @@ pub struct B {
     pub name: String,
     pub url: String,
     pub key: Option<String>,
+    /// More keys for the `[[backends]]` entry, e.g. `"priority = 2"`.
+    pub extra: String,
 }
 
 impl B {
@@ -55,6 +57,7 @@ impl B {
             name: s.name().to_string(),
             url: s.url(),
             key: Some(format!("key-{}", s.name())),
+            extra: String::new(),
         }
     }
 
@@ -63,7 +66,23 @@ impl B {
             name: name.into(),
             url: dead_url(),
             key: None,
+            extra: String::new(),
         }
+    }
+
+    pub fn url(name: &str, url: String) -> B {
+        B {
+            name: name.into(),
+            url,
+            key: None,
+            extra: String::new(),
+        }
+    }
+
+    pub fn with(mut self, extra: &str) -> B {
+        self.extra.push_str(extra);
+        self.extra.push('\n');
+        self
     }
 }
 
@@ -85,7 +104,7 @@ impl Running {
     }
 }
 
-pub fn config_text(backends: &[B], routing: &str, server: &str) -> String {
+pub fn config_text(backends: &[B], routing: &str, server: &str, tail: &str) -> String {
     let mut t = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\n\n[routing]\n{routing}\n"
     );
@@ -95,16 +114,22 @@ pub fn config_text(backends: &[B], routing: &str, server: &str) -> String {
             None => "{ type = \"none\" }".to_string(),
         };
         t.push_str(&format!(
-            "\n[[backends]]\nname = \"{}\"\nurl = \"{}\"\nauth = {auth}\n",
-            b.name, b.url
+            "\n[[backends]]\nname = \"{}\"\nurl = \"{}\"\nauth = {auth}\n{}",
+            b.name, b.url, b.extra
         ));
     }
+    t.push_str(tail);
     t
 }
 
 pub async fn gateway(backends: &[B], routing: &str, server: &str) -> Running {
+    gateway_with(backends, routing, server, "").await
+}
+
+/// A gateway whose config ends with `tail` (e.g. `[[deployments]]` entries).
+pub async fn gateway_with(backends: &[B], routing: &str, server: &str, tail: &str) -> Running {
     switchyard::install_crypto_provider();
-    let text = config_text(backends, routing, server);
+    let text = config_text(backends, routing, server, tail);
     let cfg = Config::parse(&text, &|_| None).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let shutdown = CancellationToken::new();
     let gateway = switchyard::server::start(cfg, shutdown.clone())
@@ -161,4 +186,45 @@ pub fn header(r: &reqwest::Response, name: &str) -> String {
 
 pub fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// A backend that answers each request with an event stream the test writes: each request
+/// hands the test a sender for its body (an `Err` sent cuts the connection).
+pub async fn manual_stream_backend() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<
+        tokio::sync::mpsc::Sender<Result<bytes::Bytes, switchyard::body::BoxError>>,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use switchyard::body::ChannelBody;
+
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (senders_tx, senders_rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let senders_tx = senders_tx.clone();
+            conns.spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let (tx, body) = ChannelBody::new(4);
+                    let _ = senders_tx.send(tx);
+                    async move {
+                        let mut r = http::Response::new(body.boxed());
+                        r.headers_mut()
+                            .insert("content-type", "text/event-stream".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, senders_rx, server)
 }
