@@ -158,6 +158,7 @@ async fn run(command: Command) -> ExitCode {
                 completion_tokens: a.completion_tokens,
                 tokens_per_minute: a.tpm,
                 requests_per_minute: a.rpm,
+                initial_fill: 1.0,
                 seed: a.seed,
                 record: false,
                 faults: Faults {

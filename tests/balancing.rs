@@ -418,3 +418,53 @@ async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
     gw.stop().await;
     server.abort();
 }
+
+/// Each form of retry hint a backend may send, end to end: the exhaustion answer's wait is the
+/// soonest any backend asked for, garbage is ignored, and huge values are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_hints_in_every_form_set_the_cooldowns() {
+    let in_7s = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(7));
+    type Headers = Vec<(&'static str, String)>;
+    // (what the backend sends, least and most retry-after-ms the client may then see)
+    let cases: Vec<(Headers, u64, u64)> = vec![
+        (vec![("retry-after", in_7s)], 5_500, 7_000),
+        (
+            vec![
+                ("retry-after-ms", "2500".into()),
+                ("retry-after", "9".into()),
+            ],
+            2_000,
+            2_500,
+        ),
+        (vec![("retry-after", "4".into())], 3_500, 4_000),
+        (
+            vec![("x-ratelimit-reset-tokens", "3s".into())],
+            2_500,
+            3_000,
+        ),
+        (vec![("retry-after", "soon".into())], 9_500, 10_000),
+        (vec![("retry-after", "86400".into())], 59_000, 60_000),
+    ];
+    for (headers, lo, hi) in cases {
+        let shown = format!("{headers:?}");
+        let (url, server) = scripted_backend(429, headers).await;
+        let gw = gateway(&[B::url("only", url)], "", "").await;
+        let client = client();
+        // The backend's 429 puts it in cooldown; with nothing else to try, the gateway answers.
+        let first = post_chat(&client, &gw.base).await;
+        assert_eq!(first.status(), 429, "{shown}");
+        assert_eq!(header(&first, "x-switchyard-attempts"), "1");
+        // Then at once, without asking the backend again.
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(header(&r, "x-switchyard-attempts"), "", "no attempt made");
+        for resp in [&first, &r] {
+            let ms: u64 = header(resp, "retry-after-ms").parse().unwrap();
+            assert!((lo..=hi).contains(&ms), "{shown}: {ms} ms");
+            let secs: u64 = header(resp, "retry-after").parse().unwrap();
+            assert_eq!(secs, ms.div_ceil(1000), "{shown}");
+        }
+        gw.stop().await;
+        server.abort();
+    }
+}

@@ -30,6 +30,8 @@ use signals::{Headroom, PeakEwma};
 /// Deployment tables kept at most; names past this share one table, so a client inventing
 /// deployment names cannot grow memory without bound.
 const MAX_TABLES: usize = 1024;
+/// Highest `priority` the config accepts.
+const MAX_PRIORITY: usize = 100;
 
 /// What the balancer needs from the config.
 #[derive(Debug)]
@@ -70,8 +72,9 @@ pub struct Table {
 
 struct TableState {
     pairs: Vec<Pair>,
-    /// Rotation position, shared by every request for this deployment.
-    rr: usize,
+    /// Rotation position per priority level (index = priority), shared by every request for
+    /// this deployment, so a spill-over group takes turns among itself.
+    rr: Vec<usize>,
     rng: SplitMix64,
 }
 
@@ -176,7 +179,7 @@ impl Table {
             policy,
             state: Mutex::new(TableState {
                 pairs: (0..n).map(|_| Pair::default()).collect(),
-                rr: 0,
+                rr: vec![0; MAX_PRIORITY + 1],
                 rng: SplitMix64::new(seed),
             }),
         }
@@ -291,16 +294,18 @@ impl TableState {
         group: &[usize],
         now: Instant,
     ) -> usize {
+        let level = (policy.priority[group[0]] as usize).min(MAX_PRIORITY);
+        let rr = self.rr[level];
         if group.len() == 1 {
             // Keep the rotation moving so round-robin stays fair once the others return.
-            self.rr = self.rr.wrapping_add(1);
+            self.rr[level] = rr.wrapping_add(1);
             return group[0];
         }
-        // Group members in rotation order, starting at the shared position: ties in every
-        // strategy go to the earliest in this order, so equal backends take turns.
+        // Group members in rotation order, starting at the group's shared position: ties in
+        // every strategy go to the earliest in this order, so equal backends take turns.
         let n = candidates.len();
         let rotation: Vec<usize> = (0..n)
-            .map(|k| candidates[(self.rr + k) % n])
+            .map(|k| candidates[(rr + k) % n])
             .filter(|c| group.contains(c))
             .collect();
         let chosen = match policy.strategy {
@@ -341,10 +346,21 @@ impl TableState {
                     j += 1;
                 }
                 let (a, b) = (rotation[i], rotation[j]);
+                // A backend not measured yet is assumed as fast as the group's average, so it
+                // gets tried, but its in-flight requests still count: costing it zero would send
+                // it every request until its first answer came back.
+                let known: Vec<f64> = group
+                    .iter()
+                    .filter_map(|&c| self.pairs[c].ttfb.get())
+                    .collect();
+                let prior = if known.is_empty() {
+                    0.001
+                } else {
+                    known.iter().sum::<f64>() / known.len() as f64
+                };
                 let cost = |c: usize| {
                     let p = &self.pairs[c];
-                    // Unsampled backends cost nothing: they get tried and measured.
-                    p.ttfb.get().unwrap_or(0.0) * f64::from(p.in_flight + 1)
+                    p.ttfb.get().unwrap_or(prior) * f64::from(p.in_flight + 1)
                         / f64::from(policy.weight[c])
                 };
                 if cost(b) < cost(a) { b } else { a }
@@ -360,8 +376,8 @@ impl TableState {
                 .unwrap_or(rotation[0]),
         };
         // Move the rotation just past the chosen backend.
-        if let Some(pos) = (0..n).find(|k| candidates[(self.rr + k) % n] == chosen) {
-            self.rr = self.rr.wrapping_add(pos + 1);
+        if let Some(pos) = (0..n).find(|k| candidates[(rr + k) % n] == chosen) {
+            self.rr[level] = rr.wrapping_add(pos + 1);
         }
         chosen
     }

@@ -34,6 +34,12 @@ impl Bucket {
         Self::new((limit as f64 / 6.0).max(1.0), limit as f64 / 60.0, now)
     }
 
+    /// Starts with only `fraction` of the budget available, as if the minute were half spent.
+    pub fn filled(mut self, fraction: f64) -> Self {
+        self.level = self.capacity * fraction.clamp(0.0, 1.0);
+        self
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.level = (self.level + dt * self.per_sec).min(self.capacity);

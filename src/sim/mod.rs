@@ -49,6 +49,9 @@ pub struct SimConfig {
     pub completion_tokens: u32,
     pub tokens_per_minute: Option<u32>,
     pub requests_per_minute: Option<u32>,
+    /// Share of the rate-limit budget available at start (1.0: a fresh minute). Benchmarks start
+    /// lower so that steady-state throughput, not the first minute's burst, is measured.
+    pub initial_fill: f64,
     /// Seeds fault draws and generated text, so runs repeat.
     pub seed: u64,
     /// Keep every request (method, path, headers, body) for inspection by tests.
@@ -66,6 +69,7 @@ impl Default for SimConfig {
             completion_tokens: 16,
             tokens_per_minute: None,
             requests_per_minute: None,
+            initial_fill: 1.0,
             seed: 1,
             record: false,
             faults: Faults::default(),
@@ -152,10 +156,12 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let now = tokio::time::Instant::now();
         let limits = Limits {
-            tokens: cfg.tokens_per_minute.map(|l| Bucket::per_minute(l, now)),
+            tokens: cfg
+                .tokens_per_minute
+                .map(|l| Bucket::per_minute(l, now).filled(cfg.initial_fill)),
             requests: cfg
                 .requests_per_minute
-                .map(|l| Bucket::requests_per_minute(l, now)),
+                .map(|l| Bucket::requests_per_minute(l, now).filled(cfg.initial_fill)),
         };
         let (refuse, refuse_rx) = watch::channel(cfg.faults.refuse);
         let (refuse_applied, _) = watch::channel(!cfg.faults.refuse);

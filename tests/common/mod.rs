@@ -228,3 +228,42 @@ pub async fn manual_stream_backend() -> (
     });
     (url, senders_rx, server)
 }
+
+/// A backend that answers every request with `status`, `headers` and an Azure-shaped error body.
+pub async fn scripted_backend(
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let headers = std::sync::Arc::new(headers);
+    let server = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let headers = headers.clone();
+            conns.spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let mut r = http::Response::new(
+                        switchyard::body::full(
+                            r#"{"error":{"code":"scripted","message":"scripted answer"}}"#,
+                        )
+                        .boxed(),
+                    );
+                    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    for (k, v) in headers.iter() {
+                        r.headers_mut().insert(*k, v.parse().unwrap());
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, server)
+}
