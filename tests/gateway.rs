@@ -690,3 +690,74 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
     assert!(m.contains("switchyard_in_flight_requests 0"), "{m}");
     gw.stop().await;
 }
+
+async fn in_flight(client: &reqwest::Client, admin: &str) -> String {
+    let m = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    m.lines()
+        .find(|l| l.starts_with("switchyard_in_flight_requests "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A client that gives up (while the gateway waits on a backend, or mid-stream) must not leave
+/// the request counted as in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_go_away_are_no_longer_in_flight() {
+    let stalled = start_sim(sim("stalled")).await;
+    stalled
+        .set_faults(Faults {
+            stall_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let slow = start_sim(switchyard::sim::SimConfig {
+        token_interval: Duration::from_millis(100),
+        completion_tokens: 50,
+        ..sim("slow")
+    })
+    .await;
+    let client = client();
+    for s in [&stalled, &slow] {
+        let gw = gateway(&[B::sim(s)], "", "").await;
+        let quick = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let r = quick
+            .post(gw.url(CHAT))
+            .header("content-type", "application/json")
+            .body(chat_body(true))
+            .send()
+            .await;
+        match r {
+            // The streaming backend: take one chunk, then hang up.
+            Ok(resp) => {
+                let mut body = resp.bytes_stream();
+                let _ = body.next().await;
+                drop(body);
+            }
+            Err(e) => assert!(e.is_timeout(), "{e}"),
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let line = in_flight(&client, &gw.admin).await;
+            if line == "switchyard_in_flight_requests 0" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: still {line}",
+                s.name()
+            );
+            tokio::task::yield_now().await;
+        }
+        gw.stop().await;
+    }
+}

@@ -69,6 +69,14 @@ pub async fn handle(
 ) -> Result<Response<BoxBody>, Infallible> {
     let started = Instant::now();
     state.metrics.in_flight.inc();
+    // Created before the first await: if the client goes away while attempts run, hyper drops
+    // this future and the guard still ends the request's accounting.
+    let mut guard = RequestGuard {
+        metrics: state.metrics.clone(),
+        backend: String::new(),
+        started,
+        _lease: None,
+    };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -130,16 +138,13 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let (parts, body) = resp.into_parts();
+    guard.backend = label;
+    guard._lease = lease;
     let tracked = TrackedBody {
         inner: body,
         sse,
         ended: false,
-        guard: RequestGuard {
-            metrics: state.metrics.clone(),
-            backend: label,
-            started,
-            _lease: lease,
-        },
+        guard,
     };
     Ok(Response::from_parts(parts, tracked.boxed()))
 }
@@ -308,12 +313,15 @@ struct RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        self.metrics
-            .duration
-            .get_or_create(&BackendLabels {
-                backend: std::mem::take(&mut self.backend),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        // Empty when the client left before any answer: nothing was served, nothing to time.
+        if !self.backend.is_empty() {
+            self.metrics
+                .duration
+                .get_or_create(&BackendLabels {
+                    backend: std::mem::take(&mut self.backend),
+                })
+                .observe(self.started.elapsed().as_secs_f64());
+        }
     }
 }
 
