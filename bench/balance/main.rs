@@ -176,9 +176,10 @@ async fn throttled_run(
     rate: f64,
     run: Duration,
 ) -> Vec<Sample> {
-    let mut sims = Vec::new();
-    for (i, tpm) in TPM.iter().enumerate() {
-        let cfg = SimConfig {
+    let sims = TPM
+        .iter()
+        .enumerate()
+        .map(|(i, tpm)| SimConfig {
             name: NAMES[i].into(),
             ttft: Duration::from_millis(50),
             token_interval: Duration::from_millis(1),
@@ -187,43 +188,49 @@ async fn throttled_run(
             initial_fill: FILL,
             seed: i as u64 + 1,
             ..SimConfig::default()
-        };
-        sims.push(
-            Simulator::start(cfg, "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap(),
-        );
-    }
-    let (gw, stop) = start_gateway(&gateway_config(strategy, &sims, true)).await;
-    let samples = drive(client, &format!("http://{}", gw.addr), rate, run).await;
-    stop.cancel();
-    gw.wait().await;
-    for s in sims {
-        s.stop().await;
-    }
-    samples
+        })
+        .collect();
+    scenario(client, strategy, sims, true, rate, run).await
 }
 
 async fn slow_run(client: &HttpClient, strategy: &str, rate: f64, run: Duration) -> Vec<Sample> {
+    let sims = NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            // The first backend is five times slower to first token and per token.
+            let k = if i == 0 { 5 } else { 1 };
+            SimConfig {
+                name: (*name).into(),
+                ttft: Duration::from_millis(20 * k),
+                token_interval: Duration::from_micros(300 * k),
+                completion_tokens: COMPLETION,
+                seed: i as u64 + 1,
+                ..SimConfig::default()
+            }
+        })
+        .collect();
+    scenario(client, strategy, sims, false, rate, run).await
+}
+
+/// Starts the simulators and a gateway over them, drives the load, and tears it all down.
+async fn scenario(
+    client: &HttpClient,
+    strategy: &str,
+    configs: Vec<SimConfig>,
+    throttled: bool,
+    rate: f64,
+    run: Duration,
+) -> Vec<Sample> {
     let mut sims = Vec::new();
-    for (i, name) in NAMES.iter().enumerate() {
-        // The first backend is five times slower to first token and per token.
-        let k = if i == 0 { 5 } else { 1 };
-        let cfg = SimConfig {
-            name: (*name).into(),
-            ttft: Duration::from_millis(20 * k),
-            token_interval: Duration::from_micros(300 * k),
-            completion_tokens: COMPLETION,
-            seed: i as u64 + 1,
-            ..SimConfig::default()
-        };
+    for cfg in configs {
         sims.push(
             Simulator::start(cfg, "127.0.0.1:0".parse().unwrap())
                 .await
                 .unwrap(),
         );
     }
-    let (gw, stop) = start_gateway(&gateway_config(strategy, &sims, false)).await;
+    let (gw, stop) = start_gateway(&gateway_config(strategy, &sims, throttled)).await;
     let samples = drive(client, &format!("http://{}", gw.addr), rate, run).await;
     stop.cancel();
     gw.wait().await;

@@ -200,14 +200,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_probe_reopens_and_old_failures_expire() {
-        let mut h = Health::default();
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            h.failure(&CB, t0);
-        }
-        tokio::time::advance(Duration::from_secs(30)).await;
-        let t1 = Instant::now();
-        assert_eq!(h.availability(t1), Availability::Ready);
+        let (mut h, t1) = tripped_and_expired().await;
         h.begin();
         assert!(h.failure(&CB, t1));
         assert_eq!(
@@ -223,16 +216,22 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn abandoned_probe_lets_another_through() {
+    /// A circuit opened by three failures, with its trip duration just over: ready to probe.
+    async fn tripped_and_expired() -> (Health, Instant) {
         let mut h = Health::default();
         let t0 = Instant::now();
         for _ in 0..3 {
             h.failure(&CB, t0);
         }
-        tokio::time::advance(Duration::from_secs(31)).await;
+        tokio::time::advance(CB.trip_duration).await;
         let t1 = Instant::now();
-        h.availability(t1);
+        assert_eq!(h.availability(t1), Availability::Ready);
+        (h, t1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_probe_lets_another_through() {
+        let (mut h, t1) = tripped_and_expired().await;
         assert!(h.begin());
         h.abandon_probe();
         assert_eq!(h.availability(t1), Availability::Ready);
@@ -241,14 +240,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_throttled_probe_closes_the_circuit_but_cools_down() {
-        let mut h = Health::default();
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            h.failure(&CB, t0);
-        }
-        tokio::time::advance(Duration::from_secs(30)).await;
-        let t1 = Instant::now();
-        h.availability(t1);
+        let (mut h, t1) = tripped_and_expired().await;
         h.begin();
         h.throttled(Duration::from_secs(2), t1);
         assert_eq!(h.state(), CircuitState::Closed);
