@@ -33,6 +33,8 @@ pub enum ErrorKind {
     NoBackendAvailable,
     /// The request's own deadline (`routing.request_timeout`) ran out.
     DeadlineExceeded,
+    /// No token could be had for the backend's Entra credential.
+    CredentialUnavailable,
 }
 
 impl ErrorKind {
@@ -41,7 +43,9 @@ impl ErrorKind {
         match self {
             ErrorKind::NotFound | ErrorKind::UnknownDeployment => StatusCode::NOT_FOUND,
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::NoBackendAvailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoBackendAvailable | ErrorKind::CredentialUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
@@ -55,7 +59,10 @@ impl ErrorKind {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorKind::UpstreamConnect | ErrorKind::UpstreamTimeout | ErrorKind::UpstreamProtocol
+            ErrorKind::UpstreamConnect
+                | ErrorKind::UpstreamTimeout
+                | ErrorKind::UpstreamProtocol
+                | ErrorKind::CredentialUnavailable
         )
     }
 
@@ -73,6 +80,7 @@ impl ErrorKind {
             ErrorKind::AllThrottled => "rate_limit_exceeded",
             ErrorKind::NoBackendAvailable => "no_backend_available",
             ErrorKind::DeadlineExceeded => "request_timeout",
+            ErrorKind::CredentialUnavailable => "backend_credential_unavailable",
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod config;

@@ -189,12 +189,18 @@ impl Proxy {
                     }
                 }
                 Err(e) => {
-                    let verdict = lease.report(
-                        Outcome::Failure {
-                            elapsed: sent.elapsed(),
-                        },
-                        Instant::now(),
-                    );
+                    // A missing token says nothing of the backend's health: its circuit is left
+                    // alone, and it takes traffic again as soon as the credential has a token.
+                    let verdict = if e.kind == ErrorKind::CredentialUnavailable {
+                        Verdict::Healthy
+                    } else {
+                        lease.report(
+                            Outcome::Failure {
+                                elapsed: sent.elapsed(),
+                            },
+                            Instant::now(),
+                        )
+                    };
                     let retry = e.kind.retryable() && !is_last;
                     self.note(backend, e.kind.label(), verdict, retry);
                     if !e.kind.retryable() {

@@ -17,11 +17,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::auth::outbound::Credential;
 use crate::body::{BoxBody, BoxError};
-use crate::config::{BackendAuth, BackendConfig, BackendUrl, RoutingConfig};
+use crate::config::{BackendConfig, BackendUrl, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The pooled HTTP(S) client used for backends and identity endpoints.
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `host`, which the
 /// client sets from the backend URL.
@@ -42,31 +44,30 @@ const CLIENT_CREDENTIALS: [&str; 3] = ["api-key", "authorization", "ocp-apim-sub
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// A backend as the request path needs it: name, URL, and its credential header ready to send.
-#[derive(Debug)]
+/// A backend as the request path needs it: name, URL, and its credential.
 pub struct Backend {
     pub name: Arc<str>,
     pub url: BackendUrl,
-    auth: Option<(HeaderName, HeaderValue)>,
+    pub credential: Credential,
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig) -> Result<Self, GatewayError> {
-        let auth = match &cfg.auth {
-            BackendAuth::ApiKey(key) => {
-                let mut v = HeaderValue::from_str(key.expose()).map_err(|_| {
-                    GatewayError::new(ErrorKind::BadRequest, "backend key is not a valid header")
-                })?;
-                v.set_sensitive(true);
-                Some((HeaderName::from_static("api-key"), v))
-            }
-            BackendAuth::None => None,
-        };
+    /// `identity_client` fetches Entra tokens, if the backend uses them.
+    pub fn new(cfg: &BackendConfig, identity_client: &HttpsClient) -> Result<Self, String> {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             url: cfg.url.clone(),
-            auth,
+            credential: Credential::new(&cfg.name, &cfg.auth, identity_client)?,
         })
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("url", &self.url.to_string())
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,29 +146,31 @@ impl Upstream {
         rename: Option<&str>,
         budget: Duration,
     ) -> Result<Response<BoxBody>, GatewayError> {
-        let request = build_request(backend, req, rename)?;
         let client = if req.upgrade {
             &self.upgrade_client
         } else {
             &self.client
         };
         let wait = budget.min(self.first_byte_timeout);
-        match tokio::time::timeout(wait, client.request(request)).await {
-            Err(_) => Err(GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("backend {} sent no response within {wait:?}", backend.name),
-            )),
-            Ok(Err(e)) => {
+        let attempt = async {
+            // Inside the timeout: waiting for a token is part of the attempt.
+            let auth = backend.credential.header(&backend.name).await?;
+            let request = build_request(backend, req, rename, auth)?;
+            client.request(request).await.map_err(|e| {
                 let kind = if e.is_connect() {
                     ErrorKind::UpstreamConnect
                 } else {
                     ErrorKind::UpstreamProtocol
                 };
-                Err(GatewayError::new(
-                    kind,
-                    format!("backend {}: {}", backend.name, describe(&e)),
-                ))
-            }
+                GatewayError::new(kind, format!("backend {}: {}", backend.name, describe(&e)))
+            })
+        };
+        match tokio::time::timeout(wait, attempt).await {
+            Err(_) => Err(GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!("backend {} sent no response within {wait:?}", backend.name),
+            )),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => {
                 let idle = self.idle_timeout;
                 Ok(resp.map(|b| {
@@ -236,7 +239,7 @@ impl Body for IdleTimeout {
     }
 }
 
-fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClient, std::io::Error> {
+pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClient, std::io::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -274,6 +277,7 @@ pub fn build_request(
     backend: &Backend,
     req: &OutboundRequest<'_>,
     rename: Option<&str>,
+    auth: Option<(HeaderName, HeaderValue)>,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
     let url = &backend.url;
     let uri = Uri::builder()
@@ -311,8 +315,8 @@ pub fn build_request(
         }
         headers.append(name.clone(), value.clone());
     }
-    if let Some((name, value)) = &backend.auth {
-        headers.insert(name.clone(), value.clone());
+    if let Some((name, value)) = auth {
+        headers.insert(name, value);
     }
     headers.insert(X_REQUEST_ID.clone(), req.request_id.clone());
 
@@ -336,21 +340,32 @@ pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::config::{BackendAuth, Secret};
 
     fn backend() -> Backend {
-        Backend::new(&BackendConfig {
-            name: "east".into(),
-            url: BackendUrl {
-                scheme: http::uri::Scheme::HTTPS,
-                authority: "east.example:8443".parse().unwrap(),
-                base_path: "/prefix".into(),
+        let client = build_client(Duration::from_secs(1), true).unwrap();
+        Backend::new(
+            &BackendConfig {
+                name: "east".into(),
+                url: BackendUrl {
+                    scheme: http::uri::Scheme::HTTPS,
+                    authority: "east.example:8443".parse().unwrap(),
+                    base_path: "/prefix".into(),
+                },
+                auth: BackendAuth::ApiKey(Secret::new("backend-secret")),
+                priority: 1,
+                weight: 1,
             },
-            auth: BackendAuth::ApiKey(Secret::new("backend-secret")),
-            priority: 1,
-            weight: 1,
-        })
+            &client,
+        )
         .unwrap()
+    }
+
+    fn key(b: &Backend) -> Option<(HeaderName, HeaderValue)> {
+        match &b.credential {
+            Credential::Static(n, v) => Some((n.clone(), v.clone())),
+            _ => None,
+        }
     }
 
     #[test]
@@ -375,7 +390,8 @@ mod tests {
             request_id: &rid,
             upgrade: false,
         };
-        let out = build_request(&backend(), &req, None).unwrap();
+        let b = backend();
+        let out = build_request(&b, &req, None, key(&b)).unwrap();
         assert_eq!(
             out.uri().to_string(),
             "https://east.example:8443/prefix/openai/deployments/d/chat/completions?api-version=2024-10-21"
@@ -389,7 +405,7 @@ mod tests {
         assert!(oh.get("x-hop").is_none());
         assert_eq!(oh["content-type"], "application/json");
         assert_eq!(oh["x-request-id"], "rid-1");
-        let renamed = build_request(&backend(), &req, Some("gpt-4o-2024-08-06")).unwrap();
+        let renamed = build_request(&b, &req, Some("gpt-4o-2024-08-06"), key(&b)).unwrap();
         assert_eq!(
             renamed.uri().path(),
             "/prefix/openai/deployments/gpt-4o-2024-08-06/chat/completions"

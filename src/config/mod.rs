@@ -2,10 +2,13 @@
 //!
 //! Everything is checked before a port is bound; every error names the field path.
 
+mod credential;
 mod env;
 mod raw;
 mod secret;
 mod validate;
+
+pub use credential::{DEFAULT_SCOPE, EntraCredential, EntraFlow, ManagedIdentityId, MiSource};
 
 pub use validate::parse_duration;
 
@@ -202,6 +205,8 @@ pub enum BackendAuth {
     ApiKey(Secret),
     /// No credential (a local simulator or a backend behind its own gateway).
     None,
+    /// A Microsoft Entra ID token, sent as `Authorization: Bearer`.
+    Entra(EntraCredential),
 }
 
 impl BackendAuth {
@@ -209,6 +214,7 @@ impl BackendAuth {
         match self {
             BackendAuth::ApiKey(_) => "api_key",
             BackendAuth::None => "none",
+            BackendAuth::Entra(e) => e.flow.kind(),
         }
     }
 }
@@ -234,7 +240,7 @@ impl Config {
             let path = if path == "." { String::new() } else { path };
             ConfigError::field(path, e.into_inner().message().to_string())
         })?;
-        validate::validate(raw)
+        validate::validate(raw, lookup)
     }
 
     /// A human summary for `switchyard check`; secrets are masked.

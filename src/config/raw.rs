@@ -72,6 +72,35 @@ pub struct RawBackend {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawAuth {
-    ApiKey { key: String },
+    ApiKey {
+        key: String,
+    },
     None,
+    ManagedIdentity {
+        client_id: Option<String>,
+        object_id: Option<String>,
+        resource_id: Option<String>,
+        scope: Option<String>,
+        /// IMDS token endpoint; for tests and unusual hosts.
+        endpoint: Option<String>,
+    },
+    WorkloadIdentity {
+        client_id: Option<String>,
+        tenant_id: Option<String>,
+        token_file: Option<String>,
+        authority_host: Option<String>,
+        scope: Option<String>,
+    },
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        client_secret: String,
+        authority_host: Option<String>,
+        scope: Option<String>,
+    },
+    AzureCli {
+        scope: Option<String>,
+        /// The `az` executable.
+        command: Option<String>,
+    },
 }

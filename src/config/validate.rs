@@ -8,7 +8,10 @@ use http::uri::Scheme;
 
 use super::*;
 
-pub(super) fn validate(raw: raw::RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(
+    raw: raw::RawConfig,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
     let server = validate_server(raw.server)?;
     let routing = validate_routing(raw.routing)?;
     if raw.backends.is_empty() {
@@ -69,6 +72,7 @@ pub(super) fn validate(raw: raw::RawConfig) -> Result<Config, ConfigError> {
                 BackendAuth::ApiKey(Secret::new(key))
             }
             raw::RawAuth::None => BackendAuth::None,
+            other => BackendAuth::Entra(super::credential::validate(other, &at("auth"), lookup)?),
         };
         backends.push(BackendConfig {
             name,

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::outbound::TokenProvider;
 use crate::balancer::{Balancer, Policy};
 use crate::body::BoxBody;
 use crate::config::Config;
@@ -28,6 +29,8 @@ use crate::telemetry::Metrics;
 use crate::upstream::{Backend, Upstream};
 
 pub use gateway::GatewayState;
+
+const IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running gateway: its bound addresses and the task that ends when it has shut down.
 pub struct Gateway {
@@ -50,12 +53,17 @@ impl Gateway {
 /// `server.shutdown_grace`, then ends every connection that is left.
 pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Result<Gateway> {
     let metrics = Arc::new(Metrics::new());
+    let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
     let backends = config
         .backends
         .iter()
-        .map(Backend::new)
+        .map(|b| Backend::new(b, &identity_client))
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
+    let credentials: Vec<Arc<TokenProvider>> = backends
+        .iter()
+        .filter_map(|b| b.credential.provider().cloned())
+        .collect();
     let upstream = Upstream::new(&config.routing)?;
     let proxy = Proxy::new(
         backends,
@@ -76,6 +84,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
 
     let tasks = TaskTracker::new();
     let grace = config.server.shutdown_grace;
+    // Tokens are fetched from the start, so the first requests find them ready.
+    for provider in &credentials {
+        let provider = provider.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { provider.refresh_loop(shutdown).await });
+    }
     let state = Arc::new(GatewayState::new(
         proxy,
         metrics.clone(),
@@ -94,11 +108,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         ));
     }
     if let Some(admin) = admin {
-        let metrics = metrics.clone();
-        let stopping = shutdown.clone();
+        let admin_state = Arc::new(crate::admin::AdminState {
+            metrics: metrics.clone(),
+            stopping: shutdown.clone(),
+            credentials,
+        });
         tasks.spawn(serve(
             admin,
-            move |req| crate::admin::handle(metrics.clone(), stopping.clone(), req),
+            move |req| crate::admin::handle(admin_state.clone(), req),
             shutdown.clone(),
             grace,
         ));

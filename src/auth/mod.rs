@@ -1,0 +1,2 @@
+//! Authentication. `outbound`: how the gateway proves itself to backends (keys, Entra tokens).
+pub mod outbound;

@@ -1,0 +1,227 @@
+//! A cached Entra token per credential, kept fresh in the background.
+//!
+//! - Refreshed at half its lifetime (which is never later than 5 minutes before expiry for any
+//!   token living 10 minutes or more), by one background task per credential.
+//! - A failed refresh keeps the current token serving while it is valid, and retries with
+//!   backoff (1 s doubling to 60 s).
+//! - A request waits on the identity endpoint only when no valid token exists; every request
+//!   waiting then shares one fetch. Right after a failed fetch, requests fail at once instead
+//!   of queueing on an endpoint that just failed.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::flows::{self, FetchError, Fetched};
+use crate::config::EntraCredential;
+use crate::sync::{read, write};
+use crate::upstream::HttpsClient;
+
+/// A token is used until this close to its expiry; closer than that a request fetches anew.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// After a failed fetch, requests fail fast for this long rather than each trying again.
+const FAIL_FAST: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What operators see of a credential; never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialState {
+    /// No token yet, first fetch in progress or pending.
+    Starting,
+    /// A valid token; refreshes are working.
+    Ready,
+    /// A valid token, but the last refresh failed (it keeps serving until it expires).
+    Stale,
+    /// No valid token; the identity endpoint is failing.
+    Failing,
+    /// No valid token; the identity platform rejected the request (configuration or role).
+    Rejected,
+}
+
+impl CredentialState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CredentialState::Starting => "starting",
+            CredentialState::Ready => "ready",
+            CredentialState::Stale => "stale",
+            CredentialState::Failing => "failing",
+            CredentialState::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialStatus {
+    pub state: CredentialState,
+    /// Time left on the current token.
+    pub expires_in: Option<Duration>,
+    pub last_error: Option<String>,
+}
+
+struct Token {
+    header: HeaderValue,
+    expires_at: Instant,
+    refresh_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<Token>,
+    last_error: Option<FetchError>,
+    failed_at: Option<Instant>,
+}
+
+pub struct TokenProvider {
+    /// The backend it serves, for logs and errors.
+    pub backend: String,
+    credential: EntraCredential,
+    client: HttpsClient,
+    state: RwLock<State>,
+    /// One fetch at a time; waiters re-check the cache once they hold it.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl TokenProvider {
+    pub fn new(backend: &str, credential: EntraCredential, client: HttpsClient) -> Self {
+        Self {
+            backend: backend.to_string(),
+            credential,
+            client,
+            state: RwLock::new(State::default()),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.credential.flow.kind()
+    }
+
+    fn cached(&self, now: Instant) -> Option<HeaderValue> {
+        let st = read(&self.state);
+        st.token
+            .as_ref()
+            .filter(|t| t.expires_at > now + EXPIRY_MARGIN)
+            .map(|t| t.header.clone())
+    }
+
+    /// The `Authorization` value for a request: the cached token, or one fetch shared with every
+    /// other request that needs it now.
+    pub async fn bearer(&self) -> Result<HeaderValue, String> {
+        if let Some(h) = self.cached(Instant::now()) {
+            return Ok(h);
+        }
+        let _one = self.fetching.lock().await;
+        let now = Instant::now();
+        if let Some(h) = self.cached(now) {
+            return Ok(h);
+        }
+        {
+            let st = read(&self.state);
+            if let (Some(at), Some(e)) = (st.failed_at, &st.last_error)
+                && now.saturating_duration_since(at) < FAIL_FAST
+            {
+                return Err(e.to_string());
+            }
+        }
+        self.fetch_and_store().await.map_err(|e| e.to_string())
+    }
+
+    async fn fetch_and_store(&self) -> Result<HeaderValue, FetchError> {
+        let result =
+            flows::fetch(&self.credential.flow, &self.credential.scope, &self.client).await;
+        let now = Instant::now();
+        let mut st = write(&self.state);
+        match result {
+            Ok(Fetched { token, expires_in }) => {
+                let mut header = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .map_err(|_| {
+                        FetchError::Transient("the token is not a valid header value".into())
+                    })?;
+                header.set_sensitive(true);
+                let refresh_in = (expires_in / 2).max(BACKOFF_MIN);
+                st.token = Some(Token {
+                    header: header.clone(),
+                    expires_at: now + expires_in,
+                    refresh_at: now + refresh_in,
+                });
+                st.last_error = None;
+                st.failed_at = None;
+                tracing::info!(backend = %self.backend, credential = self.kind(), expires_in_s = expires_in.as_secs(), "token acquired");
+                Ok(header)
+            }
+            Err(e) => {
+                tracing::warn!(backend = %self.backend, credential = self.kind(), error = %e, "token request failed");
+                st.last_error = Some(e.clone());
+                st.failed_at = Some(now);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn status(&self) -> CredentialStatus {
+        let now = Instant::now();
+        let st = read(&self.state);
+        let valid = st
+            .token
+            .as_ref()
+            .filter(|t| t.expires_at > now + EXPIRY_MARGIN);
+        let state = match (valid, &st.last_error) {
+            (Some(_), None) => CredentialState::Ready,
+            (Some(_), Some(_)) => CredentialState::Stale,
+            (None, Some(FetchError::Rejected(_))) => CredentialState::Rejected,
+            (None, Some(FetchError::Transient(_))) => CredentialState::Failing,
+            (None, None) => CredentialState::Starting,
+        };
+        CredentialStatus {
+            state,
+            expires_in: valid.map(|t| t.expires_at.saturating_duration_since(now)),
+            last_error: st.last_error.as_ref().map(|e| e.to_string()),
+        }
+    }
+
+    /// Keeps the token fresh until `shutdown`: fetches at once, then at half each token's life;
+    /// on failure retries with backoff while the old token (if any) keeps serving.
+    pub async fn refresh_loop(&self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let result = {
+                let _one = self.fetching.lock().await;
+                let due = {
+                    let st = read(&self.state);
+                    st.token
+                        .as_ref()
+                        .is_none_or(|t| t.refresh_at <= Instant::now())
+                };
+                if due {
+                    Some(self.fetch_and_store().await)
+                } else {
+                    None
+                }
+            };
+            wait = match result {
+                Some(Err(_)) => {
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+                _ => {
+                    backoff = BACKOFF_MIN;
+                    let st = read(&self.state);
+                    st.token
+                        .as_ref()
+                        .map(|t| t.refresh_at.saturating_duration_since(Instant::now()))
+                        .unwrap_or(BACKOFF_MIN)
+                }
+            };
+        }
+    }
+}
