@@ -153,6 +153,7 @@ async fn run(command: Command) -> ExitCode {
             let cfg = SimConfig {
                 name: a.name,
                 api_key: a.api_key,
+                accepted_tokens: None,
                 ttft: Duration::from_millis(a.ttft_ms),
                 token_interval: Duration::from_millis(a.token_ms),
                 completion_tokens: a.completion_tokens,

@@ -41,6 +41,9 @@ pub struct SimConfig {
     pub name: String,
     /// When set, requests must carry it in `api-key` or `Authorization: Bearer`.
     pub api_key: Option<String>,
+    /// When set, `Authorization: Bearer` tokens in this set are accepted too (an identity
+    /// provider under test adds the tokens it issues, as Entra ID would make them valid).
+    pub accepted_tokens: Option<Arc<Mutex<std::collections::HashSet<String>>>>,
     /// Time to first token (streams) or added to the whole answer (plain responses).
     pub ttft: Duration,
     /// Time between generated tokens.
@@ -64,6 +67,7 @@ impl Default for SimConfig {
         Self {
             name: "sim".into(),
             api_key: None,
+            accepted_tokens: None,
             ttft: Duration::ZERO,
             token_interval: Duration::ZERO,
             completion_tokens: 16,
@@ -340,9 +344,8 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
         .and_then(|r| r.split('/').next())
         .unwrap_or("");
 
-    if let Some(key) = &state.cfg.api_key
-        && !authorized(&parts.headers, key)
-    {
+    let needs_auth = state.cfg.api_key.is_some() || state.cfg.accepted_tokens.is_some();
+    if needs_auth && !authorized(&parts.headers, &state.cfg) {
         state.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
         return Ok(json_response(
             StatusCode::UNAUTHORIZED,
@@ -637,15 +640,22 @@ fn admit(state: &SimState, tokens: u32) -> Result<(u64, u64), Throttled> {
     }
 }
 
-fn authorized(headers: &HeaderMap, key: &str) -> bool {
+fn authorized(headers: &HeaderMap, cfg: &SimConfig) -> bool {
+    let key = cfg.api_key.as_deref();
     let by_header = headers
         .get("api-key")
-        .is_some_and(|v| v.as_bytes() == key.as_bytes());
-    let by_bearer = headers
+        .is_some_and(|v| key.is_some_and(|k| v.as_bytes() == k.as_bytes()));
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == key);
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let by_bearer = bearer.is_some_and(|t| {
+        key == Some(t)
+            || cfg
+                .accepted_tokens
+                .as_ref()
+                .is_some_and(|set| lock(set).contains(t))
+    });
     by_header || by_bearer
 }
 

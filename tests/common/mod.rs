@@ -110,6 +110,8 @@ pub fn config_text(backends: &[B], routing: &str, server: &str, tail: &str) -> S
     );
     for b in backends {
         let auth = match &b.key {
+            // A whole auth table, e.g. `{ type = "managed_identity" }`.
+            Some(k) if k.starts_with('{') => k.clone(),
             Some(k) => format!("{{ type = \"api_key\", key = \"{k}\" }}"),
             None => "{ type = \"none\" }".to_string(),
         };
@@ -128,9 +130,26 @@ pub async fn gateway(backends: &[B], routing: &str, server: &str) -> Running {
 
 /// A gateway whose config ends with `tail` (e.g. `[[deployments]]` entries).
 pub async fn gateway_with(backends: &[B], routing: &str, server: &str, tail: &str) -> Running {
+    gateway_env(backends, routing, server, tail, &[]).await
+}
+
+/// As `gateway_with`, with `env` as the environment the config reads (`${VAR}`, and platform
+/// variables such as `IDENTITY_ENDPOINT`); nothing comes from the real environment.
+pub async fn gateway_env(
+    backends: &[B],
+    routing: &str,
+    server: &str,
+    tail: &str,
+    env: &[(&str, &str)],
+) -> Running {
     switchyard::install_crypto_provider();
     let text = config_text(backends, routing, server, tail);
-    let cfg = Config::parse(&text, &|_| None).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let cfg = Config::parse(&text, &lookup).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let shutdown = CancellationToken::new();
     let gateway = switchyard::server::start(cfg, shutdown.clone())
         .await

@@ -5,8 +5,8 @@
 //! - A failed refresh keeps the current token serving while it is valid, and retries with
 //!   backoff (1 s doubling to 60 s).
 //! - A request waits on the identity endpoint only when no valid token exists; every request
-//!   waiting then shares one fetch. Right after a failed fetch, requests fail at once instead
-//!   of queueing on an endpoint that just failed.
+//!   waiting then shares one fetch. Once a fetch failed, requests fail at once instead of
+//!   queueing on a failing endpoint, until the background retries bring a token.
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -20,10 +20,9 @@ use crate::config::EntraCredential;
 use crate::sync::{read, write};
 use crate::upstream::HttpsClient;
 
-/// A token is used until this close to its expiry; closer than that a request fetches anew.
+/// A token is used until this close to its expiry (or a quarter of its life, if shorter);
+/// closer than that a request fetches anew, so clock skew cannot make a backend see it expired.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
-/// After a failed fetch, requests fail fast for this long rather than each trying again.
-const FAIL_FAST: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -64,7 +63,8 @@ pub struct CredentialStatus {
 
 struct Token {
     header: HeaderValue,
-    expires_at: Instant,
+    /// When it stops being handed out: its expiry less the margin.
+    usable_until: Instant,
     refresh_at: Instant,
 }
 
@@ -104,7 +104,7 @@ impl TokenProvider {
         let st = read(&self.state);
         st.token
             .as_ref()
-            .filter(|t| t.expires_at > now + EXPIRY_MARGIN)
+            .filter(|t| t.usable_until > now)
             .map(|t| t.header.clone())
     }
 
@@ -114,20 +114,24 @@ impl TokenProvider {
         if let Some(h) = self.cached(Instant::now()) {
             return Ok(h);
         }
+        // While the identity endpoint is failing, the refresher retries it with backoff;
+        // requests do not queue on it, they fail at once (and the attempt moves on).
+        if let Some(e) = self.failing() {
+            return Err(e);
+        }
         let _one = self.fetching.lock().await;
-        let now = Instant::now();
-        if let Some(h) = self.cached(now) {
+        if let Some(h) = self.cached(Instant::now()) {
             return Ok(h);
         }
-        {
-            let st = read(&self.state);
-            if let (Some(at), Some(e)) = (st.failed_at, &st.last_error)
-                && now.saturating_duration_since(at) < FAIL_FAST
-            {
-                return Err(e.to_string());
-            }
+        // The fetch this request waited on (the refresher's, or another request's) failed.
+        if let Some(e) = self.failing() {
+            return Err(e);
         }
         self.fetch_and_store().await.map_err(|e| e.to_string())
+    }
+
+    fn failing(&self) -> Option<String> {
+        read(&self.state).last_error.as_ref().map(|e| e.to_string())
     }
 
     async fn fetch_and_store(&self) -> Result<HeaderValue, FetchError> {
@@ -145,7 +149,7 @@ impl TokenProvider {
                 let refresh_in = (expires_in / 2).max(BACKOFF_MIN);
                 st.token = Some(Token {
                     header: header.clone(),
-                    expires_at: now + expires_in,
+                    usable_until: now + expires_in - EXPIRY_MARGIN.min(expires_in / 4),
                     refresh_at: now + refresh_in,
                 });
                 st.last_error = None;
@@ -165,10 +169,7 @@ impl TokenProvider {
     pub fn status(&self) -> CredentialStatus {
         let now = Instant::now();
         let st = read(&self.state);
-        let valid = st
-            .token
-            .as_ref()
-            .filter(|t| t.expires_at > now + EXPIRY_MARGIN);
+        let valid = st.token.as_ref().filter(|t| t.usable_until > now);
         let state = match (valid, &st.last_error) {
             (Some(_), None) => CredentialState::Ready,
             (Some(_), Some(_)) => CredentialState::Stale,
@@ -178,7 +179,7 @@ impl TokenProvider {
         };
         CredentialStatus {
             state,
-            expires_in: valid.map(|t| t.expires_at.saturating_duration_since(now)),
+            expires_in: valid.map(|t| t.usable_until.saturating_duration_since(now)),
             last_error: st.last_error.as_ref().map(|e| e.to_string()),
         }
     }
