@@ -60,7 +60,7 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
         if !matches!(st.state, CredentialState::Ready | CredentialState::Stale) {
             problems.push_str(&format!(
                 "backend {}: {} credential {}{}\n",
-                p.backend,
+                p.label(),
                 p.kind(),
                 st.state.as_str(),
                 st.last_error.map(|e| format!(": {e}")).unwrap_or_default()
@@ -90,20 +90,20 @@ fn render_metrics(state: &AdminState) -> String {
     let mut expiry = String::new();
     for p in &state.credentials {
         let st = p.status();
-        for s in ["starting", "ready", "stale", "failing", "rejected"] {
-            out.push_str(&format!(
-                "switchyard_credential_state{{backend=\"{}\",kind=\"{}\",state=\"{s}\"}} {}\n",
-                p.backend,
-                p.kind(),
-                u8::from(st.state.as_str() == s)
-            ));
-        }
-        if let Some(left) = st.expires_in {
-            expiry.push_str(&format!(
-                "switchyard_credential_expiry_seconds{{backend=\"{}\"}} {}\n",
-                p.backend,
-                left.as_secs()
-            ));
+        for backend in &p.backends {
+            for s in ["starting", "ready", "stale", "failing", "rejected"] {
+                out.push_str(&format!(
+                    "switchyard_credential_state{{backend=\"{backend}\",kind=\"{}\",state=\"{s}\"}} {}\n",
+                    p.kind(),
+                    u8::from(st.state.as_str() == s)
+                ));
+            }
+            if let Some(left) = st.expires_in {
+                expiry.push_str(&format!(
+                    "switchyard_credential_expiry_seconds{{backend=\"{backend}\"}} {}\n",
+                    left.as_secs()
+                ));
+            }
         }
     }
     out.push_str("# HELP switchyard_credential_expiry_seconds Seconds left on each backend's current token.\n");

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::auth::outbound::Credential;
+use crate::auth::outbound::{Credential, TokenProvider};
 use crate::body::{BoxBody, BoxError};
 use crate::config::{BackendConfig, BackendUrl, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
@@ -52,12 +52,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// `identity_client` fetches Entra tokens, if the backend uses them.
-    pub fn new(cfg: &BackendConfig, identity_client: &HttpsClient) -> Result<Self, String> {
+    /// `providers` hold the Entra tokens, for backends that use them.
+    pub fn new(cfg: &BackendConfig, providers: &[Arc<TokenProvider>]) -> Result<Self, String> {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             url: cfg.url.clone(),
-            credential: Credential::new(&cfg.name, &cfg.auth, identity_client)?,
+            credential: Credential::new(&cfg.name, &cfg.auth, providers)?,
         })
     }
 }
@@ -343,7 +343,6 @@ mod tests {
     use crate::config::{BackendAuth, Secret};
 
     fn backend() -> Backend {
-        let client = build_client(Duration::from_secs(1), true).unwrap();
         Backend::new(
             &BackendConfig {
                 name: "east".into(),
@@ -356,7 +355,7 @@ mod tests {
                 priority: 1,
                 weight: 1,
             },
-            &client,
+            &[],
         )
         .unwrap()
     }

@@ -514,3 +514,25 @@ async fn azure_cli_for_local_development() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_sharing_an_identity_share_its_token() {
+    let id = Identity::start().await;
+    let east = keyless_backend("east", &id).await;
+    let west = keyless_backend("west", &id).await;
+    let auth = format!(
+        r#"{{ type = "managed_identity", endpoint = "{}/token" }}"#,
+        id.url
+    );
+    let gw = gateway_env(&[entra(&east, &auth), entra(&west, &auth)], "", "", "", &[]).await;
+    let client = client();
+    for _ in 0..4 {
+        assert_eq!(post_chat(&client, &gw.base).await.status(), 200);
+    }
+    assert_eq!(id.fetches(), 1, "one identity, one token");
+    assert_eq!(east.stats().ok, 2);
+    assert_eq!(west.stats().ok, 2);
+    let (_, metrics) = get(&client, format!("{}/metrics", gw.admin)).await;
+    assert!(metrics.contains("switchyard_credential_state{backend=\"west\",kind=\"managed_identity\",state=\"ready\"} 1"), "{metrics}");
+    gw.stop().await;
+}

@@ -12,14 +12,14 @@ pub const DEFAULT_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com/";
 const DEFAULT_IMDS: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntraCredential {
     pub flow: EntraFlow,
     /// e.g. `https://cognitiveservices.azure.com/.default`.
     pub scope: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntraFlow {
     ManagedIdentity {
         id: Option<ManagedIdentityId>,
@@ -63,7 +63,7 @@ pub enum ManagedIdentityId {
 }
 
 /// Where managed-identity tokens come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MiSource {
     /// App Service, Functions, Container Apps: `IDENTITY_ENDPOINT` with `X-IDENTITY-HEADER`.
     AppService { endpoint: String, header: Secret },

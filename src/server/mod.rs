@@ -54,16 +54,14 @@ impl Gateway {
 pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Result<Gateway> {
     let metrics = Arc::new(Metrics::new());
     let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
+    let credentials: Vec<Arc<TokenProvider>> =
+        crate::auth::outbound::providers(&config.backends, &identity_client);
     let backends = config
         .backends
         .iter()
-        .map(|b| Backend::new(b, &identity_client))
+        .map(|b| Backend::new(b, &credentials))
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
-    let credentials: Vec<Arc<TokenProvider>> = backends
-        .iter()
-        .filter_map(|b| b.credential.provider().cloned())
-        .collect();
     let upstream = Upstream::new(&config.routing)?;
     let proxy = Proxy::new(
         backends,

@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 pub use flows::FetchError;
 pub use token::{CredentialState, CredentialStatus, TokenProvider};
 
-use crate::config::BackendAuth;
+use crate::config::{BackendAuth, BackendConfig, EntraCredential};
 use crate::error::{ErrorKind, GatewayError};
 use crate::upstream::HttpsClient;
 
@@ -24,8 +24,31 @@ pub enum Credential {
     Token(Arc<TokenProvider>),
 }
 
+/// One token provider per distinct Entra credential (flow, identity and scope) among the
+/// backends: backends that share an identity share its token and its refreshes.
+pub fn providers(backends: &[BackendConfig], client: &HttpsClient) -> Vec<Arc<TokenProvider>> {
+    let mut groups: Vec<(EntraCredential, Vec<String>)> = Vec::new();
+    for b in backends {
+        if let BackendAuth::Entra(c) = &b.auth {
+            match groups.iter_mut().find(|(g, _)| g == c) {
+                Some((_, names)) => names.push(b.name.clone()),
+                None => groups.push((c.clone(), vec![b.name.clone()])),
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(c, names)| Arc::new(TokenProvider::new(names, c, client.clone())))
+        .collect()
+}
+
 impl Credential {
-    pub fn new(backend: &str, auth: &BackendAuth, client: &HttpsClient) -> Result<Self, String> {
+    /// `providers`: from [`providers`], for backends with an Entra credential.
+    pub fn new(
+        backend: &str,
+        auth: &BackendAuth,
+        providers: &[Arc<TokenProvider>],
+    ) -> Result<Self, String> {
         Ok(match auth {
             BackendAuth::None => Credential::None,
             BackendAuth::ApiKey(key) => {
@@ -35,11 +58,13 @@ impl Credential {
                 v.set_sensitive(true);
                 Credential::Static(HeaderName::from_static("api-key"), v)
             }
-            BackendAuth::Entra(c) => Credential::Token(Arc::new(TokenProvider::new(
-                backend,
-                c.clone(),
-                client.clone(),
-            ))),
+            BackendAuth::Entra(_) => Credential::Token(
+                providers
+                    .iter()
+                    .find(|p| p.backends.iter().any(|n| n == backend))
+                    .cloned()
+                    .ok_or_else(|| format!("backend {backend}: no token provider was set up"))?,
+            ),
         })
     }
 
@@ -61,13 +86,6 @@ impl Credential {
                     ),
                 )),
             },
-        }
-    }
-
-    pub fn provider(&self) -> Option<&Arc<TokenProvider>> {
-        match self {
-            Credential::Token(p) => Some(p),
-            _ => None,
         }
     }
 }

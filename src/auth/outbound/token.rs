@@ -76,8 +76,8 @@ struct State {
 }
 
 pub struct TokenProvider {
-    /// The backend it serves, for logs and errors.
-    pub backend: String,
+    /// The backends it serves: one token per distinct credential and scope, shared.
+    pub backends: Vec<String>,
     credential: EntraCredential,
     client: HttpsClient,
     state: RwLock<State>,
@@ -86,9 +86,9 @@ pub struct TokenProvider {
 }
 
 impl TokenProvider {
-    pub fn new(backend: &str, credential: EntraCredential, client: HttpsClient) -> Self {
+    pub fn new(backends: Vec<String>, credential: EntraCredential, client: HttpsClient) -> Self {
         Self {
-            backend: backend.to_string(),
+            backends,
             credential,
             client,
             state: RwLock::new(State::default()),
@@ -98,6 +98,15 @@ impl TokenProvider {
 
     pub fn kind(&self) -> &'static str {
         self.credential.flow.kind()
+    }
+
+    pub fn credential(&self) -> &EntraCredential {
+        &self.credential
+    }
+
+    /// The backends it serves, for logs and messages.
+    pub fn label(&self) -> String {
+        self.backends.join(", ")
     }
 
     fn cached(&self, now: Instant) -> Option<HeaderValue> {
@@ -154,11 +163,11 @@ impl TokenProvider {
                 });
                 st.last_error = None;
                 st.failed_at = None;
-                tracing::info!(backend = %self.backend, credential = self.kind(), expires_in_s = expires_in.as_secs(), "token acquired");
+                tracing::info!(backends = %self.label(), credential = self.kind(), expires_in_s = expires_in.as_secs(), "token acquired");
                 Ok(header)
             }
             Err(e) => {
-                tracing::warn!(backend = %self.backend, credential = self.kind(), error = %e, "token request failed");
+                tracing::warn!(backends = %self.label(), credential = self.kind(), error = %e, "token request failed");
                 st.last_error = Some(e.clone());
                 st.failed_at = Some(now);
                 Err(e)
