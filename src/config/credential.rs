@@ -54,6 +54,47 @@ impl EntraFlow {
     }
 }
 
+impl EntraCredential {
+    /// A one-line description for `switchyard check`: flow, identity, scope; never a secret.
+    pub fn describe(&self) -> String {
+        let what = match &self.flow {
+            EntraFlow::ManagedIdentity { id, source } => {
+                let who = match id {
+                    None => "system-assigned".to_string(),
+                    Some(ManagedIdentityId::ClientId(v)) => format!("client_id {v}"),
+                    Some(ManagedIdentityId::ObjectId(v)) => format!("object_id {v}"),
+                    Some(ManagedIdentityId::ResourceId(v)) => format!("resource_id {v}"),
+                };
+                let from = match source {
+                    MiSource::AppService { endpoint, .. } => {
+                        format!("IDENTITY_ENDPOINT {endpoint}")
+                    }
+                    MiSource::Imds { endpoint } => format!("IMDS {endpoint}"),
+                };
+                format!("managed identity ({who}) from {from}")
+            }
+            EntraFlow::WorkloadIdentity {
+                tenant_id,
+                client_id,
+                token_file,
+                ..
+            } => format!(
+                "workload identity (tenant {tenant_id}, client {client_id}, token file {})",
+                token_file.display()
+            ),
+            EntraFlow::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => {
+                format!("client secret (tenant {tenant_id}, client {client_id})")
+            }
+            EntraFlow::AzureCli { command } => format!("Azure CLI (`{command}`)"),
+        };
+        format!("{what}, scope {}", self.scope)
+    }
+}
+
 /// A user-assigned identity; absent means the system-assigned one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManagedIdentityId {

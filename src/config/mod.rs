@@ -274,6 +274,9 @@ impl Config {
                 b.priority,
                 b.weight
             );
+            if let BackendAuth::Entra(e) = &b.auth {
+                let _ = writeln!(s, "    {:<16} {}", "", e.describe());
+            }
         }
         if !self.deployments.is_empty() {
             let _ = writeln!(s, "deployments   {}", self.deployments.len());

@@ -132,3 +132,125 @@ fn backend_url_keeps_a_path_prefix_without_trailing_slash() {
         "https://apim.example.net/aoai"
     );
 }
+
+fn with_auth(auth: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let text = SAMPLE.replace(
+        r#"auth = { type = "api_key", key = "${WESTUS_KEY}" }"#,
+        &format!("auth = {auth}"),
+    );
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+            .or_else(|| self::env(name))
+    };
+    Config::parse(&text, &lookup)
+}
+
+fn flow(c: &Config) -> &EntraFlow {
+    match &c.backends[1].auth {
+        BackendAuth::Entra(e) => &e.flow,
+        other => panic!("not entra: {other:?}"),
+    }
+}
+
+#[test]
+fn managed_identity_picks_its_source_from_the_platform() {
+    let c = with_auth(r#"{ type = "managed_identity" }"#, &[]).unwrap();
+    match flow(&c) {
+        EntraFlow::ManagedIdentity {
+            id: None,
+            source: MiSource::Imds { endpoint },
+        } => {
+            assert!(endpoint.starts_with("http://169.254.169.254/"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let env = [
+        ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+        ("IDENTITY_HEADER", "hdr-secret"),
+    ];
+    let c = with_auth(
+        r#"{ type = "managed_identity", resource_id = "/subscriptions/x/id" }"#,
+        &env,
+    )
+    .unwrap();
+    match flow(&c) {
+        EntraFlow::ManagedIdentity {
+            id: Some(ManagedIdentityId::ResourceId(_)),
+            source: MiSource::AppService { .. },
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let shown = format!("{}{c:?}", c.summary());
+    assert!(!shown.contains("hdr-secret"), "{shown}");
+    assert!(shown.contains("managed_identity"));
+    match &c.backends[1].auth {
+        BackendAuth::Entra(e) => assert_eq!(e.scope, DEFAULT_SCOPE),
+        _ => unreachable!(),
+    }
+    let e = with_auth(
+        r#"{ type = "managed_identity", client_id = "a", object_id = "b" }"#,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "backends[1].auth");
+    let e = with_auth(
+        r#"{ type = "managed_identity", scope = "cognitiveservices" }"#,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "backends[1].auth.scope");
+    let e = with_auth(
+        r#"{ type = "managed_identity", endpoint = "not a url" }"#,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "backends[1].auth.endpoint");
+}
+
+#[test]
+fn workload_identity_reads_the_aks_environment_and_names_what_is_missing() {
+    let env = [
+        ("AZURE_CLIENT_ID", "cid"),
+        ("AZURE_TENANT_ID", "tid"),
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "/var/run/secrets/azure/tokens/azure-identity-token",
+        ),
+    ];
+    let c = with_auth(r#"{ type = "workload_identity" }"#, &env).unwrap();
+    match flow(&c) {
+        EntraFlow::WorkloadIdentity {
+            client_id,
+            tenant_id,
+            authority_host,
+            ..
+        } => {
+            assert_eq!((client_id.as_str(), tenant_id.as_str()), ("cid", "tid"));
+            assert_eq!(authority_host, "https://login.microsoftonline.com/");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = with_auth(r#"{ type = "workload_identity" }"#, &env[..2]).unwrap_err();
+    assert_eq!(e.path, "backends[1].auth.token_file");
+    assert!(e.message.contains("AZURE_FEDERATED_TOKEN_FILE"), "{e}");
+}
+
+#[test]
+fn client_secret_is_a_secret() {
+    let c = with_auth(
+        r#"{ type = "client_secret", tenant_id = "t", client_id = "c", client_secret = "${EASTUS_KEY}" }"#,
+        &[],
+    )
+    .unwrap();
+    assert!(!format!("{c:?}{}", c.summary()).contains("east-secret-1"));
+    let e = with_auth(
+        r#"{ type = "client_secret", tenant_id = "t", client_id = "" , client_secret = "s" }"#,
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "backends[1].auth.client_id");
+    let e = with_auth(r#"{ type = "client_secret", tenant_id = "t" }"#, &[]).unwrap_err();
+    assert!(e.path.starts_with("backends[1].auth"), "{e}");
+}
