@@ -35,6 +35,8 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// No token could be had for the backend's Entra credential.
     CredentialUnavailable,
+    /// The caller's key is missing or not valid.
+    Unauthorized,
 }
 
 impl ErrorKind {
@@ -43,6 +45,7 @@ impl ErrorKind {
         match self {
             ErrorKind::NotFound | ErrorKind::UnknownDeployment => StatusCode::NOT_FOUND,
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NoBackendAvailable | ErrorKind::CredentialUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -81,6 +84,7 @@ impl ErrorKind {
             ErrorKind::NoBackendAvailable => "no_backend_available",
             ErrorKind::DeadlineExceeded => "request_timeout",
             ErrorKind::CredentialUnavailable => "backend_credential_unavailable",
+            ErrorKind::Unauthorized => "invalid_api_key",
         }
     }
 
@@ -89,7 +93,8 @@ impl ErrorKind {
             ErrorKind::NotFound
             | ErrorKind::BodyTooLarge
             | ErrorKind::BadRequest
-            | ErrorKind::UnknownDeployment => "invalid_request_error",
+            | ErrorKind::UnknownDeployment
+            | ErrorKind::Unauthorized => "invalid_request_error",
             ErrorKind::AllThrottled => "rate_limit_error",
             _ => "gateway_error",
         }

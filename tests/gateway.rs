@@ -761,3 +761,66 @@ async fn clients_that_go_away_are_no_longer_in_flight() {
         gw.stop().await;
     }
 }
+
+/// With `[[consumers]]`, nothing passes without a valid key, in any header an SDK uses; the
+/// backend never sees it either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_keys_are_required_when_configured() {
+    let s = start_sim(sim("east")).await;
+    // sha256("team-b-key-from-hash-0001"): a consumer configured by the hash of its key.
+    let hash = "3bf50e77847fad1ac7326414494664915786430d45319b71adfcd620f424ceaf";
+    let tail = format!(
+        "\n[[consumers]]\nname = \"team-a\"\nkey = \"${{TEAM_A_KEY}}\"\n\n[[consumers]]\nname = \"team-b\"\nkey_sha256 = \"{hash}\"\n"
+    );
+    let gw = gateway_env(
+        &[B::sim(&s)],
+        "",
+        "",
+        &tail,
+        &[("TEAM_A_KEY", "team-a-secret-key-0001")],
+    )
+    .await;
+    let client = client();
+    let send = |h: &'static str, v: &'static str| {
+        let mut req = client
+            .post(gw.url(CHAT))
+            .header("content-type", "application/json")
+            .body(chat_body(false));
+        if !h.is_empty() {
+            req = req.header(h, v);
+        }
+        req.send()
+    };
+    for (h, v) in [
+        ("api-key", "team-a-secret-key-0001"),
+        ("authorization", "Bearer team-a-secret-key-0001"),
+        ("ocp-apim-subscription-key", "team-a-secret-key-0001"),
+        ("api-key", "team-b-key-from-hash-0001"),
+    ] {
+        assert_eq!(send(h, v).await.unwrap().status(), 200, "{h}");
+    }
+    for (h, v) in [
+        ("", ""),
+        ("api-key", "wrong-key"),
+        ("authorization", "Bearer team-a"),
+    ] {
+        let r = send(h, v).await.unwrap();
+        assert_eq!(r.status(), 401, "{h}: {v}");
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert!(!body.to_string().contains("team-a-secret"));
+    }
+    assert_eq!(
+        s.requests().len(),
+        4,
+        "unauthenticated requests never reach a backend"
+    );
+    for r in s.requests() {
+        assert_eq!(r.headers["api-key"], "key-east");
+        assert!(!format!("{:?}", r.headers).contains("team-a-secret"));
+    }
+    // Unauthenticated requests get no routing information either.
+    let r = client.get(gw.url("/nowhere")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    gw.stop().await;
+}

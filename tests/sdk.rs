@@ -207,3 +207,47 @@ async fn websocket_upgrades_are_tunnelled() {
     gw.stop().await;
     server.abort();
 }
+
+/// Consumer keys as SDKs send them: Azure SDKs in `api-key`, OpenAI SDKs as a bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdks_authenticate_with_consumer_keys() {
+    use async_openai::config::OpenAIConfig;
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\n";
+    let gw = gateway_with(&[B::sim(&s)], "", "", tail).await;
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("gpt-4o")
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("hi")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+
+    let azure = Client::with_config(
+        AzureConfig::new()
+            .with_api_base(&gw.base)
+            .with_api_version("2024-10-21")
+            .with_deployment_id("gpt-4o")
+            .with_api_key("team-a-key-0123456789"),
+    );
+    azure.chat().create(request.clone()).await.unwrap();
+    let openai = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", gw.base))
+            .with_api_key("team-a-key-0123456789"),
+    );
+    openai.chat().create(request.clone()).await.unwrap();
+    assert_eq!(s.stats().ok, 2);
+
+    let wrong = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", gw.base))
+            .with_api_key("not-a-key"),
+    );
+    let err = wrong.chat().create(request).await.unwrap_err();
+    assert!(err.to_string().contains("key"), "{err}");
+    assert_eq!(s.stats().requests, 2);
+    gw.stop().await;
+}

@@ -1,2 +1,4 @@
-//! Authentication. `outbound`: how the gateway proves itself to backends (keys, Entra tokens).
+//! Authentication. `inbound`: who is calling the gateway (consumer keys). `outbound`: how the
+//! gateway proves itself to backends (keys, Entra tokens).
+pub mod inbound;
 pub mod outbound;

@@ -119,6 +119,16 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub backends: Vec<BackendConfig>,
     pub deployments: Vec<DeploymentConfig>,
+    /// When non-empty, every request must carry one of these consumers' keys.
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+/// A client of the gateway (APIM's subscription), known by its key.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub name: String,
+    /// SHA-256 of the key: all the gateway keeps, whether the config gave the key or its hash.
+    pub key_sha256: [u8; 32],
 }
 
 /// A deployment clients ask for, and what each backend that serves it calls it.
@@ -277,6 +287,10 @@ impl Config {
             if let BackendAuth::Entra(e) = &b.auth {
                 let _ = writeln!(s, "    {:<16} {}", "", e.describe());
             }
+        }
+        if !self.consumers.is_empty() {
+            let names: Vec<&str> = self.consumers.iter().map(|c| c.name.as_str()).collect();
+            let _ = writeln!(s, "consumers     {} ({})", names.len(), names.join(", "));
         }
         if !self.deployments.is_empty() {
             let _ = writeln!(s, "deployments   {}", self.deployments.len());

@@ -14,6 +14,16 @@ pub struct RawConfig {
     pub backends: Vec<RawBackend>,
     #[serde(default)]
     pub deployments: Vec<RawDeployment>,
+    #[serde(default)]
+    pub consumers: Vec<RawConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    pub name: String,
+    pub key: Option<String>,
+    pub key_sha256: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -254,3 +254,45 @@ fn client_secret_is_a_secret() {
     let e = with_auth(r#"{ type = "client_secret", tenant_id = "t" }"#, &[]).unwrap_err();
     assert!(e.path.starts_with("backends[1].auth"), "{e}");
 }
+
+#[test]
+fn consumers_keep_only_key_hashes_and_name_their_errors() {
+    let base =
+        "[[backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nauth = { type = \"none\" }\n";
+    let c = Config::parse(
+        &format!("{base}[[consumers]]\nname = \"team-a\"\nkey = \"${{EASTUS_KEY}}-padding\"\n"),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(
+        c.consumers[0].key_sha256,
+        crate::auth::inbound::sha256(b"east-secret-1-padding")
+    );
+    assert!(!format!("{c:?}{}", c.summary()).contains("east-secret"));
+    for (consumer, path) in [
+        ("name = \"x\"\n", "consumers[0].key"),
+        ("name = \"x\"\nkey = \"short\"\n", "consumers[0].key"),
+        (
+            "name = \"x\"\nkey_sha256 = \"abc\"\n",
+            "consumers[0].key_sha256",
+        ),
+        (
+            "name = \"x y\"\nkey = \"0123456789abcdef\"\n",
+            "consumers[0].name",
+        ),
+        (
+            "name = \"x\"\nkey = \"0123456789abcdef\"\nkey_sha256 = \"00\"\n",
+            "consumers[0].key",
+        ),
+    ] {
+        let e = Config::parse(&format!("{base}[[consumers]]\n{consumer}"), &env).unwrap_err();
+        assert_eq!(e.path, path, "{consumer}: {e}");
+    }
+    let twice = format!(
+        "{base}[[consumers]]\nname = \"x\"\nkey = \"0123456789abcdef\"\n[[consumers]]\nname = \"y\"\nkey = \"0123456789abcdef\"\n"
+    );
+    assert_eq!(
+        Config::parse(&twice, &env).unwrap_err().path,
+        "consumers[1].key"
+    );
+}

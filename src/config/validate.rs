@@ -83,12 +83,90 @@ pub(super) fn validate(
         });
     }
     let deployments = validate_deployments(raw.deployments, &backends)?;
+    let consumers = validate_consumers(raw.consumers)?;
     Ok(Config {
         server,
         routing,
         backends,
         deployments,
+        consumers,
     })
+}
+
+fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>, ConfigError> {
+    let mut out: Vec<ConsumerConfig> = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        let at = |field: &str| format!("consumers[{i}].{field}");
+        let name = c.name.trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            return Err(ConfigError::field(
+                at("name"),
+                format!(
+                    "{:?} is not a valid name (use letters, digits, '-', '_', '.')",
+                    c.name
+                ),
+            ));
+        }
+        if let Some(j) = out.iter().position(|o| o.name == name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!("duplicate consumer {name:?} (also consumers[{j}])"),
+            ));
+        }
+        let key_sha256 = match (c.key, c.key_sha256) {
+            (Some(key), None) => {
+                if key.len() < 16 {
+                    return Err(ConfigError::field(
+                        at("key"),
+                        "too short: use at least 16 characters (32 random bytes, hex or base64, is better)",
+                    ));
+                }
+                crate::auth::inbound::sha256(key.as_bytes())
+            }
+            (None, Some(hex)) => parse_sha256(&hex).ok_or_else(|| {
+                ConfigError::field(
+                    at("key_sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key)",
+                )
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::field(
+                    at("key"),
+                    "give key or key_sha256, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::field(
+                    at("key"),
+                    "a consumer needs key or key_sha256",
+                ));
+            }
+        };
+        if let Some(j) = out.iter().position(|o| o.key_sha256 == key_sha256) {
+            return Err(ConfigError::field(
+                at("key"),
+                format!("the same key as consumers[{j}]: each consumer needs its own"),
+            ));
+        }
+        out.push(ConsumerConfig { name, key_sha256 });
+    }
+    Ok(out)
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// A deployment name travels in a URL path segment: keep it to what Azure allows.

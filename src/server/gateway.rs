@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
+use crate::auth::inbound::Authenticator;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
@@ -37,6 +38,7 @@ pub struct GatewayState {
     /// Owns the WebSocket tunnels, which outlive the request that opened them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    auth: Authenticator,
     /// How long open tunnels may go on after a stop signal, like any other in-flight exchange.
     grace: std::time::Duration,
     ids: crate::ids::IdGen,
@@ -50,6 +52,7 @@ impl GatewayState {
         tasks: TaskTracker,
         shutdown: CancellationToken,
         grace: std::time::Duration,
+        auth: Authenticator,
     ) -> Self {
         Self {
             proxy,
@@ -58,6 +61,7 @@ impl GatewayState {
             tasks,
             shutdown,
             grace,
+            auth,
             ids: crate::ids::IdGen::new(),
         }
     }
@@ -84,7 +88,17 @@ pub async fn handle(
     // The path only: a query string may carry a key (`subscription-key=`), so it stays out of logs.
     let path: String = req.uri().path().chars().take(256).collect();
 
-    let (answer_backend, attempts, lease, mut resp) = match serve(&state, req, &request_id).await {
+    // Who is calling comes first: nothing about an unauthenticated request is read further.
+    let consumer = state.auth.authenticate(req.headers());
+    let consumer_name = match &consumer {
+        Ok(Some(c)) => c.name.clone(),
+        _ => Arc::from("-"),
+    };
+    let outcome = match consumer {
+        Ok(_) => serve(&state, req, &request_id).await,
+        Err(e) => Err((None, 0, e)),
+    };
+    let (answer_backend, attempts, lease, mut resp) = match outcome {
         Ok(served) => (
             served.backend,
             served.attempts,
@@ -122,6 +136,7 @@ pub async fn handle(
         status = status.as_u16(),
         backend = %label,
         attempts,
+        consumer = %consumer_name,
         first_byte_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );

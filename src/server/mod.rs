@@ -95,6 +95,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         tasks.clone(),
         shutdown.clone(),
         grace,
+        crate::auth::inbound::Authenticator::new(&config.consumers),
     ));
     {
         let shutdown = shutdown.clone();
