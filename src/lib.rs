@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod proxy;
 pub mod rng;
 pub mod routing;
@@ -22,6 +23,7 @@ pub mod sim;
 pub mod sync;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
 
 /// Installs the process-wide TLS crypto provider (ring). Idempotent; call before building clients.
 pub fn install_crypto_provider() {

@@ -99,10 +99,12 @@ mod tests {
             ConsumerConfig {
                 name: "team-a".into(),
                 key_sha256: sha256(b"key-of-team-a-123456"),
+                limits: Default::default(),
             },
             ConsumerConfig {
                 name: "team-b".into(),
                 key_sha256: sha256(b"key-of-team-b-123456"),
+                limits: Default::default(),
             },
         ])
     }

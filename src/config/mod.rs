@@ -27,6 +27,8 @@ pub use secret::Secret;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Default total attempts per request, as the sample's README says.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Completion tokens reserved against limits for a request without `max_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 500;
 /// Statuses retried on the next backend unless configured otherwise.
 pub const DEFAULT_RETRY_ON_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
 
@@ -121,6 +123,44 @@ pub struct Config {
     pub deployments: Vec<DeploymentConfig>,
     /// When non-empty, every request must carry one of these consumers' keys.
     pub consumers: Vec<ConsumerConfig>,
+    pub limits: LimitsConfig,
+}
+
+/// How consumer limits are kept.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Completion tokens reserved for a request that sets no `max_tokens`.
+    pub completion_estimate: u64,
+}
+
+/// A consumer's limits; `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerLimits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub token_quota: Option<Quota>,
+}
+
+impl ConsumerLimits {
+    /// Whether any limit counts tokens (and so needs each response's usage).
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some() || self.token_quota.is_some()
+    }
+}
+
+/// A token budget per fixed UTC window (APIM's `token-quota`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub period: QuotaPeriod,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    Hour,
+    Day,
+    Month,
 }
 
 /// A client of the gateway (APIM's subscription), known by its key.
@@ -129,6 +169,7 @@ pub struct ConsumerConfig {
     pub name: String,
     /// SHA-256 of the key: all the gateway keeps, whether the config gave the key or its hash.
     pub key_sha256: [u8; 32],
+    pub limits: ConsumerLimits,
 }
 
 /// A deployment clients ask for, and what each backend that serves it calls it.

@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub deployments: Vec<RawDeployment>,
     #[serde(default)]
     pub consumers: Vec<RawConsumer>,
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -24,6 +26,25 @@ pub struct RawConsumer {
     pub name: String,
     pub key: Option<String>,
     pub key_sha256: Option<String>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub token_quota: Option<RawQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub period: super::QuotaPeriod,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub store: Option<String>,
+    pub redis_url: Option<String>,
+    pub fail_closed: Option<bool>,
+    pub completion_estimate: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -84,12 +84,14 @@ pub(super) fn validate(
     }
     let deployments = validate_deployments(raw.deployments, &backends)?;
     let consumers = validate_consumers(raw.consumers)?;
+    let limits = validate_limits(raw.limits)?;
     Ok(Config {
         server,
         routing,
         backends,
         deployments,
         consumers,
+        limits,
     })
 }
 
@@ -152,9 +154,69 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
                 format!("the same key as consumers[{j}]: each consumer needs its own"),
             ));
         }
-        out.push(ConsumerConfig { name, key_sha256 });
+        let positive = |v: Option<u32>, key: &str| -> Result<Option<u32>, ConfigError> {
+            match v {
+                Some(0) => Err(ConfigError::field(
+                    at(key),
+                    "must be at least 1 (leave it out for no limit)",
+                )),
+                other => Ok(other),
+            }
+        };
+        let token_quota = match c.token_quota {
+            None => None,
+            Some(q) if q.tokens == 0 => {
+                return Err(ConfigError::field(
+                    at("token_quota.tokens"),
+                    "must be at least 1",
+                ));
+            }
+            Some(q) => Some(Quota {
+                period: q.period,
+                tokens: q.tokens,
+            }),
+        };
+        let limits = ConsumerLimits {
+            requests_per_minute: positive(c.requests_per_minute, "requests_per_minute")?,
+            tokens_per_minute: positive(c.tokens_per_minute, "tokens_per_minute")?,
+            token_quota,
+        };
+        out.push(ConsumerConfig {
+            name,
+            key_sha256,
+            limits,
+        });
     }
     Ok(out)
+}
+
+fn validate_limits(raw: raw::RawLimits) -> Result<LimitsConfig, ConfigError> {
+    match raw.store.as_deref() {
+        None | Some("memory") => {}
+        Some("redis") => {
+            return Err(ConfigError::field(
+                "limits.store",
+                "\"redis\" is not available in this version yet; limits are kept in memory, per gateway (use \"memory\")",
+            ));
+        }
+        Some(other) => {
+            return Err(ConfigError::field(
+                "limits.store",
+                format!("unknown store {other:?}: use \"memory\""),
+            ));
+        }
+    }
+    if raw.redis_url.is_some() || raw.fail_closed.is_some() {
+        return Err(ConfigError::field(
+            "limits",
+            "redis_url and fail_closed go with store = \"redis\", which is not available yet",
+        ));
+    }
+    Ok(LimitsConfig {
+        completion_estimate: raw
+            .completion_estimate
+            .unwrap_or(DEFAULT_COMPLETION_ESTIMATE),
+    })
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

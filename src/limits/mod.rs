@@ -1,0 +1,300 @@
+//! Per-consumer limits: requests per minute, tokens per minute and token quotas per fixed UTC
+//! hour, day or month, with APIM's answers (429 with `retry-after` over a rate, 403 once a quota
+//! is spent). A request reserves its estimate before it is forwarded and is settled with the
+//! usage the backend reports, so concurrent requests cannot overrun a limit by more than their
+//! estimates' error. Kept in memory, per gateway. No HTTP types here.
+
+pub mod estimate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::config::{ConsumerConfig, ConsumerLimits, QuotaPeriod};
+use crate::sync::lock;
+
+/// A rate budget refilled evenly over a minute, spendable at once (Azure's own TPM shape).
+#[derive(Debug)]
+struct Bucket {
+    capacity: f64,
+    level: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(per_minute: u32, now: Instant) -> Self {
+        Self {
+            capacity: f64::from(per_minute),
+            level: f64::from(per_minute),
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.level = (self.level + dt * self.capacity / 60.0).min(self.capacity);
+        self.last = now;
+    }
+
+    /// Time until `amount` fits; zero if it fits now. More than the whole budget is admitted
+    /// when the bucket is full (and leaves it in debt), so one large request is never stuck.
+    fn wait_for(&self, amount: f64) -> Duration {
+        let need = amount.min(self.capacity);
+        if self.level >= need {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((need - self.level) * 60.0 / self.capacity)
+    }
+}
+
+#[derive(Debug)]
+struct QuotaWindow {
+    window: u64,
+    used: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    quota: Option<QuotaWindow>,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over requests or tokens per minute: 429, retry after the wait.
+    Rate {
+        what: &'static str,
+        retry_after: Duration,
+    },
+    /// The quota for this period is spent: 403 until the next window.
+    Quota {
+        period: QuotaPeriod,
+        resets_in: Duration,
+    },
+}
+
+/// What remains after a request was admitted, for the response headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Remaining {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+/// Tokens held for one request until its real usage is known. Dropped without `settle` (the
+/// request ended with nothing to read), the estimate stays charged: the safe side of a limit.
+#[derive(Debug)]
+pub struct Reservation {
+    consumer: Arc<ConsumerLimiter>,
+    tokens: u64,
+    quota_window: Option<u64>,
+}
+
+pub struct ConsumerLimiter {
+    limits: ConsumerLimits,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for ConsumerLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerLimiter")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// All consumers' limiters.
+pub struct Limiter {
+    consumers: HashMap<Arc<str>, Arc<ConsumerLimiter>>,
+    /// Completion tokens reserved for a request without `max_tokens`.
+    pub completion_estimate: u64,
+}
+
+impl Limiter {
+    pub fn new(consumers: &[ConsumerConfig], completion_estimate: u64) -> Self {
+        let now = Instant::now();
+        Self {
+            consumers: consumers
+                .iter()
+                .filter(|c| c.limits != ConsumerLimits::default())
+                .map(|c| {
+                    let l = &c.limits;
+                    let state = State {
+                        requests: l.requests_per_minute.map(|r| Bucket::new(r, now)),
+                        tokens: l.tokens_per_minute.map(|t| Bucket::new(t, now)),
+                        quota: None,
+                    };
+                    let limiter = ConsumerLimiter {
+                        limits: l.clone(),
+                        state: Mutex::new(state),
+                    };
+                    (Arc::from(c.name.as_str()), Arc::new(limiter))
+                })
+                .collect(),
+            completion_estimate,
+        }
+    }
+
+    /// The limiter for a consumer, if it has limits.
+    pub fn consumer(&self, name: &str) -> Option<&Arc<ConsumerLimiter>> {
+        self.consumers.get(name)
+    }
+}
+
+impl ConsumerLimiter {
+    pub fn counts_tokens(&self) -> bool {
+        self.limits.counts_tokens()
+    }
+
+    /// Admits a request estimated at `tokens`, or says why not. Nothing is taken on refusal.
+    pub fn reserve(
+        self: &Arc<Self>,
+        tokens: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(Reservation, Remaining), Refusal> {
+        let mut st = lock(&self.state);
+        let quota_window = self.limits.token_quota.map(|q| window_of(q.period, wall));
+        if let (Some(q), Some(window)) = (self.limits.token_quota, quota_window) {
+            let used = match &st.quota {
+                Some(w) if w.window == window => w.used,
+                _ => 0,
+            };
+            if used >= q.tokens || (used > 0 && used + tokens > q.tokens) {
+                return Err(Refusal::Quota {
+                    period: q.period,
+                    resets_in: until_next_window(q.period, wall),
+                });
+            }
+        }
+        let mut wait = None;
+        if let Some(b) = st.requests.as_mut() {
+            b.refill(now);
+            let w = b.wait_for(1.0);
+            if !w.is_zero() {
+                wait = Some(("requests", w));
+            }
+        }
+        if let Some(b) = st.tokens.as_mut() {
+            b.refill(now);
+            let w = b.wait_for(tokens as f64);
+            if !w.is_zero() && wait.is_none_or(|(_, o)| w > o) {
+                wait = Some(("tokens", w));
+            }
+        }
+        if let Some((what, retry_after)) = wait {
+            return Err(Refusal::Rate { what, retry_after });
+        }
+        if let Some(b) = st.requests.as_mut() {
+            b.level -= 1.0;
+        }
+        if let Some(b) = st.tokens.as_mut() {
+            b.level -= tokens as f64;
+        }
+        if let Some(window) = quota_window {
+            match st.quota.as_mut() {
+                Some(w) if w.window == window => w.used += tokens,
+                _ => {
+                    st.quota = Some(QuotaWindow {
+                        window,
+                        used: tokens,
+                    })
+                }
+            }
+        }
+        let remaining = Remaining {
+            requests: st.requests.as_ref().map(|b| b.level.max(0.0) as u64),
+            tokens: st.tokens.as_ref().map(|b| b.level.max(0.0) as u64),
+        };
+        Ok((
+            Reservation {
+                consumer: self.clone(),
+                tokens,
+                quota_window,
+            },
+            remaining,
+        ))
+    }
+}
+
+impl Reservation {
+    /// Replaces the estimate with what the request really used. `None` keeps the estimate
+    /// charged (the usage could not be read).
+    pub fn settle(self, used: Option<u64>) {
+        let Some(used) = used else { return };
+        let delta = used as f64 - self.tokens as f64;
+        let mut st = lock(&self.consumer.state);
+        if let Some(b) = st.tokens.as_mut() {
+            // Returned tokens cannot overfill the bucket; extra use can put it in debt.
+            b.level = (b.level - delta).min(b.capacity);
+        }
+        if let (Some(window), Some(w)) = (self.quota_window, st.quota.as_mut())
+            && w.window == window
+        {
+            w.used = (w.used as i64 + delta as i64).max(0) as u64;
+        }
+    }
+}
+
+/// The index of the UTC window `wall` falls in: hours or days since the epoch, or months.
+fn window_of(period: QuotaPeriod, wall: SystemTime) -> u64 {
+    let secs = wall
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    match period {
+        QuotaPeriod::Hour => secs / 3600,
+        QuotaPeriod::Day => secs / 86_400,
+        QuotaPeriod::Month => {
+            let (y, m, _) = civil_from_days((secs / 86_400) as i64);
+            (y * 12 + i64::from(m) - 1) as u64
+        }
+    }
+}
+
+fn until_next_window(period: QuotaPeriod, wall: SystemTime) -> Duration {
+    let secs = wall
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let next = match period {
+        QuotaPeriod::Hour => (secs / 3600 + 1) * 3600,
+        QuotaPeriod::Day => (secs / 86_400 + 1) * 86_400,
+        QuotaPeriod::Month => {
+            let (y, m, _) = civil_from_days((secs / 86_400) as i64);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (days_from_civil(ny, nm, 1) as u64) * 86_400
+        }
+    };
+    Duration::from_secs(next.saturating_sub(secs))
+}
+
+/// (year, month 1-12, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests;

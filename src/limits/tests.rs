@@ -1,0 +1,128 @@
+use super::*;
+use crate::config::Quota;
+
+fn limiter(limits: ConsumerLimits) -> Arc<ConsumerLimiter> {
+    let l = Limiter::new(
+        &[ConsumerConfig {
+            name: "team".into(),
+            key_sha256: [0; 32],
+            limits,
+        }],
+        500,
+    );
+    l.consumer("team").unwrap().clone()
+}
+
+fn at(s: &str) -> SystemTime {
+    httpdate::parse_http_date(s).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_per_minute() {
+    let c = limiter(ConsumerLimits {
+        requests_per_minute: Some(60),
+        ..Default::default()
+    });
+    let wall = SystemTime::now();
+    for i in 0..60 {
+        let (r, rem) = c.reserve(0, Instant::now(), wall).unwrap();
+        assert_eq!(rem.requests, Some(59 - i));
+        r.settle(Some(0));
+    }
+    match c.reserve(0, Instant::now(), wall) {
+        Err(Refusal::Rate {
+            what: "requests",
+            retry_after,
+        }) => assert_eq!(retry_after, Duration::from_secs(1)),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(c.reserve(0, Instant::now(), wall).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_reserved_then_settled() {
+    let c = limiter(ConsumerLimits {
+        tokens_per_minute: Some(1000),
+        ..Default::default()
+    });
+    let wall = SystemTime::now();
+    let (a, rem) = c.reserve(600, Instant::now(), wall).unwrap();
+    assert_eq!(rem.tokens, Some(400));
+    // A second 600 does not fit while the first is reserved...
+    match c.reserve(600, Instant::now(), wall) {
+        Err(Refusal::Rate {
+            what: "tokens",
+            retry_after,
+        }) => assert_eq!(retry_after, Duration::from_secs(12)),
+        other => panic!("{other:?}"),
+    }
+    // ... but once the first turns out to have used 100, it does.
+    a.settle(Some(100));
+    let (b, rem) = c.reserve(600, Instant::now(), wall).unwrap();
+    assert_eq!(rem.tokens, Some(300));
+    // Using more than reserved goes into debt.
+    b.settle(Some(1000));
+    assert!(matches!(
+        c.reserve(1, Instant::now(), wall),
+        Err(Refusal::Rate { .. })
+    ));
+    tokio::time::advance(Duration::from_secs(60)).await;
+    // The minute's refill pays the 100-token debt first.
+    assert!(c.reserve(1000, Instant::now(), wall).is_err());
+    assert_eq!(
+        c.reserve(900, Instant::now(), wall).unwrap().1.tokens,
+        Some(0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn quotas_use_fixed_utc_windows() {
+    let c = limiter(ConsumerLimits {
+        token_quota: Some(Quota {
+            period: QuotaPeriod::Day,
+            tokens: 1000,
+        }),
+        ..Default::default()
+    });
+    let day = at("Thu, 26 Nov 2026 23:59:00 GMT");
+    let (r, _) = c.reserve(900, Instant::now(), day).unwrap();
+    r.settle(Some(950));
+    match c.reserve(100, Instant::now(), day) {
+        Err(Refusal::Quota {
+            period: QuotaPeriod::Day,
+            resets_in,
+        }) => assert_eq!(resets_in, Duration::from_secs(60)),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        c.reserve(50, Instant::now(), day).is_ok(),
+        "what is left can still be used"
+    );
+    let next_day = at("Fri, 27 Nov 2026 00:00:00 GMT");
+    assert!(
+        c.reserve(900, Instant::now(), next_day).is_ok(),
+        "a new day, a new quota"
+    );
+}
+
+#[test]
+fn month_windows_follow_the_calendar() {
+    let nov = at("Mon, 30 Nov 2026 12:00:00 GMT");
+    let dec = at("Tue, 01 Dec 2026 00:00:00 GMT");
+    assert_eq!(
+        window_of(QuotaPeriod::Month, dec),
+        window_of(QuotaPeriod::Month, nov) + 1
+    );
+    assert_eq!(
+        until_next_window(QuotaPeriod::Month, nov),
+        Duration::from_secs(12 * 3600)
+    );
+    let leap = at("Tue, 29 Feb 2028 10:00:00 GMT");
+    assert_eq!(
+        until_next_window(QuotaPeriod::Month, leap),
+        Duration::from_secs(14 * 3600)
+    );
+    assert_eq!(civil_from_days(0), (1970, 1, 1));
+    assert_eq!(days_from_civil(2026, 11, 26), 20_783);
+}

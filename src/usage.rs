@@ -1,0 +1,336 @@
+//! Token usage read from responses as they stream past, without buffering what the client gets:
+//! the `usage` object of a JSON answer (found in a bounded tail of the body) or of an event
+//! stream's final usage chunk. When the gateway asked for that chunk on the client's behalf
+//! (`stream_options.include_usage`), it is taken out again, with the `"usage":null` it makes
+//! every other chunk carry, so the client sees exactly the stream it asked for.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+/// What a response says it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// How much of a JSON body's end is kept to find `usage` in (it comes last in Azure's answers).
+const JSON_TAIL: usize = 64 * 1024;
+/// Longest single SSE event held while looking for its end.
+const MAX_EVENT: usize = 1024 * 1024;
+
+/// Watches one response body.
+pub enum Tap {
+    Json { tail: Vec<u8> },
+    Sse(SseTap),
+}
+
+impl Tap {
+    /// A tap for a response of this content type; `strip` when the usage chunk was requested by
+    /// the gateway, not the client.
+    pub fn new(content_type: Option<&str>, strip: bool) -> Option<Tap> {
+        let ct = content_type.unwrap_or("");
+        if ct.starts_with("text/event-stream") {
+            Some(Tap::Sse(SseTap {
+                pending: BytesMut::new(),
+                usage: None,
+                strip,
+                overflow: false,
+            }))
+        } else if ct.starts_with("application/json") {
+            Some(Tap::Json { tail: Vec::new() })
+        } else {
+            None
+        }
+    }
+
+    /// Sees a chunk; returns what to send on to the client now.
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Tap::Json { tail } => {
+                tail.extend_from_slice(&chunk);
+                if tail.len() > 2 * JSON_TAIL {
+                    tail.drain(..tail.len() - JSON_TAIL);
+                }
+                chunk
+            }
+            Tap::Sse(s) => s.feed(chunk),
+        }
+    }
+
+    /// The body ended: anything still held back, and the usage found.
+    pub fn finish(&mut self) -> (Bytes, Option<Usage>) {
+        match self {
+            Tap::Json { tail } => (Bytes::new(), usage_in(tail)),
+            Tap::Sse(s) => (s.pending.split().freeze(), s.usage),
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Tap::Json { tail } => usage_in(tail),
+            Tap::Sse(s) => s.usage,
+        }
+    }
+}
+
+pub struct SseTap {
+    /// Bytes of an event not complete yet.
+    pending: BytesMut,
+    usage: Option<Usage>,
+    strip: bool,
+    /// An event grew past `MAX_EVENT`: stop interpreting, pass bytes through.
+    overflow: bool,
+}
+
+impl SseTap {
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.overflow {
+            return chunk;
+        }
+        // Fast path: nothing held and the chunk is whole events (the usual case, one event per
+        // chunk) with nothing to strip: look, and pass the very same bytes on.
+        if self.pending.is_empty() && chunk.ends_with(b"\n\n") && !self.strip {
+            for event in split_events(&chunk) {
+                self.look(event);
+            }
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let Some(end) = last_event_end(&self.pending) else {
+            if self.pending.len() > MAX_EVENT {
+                self.overflow = true;
+                return self.pending.split().freeze();
+            }
+            return Bytes::new();
+        };
+        let complete = self.pending.split_to(end).freeze();
+        if !self.strip {
+            for event in split_events(&complete) {
+                self.look(event);
+            }
+            return complete;
+        }
+        let mut out = BytesMut::with_capacity(complete.len());
+        for event in split_events(&complete) {
+            if self.look(event) {
+                continue; // the usage chunk the client did not ask for
+            }
+            out.extend_from_slice(&remove_usage_null(event));
+        }
+        out.freeze()
+    }
+
+    /// Records usage from an event; true if the event is a usage-only chunk.
+    fn look(&mut self, event: &[u8]) -> bool {
+        let Some(data) = event_data(event) else {
+            return false;
+        };
+        let Some(found) = usage_in(data) else {
+            return false;
+        };
+        self.usage = Some(found);
+        // A usage-only chunk has an empty `choices`.
+        memfind(data, b"\"choices\":[]").is_some()
+    }
+}
+
+/// Byte offset just past the last complete event (`\n\n`) in `buf`.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// Whole events, each with its trailing blank line.
+fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .map_or(rest.len(), |i| i + 2);
+        let (event, tail) = rest.split_at(end);
+        rest = tail;
+        Some(event)
+    })
+}
+
+/// The `data:` payload of a one-line event (the shape Azure and OpenAI send).
+fn event_data(event: &[u8]) -> Option<&[u8]> {
+    let line = event.strip_prefix(b"data:")?;
+    let line = line.strip_prefix(b" ").unwrap_or(line);
+    Some(line.strip_suffix(b"\n\n").unwrap_or(line))
+}
+
+/// The `usage` object in a JSON text, if one is there and not null.
+fn usage_in(json: &[u8]) -> Option<Usage> {
+    let at = memrfind(json, b"\"usage\"")?;
+    let rest = &json[at + b"\"usage\"".len()..];
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = rest[colon..].strip_prefix(b":")?;
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = &rest[start..];
+    if !rest.starts_with(b"{") {
+        return None;
+    }
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Usage>();
+    let u = values.next()?.ok()?;
+    (u.total_tokens > 0 || u.prompt_tokens > 0).then_some(Usage {
+        total_tokens: u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
+        ..u
+    })
+}
+
+/// Drops the `"usage":null` that asking for usage adds to every chunk.
+fn remove_usage_null(event: &[u8]) -> Vec<u8> {
+    let mut out = event.to_vec();
+    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
+        if let Some(i) = memfind(&out, pat) {
+            out.drain(i..i + pat.len());
+            break;
+        }
+    }
+    out
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn memrfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// Asks for the final usage chunk on a streamed chat request that did not, so token limits can
+/// be settled on real counts. Returns the rewritten body, or `None` when nothing needs to change
+/// (not a stream, not JSON, or the client asked already).
+pub fn request_usage_chunk(body: &[u8]) -> Option<Bytes> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = v.as_object_mut()?;
+    if obj.get("stream").and_then(|s| s.as_bool()) != Some(true) {
+        return None;
+    }
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    let opts = opts.as_object_mut()?;
+    if opts.get("include_usage").and_then(|s| s.as_bool()) == Some(true) {
+        return None;
+    }
+    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"\",\"choices\":[],\"prompt_filter_results\":[]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    fn run(tap: &mut Tap, chunks: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(c)));
+        }
+        let (rest, usage) = tap.finish();
+        out.extend_from_slice(&rest);
+        (out, usage)
+    }
+
+    fn want() -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: 9,
+            completion_tokens: 2,
+            total_tokens: 11,
+        })
+    }
+
+    #[test]
+    fn reads_usage_from_a_stream_and_passes_it_through_untouched() {
+        let events: Vec<&[u8]> = split_events(STREAM.as_bytes()).collect();
+        let mut tap = Tap::new(Some("text/event-stream; charset=utf-8"), false).unwrap();
+        let (out, usage) = run(&mut tap, &events);
+        assert_eq!(out, STREAM.as_bytes());
+        assert_eq!(usage, want());
+    }
+
+    #[test]
+    fn events_split_anywhere_are_reassembled() {
+        let bytes = STREAM.as_bytes();
+        for cut in [1, 7, 33, 100, bytes.len() - 3] {
+            for strip in [false, true] {
+                let mut tap = Tap::new(Some("text/event-stream"), strip).unwrap();
+                let (out, usage) = run(&mut tap, &[&bytes[..cut], &bytes[cut..]]);
+                assert_eq!(usage, want(), "cut at {cut}");
+                if !strip {
+                    assert_eq!(out, bytes);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strips_the_usage_it_asked_for() {
+        let mut tap = Tap::new(Some("text/event-stream"), true).unwrap();
+        let (out, usage) = run(&mut tap, &[STREAM.as_bytes()]);
+        assert_eq!(usage, want());
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("usage"), "{text}");
+        assert!(text.contains("\"content\":\"hi\""));
+        assert!(
+            text.starts_with("data: {\"id\":\"\",\"choices\":[],\"prompt_filter_results\""),
+            "Azure's filter event stays"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert_eq!(text.matches("\n\n").count(), 4);
+    }
+
+    #[test]
+    fn reads_usage_from_json_bodies_of_any_size() {
+        let mut big = String::from("{\"object\":\"list\",\"data\":[");
+        for i in 0..20_000 {
+            big.push_str(&format!("{{\"embedding\":[0.1,0.2],\"index\":{i}}},"));
+        }
+        big.push_str("{}],\"usage\":{\"prompt_tokens\":9,\"total_tokens\":9}}");
+        let mut tap = Tap::new(Some("application/json"), false).unwrap();
+        let chunks: Vec<&[u8]> = big.as_bytes().chunks(1000).collect();
+        let (out, usage) = run(&mut tap, &chunks);
+        assert_eq!(out.len(), big.len());
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 0,
+                total_tokens: 9
+            })
+        );
+        let mut tap = Tap::new(Some("application/json"), false).unwrap();
+        assert_eq!(run(&mut tap, &[b"{\"error\":{}}"]).1, None);
+        assert!(Tap::new(Some("audio/mpeg"), false).is_none());
+    }
+
+    #[test]
+    fn asks_for_usage_only_on_streams_that_did_not() {
+        let b = request_usage_chunk(br#"{"stream":true,"messages":[]}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert!(
+            request_usage_chunk(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+                .is_none()
+        );
+        assert!(request_usage_chunk(br#"{"messages":[]}"#).is_none());
+        assert!(request_usage_chunk(b"not json").is_none());
+    }
+}
