@@ -37,6 +37,10 @@ pub enum ErrorKind {
     CredentialUnavailable,
     /// The caller's key is missing or not valid.
     Unauthorized,
+    /// The caller is over its requests or tokens per minute.
+    ConsumerRateLimited,
+    /// The caller's token quota for the period is spent.
+    QuotaExceeded,
 }
 
 impl ErrorKind {
@@ -46,6 +50,8 @@ impl ErrorKind {
             ErrorKind::NotFound | ErrorKind::UnknownDeployment => StatusCode::NOT_FOUND,
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::ConsumerRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::QuotaExceeded => StatusCode::FORBIDDEN,
             ErrorKind::NoBackendAvailable | ErrorKind::CredentialUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -85,6 +91,8 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "request_timeout",
             ErrorKind::CredentialUnavailable => "backend_credential_unavailable",
             ErrorKind::Unauthorized => "invalid_api_key",
+            ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
+            ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
         }
     }
 
@@ -95,7 +103,9 @@ impl ErrorKind {
             | ErrorKind::BadRequest
             | ErrorKind::UnknownDeployment
             | ErrorKind::Unauthorized => "invalid_request_error",
-            ErrorKind::AllThrottled => "rate_limit_error",
+            ErrorKind::AllThrottled | ErrorKind::ConsumerRateLimited | ErrorKind::QuotaExceeded => {
+                "rate_limit_error"
+            }
             _ => "gateway_error",
         }
     }

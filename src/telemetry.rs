@@ -31,6 +31,14 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub backend: String,
+    /// The consumer's configured name, or `-` without consumers.
+    pub consumer: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -49,6 +57,8 @@ pub struct Metrics {
     pub circuits_opened: Family<BackendLabels, Counter>,
     /// Requests the gateway answered itself because no backend could take them.
     pub rejections: Family<ReasonLabels, Counter>,
+    /// Tokens the backends reported using, by backend, consumer and kind (prompt, completion).
+    pub tokens: Family<TokenLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,8 +127,15 @@ impl Metrics {
             "Requests answered by the gateway because no backend could take them (all_throttled, all_unavailable)",
             rejections.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens used, as the backends reported them (usage), by backend, consumer and kind",
+            tokens.clone(),
+        );
         Self {
             registry,
+            tokens,
             cooldowns,
             circuits_opened,
             rejections,

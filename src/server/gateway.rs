@@ -19,52 +19,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
-use crate::auth::inbound::Authenticator;
+use crate::auth::inbound::{Authenticator, Consumer};
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
+use crate::limits::{Limiter, Refusal, Remaining, Reservation, estimate};
 use crate::proxy::Proxy;
-use crate::telemetry::{BackendLabels, Metrics, RequestLabels};
+use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels};
 use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
+use crate::usage::{self, Tap, Usage};
 
 static X_BACKEND: header::HeaderName = header::HeaderName::from_static("x-switchyard-backend");
 static X_ATTEMPTS: header::HeaderName = header::HeaderName::from_static("x-switchyard-attempts");
 
-/// Shared by every connection of the client listener.
+/// Shared by every connection of the client listener; built by `server::start`.
 pub struct GatewayState {
-    proxy: Proxy,
-    metrics: Arc<Metrics>,
-    max_body_bytes: usize,
+    pub(super) proxy: Proxy,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) max_body_bytes: usize,
     /// Owns the WebSocket tunnels, which outlive the request that opened them.
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-    auth: Authenticator,
+    pub(super) tasks: TaskTracker,
+    pub(super) shutdown: CancellationToken,
+    pub(super) auth: Authenticator,
+    pub(super) limiter: Limiter,
     /// How long open tunnels may go on after a stop signal, like any other in-flight exchange.
-    grace: std::time::Duration,
-    ids: crate::ids::IdGen,
-}
-
-impl GatewayState {
-    pub fn new(
-        proxy: Proxy,
-        metrics: Arc<Metrics>,
-        max_body_bytes: usize,
-        tasks: TaskTracker,
-        shutdown: CancellationToken,
-        grace: std::time::Duration,
-        auth: Authenticator,
-    ) -> Self {
-        Self {
-            proxy,
-            metrics,
-            max_body_bytes,
-            tasks,
-            shutdown,
-            grace,
-            auth,
-            ids: crate::ids::IdGen::new(),
-        }
-    }
+    pub(super) grace: std::time::Duration,
+    pub(super) ids: crate::ids::IdGen,
 }
 
 pub async fn handle(
@@ -80,6 +60,9 @@ pub async fn handle(
         backend: String::new(),
         started,
         _lease: None,
+        consumer: Arc::from("-"),
+        success: false,
+        reservation: None,
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -95,17 +78,18 @@ pub async fn handle(
         _ => Arc::from("-"),
     };
     let outcome = match consumer {
-        Ok(_) => serve(&state, req, &request_id).await,
+        Ok(c) => serve(&state, req, &request_id, c.as_ref()).await,
         Err(e) => Err((None, 0, e)),
     };
-    let (answer_backend, attempts, lease, mut resp) = match outcome {
+    let (answer_backend, attempts, lease, limit, mut resp) = match outcome {
         Ok(served) => (
             served.backend,
             served.attempts,
             served.lease,
+            served.limit,
             served.response,
         ),
-        Err((backend, attempts, e)) => (backend, attempts, None, e.into_response()),
+        Err((backend, attempts, e)) => (backend, attempts, None, None, e.into_response()),
     };
     let backend_name = answer_backend.map(|i| state.proxy.backends[i].name.clone());
 
@@ -147,18 +131,27 @@ pub async fn handle(
         }
     }
 
-    let sse = resp
+    let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+        .and_then(|v| v.to_str().ok());
+    let sse = content_type.is_some_and(|v| v.starts_with("text/event-stream"));
+    let strip = limit.as_ref().is_some_and(|l| l.strip);
+    // Usage is read from whatever a backend answered (never from the gateway's own errors).
+    let tap = backend_name
+        .as_ref()
+        .and_then(|_| Tap::new(content_type, strip));
     let (parts, body) = resp.into_parts();
     guard.backend = label;
     guard._lease = lease;
+    guard.consumer = consumer_name;
+    guard.success = status.is_success();
+    guard.reservation = limit.map(|l| l.reservation);
     let tracked = TrackedBody {
         inner: body,
         sse,
         ended: false,
+        tap,
         guard,
     };
     Ok(Response::from_parts(parts, tracked.boxed()))
@@ -168,7 +161,42 @@ struct Served {
     backend: Option<usize>,
     attempts: u32,
     lease: Option<Lease>,
+    limit: Option<Limit>,
     response: Response<BoxBody>,
+}
+
+/// A request's hold on its consumer's limits.
+struct Limit {
+    reservation: Reservation,
+    remaining: Remaining,
+    /// The usage chunk was asked for by the gateway: strip it from the client's stream.
+    strip: bool,
+}
+
+fn refusal(consumer: &str, r: Refusal) -> GatewayError {
+    match r {
+        Refusal::Rate { what, retry_after } => GatewayError::new(
+            ErrorKind::ConsumerRateLimited,
+            format!(
+                "Rate limit of consumer '{consumer}' exceeded ({what} per minute). Retry after {} seconds.",
+                retry_after.as_millis().div_ceil(1000)
+            ),
+        )
+        .with_retry_after(Some(retry_after)),
+        Refusal::Quota { period, resets_in } => GatewayError::new(
+            ErrorKind::QuotaExceeded,
+            format!(
+                "Token quota of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
+                match period {
+                    crate::config::QuotaPeriod::Hour => "hour",
+                    crate::config::QuotaPeriod::Day => "day",
+                    crate::config::QuotaPeriod::Month => "month",
+                },
+                resets_in.as_secs()
+            ),
+        )
+        .with_retry_after(Some(resets_in)),
+    }
 }
 type Failed = (Option<usize>, u32, GatewayError);
 
@@ -176,6 +204,7 @@ async fn serve(
     state: &GatewayState,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    consumer: Option<&Consumer>,
 ) -> Result<Served, Failed> {
     if state.shutdown.is_cancelled() {
         return Err((
@@ -194,7 +223,7 @@ async fn serve(
     let route = api::route(path, pq).map_err(|e| (None, 0, e))?;
     let upgrade = route.upgrade_allowed && parts.headers.contains_key(header::UPGRADE);
 
-    let body = read_body(body, &parts.headers, state.max_body_bytes)
+    let mut body = read_body(body, &parts.headers, state.max_body_bytes)
         .await
         .map_err(|e| (None, 0, e))?;
     let model = if route.model_in_body {
@@ -203,6 +232,42 @@ async fn serve(
         None
     };
     let deployment = route.deployment.or(model.as_deref());
+
+    // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
+    let mut limit = None;
+    if let Some(l) = consumer.and_then(|c| state.limiter.consumer(&c.name)) {
+        let tokens = if l.counts_tokens() {
+            estimate::estimate(
+                &body,
+                deployment.unwrap_or(""),
+                state.limiter.completion_estimate,
+            )
+            .map_or(0, |(prompt, completion)| prompt + completion)
+        } else {
+            0
+        };
+        let name = consumer.map_or("", |c| &*c.name);
+        let (reservation, remaining) = l
+            .reserve(
+                tokens,
+                tokio::time::Instant::now(),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|r| (None, 0, refusal(name, r)))?;
+        // Settling needs a stream's usage: ask for it, and take it out again on the way back.
+        let mut strip = false;
+        if l.counts_tokens()
+            && let Some(b) = usage::request_usage_chunk(&body)
+        {
+            body = b;
+            strip = true;
+        }
+        limit = Some(Limit {
+            reservation,
+            remaining,
+            strip,
+        });
+    }
 
     let outbound = OutboundRequest {
         method: &parts.method,
@@ -218,10 +283,21 @@ async fn serve(
     match answer.result {
         Ok(mut resp) => {
             clean_response_headers(resp.headers_mut(), upgrade);
+            if let Some(l) = &limit {
+                // The consumer's own headroom replaces the backend's.
+                let h = resp.headers_mut();
+                if let Some(r) = l.remaining.requests {
+                    h.insert("x-ratelimit-remaining-requests", HeaderValue::from(r));
+                }
+                if let Some(t) = l.remaining.tokens {
+                    h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(t));
+                }
+            }
             Ok(Served {
                 backend: answer.backend,
                 attempts: answer.attempts,
                 lease: answer.lease,
+                limit,
                 response: resp,
             })
         }
@@ -323,6 +399,40 @@ struct RequestGuard {
     started: Instant,
     /// The serving backend's in-flight slot; released when the body ends or is dropped.
     _lease: Option<Lease>,
+    consumer: Arc<str>,
+    success: bool,
+    /// Settled when the body ends; dropped unsettled (estimate kept) if it never does.
+    reservation: Option<Reservation>,
+}
+
+impl RequestGuard {
+    /// The response body ended: count its tokens and settle the consumer's reservation.
+    fn finish(&mut self, usage: Option<Usage>) {
+        if let Some(u) = usage {
+            for (kind, n) in [
+                ("prompt", u.prompt_tokens),
+                ("completion", u.completion_tokens),
+            ] {
+                self.metrics
+                    .tokens
+                    .get_or_create(&TokenLabels {
+                        backend: self.backend.clone(),
+                        consumer: self.consumer.to_string(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+        if let Some(r) = self.reservation.take() {
+            // A failed answer used nothing; a good one without readable usage keeps the estimate.
+            let used = if self.success {
+                usage.map(|u| u.total_tokens)
+            } else {
+                Some(0)
+            };
+            r.settle(used);
+        }
+    }
 }
 
 impl Drop for RequestGuard {
@@ -349,6 +459,7 @@ pin_project_lite::pin_project! {
         inner: BoxBody,
         sse: bool,
         ended: bool,
+        tap: Option<Tap>,
         guard: RequestGuard,
     }
 }
@@ -361,35 +472,68 @@ impl Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.ended {
-            return Poll::Ready(None);
-        }
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
-            this.guard
-                .metrics
-                .stream_errors
-                .get_or_create(&BackendLabels {
-                    backend: this.guard.backend.clone(),
-                })
-                .inc();
-            if *this.sse {
-                *this.ended = true;
-                let body = crate::error::openai_error_body(
-                    "backend_stream_error",
-                    &format!("The backend's stream broke off: {e}"),
-                    "gateway_error",
-                );
-                let mut event = Vec::with_capacity(body.len() + 8);
-                event.extend_from_slice(b"data: ");
-                event.extend_from_slice(&body);
-                event.extend_from_slice(b"\n\n");
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
+        let mut this = self.project();
+        loop {
+            if *this.ended {
+                return Poll::Ready(None);
+            }
+            let polled = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(p) => p,
+            };
+            match polled {
+                Some(Ok(frame)) => {
+                    let frame = match (frame.into_data(), this.tap.as_mut()) {
+                        (Ok(data), Some(tap)) => {
+                            let out = tap.feed(data);
+                            if out.is_empty() {
+                                continue; // part of an event held until it is whole
+                            }
+                            Frame::data(out)
+                        }
+                        (Ok(data), None) => Frame::data(data),
+                        (Err(other), _) => other,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                None => {
+                    *this.ended = true;
+                    let (rest, usage) = match this.tap.as_mut() {
+                        Some(tap) => tap.finish(),
+                        None => (Bytes::new(), None),
+                    };
+                    this.guard.finish(usage);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
+                    this.guard
+                        .metrics
+                        .stream_errors
+                        .get_or_create(&BackendLabels {
+                            backend: this.guard.backend.clone(),
+                        })
+                        .inc();
+                    if !*this.sse {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    *this.ended = true;
+                    let body = crate::error::openai_error_body(
+                        "backend_stream_error",
+                        &format!("The backend's stream broke off: {e}"),
+                        "gateway_error",
+                    );
+                    let mut event = Vec::with_capacity(body.len() + 8);
+                    event.extend_from_slice(b"data: ");
+                    event.extend_from_slice(&body);
+                    event.extend_from_slice(b"\n\n");
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))));
+                }
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

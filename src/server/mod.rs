@@ -88,15 +88,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         let shutdown = shutdown.clone();
         tasks.spawn(async move { provider.refresh_loop(shutdown).await });
     }
-    let state = Arc::new(GatewayState::new(
+    let state = Arc::new(GatewayState {
         proxy,
-        metrics.clone(),
-        config.server.max_body_bytes,
-        tasks.clone(),
-        shutdown.clone(),
+        metrics: metrics.clone(),
+        max_body_bytes: config.server.max_body_bytes,
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+        auth: crate::auth::inbound::Authenticator::new(&config.consumers),
+        limiter: crate::limits::Limiter::new(&config.consumers, config.limits.completion_estimate),
         grace,
-        crate::auth::inbound::Authenticator::new(&config.consumers),
-    ));
+        ids: crate::ids::IdGen::new(),
+    });
     {
         let shutdown = shutdown.clone();
         tasks.spawn(serve(
