@@ -63,6 +63,8 @@ pub async fn handle(
         consumer: Arc::from("-"),
         success: false,
         reservation: None,
+        tap: None,
+        finished: false,
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -147,11 +149,11 @@ pub async fn handle(
     guard.consumer = consumer_name;
     guard.success = status.is_success();
     guard.reservation = limit.map(|l| l.reservation);
+    guard.tap = tap;
     let tracked = TrackedBody {
         inner: body,
         sse,
         ended: false,
-        tap,
         guard,
     };
     Ok(Response::from_parts(parts, tracked.boxed()))
@@ -403,11 +405,17 @@ struct RequestGuard {
     success: bool,
     /// Settled when the body ends; dropped unsettled (estimate kept) if it never does.
     reservation: Option<Reservation>,
+    /// Reads usage from the body as it passes.
+    tap: Option<Tap>,
+    finished: bool,
 }
 
 impl RequestGuard {
     /// The response body ended: count its tokens and settle the consumer's reservation.
     fn finish(&mut self, usage: Option<Usage>) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         if let Some(u) = usage {
             for (kind, n) in [
                 ("prompt", u.prompt_tokens),
@@ -437,6 +445,10 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
+        // hyper stops polling a body once its content-length is written, so the end is often
+        // seen here: settle with whatever usage the tap read.
+        let usage = self.tap.as_ref().and_then(Tap::usage);
+        self.finish(usage);
         self.metrics.in_flight.dec();
         // Empty when the client left before any answer: nothing was served, nothing to time.
         if !self.backend.is_empty() {
@@ -459,7 +471,6 @@ pin_project_lite::pin_project! {
         inner: BoxBody,
         sse: bool,
         ended: bool,
-        tap: Option<Tap>,
         guard: RequestGuard,
     }
 }
@@ -483,7 +494,7 @@ impl Body for TrackedBody {
             };
             match polled {
                 Some(Ok(frame)) => {
-                    let frame = match (frame.into_data(), this.tap.as_mut()) {
+                    let frame = match (frame.into_data(), this.guard.tap.as_mut()) {
                         (Ok(data), Some(tap)) => {
                             let out = tap.feed(data);
                             if out.is_empty() {
@@ -498,7 +509,7 @@ impl Body for TrackedBody {
                 }
                 None => {
                     *this.ended = true;
-                    let (rest, usage) = match this.tap.as_mut() {
+                    let (rest, usage) = match this.guard.tap.as_mut() {
                         Some(tap) => tap.finish(),
                         None => (Bytes::new(), None),
                     };
@@ -537,7 +548,9 @@ impl Body for TrackedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        // Only once the end was seen here: a body that says it is complete would otherwise not
+        // be polled to its end, and the tap and the limits would never hear it ended.
+        self.ended
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
