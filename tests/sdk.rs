@@ -251,3 +251,46 @@ async fn sdks_authenticate_with_consumer_keys() {
     assert_eq!(s.stats().requests, 2);
     gw.stop().await;
 }
+
+/// A limited consumer streaming through async-openai: the gateway's own usage request is
+/// invisible to the SDK, and the stream parses to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_consumer_streams_through_an_sdk() {
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\ntokens_per_minute = 100000\n";
+    let gw = gateway_with(&[B::sim(&s)], "", "", tail).await;
+    let client = Client::with_config(
+        AzureConfig::new()
+            .with_api_base(&gw.base)
+            .with_api_version("2024-10-21")
+            .with_deployment_id("gpt-4o")
+            .with_api_key("team-a-key-0123456789"),
+    );
+    let mut request = CreateChatCompletionRequestArgs::default()
+        .max_tokens(6u32)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("stream please")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    request.stream = Some(true);
+    let mut stream = client.chat().create_stream(request).await.unwrap();
+    let (mut words, mut saw_usage) = (0, false);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        saw_usage |= chunk.usage.is_some();
+        words += chunk
+            .choices
+            .iter()
+            .filter(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty()))
+            .count();
+    }
+    assert_eq!(words, 6);
+    assert!(
+        !saw_usage,
+        "the client did not ask for usage, so it gets none"
+    );
+    gw.stop().await;
+}
