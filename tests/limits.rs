@@ -200,3 +200,26 @@ async fn streams_are_settled_and_the_client_sees_only_what_it_asked_for() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_per_consumer_and_deployment() {
+    let (_s, gw) = limited("deployments = { gpt-4o = { requests_per_minute = 1 } }", "").await;
+    let client = client();
+    let body = chat_body(false);
+    assert_eq!(chat_as(&client, &gw.base, KEY_A, &body).await.status(), 200);
+    assert_eq!(chat_as(&client, &gw.base, KEY_A, &body).await.status(), 429);
+    let other = client
+        .post(gw.url("/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"))
+        .header("api-key", KEY_A)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200, "another deployment is not limited");
+    assert_eq!(
+        chat_as(&client, &gw.base, KEY_B, &body).await.status(),
+        200,
+        "nor another consumer"
+    );
+    gw.stop().await;
+}

@@ -100,11 +100,13 @@ mod tests {
                 name: "team-a".into(),
                 key_sha256: sha256(b"key-of-team-a-123456"),
                 limits: Default::default(),
+                deployment_limits: Vec::new(),
             },
             ConsumerConfig {
                 name: "team-b".into(),
                 key_sha256: sha256(b"key-of-team-b-123456"),
                 limits: Default::default(),
+                deployment_limits: Vec::new(),
             },
         ])
     }

@@ -170,6 +170,8 @@ pub struct ConsumerConfig {
     /// SHA-256 of the key: all the gateway keeps, whether the config gave the key or its hash.
     pub key_sha256: [u8; 32],
     pub limits: ConsumerLimits,
+    /// Limits on one deployment (the client-facing name), on top of `limits`.
+    pub deployment_limits: Vec<(String, ConsumerLimits)>,
 }
 
 /// A deployment clients ask for, and what each backend that serves it calls it.

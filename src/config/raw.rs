@@ -29,6 +29,17 @@ pub struct RawConsumer {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,
+    /// Limits for this consumer on one deployment, on top of its overall ones.
+    #[serde(default)]
+    pub deployments: std::collections::BTreeMap<String, RawLimitSet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitSet {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub token_quota: Option<RawQuota>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -296,3 +296,42 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
         "consumers[1].key"
     );
 }
+
+#[test]
+fn consumer_limits_name_their_fields() {
+    let base = "[[backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nauth = { type = \"none\" }\n[[consumers]]\nname = \"x\"\nkey = \"0123456789abcdef\"\n";
+    let c = Config::parse(
+        &format!("{base}tokens_per_minute = 1000\ntoken_quota = {{ period = \"month\", tokens = 5 }}\ndeployments = {{ gpt-4o = {{ requests_per_minute = 3 }} }}\n"),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.consumers[0].limits.tokens_per_minute, Some(1000));
+    assert_eq!(c.consumers[0].deployment_limits[0].0, "gpt-4o");
+    assert_eq!(
+        c.consumers[0].deployment_limits[0].1.requests_per_minute,
+        Some(3)
+    );
+    for (extra, path) in [
+        (
+            "requests_per_minute = 0\n",
+            "consumers[0].requests_per_minute",
+        ),
+        (
+            "token_quota = { period = \"week\", tokens = 5 }\n",
+            "consumers[0].token_quota.period",
+        ),
+        (
+            "deployments = { gpt-4o = { tokens_per_minute = 0 } }\n",
+            "consumers[0].deployments.gpt-4o.tokens_per_minute",
+        ),
+        (
+            "deployments = { \"a/b\" = { tokens_per_minute = 1 } }\n",
+            "consumers[0].deployments.a/b",
+        ),
+    ] {
+        let e = Config::parse(&format!("{base}{extra}"), &env).unwrap_err();
+        assert_eq!(e.path, path, "{extra}: {e}");
+    }
+    let e = Config::parse(&format!("{base}[limits]\nstore = \"redis\"\n"), &env).unwrap_err();
+    assert_eq!(e.path, "limits.store");
+}

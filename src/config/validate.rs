@@ -154,40 +154,73 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
                 format!("the same key as consumers[{j}]: each consumer needs its own"),
             ));
         }
-        let positive = |v: Option<u32>, key: &str| -> Result<Option<u32>, ConfigError> {
-            match v {
-                Some(0) => Err(ConfigError::field(
-                    at(key),
-                    "must be at least 1 (leave it out for no limit)",
-                )),
-                other => Ok(other),
-            }
-        };
-        let token_quota = match c.token_quota {
-            None => None,
-            Some(q) if q.tokens == 0 => {
+        let limits = limit_set(
+            c.requests_per_minute,
+            c.tokens_per_minute,
+            c.token_quota,
+            &at(""),
+        )?;
+        let mut deployment_limits = Vec::with_capacity(c.deployments.len());
+        for (deployment, set) in c.deployments {
+            let path = at(&format!("deployments.{deployment}."));
+            if !valid_deployment_name(&deployment) {
                 return Err(ConfigError::field(
-                    at("token_quota.tokens"),
-                    "must be at least 1",
+                    path.trim_end_matches('.'),
+                    format!("{deployment:?} is not a valid deployment name"),
                 ));
             }
-            Some(q) => Some(Quota {
-                period: q.period,
-                tokens: q.tokens,
-            }),
-        };
-        let limits = ConsumerLimits {
-            requests_per_minute: positive(c.requests_per_minute, "requests_per_minute")?,
-            tokens_per_minute: positive(c.tokens_per_minute, "tokens_per_minute")?,
-            token_quota,
-        };
+            let l = limit_set(
+                set.requests_per_minute,
+                set.tokens_per_minute,
+                set.token_quota,
+                &path,
+            )?;
+            deployment_limits.push((deployment, l));
+        }
         out.push(ConsumerConfig {
             name,
             key_sha256,
             limits,
+            deployment_limits,
         });
     }
     Ok(out)
+}
+
+/// One set of limits; `at` is the path prefix its keys are reported under (ends with '.').
+fn limit_set(
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+    quota: Option<raw::RawQuota>,
+    at: &str,
+) -> Result<ConsumerLimits, ConfigError> {
+    let positive = |v: Option<u32>, key: &str| -> Result<Option<u32>, ConfigError> {
+        match v {
+            Some(0) => Err(ConfigError::field(
+                format!("{at}{key}"),
+                "must be at least 1 (leave it out for no limit)",
+            )),
+            other => Ok(other),
+        }
+    };
+    let token_quota = match quota {
+        None => None,
+        Some(q) if q.tokens == 0 => {
+            return Err(ConfigError::field(
+                format!("{at}token_quota.tokens"),
+                "must be at least 1",
+            ));
+        }
+        Some(q) => Some(Quota {
+            period: q.period,
+            tokens: q.tokens,
+        }),
+    };
+    Ok(ConsumerLimits {
+        requests_per_minute: positive(rpm, "requests_per_minute")?,
+        tokens_per_minute: positive(tpm, "tokens_per_minute")?,
+        token_quota,
+    })
 }
 
 fn validate_limits(raw: raw::RawLimits) -> Result<LimitsConfig, ConfigError> {

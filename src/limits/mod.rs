@@ -106,11 +106,57 @@ impl std::fmt::Debug for ConsumerLimiter {
     }
 }
 
-/// All consumers' limiters.
+/// All consumers' limiters: one for each consumer's overall limits, one for each of its
+/// per-deployment limits. A request must fit all that apply to it.
 pub struct Limiter {
-    consumers: HashMap<Arc<str>, Arc<ConsumerLimiter>>,
+    consumers: HashMap<Arc<str>, Entry>,
     /// Completion tokens reserved for a request without `max_tokens`.
     pub completion_estimate: u64,
+}
+
+struct Entry {
+    overall: Option<Arc<ConsumerLimiter>>,
+    per_deployment: HashMap<String, Arc<ConsumerLimiter>>,
+}
+
+/// A request admitted under its consumer's limits, until it is settled.
+#[derive(Debug)]
+pub struct Admission {
+    reservations: Vec<Reservation>,
+    /// The tightest headroom among the limits that apply.
+    pub remaining: Remaining,
+    /// Whether any applying limit counts tokens (and so needs the response's usage).
+    pub counts_tokens: bool,
+}
+
+impl Admission {
+    /// Replaces the estimate with what the request used (`None`: keep the estimate).
+    pub fn settle(self, used: Option<u64>) {
+        for r in self.reservations {
+            r.settle(used);
+        }
+    }
+}
+
+fn limiter_for(limits: &ConsumerLimits, now: Instant) -> Option<Arc<ConsumerLimiter>> {
+    if *limits == ConsumerLimits::default() {
+        return None;
+    }
+    Some(Arc::new(ConsumerLimiter {
+        limits: limits.clone(),
+        state: Mutex::new(State {
+            requests: limits.requests_per_minute.map(|r| Bucket::new(r, now)),
+            tokens: limits.tokens_per_minute.map(|t| Bucket::new(t, now)),
+            quota: None,
+        }),
+    }))
+}
+
+fn tighter(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
 }
 
 impl Limiter {
@@ -119,38 +165,83 @@ impl Limiter {
         Self {
             consumers: consumers
                 .iter()
-                .filter(|c| c.limits != ConsumerLimits::default())
                 .map(|c| {
-                    let l = &c.limits;
-                    let state = State {
-                        requests: l.requests_per_minute.map(|r| Bucket::new(r, now)),
-                        tokens: l.tokens_per_minute.map(|t| Bucket::new(t, now)),
-                        quota: None,
+                    let entry = Entry {
+                        overall: limiter_for(&c.limits, now),
+                        per_deployment: c
+                            .deployment_limits
+                            .iter()
+                            .filter_map(|(d, l)| limiter_for(l, now).map(|x| (d.clone(), x)))
+                            .collect(),
                     };
-                    let limiter = ConsumerLimiter {
-                        limits: l.clone(),
-                        state: Mutex::new(state),
-                    };
-                    (Arc::from(c.name.as_str()), Arc::new(limiter))
+                    (Arc::from(c.name.as_str()), entry)
                 })
                 .collect(),
             completion_estimate,
         }
     }
 
-    /// The limiter for a consumer, if it has limits.
-    pub fn consumer(&self, name: &str) -> Option<&Arc<ConsumerLimiter>> {
-        self.consumers.get(name)
+    /// Admits a request of `consumer` for `deployment` (its JSON `body` is estimated when a
+    /// limit counts tokens), or says why not. `Ok(None)`: no limit applies.
+    pub fn admit(
+        &self,
+        consumer: &str,
+        deployment: Option<&str>,
+        body: &[u8],
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Option<Admission>, Refusal> {
+        let Some(entry) = self.consumers.get(consumer) else {
+            return Ok(None);
+        };
+        let applying: Vec<&Arc<ConsumerLimiter>> = entry
+            .overall
+            .iter()
+            .chain(deployment.and_then(|d| entry.per_deployment.get(d)))
+            .collect();
+        if applying.is_empty() {
+            return Ok(None);
+        }
+        let counts_tokens = applying.iter().any(|l| l.counts_tokens());
+        let tokens = if counts_tokens {
+            estimate::estimate(body, deployment.unwrap_or(""), self.completion_estimate)
+                .map_or(0, |(prompt, completion)| prompt + completion)
+        } else {
+            0
+        };
+        let mut reservations = Vec::with_capacity(applying.len());
+        let mut remaining = Remaining::default();
+        for l in applying {
+            match l.reserve(tokens, now, wall) {
+                Ok((r, rem)) => {
+                    reservations.push(r);
+                    remaining.requests = tighter(remaining.requests, rem.requests);
+                    remaining.tokens = tighter(remaining.tokens, rem.tokens);
+                }
+                Err(refusal) => {
+                    // All or nothing: give back what the other limits already took.
+                    for r in reservations {
+                        r.cancel();
+                    }
+                    return Err(refusal);
+                }
+            }
+        }
+        Ok(Some(Admission {
+            reservations,
+            remaining,
+            counts_tokens,
+        }))
     }
 }
 
 impl ConsumerLimiter {
-    pub fn counts_tokens(&self) -> bool {
+    fn counts_tokens(&self) -> bool {
         self.limits.counts_tokens()
     }
 
     /// Admits a request estimated at `tokens`, or says why not. Nothing is taken on refusal.
-    pub fn reserve(
+    fn reserve(
         self: &Arc<Self>,
         tokens: u64,
         now: Instant,
@@ -221,6 +312,22 @@ impl ConsumerLimiter {
 }
 
 impl Reservation {
+    /// Gives everything back: the request was not sent after all.
+    fn cancel(self) {
+        let mut st = lock(&self.consumer.state);
+        if let Some(b) = st.requests.as_mut() {
+            b.level = (b.level + 1.0).min(b.capacity);
+        }
+        if let Some(b) = st.tokens.as_mut() {
+            b.level = (b.level + self.tokens as f64).min(b.capacity);
+        }
+        if let (Some(window), Some(w)) = (self.quota_window, st.quota.as_mut())
+            && w.window == window
+        {
+            w.used = w.used.saturating_sub(self.tokens);
+        }
+    }
+
     /// Replaces the estimate with what the request really used. `None` keeps the estimate
     /// charged (the usage could not be read).
     pub fn settle(self, used: Option<u64>) {

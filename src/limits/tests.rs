@@ -2,15 +2,7 @@ use super::*;
 use crate::config::Quota;
 
 fn limiter(limits: ConsumerLimits) -> Arc<ConsumerLimiter> {
-    let l = Limiter::new(
-        &[ConsumerConfig {
-            name: "team".into(),
-            key_sha256: [0; 32],
-            limits,
-        }],
-        500,
-    );
-    l.consumer("team").unwrap().clone()
+    limiter_for(&limits, Instant::now()).unwrap()
 }
 
 fn at(s: &str) -> SystemTime {
@@ -125,4 +117,46 @@ fn month_windows_follow_the_calendar() {
     );
     assert_eq!(civil_from_days(0), (1970, 1, 1));
     assert_eq!(days_from_civil(2026, 11, 26), 20_783);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
+    let l = Limiter::new(
+        &[ConsumerConfig {
+            name: "team".into(),
+            key_sha256: [0; 32],
+            limits: ConsumerLimits {
+                requests_per_minute: Some(100),
+                ..Default::default()
+            },
+            deployment_limits: vec![(
+                "gpt-4o".into(),
+                ConsumerLimits {
+                    requests_per_minute: Some(2),
+                    ..Default::default()
+                },
+            )],
+        }],
+        500,
+    );
+    let wall = SystemTime::now();
+    let admit = |d: &str| l.admit("team", Some(d), b"{}", Instant::now(), wall);
+    let a = admit("gpt-4o").unwrap().unwrap();
+    assert_eq!(a.remaining.requests, Some(1), "the tighter of 99 and 1");
+    admit("gpt-4o").unwrap().unwrap();
+    assert!(matches!(
+        admit("gpt-4o"),
+        Err(Refusal::Rate {
+            what: "requests",
+            ..
+        })
+    ));
+    // The refusal gave back the overall slot it had taken: three admitted, 97 left, not 96.
+    let other = admit("gpt-4o-mini").unwrap().unwrap();
+    assert_eq!(other.remaining.requests, Some(97));
+    assert!(
+        l.admit("stranger", None, b"{}", Instant::now(), wall)
+            .unwrap()
+            .is_none()
+    );
 }

@@ -23,7 +23,7 @@ use crate::auth::inbound::{Authenticator, Consumer};
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
-use crate::limits::{Limiter, Refusal, Remaining, Reservation, estimate};
+use crate::limits::{Admission, Limiter, Refusal};
 use crate::proxy::Proxy;
 use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels};
 use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
@@ -148,7 +148,7 @@ pub async fn handle(
     guard._lease = lease;
     guard.consumer = consumer_name;
     guard.success = status.is_success();
-    guard.reservation = limit.map(|l| l.reservation);
+    guard.reservation = limit.map(|l| l.admission);
     guard.tap = tap;
     let tracked = TrackedBody {
         inner: body,
@@ -169,8 +169,7 @@ struct Served {
 
 /// A request's hold on its consumer's limits.
 struct Limit {
-    reservation: Reservation,
-    remaining: Remaining,
+    admission: Admission,
     /// The usage chunk was asked for by the gateway: strip it from the client's stream.
     strip: bool,
 }
@@ -237,38 +236,28 @@ async fn serve(
 
     // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
     let mut limit = None;
-    if let Some(l) = consumer.and_then(|c| state.limiter.consumer(&c.name)) {
-        let tokens = if l.counts_tokens() {
-            estimate::estimate(
+    if let Some(c) = consumer {
+        let admitted = state
+            .limiter
+            .admit(
+                &c.name,
+                deployment,
                 &body,
-                deployment.unwrap_or(""),
-                state.limiter.completion_estimate,
-            )
-            .map_or(0, |(prompt, completion)| prompt + completion)
-        } else {
-            0
-        };
-        let name = consumer.map_or("", |c| &*c.name);
-        let (reservation, remaining) = l
-            .reserve(
-                tokens,
                 tokio::time::Instant::now(),
                 std::time::SystemTime::now(),
             )
-            .map_err(|r| (None, 0, refusal(name, r)))?;
-        // Settling needs a stream's usage: ask for it, and take it out again on the way back.
-        let mut strip = false;
-        if l.counts_tokens()
-            && let Some(b) = usage::request_usage_chunk(&body)
-        {
-            body = b;
-            strip = true;
+            .map_err(|r| (None, 0, refusal(&c.name, r)))?;
+        if let Some(admission) = admitted {
+            // Settling needs a stream's usage: ask for it, and take it out again on the way back.
+            let mut strip = false;
+            if admission.counts_tokens
+                && let Some(b) = usage::request_usage_chunk(&body)
+            {
+                body = b;
+                strip = true;
+            }
+            limit = Some(Limit { admission, strip });
         }
-        limit = Some(Limit {
-            reservation,
-            remaining,
-            strip,
-        });
     }
 
     let outbound = OutboundRequest {
@@ -288,10 +277,10 @@ async fn serve(
             if let Some(l) = &limit {
                 // The consumer's own headroom replaces the backend's.
                 let h = resp.headers_mut();
-                if let Some(r) = l.remaining.requests {
+                if let Some(r) = l.admission.remaining.requests {
                     h.insert("x-ratelimit-remaining-requests", HeaderValue::from(r));
                 }
-                if let Some(t) = l.remaining.tokens {
+                if let Some(t) = l.admission.remaining.tokens {
                     h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(t));
                 }
             }
@@ -404,7 +393,7 @@ struct RequestGuard {
     consumer: Arc<str>,
     success: bool,
     /// Settled when the body ends; dropped unsettled (estimate kept) if it never does.
-    reservation: Option<Reservation>,
+    reservation: Option<Admission>,
     /// Reads usage from the body as it passes.
     tap: Option<Tap>,
     finished: bool,
