@@ -3,13 +3,16 @@
 //! `Ocp-Apim-Subscription-Key` for clients written against APIM), and only their SHA-256 is
 //! kept. Identifies; does not limit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::config::ConsumerConfig;
+use super::jwt::{JwtValidator, looks_like_jwt};
+use crate::config::{ConsumerConfig, JwtConfig};
 use crate::error::{ErrorKind, GatewayError};
+use crate::upstream::HttpsClient;
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
@@ -25,27 +28,45 @@ pub struct Consumer {
 }
 
 pub struct Authenticator {
-    consumers: Vec<(Arc<str>, [u8; 32])>,
+    keys: Vec<(Arc<str>, [u8; 32])>,
+    /// Consumers known by a claim of their token: claim value -> name.
+    by_claim: HashMap<String, Arc<str>>,
+    jwt: Option<JwtValidator>,
+    enabled: bool,
 }
 
 impl Authenticator {
-    pub fn new(consumers: &[ConsumerConfig]) -> Self {
+    /// `client` fetches the token signing keys, when `[jwt]` is configured.
+    pub fn new(
+        consumers: &[ConsumerConfig],
+        jwt: Option<&JwtConfig>,
+        client: &HttpsClient,
+    ) -> Self {
         Self {
-            consumers: consumers
+            keys: consumers
                 .iter()
-                .map(|c| (Arc::from(c.name.as_str()), c.key_sha256))
+                .filter_map(|c| c.key_sha256.map(|k| (Arc::from(c.name.as_str()), k)))
                 .collect(),
+            by_claim: consumers
+                .iter()
+                .filter_map(|c| c.jwt.clone().map(|v| (v, Arc::from(c.name.as_str()))))
+                .collect(),
+            jwt: jwt.map(|j| JwtValidator::new(j.clone(), client.clone())),
+            enabled: !consumers.is_empty(),
         }
     }
 
-    /// Whether keys are required at all (some consumer is configured).
+    /// Whether callers must identify themselves (some consumer is configured).
     pub fn enabled(&self) -> bool {
-        !self.consumers.is_empty()
+        self.enabled
     }
 
-    /// The consumer whose key the request carries. `Ok(None)` when no consumers are
-    /// configured (the gateway is open); a 401 when they are and the key is missing or wrong.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Consumer>, GatewayError> {
+    /// The consumer the request's key or token names. `Ok(None)` when no consumers are
+    /// configured (the gateway is open); a 401 when they are and nothing valid was presented.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<Consumer>, GatewayError> {
         if !self.enabled() {
             return Ok(None);
         }
@@ -54,11 +75,30 @@ impl Authenticator {
                 "No key. Send your Switchyard key in the api-key header (Azure SDKs), Authorization: Bearer (OpenAI SDKs) or Ocp-Apim-Subscription-Key.",
             ));
         };
+        if let Some(jwt) = &self.jwt
+            && looks_like_jwt(key)
+        {
+            let claims = jwt
+                .validate(key)
+                .await
+                .map_err(|e| unauthorized(&format!("Access denied: {e}.")))?;
+            let value = claims
+                .get(jwt.claim_name())
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            return match self.by_claim.get(value) {
+                Some(name) => Ok(Some(Consumer { name: name.clone() })),
+                None => Err(unauthorized(&format!(
+                    "Access denied: the token is valid but its {} claim names no consumer of this gateway.",
+                    jwt.claim_name()
+                ))),
+            };
+        }
         let digest = sha256(key.as_bytes());
         // Compare against every consumer, in constant time, so timing says nothing of which
         // key came close.
         let mut found: Option<&Arc<str>> = None;
-        for (name, expected) in &self.consumers {
+        for (name, expected) in &self.keys {
             if bool::from(expected.ct_eq(&digest)) {
                 found = Some(name);
             }
@@ -94,21 +134,26 @@ fn unauthorized(message: &str) -> GatewayError {
 mod tests {
     use super::*;
 
+    fn client() -> HttpsClient {
+        crate::upstream::build_client(std::time::Duration::from_secs(1), false).unwrap()
+    }
+
+    fn consumer(name: &str, key: &[u8]) -> ConsumerConfig {
+        ConsumerConfig {
+            name: name.into(),
+            key_sha256: Some(sha256(key)),
+            jwt: None,
+            limits: Default::default(),
+            deployment_limits: Vec::new(),
+        }
+    }
+
     fn auth() -> Authenticator {
-        Authenticator::new(&[
-            ConsumerConfig {
-                name: "team-a".into(),
-                key_sha256: sha256(b"key-of-team-a-123456"),
-                limits: Default::default(),
-                deployment_limits: Vec::new(),
-            },
-            ConsumerConfig {
-                name: "team-b".into(),
-                key_sha256: sha256(b"key-of-team-b-123456"),
-                limits: Default::default(),
-                deployment_limits: Vec::new(),
-            },
-        ])
+        let consumers = [
+            consumer("team-a", b"key-of-team-a-123456"),
+            consumer("team-b", b"key-of-team-b-123456"),
+        ];
+        Authenticator::new(&consumers, None, &client())
     }
 
     fn headers(name: &'static str, value: &str) -> HeaderMap {
@@ -117,26 +162,24 @@ mod tests {
         h
     }
 
-    #[test]
-    fn every_sdk_header_works() {
+    #[tokio::test]
+    async fn every_sdk_header_works() {
         let a = auth();
         for (h, v) in [
             ("api-key", "key-of-team-a-123456"),
             ("authorization", "Bearer key-of-team-a-123456"),
             ("ocp-apim-subscription-key", "key-of-team-a-123456"),
         ] {
-            let c = a.authenticate(&headers(h, v)).unwrap().unwrap();
+            let c = a.authenticate(&headers(h, v)).await.unwrap().unwrap();
             assert_eq!(&*c.name, "team-a", "{h}");
         }
-        let c = a
-            .authenticate(&headers("api-key", "key-of-team-b-123456"))
-            .unwrap()
-            .unwrap();
+        let b = headers("api-key", "key-of-team-b-123456");
+        let c = a.authenticate(&b).await.unwrap().unwrap();
         assert_eq!(&*c.name, "team-b");
     }
 
-    #[test]
-    fn missing_or_wrong_keys_are_401() {
+    #[tokio::test]
+    async fn missing_or_wrong_keys_are_401() {
         let a = auth();
         for h in [
             HeaderMap::new(),
@@ -144,14 +187,10 @@ mod tests {
             headers("authorization", "Basic a2V5"),
             headers("api-key", ""),
         ] {
-            let e = a.authenticate(&h).unwrap_err();
+            let e = a.authenticate(&h).await.unwrap_err();
             assert_eq!(e.kind, ErrorKind::Unauthorized);
         }
-        assert_eq!(
-            Authenticator::new(&[])
-                .authenticate(&HeaderMap::new())
-                .unwrap(),
-            None
-        );
+        let open = Authenticator::new(&[], None, &client());
+        assert_eq!(open.authenticate(&HeaderMap::new()).await.unwrap(), None);
     }
 }

@@ -124,6 +124,17 @@ pub struct Config {
     /// When non-empty, every request must carry one of these consumers' keys.
     pub consumers: Vec<ConsumerConfig>,
     pub limits: LimitsConfig,
+    /// Entra ID (or any OIDC) tokens accepted from callers, in `Authorization: Bearer`.
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_url: String,
+    /// The claim whose value names the consumer (`azp`: the calling app's client id).
+    pub claim: String,
 }
 
 /// How consumer limits are kept.
@@ -168,7 +179,10 @@ pub enum QuotaPeriod {
 pub struct ConsumerConfig {
     pub name: String,
     /// SHA-256 of the key: all the gateway keeps, whether the config gave the key or its hash.
-    pub key_sha256: [u8; 32],
+    /// `None` for a consumer known only by its token's claim.
+    pub key_sha256: Option<[u8; 32]>,
+    /// The `jwt.claim` value that identifies this consumer in a caller's token.
+    pub jwt: Option<String>,
     pub limits: ConsumerLimits,
     /// Limits on one deployment (the client-facing name), on top of `limits`.
     pub deployment_limits: Vec<(String, ConsumerLimits)>,

@@ -18,6 +18,23 @@ pub struct RawConfig {
     pub consumers: Vec<RawConsumer>,
     #[serde(default)]
     pub limits: RawLimits,
+    pub jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub issuer: String,
+    pub audience: OneOrMany,
+    pub jwks_url: String,
+    pub claim: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +43,8 @@ pub struct RawConsumer {
     pub name: String,
     pub key: Option<String>,
     pub key_sha256: Option<String>,
+    /// The value of `jwt.claim` in a caller's Entra ID token that makes it this consumer.
+    pub jwt: Option<String>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,

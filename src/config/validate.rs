@@ -83,7 +83,8 @@ pub(super) fn validate(
         });
     }
     let deployments = validate_deployments(raw.deployments, &backends)?;
-    let consumers = validate_consumers(raw.consumers)?;
+    let jwt = raw.jwt.map(validate_jwt).transpose()?;
+    let consumers = validate_consumers(raw.consumers, jwt.is_some())?;
     let limits = validate_limits(raw.limits)?;
     Ok(Config {
         server,
@@ -92,10 +93,46 @@ pub(super) fn validate(
         deployments,
         consumers,
         limits,
+        jwt,
     })
 }
 
-fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>, ConfigError> {
+fn validate_jwt(raw: raw::RawJwt) -> Result<JwtConfig, ConfigError> {
+    let audiences = match raw.audience {
+        raw::OneOrMany::One(a) => vec![a],
+        raw::OneOrMany::Many(v) => v,
+    };
+    if audiences.is_empty() || audiences.iter().any(|a| a.trim().is_empty()) {
+        return Err(ConfigError::field(
+            "jwt.audience",
+            "needs at least one non-empty audience",
+        ));
+    }
+    if raw.issuer.trim().is_empty() {
+        return Err(ConfigError::field("jwt.issuer", "must not be empty"));
+    }
+    let ok_url =
+        raw.jwks_url.parse::<http::Uri>().ok().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        });
+    if !ok_url {
+        return Err(ConfigError::field(
+            "jwt.jwks_url",
+            format!("{:?} is not an http(s) URL", raw.jwks_url),
+        ));
+    }
+    Ok(JwtConfig {
+        issuer: raw.issuer,
+        audiences,
+        jwks_url: raw.jwks_url,
+        claim: raw.claim.unwrap_or_else(|| "azp".to_string()),
+    })
+}
+
+fn validate_consumers(
+    raw: Vec<raw::RawConsumer>,
+    jwt_configured: bool,
+) -> Result<Vec<ConsumerConfig>, ConfigError> {
     let mut out: Vec<ConsumerConfig> = Vec::with_capacity(raw.len());
     for (i, c) in raw.into_iter().enumerate() {
         let at = |field: &str| format!("consumers[{i}].{field}");
@@ -119,7 +156,14 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
                 format!("duplicate consumer {name:?} (also consumers[{j}])"),
             ));
         }
+        if c.jwt.is_some() && !jwt_configured {
+            return Err(ConfigError::field(
+                at("jwt"),
+                "needs a [jwt] section saying which tokens to accept",
+            ));
+        }
         let key_sha256 = match (c.key, c.key_sha256) {
+            (None, None) if c.jwt.is_some() => None,
             (Some(key), None) => {
                 if key.len() < 16 {
                     return Err(ConfigError::field(
@@ -127,14 +171,14 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
                         "too short: use at least 16 characters (32 random bytes, hex or base64, is better)",
                     ));
                 }
-                crate::auth::inbound::sha256(key.as_bytes())
+                Some(crate::auth::inbound::sha256(key.as_bytes()))
             }
-            (None, Some(hex)) => parse_sha256(&hex).ok_or_else(|| {
+            (None, Some(hex)) => Some(parse_sha256(&hex).ok_or_else(|| {
                 ConfigError::field(
                     at("key_sha256"),
                     "must be 64 hex digits (the SHA-256 of the key)",
                 )
-            })?,
+            })?),
             (Some(_), Some(_)) => {
                 return Err(ConfigError::field(
                     at("key"),
@@ -144,11 +188,14 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
             (None, None) => {
                 return Err(ConfigError::field(
                     at("key"),
-                    "a consumer needs key or key_sha256",
+                    "a consumer needs key, key_sha256 or jwt",
                 ));
             }
         };
-        if let Some(j) = out.iter().position(|o| o.key_sha256 == key_sha256) {
+        if let Some(j) = out
+            .iter()
+            .position(|o| key_sha256.is_some() && o.key_sha256 == key_sha256)
+        {
             return Err(ConfigError::field(
                 at("key"),
                 format!("the same key as consumers[{j}]: each consumer needs its own"),
@@ -177,9 +224,16 @@ fn validate_consumers(raw: Vec<raw::RawConsumer>) -> Result<Vec<ConsumerConfig>,
             )?;
             deployment_limits.push((deployment, l));
         }
+        if let Some(j) = out.iter().position(|o| c.jwt.is_some() && o.jwt == c.jwt) {
+            return Err(ConfigError::field(
+                at("jwt"),
+                format!("the same claim value as consumers[{j}]"),
+            ));
+        }
         out.push(ConsumerConfig {
             name,
             key_sha256,
+            jwt: c.jwt,
             limits,
             deployment_limits,
         });

@@ -74,7 +74,7 @@ pub async fn handle(
     let path: String = req.uri().path().chars().take(256).collect();
 
     // Who is calling comes first: nothing about an unauthenticated request is read further.
-    let consumer = state.auth.authenticate(req.headers());
+    let consumer = state.auth.authenticate(req.headers()).await;
     let consumer_name = match &consumer {
         Ok(Some(c)) => c.name.clone(),
         _ => Arc::from("-"),

@@ -94,7 +94,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         max_body_bytes: config.server.max_body_bytes,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
-        auth: crate::auth::inbound::Authenticator::new(&config.consumers),
+        auth: crate::auth::inbound::Authenticator::new(
+            &config.consumers,
+            config.jwt.as_ref(),
+            &identity_client,
+        ),
         limiter: crate::limits::Limiter::new(&config.consumers, config.limits.completion_estimate),
         grace,
         ids: crate::ids::IdGen::new(),
