@@ -20,7 +20,7 @@ use crate::upstream::HttpsClient;
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY: u64 = 60;
 /// A token naming an unknown key triggers at most one JWKS fetch this often.
-const REFETCH_FLOOR: Duration = Duration::from_secs(10);
+const REFETCH_FLOOR: Duration = Duration::from_secs(2);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Key {
