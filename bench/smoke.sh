@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A first throughput check, loopback only, about 20 seconds: one simulator measured directly,
-# then the gateway over two simulators, with wrk (64 connections, plain chat completions,
-# instant simulated backends). The full side-by-side benchmark against nginx is separate work.
+# A first throughput check, loopback only, about 30 seconds: one simulator measured directly,
+# then the gateway over two simulators, then the same gateway with a consumer key and in-memory
+# limits (key check, tiktoken estimate, reserve and settle on usage), with wrk (64 connections,
+# plain chat completions, instant simulated backends). The full side-by-side benchmark against
+# nginx is separate work.
 #
 #   bash bench/smoke.sh
 set -euo pipefail
@@ -13,32 +15,39 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-P1=$(port); P2=$(port); PG=$(port)
-$B simulate --listen 127.0.0.1:$P1 --name s1 --api-key k >/dev/null 2>&1 &
-$B simulate --listen 127.0.0.1:$P2 --name s2 --api-key k >/dev/null 2>&1 &
-cat > "$work/gw.toml" <<TOML
+P1=$(port); P2=$(port); PG=$(port); PL=$(port)
+K=bench-consumer-key-0
+$B simulate --listen 127.0.0.1:$P1 --name s1 --api-key $K >/dev/null 2>&1 &
+$B simulate --listen 127.0.0.1:$P2 --name s2 --api-key $K >/dev/null 2>&1 &
+config() {
+  cat <<TOML
 [server]
-listen = "127.0.0.1:$PG"
+listen = "127.0.0.1:$1"
 [[backends]]
 name = "s1"
 url = "http://127.0.0.1:$P1"
-auth = { type = "api_key", key = "k" }
+auth = { type = "api_key", key = "$K" }
 [[backends]]
 name = "s2"
 url = "http://127.0.0.1:$P2"
-auth = { type = "api_key", key = "k" }
+auth = { type = "api_key", key = "$K" }
 TOML
+}
+config $PG > "$work/gw.toml"
+{ config $PL; printf '[[consumers]]\nname = "bench"\nkey = "%s"\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000\n' $K; } > "$work/limited.toml"
 RUST_LOG=warn $B serve --config "$work/gw.toml" >/dev/null 2>&1 &
+RUST_LOG=warn $B serve --config "$work/limited.toml" >/dev/null 2>&1 &
 cat > "$work/chat.lua" <<'LUA'
 wrk.method = "POST"
 wrk.body   = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["api-key"] = "k"
+wrk.headers["api-key"] = "bench-consumer-key-0"
 LUA
-for p in $P1 $P2 $PG; do
+for p in $P1 $P2 $PG $PL; do
   for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
 path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 run() { wrk -t2 -c64 -d8s -s "$work/chat.lua" "http://127.0.0.1:$1$path" | awk '/Requests\/sec/ {rps=$2} /Latency/ {lat=$2} /Non-2xx/ {bad=$NF} END {printf "%s req/s, mean latency %s, non-2xx %s\n", rps, lat, (bad==""?0:bad)}'; }
 echo "simulator direct:        $(run $P1)"
 echo "gateway over 2 sims:     $(run $PG)"
+echo "  + key and limits:      $(run $PL)"

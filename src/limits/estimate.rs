@@ -25,6 +25,12 @@ fn tokenizer(deployment: &str) -> &'static CoreBPE {
     }
 }
 
+/// Loads both tokenizers (about 0.2 s), so the first limited request does not pay for it.
+pub fn warm_up() {
+    let _ = tiktoken_rs::o200k_base_singleton();
+    let _ = tiktoken_rs::cl100k_base_singleton();
+}
+
 fn count(bpe: &CoreBPE, text: &str) -> u64 {
     bpe.encode_with_special_tokens(text).len() as u64
 }

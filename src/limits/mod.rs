@@ -162,6 +162,12 @@ fn tighter(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 impl Limiter {
     pub fn new(consumers: &[ConsumerConfig], completion_estimate: u64) -> Self {
         let now = Instant::now();
+        let counts_tokens = consumers.iter().any(|c| {
+            c.limits.counts_tokens() || c.deployment_limits.iter().any(|(_, l)| l.counts_tokens())
+        });
+        if counts_tokens {
+            estimate::warm_up();
+        }
         Self {
             consumers: consumers
                 .iter()
