@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::config::{ConsumerConfig, ConsumerLimits, QuotaPeriod};
@@ -159,7 +160,25 @@ fn tighter(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
+/// Bodies larger than this are tokenized on the blocking pool: a long prompt takes
+/// milliseconds, which must not stall the other requests sharing a runtime worker.
+const INLINE_ESTIMATE_BYTES: usize = 16 * 1024;
+
 impl Limiter {
+    async fn estimate(&self, body: &Bytes, deployment: &str) -> u64 {
+        let allowance = self.completion_estimate;
+        let total = |(prompt, completion): (u64, u64)| prompt + completion;
+        if body.len() <= INLINE_ESTIMATE_BYTES {
+            return estimate::estimate(body, deployment, allowance).map_or(0, total);
+        }
+        let (body, deployment) = (body.clone(), deployment.to_string());
+        tokio::task::spawn_blocking(move || estimate::estimate(&body, &deployment, allowance))
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, total)
+    }
+
     pub fn new(consumers: &[ConsumerConfig], completion_estimate: u64) -> Self {
         let now = Instant::now();
         let counts_tokens = consumers.iter().any(|c| {
@@ -189,11 +208,11 @@ impl Limiter {
 
     /// Admits a request of `consumer` for `deployment` (its JSON `body` is estimated when a
     /// limit counts tokens), or says why not. `Ok(None)`: no limit applies.
-    pub fn admit(
+    pub async fn admit(
         &self,
         consumer: &str,
         deployment: Option<&str>,
-        body: &[u8],
+        body: &Bytes,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Option<Admission>, Refusal> {
@@ -210,8 +229,7 @@ impl Limiter {
         }
         let counts_tokens = applying.iter().any(|l| l.counts_tokens());
         let tokens = if counts_tokens {
-            estimate::estimate(body, deployment.unwrap_or(""), self.completion_estimate)
-                .map_or(0, |(prompt, completion)| prompt + completion)
+            self.estimate(body, deployment.unwrap_or("")).await
         } else {
             0
         };

@@ -141,23 +141,22 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
         500,
     );
     let wall = SystemTime::now();
-    let admit = |d: &str| l.admit("team", Some(d), b"{}", Instant::now(), wall);
-    let a = admit("gpt-4o").unwrap().unwrap();
+    let body = Bytes::from_static(b"{}");
+    let admit = async |d: &str| l.admit("team", Some(d), &body, Instant::now(), wall).await;
+    let a = admit("gpt-4o").await.unwrap().unwrap();
     assert_eq!(a.remaining.requests, Some(1), "the tighter of 99 and 1");
-    admit("gpt-4o").unwrap().unwrap();
+    admit("gpt-4o").await.unwrap().unwrap();
+    let refused = admit("gpt-4o").await;
     assert!(matches!(
-        admit("gpt-4o"),
+        refused,
         Err(Refusal::Rate {
             what: "requests",
             ..
         })
     ));
     // The refusal gave back the overall slot it had taken: three admitted, 97 left, not 96.
-    let other = admit("gpt-4o-mini").unwrap().unwrap();
+    let other = admit("gpt-4o-mini").await.unwrap().unwrap();
     assert_eq!(other.remaining.requests, Some(97));
-    assert!(
-        l.admit("stranger", None, b"{}", Instant::now(), wall)
-            .unwrap()
-            .is_none()
-    );
+    let stranger = l.admit("stranger", None, &body, Instant::now(), wall).await;
+    assert!(stranger.unwrap().is_none());
 }

@@ -246,6 +246,7 @@ async fn serve(
                 tokio::time::Instant::now(),
                 std::time::SystemTime::now(),
             )
+            .await
             .map_err(|r| (None, 0, refusal(&c.name, r)))?;
         if let Some(admission) = admitted {
             // Settling needs a stream's usage: ask for it, and take it out again on the way back.
