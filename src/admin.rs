@@ -18,6 +18,8 @@ pub struct AdminState {
     pub stopping: CancellationToken,
     /// Every backend's Entra credential, for readiness and status.
     pub credentials: Vec<Arc<TokenProvider>>,
+    /// The shared limits store, if limits live in Redis.
+    pub shared: Option<Arc<crate::limits::Shared>>,
 }
 
 pub async fn handle(
@@ -67,10 +69,24 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
             ));
         }
     }
+    let mut notes = String::new();
+    if let Some(shared) = &state.shared
+        && !shared.is_up()
+    {
+        if shared.fail_closed() {
+            problems.push_str("limits store (Redis) unreachable: limited requests are refused (limits.fail_closed)\n");
+        } else {
+            notes.push_str("limits store (Redis) unreachable: serving without shared limits until it is back\n");
+        }
+    }
     if problems.is_empty() {
-        text(StatusCode::OK, "ready\n", "text/plain")
+        text(StatusCode::OK, format!("ready\n{notes}"), "text/plain")
     } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, problems, "text/plain")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{problems}{notes}"),
+            "text/plain",
+        )
     }
 }
 

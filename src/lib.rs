@@ -16,6 +16,7 @@ pub mod error;
 pub mod ids;
 pub mod limits;
 pub mod proxy;
+pub mod redis;
 pub mod rng;
 pub mod routing;
 pub mod server;

@@ -23,6 +23,7 @@ use crate::balancer::{Balancer, Lease, Outcome, Pick, Verdict};
 use crate::body::{BoxBody, full};
 use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
+use crate::limits::Shared;
 use crate::routing::Router;
 use crate::telemetry::{AttemptLabels, BackendLabels, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
@@ -61,6 +62,8 @@ pub struct Proxy {
     upstream: Upstream,
     routing: RoutingConfig,
     metrics: Arc<Metrics>,
+    /// Where cooldowns are shared with other replicas, if anywhere.
+    shared: Option<Arc<Shared>>,
 }
 
 impl Proxy {
@@ -71,6 +74,7 @@ impl Proxy {
         upstream: Upstream,
         routing: RoutingConfig,
         metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
     ) -> Self {
         Self {
             backends,
@@ -79,6 +83,17 @@ impl Proxy {
             upstream,
             routing,
             metrics,
+            shared,
+        }
+    }
+
+    /// Applies a cooldown another replica learned, if the names are known here.
+    pub fn remote_cooldown(&self, deployment: &str, backend: &str, wait: Duration) {
+        if let Some(idx) = self.backends.iter().position(|b| &*b.name == backend) {
+            self.balancer
+                .table(deployment)
+                .remote_cooldown(idx, wait, Instant::now());
+            self.metrics.remote_cooldowns.inc();
         }
     }
 
@@ -171,7 +186,13 @@ impl Proxy {
                         },
                         Instant::now(),
                     );
-                    self.note(backend, status.as_str(), verdict, retryable && !is_last);
+                    self.note(
+                        backend,
+                        shown,
+                        status.as_str(),
+                        verdict,
+                        retryable && !is_last,
+                    );
                     if !retryable || is_last {
                         return Answer {
                             result: Ok(resp),
@@ -202,7 +223,7 @@ impl Proxy {
                         )
                     };
                     let retry = e.kind.retryable() && !is_last;
-                    self.note(backend, e.kind.label(), verdict, retry);
+                    self.note(backend, shown, e.kind.label(), verdict, retry);
                     if !e.kind.retryable() {
                         return Answer {
                             result: Err(e),
@@ -243,7 +264,14 @@ impl Proxy {
         }
     }
 
-    fn note(&self, backend: &Backend, outcome: &str, verdict: Verdict, retried: bool) {
+    fn note(
+        &self,
+        backend: &Backend,
+        deployment: &str,
+        outcome: &str,
+        verdict: Verdict,
+        retried: bool,
+    ) {
         let labels = AttemptLabels {
             backend: backend.name.to_string(),
             outcome: outcome.to_string(),
@@ -258,6 +286,9 @@ impl Proxy {
         match verdict {
             Verdict::CooledDown(wait) => {
                 self.metrics.cooldowns.get_or_create(&b).inc();
+                if let Some(shared) = &self.shared {
+                    shared.publish_cooldown(deployment, &backend.name, wait);
+                }
                 tracing::info!(backend = %backend.name, cooldown_ms = wait.as_millis() as u64, "backend throttled; cooling down");
             }
             Verdict::Failed {

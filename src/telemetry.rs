@@ -59,6 +59,11 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     /// Tokens the backends reported using, by backend, consumer and kind (prompt, completion).
     pub tokens: Family<TokenLabels, Counter>,
+    /// 1 while the shared limits store (Redis) answers, 0 while it does not.
+    pub store_up: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub store_errors: Counter,
+    /// Cooldowns learned from other replicas through the shared store.
+    pub remote_cooldowns: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -133,8 +138,29 @@ impl Metrics {
             "Tokens used, as the backends reported them (usage), by backend, consumer and kind",
             tokens.clone(),
         );
+        let store_up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "limits_store_up",
+            "1 while the shared limits store (Redis) answers, 0 while it does not",
+            store_up.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "limits_store_errors",
+            "Failed or timed-out calls to the shared limits store",
+            store_errors.clone(),
+        );
+        let remote_cooldowns = Counter::default();
+        registry.register(
+            "remote_cooldowns",
+            "Backend cooldowns learned from other replicas through the shared store",
+            remote_cooldowns.clone(),
+        );
         Self {
             registry,
+            remote_cooldowns,
+            store_up,
+            store_errors,
             tokens,
             cooldowns,
             circuits_opened,

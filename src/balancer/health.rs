@@ -95,6 +95,14 @@ impl Health {
         self.success();
     }
 
+    /// Another replica learned this pair is throttled until `until`: stay away as long, without
+    /// touching the circuit (this replica has no evidence either way).
+    pub fn cool_until(&mut self, until: Instant) {
+        if self.cooldown_until.is_none_or(|u| u < until) {
+            self.cooldown_until = Some(until);
+        }
+    }
+
     /// A failure that counts towards opening the circuit. Returns true if it opened now.
     pub fn failure(&mut self, cfg: &CircuitBreakerConfig, now: Instant) -> bool {
         match self.state {

@@ -236,6 +236,13 @@ impl Table {
         })
     }
 
+    /// A cooldown another replica learned (through the shared store).
+    pub fn remote_cooldown(&self, idx: usize, wait: Duration, now: Instant) {
+        if let Some(pair) = lock(&self.state).pairs.get_mut(idx) {
+            pair.health.cool_until(now + wait);
+        }
+    }
+
     /// A snapshot of one backend's state in this table, for status views and tests.
     pub fn status(&self, idx: usize, now: Instant) -> Option<PairStatus> {
         let mut st = lock(&self.state);

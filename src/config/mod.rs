@@ -142,6 +142,23 @@ pub struct JwtConfig {
 pub struct LimitsConfig {
     /// Completion tokens reserved for a request that sets no `max_tokens`.
     pub completion_estimate: u64,
+    pub store: LimitStore,
+}
+
+/// Where limits are counted.
+#[derive(Debug, Clone)]
+pub enum LimitStore {
+    /// In this gateway's memory.
+    Memory,
+    /// In Redis, shared by every replica.
+    Redis {
+        /// `redis://[:password@]host:port[/db]`; printed without the password.
+        url: Secret,
+        /// Refuse limited requests while Redis is unreachable (default: serve them).
+        fail_closed: bool,
+        /// Longest wait on Redis on the request path.
+        timeout: Duration,
+    },
 }
 
 /// A consumer's limits; `None` is unlimited.

@@ -74,6 +74,7 @@ pub struct RawLimits {
     pub store: Option<String>,
     pub redis_url: Option<String>,
     pub fail_closed: Option<bool>,
+    pub redis_timeout: Option<String>,
     pub completion_estimate: Option<u64>,
 }
 

@@ -333,5 +333,21 @@ fn consumer_limits_name_their_fields() {
         assert_eq!(e.path, path, "{extra}: {e}");
     }
     let e = Config::parse(&format!("{base}[limits]\nstore = \"redis\"\n"), &env).unwrap_err();
+    assert_eq!(e.path, "limits.redis_url");
+    let e = Config::parse(
+        &format!("{base}[limits]\nstore = \"redis\"\nredis_url = \"http://x\"\n"),
+        &env,
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "limits.redis_url");
+    let c = Config::parse(
+        &format!(
+            "{base}[limits]\nstore = \"redis\"\nredis_url = \"redis://:pw-secret@127.0.0.1:6379\"\n"
+        ),
+        &env,
+    )
+    .unwrap();
+    assert!(!format!("{c:?}").contains("pw-secret"));
+    let e = Config::parse(&format!("{base}[limits]\nstore = \"disk\"\n"), &env).unwrap_err();
     assert_eq!(e.path, "limits.store");
 }

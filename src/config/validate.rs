@@ -278,31 +278,44 @@ fn limit_set(
 }
 
 fn validate_limits(raw: raw::RawLimits) -> Result<LimitsConfig, ConfigError> {
-    match raw.store.as_deref() {
-        None | Some("memory") => {}
+    let store = match raw.store.as_deref() {
+        None | Some("memory") => {
+            if raw.redis_url.is_some() || raw.fail_closed.is_some() || raw.redis_timeout.is_some() {
+                return Err(ConfigError::field(
+                    "limits",
+                    "redis_url, fail_closed and redis_timeout go with store = \"redis\"",
+                ));
+            }
+            LimitStore::Memory
+        }
         Some("redis") => {
-            return Err(ConfigError::field(
-                "limits.store",
-                "\"redis\" is not available in this version yet; limits are kept in memory, per gateway (use \"memory\")",
-            ));
+            let Some(url) = raw.redis_url else {
+                return Err(ConfigError::field(
+                    "limits.redis_url",
+                    "required with store = \"redis\"",
+                ));
+            };
+            let timeout = opt_duration(raw.redis_timeout, "limits.redis_timeout", 100)?;
+            crate::redis::Redis::from_url(&url, timeout)
+                .map_err(|e| ConfigError::field("limits.redis_url", e))?;
+            LimitStore::Redis {
+                url: Secret::new(url),
+                fail_closed: raw.fail_closed.unwrap_or(false),
+                timeout,
+            }
         }
         Some(other) => {
             return Err(ConfigError::field(
                 "limits.store",
-                format!("unknown store {other:?}: use \"memory\""),
+                format!("unknown store {other:?}: use \"memory\" or \"redis\""),
             ));
         }
-    }
-    if raw.redis_url.is_some() || raw.fail_closed.is_some() {
-        return Err(ConfigError::field(
-            "limits",
-            "redis_url and fail_closed go with store = \"redis\", which is not available yet",
-        ));
-    }
+    };
     Ok(LimitsConfig {
         completion_estimate: raw
             .completion_estimate
             .unwrap_or(DEFAULT_COMPLETION_ESTIMATE),
+        store,
     })
 }
 

@@ -2,9 +2,11 @@
 //! hour, day or month, with APIM's answers (429 with `retry-after` over a rate, 403 once a quota
 //! is spent). A request reserves its estimate before it is forwarded and is settled with the
 //! usage the backend reports, so concurrent requests cannot overrun a limit by more than their
-//! estimates' error. Kept in memory, per gateway. No HTTP types here.
+//! estimates' error. Kept in memory, per gateway, or in Redis, shared by every replica
+//! (`shared`). No HTTP types here.
 
 pub mod estimate;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,8 @@ use tokio::time::Instant;
 
 use crate::config::{ConsumerConfig, ConsumerLimits, QuotaPeriod};
 use crate::sync::lock;
+pub use shared::Shared;
+use shared::{SharedHold, SharedOutcome};
 
 /// A rate budget refilled evenly over a minute, spendable at once (Azure's own TPM shape).
 #[derive(Debug)]
@@ -76,6 +80,8 @@ pub enum Refusal {
         period: QuotaPeriod,
         resets_in: Duration,
     },
+    /// The shared store cannot be reached and `fail_closed` is set: 503.
+    StoreUnavailable(String),
 }
 
 /// What remains after a request was admitted, for the response headers.
@@ -113,6 +119,8 @@ pub struct Limiter {
     consumers: HashMap<Arc<str>, Entry>,
     /// Completion tokens reserved for a request without `max_tokens`.
     pub completion_estimate: u64,
+    /// When set, limits are counted in Redis rather than in the entries' memory.
+    shared: Option<Arc<Shared>>,
 }
 
 struct Entry {
@@ -124,6 +132,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Admission {
     reservations: Vec<Reservation>,
+    shared: Option<SharedHold>,
     /// The tightest headroom among the limits that apply.
     pub remaining: Remaining,
     /// Whether any applying limit counts tokens (and so needs the response's usage).
@@ -135,6 +144,9 @@ impl Admission {
     pub fn settle(self, used: Option<u64>) {
         for r in self.reservations {
             r.settle(used);
+        }
+        if let Some(h) = self.shared {
+            h.settle(used);
         }
     }
 }
@@ -179,7 +191,11 @@ impl Limiter {
             .map_or(0, total)
     }
 
-    pub fn new(consumers: &[ConsumerConfig], completion_estimate: u64) -> Self {
+    pub fn new(
+        consumers: &[ConsumerConfig],
+        completion_estimate: u64,
+        shared: Option<Arc<Shared>>,
+    ) -> Self {
         let now = Instant::now();
         let counts_tokens = consumers.iter().any(|c| {
             c.limits.counts_tokens() || c.deployment_limits.iter().any(|(_, l)| l.counts_tokens())
@@ -203,6 +219,7 @@ impl Limiter {
                 })
                 .collect(),
             completion_estimate,
+            shared,
         }
     }
 
@@ -219,23 +236,53 @@ impl Limiter {
         let Some(entry) = self.consumers.get(consumer) else {
             return Ok(None);
         };
-        let applying: Vec<&Arc<ConsumerLimiter>> = entry
+        let applying: Vec<(&str, &Arc<ConsumerLimiter>)> = entry
             .overall
             .iter()
-            .chain(deployment.and_then(|d| entry.per_deployment.get(d)))
+            .map(|l| ("*", l))
+            .chain(deployment.and_then(|d| {
+                entry
+                    .per_deployment
+                    .get_key_value(d)
+                    .map(|(k, l)| (k.as_str(), l))
+            }))
             .collect();
         if applying.is_empty() {
             return Ok(None);
         }
-        let counts_tokens = applying.iter().any(|l| l.counts_tokens());
+        let counts_tokens = applying.iter().any(|(_, l)| l.counts_tokens());
         let tokens = if counts_tokens {
             self.estimate(body, deployment.unwrap_or("")).await
         } else {
             0
         };
+        if let Some(shared) = &self.shared {
+            let scopes: Vec<(&str, &ConsumerLimits)> = applying
+                .iter()
+                .map(|(scope, l)| (*scope, &l.limits))
+                .collect();
+            return match shared.reserve(consumer, &scopes, tokens, wall).await? {
+                SharedOutcome::Admitted(hold, remaining) => Ok(Some(Admission {
+                    reservations: Vec::new(),
+                    shared: Some(hold),
+                    remaining,
+                    counts_tokens,
+                })),
+                SharedOutcome::Unavailable(e) if shared.fail_closed() => {
+                    Err(Refusal::StoreUnavailable(e))
+                }
+                // Fail open: serve, uncounted, until Redis is back.
+                SharedOutcome::Unavailable(_) => Ok(Some(Admission {
+                    reservations: Vec::new(),
+                    shared: None,
+                    remaining: Remaining::default(),
+                    counts_tokens,
+                })),
+            };
+        }
         let mut reservations = Vec::with_capacity(applying.len());
         let mut remaining = Remaining::default();
-        for l in applying {
+        for (_, l) in applying {
             match l.reserve(tokens, now, wall) {
                 Ok((r, rem)) => {
                     reservations.push(r);
@@ -253,6 +300,7 @@ impl Limiter {
         }
         Ok(Some(Admission {
             reservations,
+            shared: None,
             remaining,
             counts_tokens,
         }))

@@ -197,6 +197,11 @@ fn refusal(consumer: &str, r: Refusal) -> GatewayError {
             ),
         )
         .with_retry_after(Some(resets_in)),
+        Refusal::StoreUnavailable(e) => GatewayError::new(
+            ErrorKind::NoBackendAvailable,
+            format!("Limits for consumer '{consumer}' cannot be checked (the limits store is unreachable: {e}), and the gateway is set to refuse then (limits.fail_closed)."),
+        )
+        .with_retry_after(Some(std::time::Duration::from_secs(1))),
     }
 }
 type Failed = (Option<usize>, u32, GatewayError);

@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::outbound::TokenProvider;
 use crate::balancer::{Balancer, Policy};
 use crate::body::BoxBody;
-use crate::config::Config;
+use crate::config::{Config, LimitStore};
+use crate::limits::Shared;
 use crate::proxy::Proxy;
 use crate::routing::Router;
 use crate::telemetry::Metrics;
@@ -63,6 +64,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
     let upstream = Upstream::new(&config.routing)?;
+    let shared = match &config.limits.store {
+        LimitStore::Memory => None,
+        LimitStore::Redis {
+            url,
+            fail_closed,
+            timeout,
+        } => {
+            let redis = crate::redis::Redis::from_url(url.expose(), *timeout)
+                .map_err(std::io::Error::other)?;
+            Some(Shared::new(redis, *fail_closed, metrics.clone()))
+        }
+    };
     let proxy = Proxy::new(
         backends,
         Balancer::new(Policy::from_config(&config)),
@@ -70,6 +83,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         upstream,
         config.routing.clone(),
         metrics.clone(),
+        shared.clone(),
     );
 
     let listener = TcpListener::bind(config.server.listen).await?;
@@ -99,10 +113,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
             config.jwt.as_ref(),
             &identity_client,
         ),
-        limiter: crate::limits::Limiter::new(&config.consumers, config.limits.completion_estimate),
+        limiter: crate::limits::Limiter::new(
+            &config.consumers,
+            config.limits.completion_estimate,
+            shared.clone(),
+        ),
         grace,
         ids: crate::ids::IdGen::new(),
     });
+    if let Some(shared) = &shared {
+        let state = state.clone();
+        tasks.spawn(shared.clone().run(
+            move |deployment, backend, wait| state.proxy.remote_cooldown(deployment, backend, wait),
+            shutdown.clone(),
+        ));
+    }
     {
         let shutdown = shutdown.clone();
         tasks.spawn(serve(
@@ -117,6 +142,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
             metrics: metrics.clone(),
             stopping: shutdown.clone(),
             credentials,
+            shared: shared.clone(),
         });
         tasks.spawn(serve(
             admin,

@@ -1,0 +1,407 @@
+//! Limits shared by every gateway replica through Redis. One Lua script checks and takes all of
+//! a request's limits atomically on Redis's own clock (no read-modify-write races between
+//! replicas); settlements and learned backend cooldowns go through a background task, so the
+//! request path makes exactly one bounded Redis call. When Redis cannot be reached the gateway
+//! fails open (or closed, if configured), says so in logs (once per interval), metrics and
+//! `/readyz`, and recovers by itself.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Refusal, Remaining, until_next_window, window_of};
+use crate::config::ConsumerLimits;
+use crate::redis::{Redis, Reply, Script};
+use crate::sync::lock;
+use crate::telemetry::Metrics;
+
+/// Key prefix, versioned so a rolling upgrade with a new layout cannot misread old keys.
+const PREFIX: &str = "sy:v1";
+/// Errors are logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often cooldowns learned by other replicas are read.
+const COOLDOWN_POLL: Duration = Duration::from_millis(250);
+/// Pending settlements and cooldowns; past this they are dropped (estimates stay charged).
+const QUEUE: usize = 10_000;
+
+const RESERVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tokens = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local function level(key, cap)
+  local v = redis.call('HMGET', key, 'l', 't')
+  local l, ts = tonumber(v[1]), tonumber(v[2])
+  if l == nil then return cap end
+  return math.min(cap, l + (now - ts) * cap / 60000)
+end
+local lv = {}
+local wait, what = 0, 0
+for i = 0, n - 1 do
+  local rpm, tpm, ql = tonumber(ARGV[3 + i * 4]), tonumber(ARGV[4 + i * 4]), tonumber(ARGV[5 + i * 4])
+  if ql > 0 then
+    local used = tonumber(redis.call('GET', KEYS[3 + i * 3]) or '0')
+    if used >= ql or (used > 0 and used + tokens > ql) then return {2, i, 0} end
+  end
+  if rpm > 0 then
+    local l = level(KEYS[1 + i * 3], rpm)
+    lv[1 + i * 3] = l
+    if l < 1 then
+      local w = math.ceil((1 - l) * 60000 / rpm)
+      if w > wait then wait, what = w, 1 end
+    end
+  end
+  if tpm > 0 then
+    local l = level(KEYS[2 + i * 3], tpm)
+    lv[2 + i * 3] = l
+    local need = math.min(tokens, tpm)
+    if l < need then
+      local w = math.ceil((need - l) * 60000 / tpm)
+      if w > wait then wait, what = w, 2 end
+    end
+  end
+end
+if what ~= 0 then return {0, what, wait} end
+local rr, rt = -1, -1
+for i = 0, n - 1 do
+  local rpm, tpm, ql, ttl = tonumber(ARGV[3 + i * 4]), tonumber(ARGV[4 + i * 4]), tonumber(ARGV[5 + i * 4]), tonumber(ARGV[6 + i * 4])
+  if rpm > 0 then
+    local l = lv[1 + i * 3] - 1
+    redis.call('HSET', KEYS[1 + i * 3], 'l', tostring(l), 't', now)
+    redis.call('PEXPIRE', KEYS[1 + i * 3], 120000)
+    local r = math.max(0, math.floor(l))
+    if rr < 0 or r < rr then rr = r end
+  end
+  if tpm > 0 then
+    local l = lv[2 + i * 3] - tokens
+    redis.call('HSET', KEYS[2 + i * 3], 'l', tostring(l), 't', now)
+    redis.call('PEXPIRE', KEYS[2 + i * 3], 120000)
+    local r = math.max(0, math.floor(l))
+    if rt < 0 or r < rt then rt = r end
+  end
+  if ql > 0 then
+    redis.call('INCRBY', KEYS[3 + i * 3], tokens)
+    redis.call('EXPIRE', KEYS[3 + i * 3], ttl)
+  end
+end
+return {1, rr, rt}
+"#;
+
+const SETTLE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local delta = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local tpm, q = tonumber(ARGV[3 + i * 2]), tonumber(ARGV[4 + i * 2])
+  if tpm > 0 then
+    local key = KEYS[1 + i * 2]
+    local v = redis.call('HMGET', key, 'l', 't')
+    local l, ts = tonumber(v[1]), tonumber(v[2])
+    if l ~= nil then
+      l = math.min(tpm, l + (now - ts) * tpm / 60000)
+      l = math.min(tpm, l - delta)
+      redis.call('HSET', key, 'l', tostring(l), 't', now)
+      redis.call('PEXPIRE', key, 120000)
+    end
+  end
+  if q > 0 and redis.call('EXISTS', KEYS[2 + i * 2]) == 1 then
+    if redis.call('INCRBY', KEYS[2 + i * 2], delta) < 0 then
+      redis.call('SET', KEYS[2 + i * 2], 0, 'KEEPTTL')
+    end
+  end
+end
+return 1
+"#;
+
+/// A request's hold on shared limits, settled through the background task.
+#[derive(Debug)]
+pub struct SharedHold {
+    shared: Arc<Shared>,
+    keys: Vec<String>,
+    args: Vec<String>,
+    tokens: u64,
+}
+
+enum Job {
+    Settle {
+        keys: Vec<String>,
+        args: Vec<String>,
+    },
+    Cooldown {
+        key: String,
+        wait: Duration,
+    },
+}
+
+pub struct Shared {
+    redis: Redis,
+    reserve: Script,
+    settle: Script,
+    fail_closed: bool,
+    up: AtomicBool,
+    last_log: Mutex<Option<Instant>>,
+    jobs: mpsc::Sender<Job>,
+    jobs_rx: Mutex<Option<mpsc::Receiver<Job>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// What a shared reservation came to.
+pub enum SharedOutcome {
+    Admitted(SharedHold, Remaining),
+    /// Redis could not be asked; `fail_closed` decides.
+    Unavailable(String),
+}
+
+impl Shared {
+    pub fn new(redis: Redis, fail_closed: bool, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Arc::new(Self {
+            redis,
+            reserve: Script::new(RESERVE),
+            settle: Script::new(SETTLE),
+            fail_closed,
+            up: AtomicBool::new(true),
+            last_log: Mutex::new(None),
+            jobs: tx,
+            jobs_rx: Mutex::new(Some(rx)),
+            metrics,
+        })
+    }
+
+    pub fn fail_closed(&self) -> bool {
+        self.fail_closed
+    }
+
+    /// Whether the last Redis call worked.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn note(&self, result: &Result<Reply, String>) {
+        match result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis is reachable again; shared limits resume");
+                }
+                self.metrics.store_up.set(1);
+            }
+            Err(e) => {
+                self.up.store(false, Ordering::Relaxed);
+                self.metrics.store_up.set(0);
+                self.metrics.store_errors.inc();
+                let mut last = lock(&self.last_log);
+                if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    *last = Some(Instant::now());
+                    let mode = if self.fail_closed {
+                        "refusing limited requests"
+                    } else {
+                        "serving without shared limits"
+                    };
+                    tracing::warn!(error = %e, "limits store unreachable; {mode}");
+                }
+            }
+        }
+    }
+
+    fn keys_and_args(
+        consumer: &str,
+        scopes: &[(&str, &ConsumerLimits)],
+        wall: SystemTime,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut keys = Vec::with_capacity(scopes.len() * 3);
+        let mut args = Vec::with_capacity(scopes.len() * 4);
+        for (scope, l) in scopes {
+            let base = format!("{PREFIX}:{consumer}:{scope}");
+            keys.push(format!("{base}:req"));
+            keys.push(format!("{base}:tok"));
+            let (quota_key, limit, ttl) = match l.token_quota {
+                Some(q) => (
+                    format!("{base}:q:{}", window_of(q.period, wall)),
+                    q.tokens,
+                    until_next_window(q.period, wall).as_secs() + 3600,
+                ),
+                None => (format!("{base}:q"), 0, 0),
+            };
+            keys.push(quota_key);
+            args.push(l.requests_per_minute.unwrap_or(0).to_string());
+            args.push(l.tokens_per_minute.unwrap_or(0).to_string());
+            args.push(limit.to_string());
+            args.push(ttl.to_string());
+        }
+        (keys, args)
+    }
+
+    /// Checks and takes every scope's limits in one atomic script.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        consumer: &str,
+        scopes: &[(&str, &ConsumerLimits)],
+        tokens: u64,
+        wall: SystemTime,
+    ) -> Result<SharedOutcome, Refusal> {
+        let (keys, per_scope) = Self::keys_and_args(consumer, scopes, wall);
+        let mut args = vec![tokens.to_string(), scopes.len().to_string()];
+        args.extend(per_scope.iter().cloned());
+        let result = self.redis.eval(&self.reserve, &keys, &args).await;
+        self.note(&result);
+        let reply = match result {
+            Ok(r) => r,
+            Err(e) => return Ok(SharedOutcome::Unavailable(e)),
+        };
+        let v: Vec<i64> = reply.items().iter().filter_map(Reply::int).collect();
+        match v.as_slice() {
+            [1, rr, rt] => {
+                // Settlement touches the token buckets and quota counters of each scope.
+                let mut skeys = Vec::new();
+                let mut sargs = Vec::new();
+                for (i, (_, l)) in scopes.iter().enumerate() {
+                    skeys.push(keys[i * 3 + 1].clone());
+                    skeys.push(keys[i * 3 + 2].clone());
+                    sargs.push(l.tokens_per_minute.unwrap_or(0).to_string());
+                    sargs.push(u8::from(l.token_quota.is_some()).to_string());
+                }
+                let remaining = Remaining {
+                    requests: (*rr >= 0).then_some(*rr as u64),
+                    tokens: (*rt >= 0).then_some(*rt as u64),
+                };
+                Ok(SharedOutcome::Admitted(
+                    SharedHold {
+                        shared: self.clone(),
+                        keys: skeys,
+                        args: sargs,
+                        tokens,
+                    },
+                    remaining,
+                ))
+            }
+            [0, what, wait_ms] => Err(Refusal::Rate {
+                what: if *what == 1 { "requests" } else { "tokens" },
+                retry_after: Duration::from_millis((*wait_ms).max(1) as u64),
+            }),
+            [2, scope, _] => {
+                let (period, _) = scopes
+                    .get(*scope as usize)
+                    .and_then(|(_, l)| l.token_quota.map(|q| (q.period, q.tokens)))
+                    .unwrap_or((crate::config::QuotaPeriod::Day, 0));
+                Err(Refusal::Quota {
+                    period,
+                    resets_in: until_next_window(period, wall),
+                })
+            }
+            _ => Ok(SharedOutcome::Unavailable(format!(
+                "unexpected reply from the limits script: {reply:?}"
+            ))),
+        }
+    }
+
+    /// Tells the other replicas a backend asked to be left alone.
+    pub fn publish_cooldown(&self, deployment: &str, backend: &str, wait: Duration) {
+        let key = format!("{PREFIX}:cd:{deployment}:{backend}");
+        let _ = self.jobs.try_send(Job::Cooldown { key, wait });
+    }
+
+    /// Runs settlements and cooldown sharing until `shutdown`; `apply` receives cooldowns other
+    /// replicas learned: (deployment, backend name, time left).
+    pub async fn run(
+        self: Arc<Self>,
+        apply: impl Fn(&str, &str, Duration) + Send,
+        shutdown: CancellationToken,
+    ) {
+        let Some(mut rx) = lock(&self.jobs_rx).take() else {
+            return;
+        };
+        let mut poll = tokio::time::interval(COOLDOWN_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                job = rx.recv() => match job {
+                    None => return,
+                    Some(Job::Settle { keys, args }) => {
+                        let r = self.redis.eval(&self.settle, &keys, &args).await;
+                        self.note(&r);
+                    }
+                    Some(Job::Cooldown { key, wait }) => {
+                        let ms = wait.as_millis().max(1).to_string();
+                        let r = self.redis.cmd(&[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes()]).await;
+                        self.note(&r);
+                    }
+                },
+                _ = poll.tick() => self.read_cooldowns(&apply).await,
+            }
+        }
+    }
+
+    async fn read_cooldowns(&self, apply: &impl Fn(&str, &str, Duration)) {
+        let pattern = format!("{PREFIX}:cd:*");
+        let r = self
+            .redis
+            .cmd(&[
+                b"SCAN",
+                b"0",
+                b"MATCH",
+                pattern.as_bytes(),
+                b"COUNT",
+                b"1000",
+            ])
+            .await;
+        self.note(&r);
+        let Ok(reply) = r else { return };
+        let keys: Vec<Vec<u8>> = reply
+            .items()
+            .get(1)
+            .map(|k| {
+                k.items()
+                    .iter()
+                    .filter_map(|i| match i {
+                        Reply::Bulk(Some(b)) => Some(b.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for key in keys {
+            let Ok(ttl) = self.redis.cmd(&[b"PTTL", &key]).await else {
+                return;
+            };
+            let Some(ms) = ttl.int().filter(|ms| *ms > 0) else {
+                continue;
+            };
+            let key = String::from_utf8_lossy(&key);
+            let Some(rest) = key.strip_prefix(&format!("{PREFIX}:cd:")) else {
+                continue;
+            };
+            if let Some((deployment, backend)) = rest.rsplit_once(':') {
+                apply(deployment, backend, Duration::from_millis(ms as u64));
+            }
+        }
+    }
+}
+
+impl SharedHold {
+    /// Queues the settlement: `used` replaces the estimate; `None` keeps it.
+    pub fn settle(self, used: Option<u64>) {
+        let Some(used) = used else { return };
+        let delta = used as i64 - self.tokens as i64;
+        if delta == 0 {
+            return;
+        }
+        let mut args = vec![delta.to_string(), (self.keys.len() / 2).to_string()];
+        args.extend(self.args);
+        let _ = self.shared.jobs.try_send(Job::Settle {
+            keys: self.keys,
+            args,
+        });
+    }
+}
