@@ -1,5 +1,5 @@
-//! A small Redis client: one connection, RESP2, every command under a short timeout, scripts by
-//! SHA with a fallback to sending the script. Small on purpose: the gateway needs a handful of
+//! A small Redis client: a few connections, RESP2, every command under a short timeout, scripts
+//! by SHA with a fallback to sending the script. Small on purpose: the gateway needs a handful of
 //! commands, and a bounded wait on every one of them (the request path never blocks on a slow
 //! Redis for longer than `timeout`).
 
@@ -55,8 +55,13 @@ pub struct Redis {
     password: Option<String>,
     db: u32,
     timeout: Duration,
-    conn: tokio::sync::Mutex<Option<BufStream<TcpStream>>>,
+    /// A command holds one connection for its round trip; several let requests overlap.
+    conns: Vec<tokio::sync::Mutex<Option<BufStream<TcpStream>>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
+
+/// Connections per client.
+const POOL: usize = 8;
 
 impl Redis {
     /// From `redis://[:password@]host:port[/db]`.
@@ -93,17 +98,24 @@ impl Redis {
             password,
             db,
             timeout,
-            conn: tokio::sync::Mutex::new(None),
+            conns: (0..POOL).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Runs one command; on any failure the connection is dropped and the next call reconnects.
     pub async fn cmd(&self, args: &[&[u8]]) -> Result<Reply, String> {
-        match tokio::time::timeout(self.timeout, self.cmd_inner(args)).await {
+        // A free connection if there is one, else the next in turn.
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = (0..POOL)
+            .map(|k| &self.conns[(start + k) % POOL])
+            .find(|c| c.try_lock().is_ok())
+            .unwrap_or(&self.conns[start % POOL]);
+        match tokio::time::timeout(self.timeout, self.cmd_on(slot, args)).await {
             Ok(r) => r,
             Err(_) => {
                 // The connection may be mid-reply: it cannot be reused.
-                if let Ok(mut c) = self.conn.try_lock() {
+                if let Ok(mut c) = slot.try_lock() {
                     *c = None;
                 }
                 Err(format!(
@@ -114,8 +126,12 @@ impl Redis {
         }
     }
 
-    async fn cmd_inner(&self, args: &[&[u8]]) -> Result<Reply, String> {
-        let mut guard = self.conn.lock().await;
+    async fn cmd_on(
+        &self,
+        slot: &tokio::sync::Mutex<Option<BufStream<TcpStream>>>,
+        args: &[&[u8]],
+    ) -> Result<Reply, String> {
+        let mut guard = slot.lock().await;
         if guard.is_none() {
             *guard = Some(self.connect().await?);
         }

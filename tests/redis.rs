@@ -87,7 +87,9 @@ async fn two_replicas_hold_one_global_token_limit() {
     // A full minute's budget at the start, then 20 tokens a second.
     let allowed = 1200.0 + 20.0 * elapsed;
     let ratio = served as f64 / allowed;
-    eprintln!("served {served} tokens of {allowed:.0} allowed in {elapsed:.1} s ({ratio:.3}); {refused} refused");
+    eprintln!(
+        "served {served} tokens of {allowed:.0} allowed in {elapsed:.1} s ({ratio:.3}); {refused} refused"
+    );
     assert!(refused > 0, "the limit was reached");
     assert!(
         ratio <= 1.05,
