@@ -107,12 +107,7 @@ async fn fails_over_on_refused_connections() {
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-switchyard-backend"), "good");
     }
-    let metrics = client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap();
-    let text = metrics.text().await.unwrap();
+    let text = metrics_text(&client, &gw.admin).await;
     // Five refused connects open the dead backend's circuit; after that it gets no attempts.
     let dead = "switchyard_attempts_total{backend=\"dead\",outcome=\"backend_connect_error\"} 5";
     assert!(text.contains(dead), "{text}");
@@ -675,14 +670,7 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
         "part of the stream came through first"
     );
     assert_eq!(other.requests().len(), 0, "no retry after bytes were sent");
-    let m = client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&client, &gw.admin).await;
     assert!(
         m.contains("switchyard_stream_errors_total{backend=\"cut\"} 1"),
         "{m}"
@@ -692,15 +680,9 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
 }
 
 async fn in_flight(client: &reqwest::Client, admin: &str) -> String {
-    let m = client
-        .get(format!("{admin}/metrics"))
-        .send()
+    metrics_text(client, admin)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    m.lines()
+        .lines()
         .find(|l| l.starts_with("switchyard_in_flight_requests "))
         .unwrap_or_default()
         .to_string()

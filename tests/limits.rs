@@ -86,14 +86,7 @@ async fn tokens_are_reserved_on_estimate_and_settled_on_usage() {
         "remaining {rem2}, expected about {expect}"
     );
     drop(r2);
-    let m = client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&client, &gw.admin).await;
     assert!(
         m.contains(
             "switchyard_tokens_total{backend=\"east\",consumer=\"team-a\",kind=\"completion\"}"
@@ -176,14 +169,7 @@ async fn streams_are_settled_and_the_client_sees_only_what_it_asked_for() {
         text.contains("\"usage\":{\"completion_tokens\":8"),
         "{text}"
     );
-    let m = client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&client, &gw.admin).await;
     let completion: u64 = m
         .lines()
         .find(|l| {

@@ -33,22 +33,6 @@ async fn chat(client: &reqwest::Client, base: &str) -> (u16, u64) {
     (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
 }
 
-async fn metric(client: &reqwest::Client, admin: &str, name: &str) -> f64 {
-    let m = client
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    m.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Two replicas, one limit: what both serve together stays within 5 % of what the limit allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_hold_one_global_token_limit() {
@@ -130,7 +114,7 @@ async fn a_cooldown_learned_by_one_replica_is_honoured_by_the_other() {
     assert_eq!(throttled.stats().requests, 1, "replica 1 met the 429");
     // Replica 2 hears of it through Redis.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&client, &gw2.admin, "switchyard_remote_cooldowns_total").await < 1.0 {
+    while metric_value(&client, &gw2.admin, "switchyard_remote_cooldowns_total").await < 1.0 {
         assert!(
             Instant::now() < deadline,
             "replica 2 never learned the cooldown"
@@ -192,7 +176,7 @@ async fn redis_going_away_loses_no_request_and_limits_resume_when_it_returns() {
     assert_eq!(status, 200);
     assert!(body.contains("limits store (Redis) unreachable"), "{body}");
     assert_eq!(
-        metric(&client, &gw.admin, "switchyard_limits_store_up").await,
+        metric_value(&client, &gw.admin, "switchyard_limits_store_up").await,
         0.0
     );
 
@@ -202,7 +186,7 @@ async fn redis_going_away_loses_no_request_and_limits_resume_when_it_returns() {
     assert!(after.iter().all(|s| *s == 200 || *s == 429), "{after:?}");
     assert!(after.contains(&429), "limits resumed: {after:?}");
     assert_eq!(
-        metric(&client, &gw.admin, "switchyard_limits_store_up").await,
+        metric_value(&client, &gw.admin, "switchyard_limits_store_up").await,
         1.0
     );
     gw.stop().await;

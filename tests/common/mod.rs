@@ -356,3 +356,26 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, admin: &str) -> String {
+    client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first metric line starting with `prefix` (0 when absent).
+pub async fn metric_value(client: &reqwest::Client, admin: &str, prefix: &str) -> f64 {
+    metrics_text(client, admin)
+        .await
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
