@@ -209,3 +209,31 @@ async fn limits_per_consumer_and_deployment() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_no_backend_could_serve_cost_no_tokens() {
+    let s = start_sim(sim("east")).await;
+    let tail = format!(
+        "\n[[consumers]]\nname = \"team-a\"\nkey = \"{KEY_A}\"\ntokens_per_minute = 1000\n"
+    );
+    let gw = gateway_with(
+        &[B::dead("down"), B::sim(&s)],
+        "max_attempts = 1",
+        "",
+        &tail,
+    )
+    .await;
+    let client = client();
+    let body = r#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":400}"#;
+    // The first attempt goes to the dead backend: 502, nothing served, nothing charged.
+    let r = chat_as(&client, &gw.base, KEY_A, body).await;
+    assert_eq!(r.status(), 502);
+    let r = chat_as(&client, &gw.base, KEY_A, body).await;
+    assert_eq!(r.status(), 200);
+    let rem = num(&r, "x-ratelimit-remaining-tokens");
+    assert!(
+        rem > 1000 - 450,
+        "only this request's reservation is held: {rem}"
+    );
+    gw.stop().await;
+}

@@ -300,6 +300,10 @@ async fn serve(
         }
         Err(e) => {
             tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %e, "no backend answered");
+            // Nothing was served: the reservation is given back, not charged.
+            if let Some(l) = limit {
+                l.admission.settle(Some(0));
+            }
             Err((answer.backend, answer.attempts, e))
         }
     }
