@@ -23,20 +23,7 @@ pub(super) fn validate(
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backends.len());
     for (i, b) in raw.backends.into_iter().enumerate() {
         let at = |field: &str| format!("backends[{i}].{field}");
-        let name = b.name.trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(ConfigError::field(
-                at("name"),
-                format!(
-                    "{:?} is not a valid name (use letters, digits, '-', '_', '.')",
-                    b.name
-                ),
-            ));
-        }
+        let name = checked_name(&b.name, &at("name"))?;
         if let Some(j) = backends.iter().position(|o| o.name == name) {
             return Err(ConfigError::field(
                 at("name"),
@@ -136,20 +123,7 @@ fn validate_consumers(
     let mut out: Vec<ConsumerConfig> = Vec::with_capacity(raw.len());
     for (i, c) in raw.into_iter().enumerate() {
         let at = |field: &str| format!("consumers[{i}].{field}");
-        let name = c.name.trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-        {
-            return Err(ConfigError::field(
-                at("name"),
-                format!(
-                    "{:?} is not a valid name (use letters, digits, '-', '_', '.')",
-                    c.name
-                ),
-            ));
-        }
+        let name = checked_name(&c.name, &at("name"))?;
         if let Some(j) = out.iter().position(|o| o.name == name) {
             return Err(ConfigError::field(
                 at("name"),
@@ -331,14 +305,26 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Names of backends and consumers: they appear in headers, logs and metric labels.
+fn name_chars_ok(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn checked_name(raw: &str, path: &str) -> Result<String, ConfigError> {
+    let name = raw.trim();
+    if name.is_empty() || !name_chars_ok(name) {
+        return Err(ConfigError::field(
+            path,
+            format!("{raw:?} is not a valid name (use letters, digits, '-', '_', '.')"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
 /// A deployment name travels in a URL path segment: keep it to what Azure allows.
 fn valid_deployment_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    !s.is_empty() && s.len() <= 128 && s != "." && s != ".." && name_chars_ok(s)
 }
 
 fn validate_deployments(
