@@ -20,13 +20,20 @@ pub struct AdminState {
     pub credentials: Vec<Arc<TokenProvider>>,
     /// The shared limits store, if limits live in Redis.
     pub shared: Option<Arc<crate::limits::Shared>>,
+    /// The client-facing side, whose backends the admin API reports on and drains.
+    pub gateway: Arc<crate::server::GatewayState>,
+    pub config: Arc<crate::config::Config>,
 }
 
 pub async fn handle(
     state: Arc<AdminState>,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
-    let resp = match req.uri().path() {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/admin/") {
+        return Ok(admin_api(&state, &req, &path));
+    }
+    let resp = match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => readiness(&state),
         "/metrics" => text(
@@ -44,6 +51,127 @@ pub async fn handle(
         .into_response(),
     };
     Ok(resp)
+}
+
+/// `/admin/*`: backend states, drain and enable, the running config. Behind the admin key when
+/// one is configured.
+fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<BoxBody> {
+    if let Some(key) = &state.config.server.admin_key {
+        let h = req.headers();
+        let given = h
+            .get("x-admin-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                h.get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
+            .unwrap_or("");
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(
+            &crate::auth::inbound::sha256(given.as_bytes())[..],
+            &crate::auth::inbound::sha256(key.expose().as_bytes())[..],
+        )
+        .into();
+        if !ok {
+            return GatewayError::new(
+                ErrorKind::Unauthorized,
+                "The admin API needs the admin key (Authorization: Bearer or x-admin-key).",
+            )
+            .into_response();
+        }
+    }
+    let proxy = &state.gateway.proxy;
+    let json = |v: serde_json::Value| text(StatusCode::OK, v.to_string(), "application/json");
+    match (req.method().as_str(), path) {
+        ("GET", "/admin/backends") => json(backends_json(state)),
+        ("GET", "/admin/config") => json(state.config.redacted_json()),
+        ("POST", p) if p.starts_with("/admin/backends/") => {
+            let rest = &p["/admin/backends/".len()..];
+            let (name, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
+            let Some(idx) = proxy.backends.iter().position(|b| &*b.name == name) else {
+                return GatewayError::new(ErrorKind::NotFound, format!("no backend named {:?}", name.chars().take(64).collect::<String>()))
+                    .into_response();
+            };
+            let drained = match action {
+                "drain" => true,
+                "enable" => false,
+                _ => {
+                    return GatewayError::new(ErrorKind::NotFound, "use POST /admin/backends/{name}/drain or /enable")
+                        .into_response();
+                }
+            };
+            proxy.balancer().set_drained(idx, drained);
+            tracing::info!(backend = name, drained, "backend {}", if drained { "drained" } else { "enabled" });
+            json(serde_json::json!({"name": name, "drained": drained}))
+        }
+        _ => GatewayError::new(
+            ErrorKind::NotFound,
+            "admin routes: GET /admin/backends, GET /admin/config, POST /admin/backends/{name}/drain|enable",
+        )
+        .into_response(),
+    }
+}
+
+/// Each backend's state: drained or not, credential, latest failure, and per deployment its
+/// availability (cooling down until when, circuit), in flight, latency and headroom.
+fn backends_json(state: &AdminState) -> serde_json::Value {
+    use serde_json::json;
+    let proxy = &state.gateway.proxy;
+    let balancer = proxy.balancer();
+    let now = tokio::time::Instant::now();
+    let tables = balancer.tables();
+    let out: Vec<_> = proxy
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(idx, b)| {
+            let deployments: Vec<_> = tables
+                .iter()
+                .filter_map(|t| {
+                    let st = t.status(idx, now)?;
+                    let (state_name, left) = match st.availability {
+                        crate::balancer::Availability::Ready => ("healthy", None),
+                        crate::balancer::Availability::Cooling(d) => ("cooling_down", Some(d)),
+                        crate::balancer::Availability::Open(d) => ("circuit_open", Some(d)),
+                        crate::balancer::Availability::Probing => ("probing", None),
+                    };
+                    Some(json!({
+                        "deployment": t.name(),
+                        "state": state_name,
+                        "available_in_ms": left.map(|d| d.as_millis() as u64),
+                        "circuit": match st.circuit {
+                            crate::balancer::CircuitState::Closed => "closed",
+                            crate::balancer::CircuitState::Open { .. } => "open",
+                            crate::balancer::CircuitState::HalfOpen { .. } => "half_open",
+                        },
+                        "in_flight": st.in_flight,
+                        "ttfb_ewma_ms": st.ttfb_ewma.map(|d| d.as_secs_f64() * 1000.0),
+                        "headroom": st.room,
+                    }))
+                })
+                .collect();
+            let credential = state
+                .credentials
+                .iter()
+                .find(|p| p.backends.iter().any(|n| n.as_str() == &*b.name))
+                .map(|p| {
+                    let s = p.status();
+                    json!({"kind": p.kind(), "state": s.state.as_str(), "expires_in_s": s.expires_in.map(|d| d.as_secs())})
+                });
+            let last_error = proxy.last_error(idx).map(|(what, at)| {
+                json!({"error": what, "at": httpdate::fmt_http_date(at)})
+            });
+            json!({
+                "name": &*b.name,
+                "url": b.url.to_string(),
+                "drained": balancer.policy().is_drained(idx),
+                "credential": credential,
+                "last_error": last_error,
+                "deployments": deployments,
+            })
+        })
+        .collect();
+    json!({ "backends": out })
 }
 
 /// Ready when not stopping and every backend's credential holds a valid token. The body says

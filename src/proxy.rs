@@ -64,6 +64,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Where cooldowns are shared with other replicas, if anywhere.
     shared: Option<Arc<Shared>>,
+    /// Each backend's latest failure (what and when), for the admin API.
+    last_error: Vec<std::sync::Mutex<Option<(String, std::time::SystemTime)>>>,
 }
 
 impl Proxy {
@@ -77,6 +79,10 @@ impl Proxy {
         shared: Option<Arc<Shared>>,
     ) -> Self {
         Self {
+            last_error: backends
+                .iter()
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
             backends,
             balancer,
             router,
@@ -85,6 +91,13 @@ impl Proxy {
             metrics,
             shared,
         }
+    }
+
+    /// A backend's latest failure: what happened and when.
+    pub fn last_error(&self, idx: usize) -> Option<(String, std::time::SystemTime)> {
+        self.last_error
+            .get(idx)
+            .and_then(|m| crate::sync::lock(m).clone())
     }
 
     /// Applies a cooldown another replica learned, if the names are known here.
@@ -283,6 +296,20 @@ impl Proxy {
         let b = BackendLabels {
             backend: backend.name.to_string(),
         };
+        if !matches!(verdict, Verdict::Healthy)
+            && let Some(idx) = self.backends.iter().position(|x| std::ptr::eq(x, backend))
+        {
+            let what = match verdict {
+                Verdict::CooledDown(wait) => {
+                    format!(
+                        "{outcome} on {deployment}: cooling down for {:.1} s",
+                        wait.as_secs_f64()
+                    )
+                }
+                _ => format!("{outcome} on {deployment}"),
+            };
+            *crate::sync::lock(&self.last_error[idx]) = Some((what, std::time::SystemTime::now()));
+        }
         match verdict {
             Verdict::CooledDown(wait) => {
                 self.metrics.cooldowns.get_or_create(&b).inc();

@@ -806,3 +806,96 @@ async fn consumer_keys_are_required_when_configured() {
     assert_eq!(r.status(), 401);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_shows_backend_state_drains_and_redacts() {
+    let (sims, backends) = start_sims(&["a", "b"]).await;
+    sims[0]
+        .set_faults(Faults {
+            error_rate: 1.0,
+            error_status: 429,
+            retry_after_ms: Some(30_000),
+            ..Faults::default()
+        })
+        .await;
+    let gw = gateway(&backends, "", "admin_key = \"admin-key-0123456789\"").await;
+    let client = client();
+    assert_eq!(post_chat(&client, &gw.base).await.status(), 200);
+
+    let admin = |method: reqwest::Method, path: &str| {
+        client
+            .request(method, format!("{}{path}", gw.admin))
+            .header("authorization", "Bearer admin-key-0123456789")
+    };
+    let unauth = client
+        .get(format!("{}/admin/backends", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauth.status(), 401);
+    let open = client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200, "metrics stay open for scrapers");
+
+    let v: serde_json::Value = admin(reqwest::Method::GET, "/admin/backends")
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
+    let a = &v["backends"][0];
+    assert_eq!(a["name"], "a");
+    assert_eq!(a["deployments"][0]["deployment"], "gpt-4o");
+    assert_eq!(a["deployments"][0]["state"], "cooling_down");
+    let left = a["deployments"][0]["available_in_ms"].as_u64().unwrap();
+    assert!(left > 25_000 && left <= 30_000, "{left}");
+    assert!(
+        a["last_error"]["error"].as_str().unwrap().contains("429"),
+        "{a}"
+    );
+    assert_eq!(v["backends"][1]["deployments"][0]["state"], "healthy");
+
+    // Drain b: with a cooling down too, nothing is left, so clients get a clear answer.
+    let r = admin(reqwest::Method::POST, "/admin/backends/b/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let served = sims[1].stats().requests;
+    assert_eq!(post_chat(&client, &gw.base).await.status(), 429);
+    assert_eq!(
+        sims[1].stats().requests,
+        served,
+        "a drained backend takes no new requests"
+    );
+    admin(reqwest::Method::POST, "/admin/backends/b/enable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post_chat(&client, &gw.base).await.status(), 200);
+    let r = admin(reqwest::Method::POST, "/admin/backends/zzz/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let cfg = admin(reqwest::Method::GET, "/admin/config")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        cfg.contains("\"name\":\"a\"") && cfg.contains("api_key"),
+        "{cfg}"
+    );
+    assert!(
+        !cfg.contains("key-a") && !cfg.contains("admin-key-0123"),
+        "no secret: {cfg}"
+    );
+    gw.stop().await;
+}

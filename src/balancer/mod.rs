@@ -13,6 +13,7 @@ mod signals;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +43,8 @@ pub struct Policy {
     pub default_cooldown: Duration,
     pub max_cooldown: Duration,
     pub breaker: CircuitBreakerConfig,
+    /// Backends an operator drained: they take no new requests (in-flight ones finish).
+    pub drained: Vec<AtomicBool>,
 }
 
 impl Policy {
@@ -53,7 +56,14 @@ impl Policy {
             default_cooldown: c.routing.default_cooldown,
             max_cooldown: c.routing.max_cooldown,
             breaker: c.routing.circuit_breaker,
+            drained: c.backends.iter().map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    pub fn is_drained(&self, idx: usize) -> bool {
+        self.drained
+            .get(idx)
+            .is_some_and(|d| d.load(Ordering::Relaxed))
     }
 }
 
@@ -146,6 +156,17 @@ impl Balancer {
         &self.policy
     }
 
+    /// Drains (no new requests) or re-enables a backend, in every deployment.
+    pub fn set_drained(&self, idx: usize, drained: bool) -> bool {
+        match self.policy.drained.get(idx) {
+            Some(d) => {
+                d.store(drained, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The state table for a deployment (the key health is tracked under).
     pub fn table(&self, deployment: &str) -> Arc<Table> {
         if let Some(t) = read(&self.tables).get(deployment) {
@@ -197,7 +218,7 @@ impl Table {
         let n = st.pairs.len();
         let avail: Vec<(usize, Availability)> = candidates
             .iter()
-            .filter(|&&c| c < n)
+            .filter(|&&c| c < n && !policy.is_drained(c))
             .map(|&c| (c, st.pairs[c].health.availability(now)))
             .collect();
         let ready = |c: &usize| {

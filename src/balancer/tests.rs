@@ -17,6 +17,7 @@ fn policy(strategy: Strategy, priority: &[u32], weight: &[u32]) -> Policy {
             interval: Duration::from_secs(10),
             trip_duration: Duration::from_secs(30),
         },
+        drained: priority.iter().map(|_| AtomicBool::new(false)).collect(),
     }
 }
 
@@ -269,4 +270,21 @@ fn deployment_tables_are_separate_and_bounded() {
         b.table(&format!("made-up-{i}"));
     }
     assert!(b.tables().len() <= MAX_TABLES);
+}
+
+#[test]
+fn drained_backends_take_no_new_requests() {
+    let b = Balancer::new(policy(Strategy::RoundRobin, &[1, 1], &[1, 1]));
+    let t = b.table("gpt-4o");
+    assert!(b.set_drained(0, true));
+    assert_eq!(spread(&t, &[0, 1], 4), vec![0, 4]);
+    assert!(b.set_drained(1, true));
+    assert!(matches!(
+        t.pick(&[0, 1], &[], Instant::now()),
+        Pick::Unavailable { .. }
+    ));
+    b.set_drained(0, false);
+    b.set_drained(1, false);
+    assert_eq!(spread(&t, &[0, 1], 4), vec![2, 2]);
+    assert!(!b.set_drained(7, true));
 }

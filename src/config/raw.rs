@@ -83,6 +83,7 @@ pub struct RawLimits {
 pub struct RawServer {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    pub admin_key: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace: Option<String>,
 }

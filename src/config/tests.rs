@@ -351,3 +351,26 @@ fn consumer_limits_name_their_fields() {
     let e = Config::parse(&format!("{base}[limits]\nstore = \"disk\"\n"), &env).unwrap_err();
     assert_eq!(e.path, "limits.store");
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_key() {
+    let e = err(&SAMPLE.replace(
+        "admin_listen = \"127.0.0.1:9090\"",
+        "admin_listen = \"0.0.0.0:9090\"",
+    ));
+    assert_eq!(e.path, "server.admin_key");
+    let c = Config::parse(
+        &SAMPLE.replace(
+            "admin_listen = \"127.0.0.1:9090\"",
+            "admin_listen = \"0.0.0.0:9090\"\nadmin_key = \"${EASTUS_KEY}-long-enough\"",
+        ),
+        &env,
+    )
+    .unwrap();
+    assert!(c.server.admin_key.is_some());
+    let json = c.redacted_json().to_string();
+    assert!(
+        !json.contains("east-secret") && !json.contains("west-secret"),
+        "{json}"
+    );
+}

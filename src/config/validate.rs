@@ -399,9 +399,26 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
             .map_err(|_| ConfigError::field("server.max_body_bytes", "too large"))?,
     };
     let shutdown_grace = opt_duration(raw.shutdown_grace, "server.shutdown_grace", 30_000)?;
+    let admin_key = match raw.admin_key {
+        Some(k) if k.len() < 16 => {
+            return Err(ConfigError::field(
+                "server.admin_key",
+                "too short: use at least 16 characters",
+            ));
+        }
+        Some(k) => Some(Secret::new(k)),
+        None => None,
+    };
+    if admin_listen.is_some_and(|a| !a.ip().is_loopback()) && admin_key.is_none() {
+        return Err(ConfigError::field(
+            "server.admin_key",
+            "required when admin_listen is not on loopback (the admin API can drain backends)",
+        ));
+    }
     Ok(ServerConfig {
         listen,
         admin_listen,
+        admin_key,
         max_body_bytes,
         shutdown_grace,
     })

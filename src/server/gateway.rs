@@ -34,7 +34,7 @@ static X_ATTEMPTS: header::HeaderName = header::HeaderName::from_static("x-switc
 
 /// Shared by every connection of the client listener; built by `server::start`.
 pub struct GatewayState {
-    pub(super) proxy: Proxy,
+    pub(crate) proxy: Proxy,
     pub(super) metrics: Arc<Metrics>,
     pub(super) max_body_bytes: usize,
     /// Owns the WebSocket tunnels, which outlive the request that opened them.

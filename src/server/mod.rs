@@ -130,6 +130,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
     }
     {
         let shutdown = shutdown.clone();
+        let state = state.clone();
         tasks.spawn(serve(
             listener,
             move |req| gateway::handle(state.clone(), req),
@@ -143,6 +144,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
             stopping: shutdown.clone(),
             credentials,
             shared: shared.clone(),
+            gateway: state.clone(),
+            config: Arc::new(config.clone()),
         });
         tasks.spawn(serve(
             admin,

@@ -379,3 +379,14 @@ pub async fn metric_value(client: &reqwest::Client, admin: &str, prefix: &str) -
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A response body as JSON.
+pub trait JsonValue {
+    fn json_value(self) -> impl std::future::Future<Output = serde_json::Value>;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> serde_json::Value {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}
