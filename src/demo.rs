@@ -2,21 +2,13 @@
 //! tokens-per-minute quota, so it throttles), the gateway in front, a mix of streaming and plain
 //! chat requests, then a table of what each backend served.
 
-use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::probe::{Outcome, Target, drive, percentile};
 use crate::sim::{SimConfig, Simulator};
 
 pub struct DemoOptions {
@@ -25,14 +17,6 @@ pub struct DemoOptions {
     pub once: bool,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-}
-
-struct Outcome {
-    status: StatusCode,
-    backend: Option<String>,
-    attempts: u32,
-    latency: Duration,
-    complete: bool,
 }
 
 const BACKENDS: [(&str, Option<u32>, u64); 3] = [
@@ -86,7 +70,21 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         sims.len()
     );
 
-    let outcomes = drive(&base, opts.requests, opts.concurrency.max(1), &shutdown).await;
+    let client = crate::upstream::build_client(Duration::from_secs(5), false)
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let target = Target {
+        url: Target::azure(&base, "gpt-4o", "2024-10-21"),
+        key: Some("demo-client".into()),
+        stream_every: 3,
+    };
+    let outcomes = drive(
+        &client,
+        &target,
+        opts.requests,
+        opts.concurrency.max(1),
+        &shutdown,
+    )
+    .await;
     print_table(&outcomes, &sims, &gateway.metrics);
 
     if !opts.once && !shutdown.is_cancelled() {
@@ -124,163 +122,6 @@ fn free_or_any(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn drive(
-    base: &str,
-    total: usize,
-    concurrency: usize,
-    stop: &CancellationToken,
-) -> Vec<Outcome> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(http);
-    let client = Arc::new(client);
-    let base: Arc<str> = Arc::from(base);
-    let mut set = JoinSet::new();
-    let mut outcomes = Vec::with_capacity(total);
-    let mut next = 0usize;
-    let bar = Progress::new(total);
-    while outcomes.len() < total && !stop.is_cancelled() {
-        while set.len() < concurrency && next < total {
-            let (client, base) = (client.clone(), base.clone());
-            let stream = next % 3 == 0;
-            next += 1;
-            set.spawn(async move { one_request(&client, &base, stream, next).await });
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(done) = set.join_next() => {
-                if let Ok(o) = done {
-                    outcomes.push(o);
-                }
-                bar.show(&outcomes);
-            }
-        }
-    }
-    set.shutdown().await;
-    bar.finish();
-    outcomes
-}
-
-async fn one_request(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    base: &str,
-    stream: bool,
-    n: usize,
-) -> Outcome {
-    let body = serde_json::json!({
-        "messages": [
-            {"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": format!("Request {n}: say something about load balancing across regions.")}
-        ],
-        "max_tokens": 24,
-        "stream": stream
-    });
-    let started = Instant::now();
-    let req = Request::post(format!(
-        "{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-    ))
-    .header("content-type", "application/json")
-    .header("api-key", "demo-client")
-    .body(Full::new(Bytes::from(body.to_string())));
-    let failed = |status| Outcome {
-        status,
-        backend: None,
-        attempts: 0,
-        latency: started.elapsed(),
-        complete: false,
-    };
-    let Ok(req) = req else {
-        return failed(StatusCode::BAD_REQUEST);
-    };
-    let resp = match client.request(req).await {
-        Ok(r) => r,
-        Err(_) => return failed(StatusCode::BAD_GATEWAY),
-    };
-    let status = resp.status();
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let backend = header("x-switchyard-backend");
-    let attempts = header("x-switchyard-attempts")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(0);
-    let body = resp.into_body().collect().await.map(|c| c.to_bytes());
-    let complete = match body {
-        Ok(b) if stream => b.ends_with(b"data: [DONE]\n\n"),
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).is_ok(),
-        Err(_) => false,
-    };
-    Outcome {
-        status,
-        backend,
-        attempts,
-        latency: started.elapsed(),
-        complete,
-    }
-}
-
-struct Progress {
-    total: usize,
-    tty: bool,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Self {
-            total,
-            tty: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn show(&self, done: &[Outcome]) {
-        let n = done.len();
-        if !self.tty && n % 50 != 0 && n != self.total {
-            return;
-        }
-        let ok = done
-            .iter()
-            .filter(|o| o.status.is_success() && o.complete)
-            .count();
-        let retried = done.iter().filter(|o| o.attempts > 1).count();
-        let width = 40;
-        let filled = (n * width).checked_div(self.total).unwrap_or(width);
-        let bar: String = "#".repeat(filled) + &".".repeat(width - filled);
-        let mut err = std::io::stderr();
-        if self.tty {
-            let _ = write!(
-                err,
-                "\r[{bar}] {n}/{}  ok {ok}  retried {retried}",
-                self.total
-            );
-        } else {
-            let _ = writeln!(
-                err,
-                "[{bar}] {n}/{}  ok {ok}  retried {retried}",
-                self.total
-            );
-        }
-        let _ = err.flush();
-    }
-
-    fn finish(&self) {
-        if self.tty {
-            eprintln!();
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[idx]
-}
-
 fn print_table(outcomes: &[Outcome], sims: &[Simulator], metrics: &crate::telemetry::Metrics) {
     println!(
         "\n{:<15} {:>8} {:>14} {:>9} {:>9}",
@@ -289,7 +130,7 @@ fn print_table(outcomes: &[Outcome], sims: &[Simulator], metrics: &crate::teleme
     for sim in sims {
         let mut lat: Vec<Duration> = outcomes
             .iter()
-            .filter(|o| o.backend.as_deref() == Some(sim.name()) && o.status.is_success())
+            .filter(|o| o.served_by.as_deref() == Some(sim.name()) && o.status.is_success())
             .map(|o| o.latency)
             .collect();
         lat.sort();

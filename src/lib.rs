@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod ids;
 pub mod limits;
+pub mod probe;
 pub mod proxy;
 pub mod redis;
 pub mod rng;

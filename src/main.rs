@@ -35,6 +35,30 @@ enum Command {
     },
     /// Run one simulated Azure OpenAI instance.
     Simulate(SimulateArgs),
+    /// Send chat completions to an Azure OpenAI-compatible endpoint (a Switchyard or Azure itself)
+    /// and report where they went, statuses, latency and tokens. Exit 1 unless all succeeded.
+    Probe {
+        /// Base URL: the gateway (http://127.0.0.1:8080) or https://<resource>.openai.azure.com.
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        deployment: String,
+        /// Sent as `api-key` (a consumer key for a Switchyard, the resource key for Azure).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        requests: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Stream every answer.
+        #[arg(long)]
+        stream: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "2024-10-21")]
+        api_version: String,
+    },
     /// Three simulated backends, the gateway in front, a load run and a table.
     Demo {
         /// How many chat requests to send.
@@ -99,7 +123,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     switchyard::install_crypto_provider();
     let default_log = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Probe { .. } => "warn",
         _ => "info",
     };
     switchyard::telemetry::init_logging(default_log);
@@ -183,6 +207,43 @@ async fn run(command: Command) -> ExitCode {
                     eprintln!("error: cannot listen on {}: {e}", a.listen);
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Probe {
+            url,
+            deployment,
+            key,
+            requests,
+            concurrency,
+            stream,
+            json,
+            api_version,
+        } => {
+            let client = match switchyard::upstream::build_client(Duration::from_secs(10), true) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: cannot build an HTTP client: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let target = switchyard::probe::Target {
+                url: switchyard::probe::Target::azure(&url, &deployment, &api_version),
+                key,
+                stream_every: usize::from(stream),
+            };
+            let stop = stop_on_signal();
+            let outcomes =
+                switchyard::probe::drive(&client, &target, requests, concurrency, &stop).await;
+            let report = switchyard::probe::report(&outcomes);
+            if json {
+                println!("{report}");
+            } else {
+                switchyard::probe::print_report(&report);
+            }
+            if report["succeeded"] == report["requests"] && requests > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Demo {

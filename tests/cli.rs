@@ -116,3 +116,62 @@ fn serve_runs_and_exits_cleanly_on_sigterm() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit {exit:?}");
 }
+
+/// `switchyard probe` against a running gateway: the distribution, statuses and tokens it reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_distribution_statuses_and_tokens() {
+    let (_sims, backends) = common::start_sims(&["a", "b"]).await;
+    let gw = common::gateway(&backends, "", "").await;
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &gw.base,
+            "--deployment",
+            "gpt-4o",
+            "--requests",
+            "10",
+            "--concurrency",
+            "2",
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["requests"], 10);
+    assert_eq!(r["succeeded"], 10);
+    assert_eq!(r["by_backend"]["a"], 5);
+    assert_eq!(r["by_backend"]["b"], 5);
+    assert_eq!(r["by_status"]["200"], 10);
+    assert_eq!(
+        r["tokens"]["completion"], 160,
+        "16 completion tokens per simulated answer"
+    );
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    gw.stop().await;
+
+    // Against nothing: every request fails, and the exit code says so.
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &common::dead_url(),
+            "--deployment",
+            "d",
+            "--requests",
+            "2",
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["succeeded"], 0);
+}

@@ -1,0 +1,283 @@
+//! `switchyard probe`, the sample notebook's test step as a command: sends chat completions to any
+//! Azure OpenAI-compatible endpoint (a Switchyard, or Azure itself) and reports where they went
+//! (`x-switchyard-backend`, else `x-ms-region`), statuses, latency percentiles and tokens. The
+//! demo drives its load with the same code.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::HttpsClient;
+use crate::usage::{Tap, Usage};
+
+/// Where and how to send.
+#[derive(Clone)]
+pub struct Target {
+    /// The full chat completions URL, query included.
+    pub url: String,
+    /// Sent as `api-key`.
+    pub key: Option<String>,
+    /// Stream every n-th request (0: never, 1: always).
+    pub stream_every: usize,
+}
+
+impl Target {
+    /// `{base}/openai/deployments/{deployment}/chat/completions?api-version=...`.
+    pub fn azure(base: &str, deployment: &str, api_version: &str) -> String {
+        format!(
+            "{}/openai/deployments/{deployment}/chat/completions?api-version={api_version}",
+            base.trim_end_matches('/')
+        )
+    }
+}
+
+/// One request's result.
+pub struct Outcome {
+    pub status: StatusCode,
+    /// `x-switchyard-backend`, else `x-ms-region`.
+    pub served_by: Option<String>,
+    pub attempts: u32,
+    pub latency: Duration,
+    /// A whole JSON answer, or a stream that ended with `[DONE]`.
+    pub complete: bool,
+    pub usage: Option<Usage>,
+}
+
+/// Sends `total` requests, `concurrency` at a time, showing progress on stderr.
+pub async fn drive(
+    client: &HttpsClient,
+    target: &Target,
+    total: usize,
+    concurrency: usize,
+    stop: &CancellationToken,
+) -> Vec<Outcome> {
+    let target = Arc::new(target.clone());
+    let mut set = JoinSet::new();
+    let mut outcomes = Vec::with_capacity(total);
+    let mut next = 0usize;
+    let bar = Progress::new(total);
+    while outcomes.len() < total && !stop.is_cancelled() {
+        while set.len() < concurrency.max(1) && next < total {
+            let (client, target) = (client.clone(), target.clone());
+            let stream = target.stream_every > 0 && next % target.stream_every == 0;
+            next += 1;
+            let n = next;
+            set.spawn(async move { one_request(&client, &target, stream, n).await });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(done) = set.join_next() => {
+                if let Ok(o) = done {
+                    outcomes.push(o);
+                }
+                bar.show(&outcomes);
+            }
+        }
+    }
+    set.shutdown().await;
+    bar.finish();
+    outcomes
+}
+
+async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usize) -> Outcome {
+    let mut body = serde_json::json!({
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": format!("Request {n}: say something about load balancing across regions.")}
+        ],
+        "max_tokens": 24,
+    });
+    if stream {
+        body["stream"] = serde_json::json!(true);
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    let started = Instant::now();
+    let failed = |status| Outcome {
+        status,
+        served_by: None,
+        attempts: 0,
+        latency: started.elapsed(),
+        complete: false,
+        usage: None,
+    };
+    let mut req = Request::post(&target.url).header("content-type", "application/json");
+    if let Some(k) = &target.key {
+        req = req.header("api-key", k);
+    }
+    let Ok(req) = req.body(Full::new(Bytes::from(body.to_string()))) else {
+        return failed(StatusCode::BAD_REQUEST);
+    };
+    let resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(_) => return failed(StatusCode::BAD_GATEWAY),
+    };
+    let status = resp.status();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let served_by = header("x-switchyard-backend").or_else(|| header("x-ms-region"));
+    let attempts = header("x-switchyard-attempts")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    let mut tap = Tap::new(header("content-type").as_deref(), false);
+    let bytes = resp.into_body().collect().await.map(|c| c.to_bytes());
+    let (complete, usage) = match bytes {
+        Ok(b) => {
+            let complete = if stream {
+                b.ends_with(b"data: [DONE]\n\n")
+            } else {
+                serde_json::from_slice::<serde_json::Value>(&b).is_ok()
+            };
+            let usage = tap.as_mut().and_then(|t| {
+                t.feed(b);
+                t.finish().1
+            });
+            (complete, usage)
+        }
+        Err(_) => (false, None),
+    };
+    Outcome {
+        status,
+        served_by,
+        attempts,
+        latency: started.elapsed(),
+        complete,
+        usage,
+    }
+}
+
+struct Progress {
+    total: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, done: &[Outcome]) {
+        let n = done.len();
+        if !self.tty && n % 50 != 0 && n != self.total {
+            return;
+        }
+        let ok = done
+            .iter()
+            .filter(|o| o.status.is_success() && o.complete)
+            .count();
+        let retried = done.iter().filter(|o| o.attempts > 1).count();
+        let width = 40;
+        let filled = (n * width).checked_div(self.total).unwrap_or(width);
+        let bar: String = "#".repeat(filled) + &".".repeat(width - filled);
+        let mut err = std::io::stderr();
+        let line = format!("[{bar}] {n}/{}  ok {ok}  retried {retried}", self.total);
+        if self.tty {
+            let _ = write!(err, "\r{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+/// The `p` quantile (0 to 1) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx]
+}
+
+/// The probe's findings.
+pub fn report(outcomes: &[Outcome]) -> serde_json::Value {
+    let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    for o in outcomes {
+        *by_status.entry(o.status.as_u16()).or_default() += 1;
+        if o.status.is_success() {
+            *by_backend
+                .entry(o.served_by.clone().unwrap_or_else(|| "-".into()))
+                .or_default() += 1;
+        }
+    }
+    let mut lat: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.status.is_success())
+        .map(|o| o.latency)
+        .collect();
+    lat.sort();
+    let ms = |p| percentile(&lat, p).as_secs_f64() * 1000.0;
+    let sum = |f: fn(&Usage) -> u64| {
+        outcomes
+            .iter()
+            .filter_map(|o| o.usage.as_ref())
+            .map(f)
+            .sum::<u64>()
+    };
+    serde_json::json!({
+        "requests": outcomes.len(),
+        "succeeded": outcomes.iter().filter(|o| o.status.is_success() && o.complete).count(),
+        "retried": outcomes.iter().filter(|o| o.attempts > 1).count(),
+        "by_backend": by_backend,
+        "by_status": by_status,
+        "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": ms(1.0)},
+        "tokens": {
+            "prompt": sum(|u| u.prompt_tokens),
+            "completion": sum(|u| u.completion_tokens),
+            "total": sum(|u| u.total_tokens),
+        },
+    })
+}
+
+/// The report as a person reads it.
+pub fn print_report(r: &serde_json::Value) {
+    println!("\n{:<24} {:>8}", "served by", "requests");
+    if let Some(m) = r["by_backend"].as_object() {
+        for (k, v) in m {
+            println!("{k:<24} {v:>8}");
+        }
+    }
+    println!("\n{:<24} {:>8}", "status", "requests");
+    if let Some(m) = r["by_status"].as_object() {
+        for (k, v) in m {
+            println!("{k:<24} {v:>8}");
+        }
+    }
+    let l = &r["latency_ms"];
+    println!(
+        "\nlatency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+        l["p50"].as_f64().unwrap_or(0.0),
+        l["p90"].as_f64().unwrap_or(0.0),
+        l["p99"].as_f64().unwrap_or(0.0),
+        l["max"].as_f64().unwrap_or(0.0)
+    );
+    let t = &r["tokens"];
+    println!(
+        "tokens: prompt {}  completion {}  total {}",
+        t["prompt"], t["completion"], t["total"]
+    );
+    println!(
+        "succeeded {}/{}, {} needed a second backend",
+        r["succeeded"], r["requests"], r["retried"]
+    );
+}
