@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
     about = "A self-hosted gateway for Azure OpenAI"
 )]
 struct Cli {
+    /// Log lines as JSON (one object per line) instead of text; also SWITCHYARD_LOG_FORMAT=json.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,7 +129,12 @@ fn main() -> ExitCode {
         Command::Demo { .. } | Command::Probe { .. } => "warn",
         _ => "info",
     };
-    switchyard::telemetry::init_logging(default_log);
+    let json = cli
+        .log_format
+        .clone()
+        .or_else(|| std::env::var("SWITCHYARD_LOG_FORMAT").ok())
+        .is_some_and(|f| f == "json");
+    switchyard::telemetry::init_logging(default_log, json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -116,7 +116,13 @@ impl Proxy {
 
     /// Runs the attempts for one request. `deployment` is the client-facing deployment name
     /// (from the path or the body's `model`), the key health is tracked under.
-    pub async fn forward(&self, req: &OutboundRequest<'_>, deployment: Option<&str>) -> Answer {
+    /// `trail` receives one `backend:outcome` entry per attempt, for the access log.
+    pub async fn forward(
+        &self,
+        req: &OutboundRequest<'_>,
+        deployment: Option<&str>,
+        trail: &mut Vec<String>,
+    ) -> Answer {
         let candidates = match self.router.resolve(deployment) {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
@@ -206,6 +212,7 @@ impl Proxy {
                         verdict,
                         retryable && !is_last,
                     );
+                    trail.push(format!("{}:{}", backend.name, status.as_u16()));
                     if !retryable || is_last {
                         return Answer {
                             result: Ok(resp),
@@ -237,6 +244,7 @@ impl Proxy {
                     };
                     let retry = e.kind.retryable() && !is_last;
                     self.note(backend, shown, e.kind.label(), verdict, retry);
+                    trail.push(format!("{}:{}", backend.name, e.kind.label()));
                     if !e.kind.retryable() {
                         return Answer {
                             result: Err(e),

@@ -201,13 +201,24 @@ impl Default for Metrics {
 }
 
 /// Installs the log subscriber: `RUST_LOG` wins, else `default_filter`.
-pub fn init_logging(default_filter: &str) {
+/// `json`: one JSON object per line (for log pipelines); otherwise readable text, coloured on
+/// a terminal.
+pub fn init_logging(default_filter: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }

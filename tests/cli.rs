@@ -175,3 +175,64 @@ async fn probe_reports_distribution_statuses_and_tokens() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["succeeded"], 0);
 }
+
+/// The access log: one JSON line per request with its id, every backend tried and how, status,
+/// tokens and durations; never a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_are_json_when_asked() {
+    use tokio::io::AsyncBufReadExt;
+    let good = common::start_sim(common::sim("good")).await;
+    let dir = tmp("access-log");
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[backends]]\nname = \"dead\"\nurl = \"{}\"\nauth = {{ type = \"none\" }}\n\n[[backends]]\nname = \"good\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-good\" }}\n",
+        common::dead_url(),
+        good.url()
+    );
+    let p = write_config(&dir, &cfg);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&p)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("a listening line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "switchyard listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let r = common::client()
+        .post(format!("http://{addr}{}", common::CHAT))
+        .header("content-type", "application/json")
+        .header("api-key", "client-secret-key")
+        .body(common::chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rid = common::header(&r, "x-request-id");
+    let _ = r.bytes().await;
+    let access = loop {
+        let line = lines.next_line().await.unwrap().expect("an access line");
+        assert!(
+            !line.contains("client-secret-key") && !line.contains("key-good"),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["target"] == "switchyard::access" {
+            break v;
+        }
+    };
+    assert_eq!(access["request_id"], rid.as_str());
+    assert_eq!(access["deployment"], "gpt-4o");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["backend"], "good");
+    assert_eq!(access["attempts"], 2);
+    assert_eq!(access["tried"], "dead:backend_connect_error good:200");
+    assert_eq!(access["completion_tokens"], 8);
+    assert!(access["total_ms"].as_f64().unwrap() >= access["first_byte_ms"].as_f64().unwrap());
+    let _ = child.kill().await;
+}

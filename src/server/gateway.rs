@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -65,13 +65,14 @@ pub async fn handle(
         reservation: None,
         tap: None,
         finished: false,
+        log: AccessLog::default(),
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let method = req.method().clone();
-    // The path only: a query string may carry a key (`subscription-key=`), so it stays out of logs.
-    let path: String = req.uri().path().chars().take(256).collect();
+    guard.log.request_id = request_id.to_str().unwrap_or("").to_string();
+    guard.log.method = req.method().to_string();
+    guard.log.path = req.uri().path().chars().take(256).collect();
 
     // Who is calling comes first: nothing about an unauthenticated request is read further.
     let consumer = state.auth.authenticate(req.headers()).await;
@@ -80,7 +81,7 @@ pub async fn handle(
         _ => Arc::from("-"),
     };
     let outcome = match consumer {
-        Ok(c) => serve(&state, req, &request_id, c.as_ref()).await,
+        Ok(c) => serve(&state, req, &request_id, c.as_ref(), &mut guard.log).await,
         Err(e) => Err((None, 0, e)),
     };
     let (answer_backend, attempts, lease, limit, mut resp) = match outcome {
@@ -115,17 +116,9 @@ pub async fn handle(
             status: status.as_u16(),
         })
         .inc();
-    tracing::info!(
-        request_id = request_id.to_str().unwrap_or(""),
-        %method,
-        path,
-        status = status.as_u16(),
-        backend = %label,
-        attempts,
-        consumer = %consumer_name,
-        first_byte_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    guard.log.status = status.as_u16();
+    guard.log.attempts = attempts;
+    guard.log.first_byte = started.elapsed();
 
     if status == http::StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -211,6 +204,7 @@ async fn serve(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     consumer: Option<&Consumer>,
+    log: &mut AccessLog,
 ) -> Result<Served, Failed> {
     if state.shutdown.is_cancelled() {
         return Err((
@@ -238,6 +232,7 @@ async fn serve(
         None
     };
     let deployment = route.deployment.or(model.as_deref());
+    log.deployment = deployment.map(|d| d.chars().take(128).collect());
 
     // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
     let mut limit = None;
@@ -276,7 +271,10 @@ async fn serve(
         request_id,
         upgrade,
     };
-    let answer = state.proxy.forward(&outbound, deployment).await;
+    let answer = state
+        .proxy
+        .forward(&outbound, deployment, &mut log.tried)
+        .await;
     match answer.result {
         Ok(mut resp) => {
             clean_response_headers(resp.headers_mut(), upgrade);
@@ -407,6 +405,22 @@ struct RequestGuard {
     /// Reads usage from the body as it passes.
     tap: Option<Tap>,
     finished: bool,
+    log: AccessLog,
+}
+
+/// What the access log line says of a request, written when its response ends.
+#[derive(Default)]
+struct AccessLog {
+    request_id: String,
+    method: String,
+    /// The path only: a query string may carry a key (`subscription-key=`).
+    path: String,
+    deployment: Option<String>,
+    status: u16,
+    attempts: u32,
+    /// `backend:outcome` per attempt.
+    tried: Vec<String>,
+    first_byte: Duration,
 }
 
 impl RequestGuard {
@@ -415,6 +429,24 @@ impl RequestGuard {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        let l = &self.log;
+        tracing::info!(
+            target: "switchyard::access",
+            request_id = %l.request_id,
+            method = %l.method,
+            path = %l.path,
+            deployment = l.deployment.as_deref().unwrap_or("-"),
+            consumer = %self.consumer,
+            status = l.status,
+            backend = if self.backend.is_empty() { "none" } else { self.backend.as_str() },
+            attempts = l.attempts,
+            tried = %l.tried.join(" "),
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
+            total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
         if let Some(u) = usage {
             for (kind, n) in [
                 ("prompt", u.prompt_tokens),
