@@ -13,9 +13,26 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The deployment asked for (`-` for none; `other` past the tracked set, so a client making
+    /// names up cannot grow the label set).
+    pub deployment: String,
     /// The backend that produced the response, or `none` when the gateway answered itself.
     pub backend: String,
-    pub status: u16,
+    /// `2xx`, `4xx`, `5xx`, ...
+    pub status_class: &'static str,
+    /// The consumer's configured name, or `-` without consumers.
+    pub consumer: String,
+}
+
+/// `2xx`, `3xx`, `4xx`, `5xx` (or `1xx`).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "1xx",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,6 +49,7 @@ pub struct BackendLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
+    pub deployment: String,
     pub backend: String,
     /// The consumer's configured name, or `-` without consumers.
     pub consumer: String,

@@ -529,7 +529,7 @@ async fn admin_endpoints() {
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     let m = get("/metrics").await.unwrap().text().await.unwrap();
     assert!(
-        m.contains("switchyard_requests_total{backend=\"east\",status=\"200\"} 1"),
+        m.contains("switchyard_requests_total{deployment=\"gpt-4o\",backend=\"east\",status_class=\"2xx\",consumer=\"-\"} 1"),
         "{m}"
     );
     assert!(

@@ -89,7 +89,7 @@ async fn tokens_are_reserved_on_estimate_and_settled_on_usage() {
     let m = metrics_text(&client, &gw.admin).await;
     assert!(
         m.contains(
-            "switchyard_tokens_total{backend=\"east\",consumer=\"team-a\",kind=\"completion\"}"
+            "switchyard_tokens_total{deployment=\"gpt-4o\",backend=\"east\",consumer=\"team-a\",kind=\"completion\"}"
         ),
         "{m}"
     );
@@ -174,7 +174,7 @@ async fn streams_are_settled_and_the_client_sees_only_what_it_asked_for() {
         .lines()
         .find(|l| {
             l.starts_with(
-                "switchyard_tokens_total{backend=\"east\",consumer=\"team-a\",kind=\"completion\"}",
+                "switchyard_tokens_total{deployment=\"gpt-4o\",backend=\"east\",consumer=\"team-a\",kind=\"completion\"}",
             )
         })
         .and_then(|l| l.rsplit(' ').next())

@@ -182,6 +182,11 @@ impl Balancer {
             .clone()
     }
 
+    /// Whether `deployment` has a table of its own (is within the tracked set).
+    pub fn tracks(&self, deployment: &str) -> bool {
+        read(&self.tables).contains_key(deployment)
+    }
+
     /// Every deployment table, for status views.
     pub fn tables(&self) -> Vec<Arc<Table>> {
         read(&self.tables).values().cloned().collect()

@@ -25,7 +25,7 @@ use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Limiter, Refusal};
 use crate::proxy::Proxy;
-use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels};
+use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels, status_class};
 use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
 use crate::usage::{self, Tap, Usage};
 
@@ -61,6 +61,7 @@ pub async fn handle(
         started,
         _lease: None,
         consumer: Arc::from("-"),
+        deployment_label: String::new(),
         success: false,
         reservation: None,
         tap: None,
@@ -108,12 +109,19 @@ pub async fn handle(
         h.insert(X_ATTEMPTS.clone(), HeaderValue::from(attempts));
     }
     let label = backend_name.as_deref().unwrap_or("none").to_string();
+    let deployment_label = match &guard.log.deployment {
+        None => "-".to_string(),
+        Some(d) if state.proxy.balancer().tracks(d) => d.clone(),
+        Some(_) => "other".to_string(),
+    };
     state
         .metrics
         .requests
         .get_or_create(&RequestLabels {
+            deployment: deployment_label.clone(),
             backend: label.clone(),
-            status: status.as_u16(),
+            status_class: status_class(status.as_u16()),
+            consumer: consumer_name.to_string(),
         })
         .inc();
     guard.log.status = status.as_u16();
@@ -140,6 +148,7 @@ pub async fn handle(
     guard.backend = label;
     guard._lease = lease;
     guard.consumer = consumer_name;
+    guard.deployment_label = deployment_label;
     guard.success = status.is_success();
     guard.reservation = limit.map(|l| l.admission);
     guard.tap = tap;
@@ -399,6 +408,8 @@ struct RequestGuard {
     /// The serving backend's in-flight slot; released when the body ends or is dropped.
     _lease: Option<Lease>,
     consumer: Arc<str>,
+    /// The deployment as a metric label (bounded, see `RequestLabels`).
+    deployment_label: String,
     success: bool,
     /// Settled when the body ends; dropped unsettled (estimate kept) if it never does.
     reservation: Option<Admission>,
@@ -455,6 +466,7 @@ impl RequestGuard {
                 self.metrics
                     .tokens
                     .get_or_create(&TokenLabels {
+                        deployment: self.deployment_label.clone(),
                         backend: self.backend.clone(),
                         consumer: self.consumer.to_string(),
                         kind,
