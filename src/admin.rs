@@ -218,16 +218,70 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
     }
 }
 
-/// The registry's metrics plus each credential's state and token lifetime, read at scrape time.
+/// A label value as the exposition format wants it.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Each backend's state per deployment, as gauges (1 for the current state).
+fn backend_state_metrics(state: &AdminState, out: &mut String) {
+    let proxy = &state.gateway.proxy;
+    let balancer = proxy.balancer();
+    let now = tokio::time::Instant::now();
+    out.push_str(
+        "# HELP switchyard_backend_state Backend state per deployment (1 for the current state).\n",
+    );
+    out.push_str("# TYPE switchyard_backend_state gauge\n");
+    for t in balancer.tables() {
+        for (idx, b) in proxy.backends.iter().enumerate() {
+            let Some(st) = t.status(idx, now) else {
+                continue;
+            };
+            let current = if balancer.policy().is_drained(idx) {
+                "drained"
+            } else {
+                match st.availability {
+                    crate::balancer::Availability::Ready => "healthy",
+                    crate::balancer::Availability::Cooling(_) => "cooling_down",
+                    crate::balancer::Availability::Open(_) => "circuit_open",
+                    crate::balancer::Availability::Probing => "probing",
+                }
+            };
+            for s in [
+                "healthy",
+                "cooling_down",
+                "circuit_open",
+                "probing",
+                "drained",
+            ] {
+                out.push_str(&format!(
+                    "switchyard_backend_state{{deployment=\"{}\",backend=\"{}\",state=\"{s}\"}} {}\n",
+                    esc(t.name()),
+                    esc(&b.name),
+                    u8::from(s == current)
+                ));
+            }
+        }
+    }
+}
+
+/// The registry's metrics plus backend states and each credential's state and token lifetime,
+/// read at scrape time.
 fn render_metrics(state: &AdminState) -> String {
     let mut out = state.metrics.render();
-    if state.credentials.is_empty() {
-        return out;
-    }
-    // OpenMetrics ends with `# EOF`; credential families go before it.
+    // OpenMetrics ends with `# EOF`; the families computed here go before it.
     let eof = out.ends_with("# EOF\n");
     if eof {
         out.truncate(out.len() - "# EOF\n".len());
+    }
+    backend_state_metrics(state, &mut out);
+    if state.credentials.is_empty() {
+        if eof {
+            out.push_str("# EOF\n");
+        }
+        return out;
     }
     out.push_str("# HELP switchyard_credential_state Entra credential state per backend (1 for the current state).\n");
     out.push_str("# TYPE switchyard_credential_state gauge\n");

@@ -33,6 +33,15 @@ use crate::upstream::{Backend, OutboundRequest, Upstream};
 const KEEP_FAILED_BODY_BYTES: usize = 1024 * 1024;
 const KEEP_FAILED_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the attempts of one request were, for the access log and metrics.
+#[derive(Debug, Default)]
+pub struct AttemptLog {
+    /// `backend:outcome` per attempt.
+    pub tried: Vec<String>,
+    /// Time spent waiting on backends for response headers, all attempts together.
+    pub upstream: Duration,
+}
+
 /// What the loop ends with.
 pub struct Answer {
     /// The response to send, or the gateway's own error when no backend produced one.
@@ -116,13 +125,15 @@ impl Proxy {
 
     /// Runs the attempts for one request. `deployment` is the client-facing deployment name
     /// (from the path or the body's `model`), the key health is tracked under.
-    /// `trail` receives one `backend:outcome` entry per attempt, for the access log.
+    /// `log` receives one `backend:outcome` entry per attempt and the time spent waiting on
+    /// backends, for the access log and the overhead metric.
     pub async fn forward(
         &self,
         req: &OutboundRequest<'_>,
         deployment: Option<&str>,
-        trail: &mut Vec<String>,
+        log: &mut AttemptLog,
     ) -> Answer {
+        let trail = &mut log.tried;
         let candidates = match self.router.resolve(deployment) {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
@@ -192,7 +203,9 @@ impl Proxy {
                 .and_then(|c| c.rename.as_deref());
             let sent = Instant::now();
             let is_last = attempt == self.routing.max_attempts;
-            match self.upstream.send(backend, req, rename, remaining).await {
+            let sent_result = self.upstream.send(backend, req, rename, remaining).await;
+            log.upstream += sent.elapsed();
+            match sent_result {
                 Ok(resp) => {
                     let status = resp.status();
                     let retryable = self.routing.retries_status(status);

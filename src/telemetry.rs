@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Attempts that failed and were followed by another attempt on another backend.
     pub retries: Family<AttemptLabels, Counter>,
     pub duration: Family<BackendLabels, Histogram>,
+    /// Request received to response headers sent, by serving backend.
+    pub time_to_first_byte: Family<BackendLabels, Histogram>,
+    /// Time the gateway itself added before the first byte: everything but waiting on backends.
+    pub overhead: Histogram,
     pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub stream_errors: Family<BackendLabels, Counter<u64, AtomicU64>>,
     pub cooldowns: Family<BackendLabels, Counter>,
@@ -119,6 +123,22 @@ impl Metrics {
             "request_duration_seconds",
             "Time from request received to the last response byte sent, by serving backend",
             duration.clone(),
+        );
+        let time_to_first_byte = Family::<BackendLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from request received to response headers sent, by serving backend",
+            time_to_first_byte.clone(),
+        );
+        let overhead = Histogram::new([
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+        ]);
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time the gateway added before the first byte (all but the wait on backends)",
+            overhead.clone(),
         );
         let in_flight = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
@@ -176,6 +196,8 @@ impl Metrics {
         );
         Self {
             registry,
+            time_to_first_byte,
+            overhead,
             remote_cooldowns,
             store_up,
             store_errors,

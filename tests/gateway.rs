@@ -882,6 +882,25 @@ async fn admin_api_shows_backend_state_drains_and_redacts() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
+    let m = metrics_text(&client, &gw.admin).await;
+    assert!(
+        m.contains(
+            "switchyard_backend_state{deployment=\"gpt-4o\",backend=\"a\",state=\"cooling_down\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(m.contains(
+        "switchyard_backend_state{deployment=\"gpt-4o\",backend=\"b\",state=\"healthy\"} 1"
+    ));
+    assert!(
+        m.contains("switchyard_gateway_overhead_seconds_count 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("switchyard_time_to_first_byte_seconds_count{backend=\"b\"} 2"),
+        "{m}"
+    );
+    assert!(m.ends_with("# EOF\n"));
     let cfg = admin(reqwest::Method::GET, "/admin/config")
         .send()
         .await

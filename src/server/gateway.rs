@@ -24,7 +24,7 @@ use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Limiter, Refusal};
-use crate::proxy::Proxy;
+use crate::proxy::{AttemptLog, Proxy};
 use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels, status_class};
 use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
 use crate::usage::{self, Tap, Usage};
@@ -127,6 +127,20 @@ pub async fn handle(
     guard.log.status = status.as_u16();
     guard.log.attempts = attempts;
     guard.log.first_byte = started.elapsed();
+    if backend_name.is_some() {
+        let m = &state.metrics;
+        m.time_to_first_byte
+            .get_or_create(&BackendLabels {
+                backend: label.clone(),
+            })
+            .observe(guard.log.first_byte.as_secs_f64());
+        // What the gateway itself added: all but the time spent waiting on backends.
+        let overhead = guard
+            .log
+            .first_byte
+            .saturating_sub(guard.log.attempts_log.upstream);
+        m.overhead.observe(overhead.as_secs_f64());
+    }
 
     if status == http::StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -282,7 +296,7 @@ async fn serve(
     };
     let answer = state
         .proxy
-        .forward(&outbound, deployment, &mut log.tried)
+        .forward(&outbound, deployment, &mut log.attempts_log)
         .await;
     match answer.result {
         Ok(mut resp) => {
@@ -429,8 +443,8 @@ struct AccessLog {
     deployment: Option<String>,
     status: u16,
     attempts: u32,
-    /// `backend:outcome` per attempt.
-    tried: Vec<String>,
+    /// Every attempt, and the time spent waiting on backends.
+    attempts_log: AttemptLog,
     first_byte: Duration,
 }
 
@@ -451,7 +465,7 @@ impl RequestGuard {
             status = l.status,
             backend = if self.backend.is_empty() { "none" } else { self.backend.as_str() },
             attempts = l.attempts,
-            tried = %l.tried.join(" "),
+            tried = %l.attempts_log.tried.join(" "),
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),
             first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
