@@ -918,3 +918,56 @@ async fn admin_api_shows_backend_state_drains_and_redacts() {
     );
     gw.stop().await;
 }
+
+/// Every metric the shipped Grafana dashboard queries exists in the gateway's `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_metrics_that_exist() {
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../deploy/grafana/switchyard-dashboard.json")).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("switchyard_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() > 10, "{names:?}");
+    // A gateway with a keyless backend, a limited consumer and Redis-free limits: every family.
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\ntokens_per_minute = 100000\n";
+    let gw = gateway_with(&[B::sim(&s)], "", "", tail).await;
+    let client = client();
+    let r = client
+        .post(gw.url(CHAT))
+        .header("api-key", "team-a-key-0123456789")
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let m = metrics_text(&client, &gw.admin).await;
+    // Families appear in /metrics once they have samples; the rest must at least be registered
+    // (by name in telemetry.rs) or rendered by the admin listener (admin.rs).
+    let telemetry = include_str!("../src/telemetry.rs");
+    let admin = include_str!("../src/admin.rs");
+    for name in &names {
+        let family = name.trim_end_matches("_total").trim_end_matches("_bucket");
+        let exported = m
+            .lines()
+            .any(|l| l.starts_with(name.as_str()) || l.starts_with(&format!("# TYPE {family} ")));
+        let stem = family.trim_start_matches("switchyard_");
+        let registered = telemetry.contains(&format!("\"{stem}\"")) || admin.contains(family);
+        assert!(
+            exported || registered,
+            "the dashboard queries {name}, which is neither exported nor registered"
+        );
+    }
+    gw.stop().await;
+}
