@@ -87,10 +87,7 @@ impl Health {
 
     /// The backend asked to be left alone for `wait` (already capped by the caller).
     pub fn throttled(&mut self, wait: Duration, now: Instant) {
-        let until = now + wait;
-        if self.cooldown_until.is_none_or(|u| u < until) {
-            self.cooldown_until = Some(until);
-        }
+        self.cool_until(now + wait);
         // A 429 is an answer: the backend is up, so a probe that got one closes the circuit.
         self.success();
     }
@@ -143,10 +140,6 @@ impl Health {
 
     pub fn state(&self) -> CircuitState {
         self.state
-    }
-
-    pub fn cooldown_until(&self) -> Option<Instant> {
-        self.cooldown_until
     }
 }
 

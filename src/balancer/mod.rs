@@ -276,7 +276,6 @@ impl Table {
         Some(PairStatus {
             availability: pair.health.availability(now),
             circuit: pair.health.state(),
-            cooldown_until: pair.health.cooldown_until(),
             in_flight: pair.in_flight,
             ttfb_ewma: pair.ttfb.get().map(Duration::from_secs_f64),
             room: pair.headroom.room(now, 0),
@@ -289,7 +288,6 @@ impl Table {
 pub struct PairStatus {
     pub availability: Availability,
     pub circuit: CircuitState,
-    pub cooldown_until: Option<Instant>,
     pub in_flight: u32,
     pub ttfb_ewma: Option<Duration>,
     pub room: f64,
@@ -440,9 +438,14 @@ impl Lease {
                 ttfb,
             } => {
                 pair.headroom.observe(headers, now);
-                let hint = retry_hint(headers, SystemTime::now());
-                let throttled = status == StatusCode::TOO_MANY_REQUESTS
-                    || (status == StatusCode::SERVICE_UNAVAILABLE && hint.is_some());
+                // Hints only matter on throttling answers; a 200 is not parsed for them.
+                let hint = matches!(
+                    status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                )
+                .then(|| retry_hint(headers, SystemTime::now()))
+                .flatten();
+                let throttled = status == StatusCode::TOO_MANY_REQUESTS || hint.is_some();
                 if throttled {
                     let wait = hint
                         .unwrap_or(policy.default_cooldown)

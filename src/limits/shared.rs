@@ -67,20 +67,20 @@ for i = 0, n - 1 do
 end
 if what ~= 0 then return {0, what, wait} end
 local rr, rt = -1, -1
+-- Stores a bucket's new level; returns what is left, floored at zero.
+local function take(key, level)
+  redis.call('HSET', key, 'l', tostring(level), 't', now)
+  redis.call('PEXPIRE', key, 120000)
+  return math.max(0, math.floor(level))
+end
 for i = 0, n - 1 do
   local rpm, tpm, ql, ttl = tonumber(ARGV[3 + i * 4]), tonumber(ARGV[4 + i * 4]), tonumber(ARGV[5 + i * 4]), tonumber(ARGV[6 + i * 4])
   if rpm > 0 then
-    local l = lv[1 + i * 3] - 1
-    redis.call('HSET', KEYS[1 + i * 3], 'l', tostring(l), 't', now)
-    redis.call('PEXPIRE', KEYS[1 + i * 3], 120000)
-    local r = math.max(0, math.floor(l))
+    local r = take(KEYS[1 + i * 3], lv[1 + i * 3] - 1)
     if rr < 0 or r < rr then rr = r end
   end
   if tpm > 0 then
-    local l = lv[2 + i * 3] - tokens
-    redis.call('HSET', KEYS[2 + i * 3], 'l', tostring(l), 't', now)
-    redis.call('PEXPIRE', KEYS[2 + i * 3], 120000)
-    local r = math.max(0, math.floor(l))
+    local r = take(KEYS[2 + i * 3], lv[2 + i * 3] - tokens)
     if rt < 0 or r < rt then rt = r end
   end
   if ql > 0 then

@@ -100,10 +100,6 @@ impl TokenProvider {
         self.credential.flow.kind()
     }
 
-    pub fn credential(&self) -> &EntraCredential {
-        &self.credential
-    }
-
     /// The backends it serves, for logs and messages.
     pub fn label(&self) -> String {
         self.backends.join(", ")
