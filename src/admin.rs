@@ -7,22 +7,20 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::outbound::{CredentialState, TokenProvider};
+use crate::auth::outbound::CredentialState;
 use crate::body::{BoxBody, full};
 use crate::error::{ErrorKind, GatewayError};
+use crate::server::{ReloadError, Runtime, Trigger};
 use crate::telemetry::Metrics;
 
 /// What the admin listener reads.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub stopping: CancellationToken,
-    /// Every backend's Entra credential, for readiness and status.
-    pub credentials: Vec<Arc<TokenProvider>>,
     /// The shared limits store, if limits live in Redis.
     pub shared: Option<Arc<crate::limits::Shared>>,
-    /// The client-facing side, whose backends the admin API reports on and drains.
+    /// The client-facing side, whose backends the admin API reports on, drains and reloads.
     pub gateway: Arc<crate::server::GatewayState>,
-    pub config: Arc<crate::config::Config>,
 }
 
 pub async fn handle(
@@ -31,7 +29,7 @@ pub async fn handle(
 ) -> Result<Response<BoxBody>, Infallible> {
     let path = req.uri().path().to_string();
     if path.starts_with("/admin/") {
-        return Ok(admin_api(&state, &req, &path));
+        return Ok(admin_api(&state, &req, &path).await);
     }
     let resp = match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
@@ -55,8 +53,10 @@ pub async fn handle(
 
 /// `/admin/*`: backend states, drain and enable, the running config. Behind the admin key when
 /// one is configured.
-fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<BoxBody> {
-    if let Some(key) = &state.config.server.admin_key {
+async fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<BoxBody> {
+    // The running config's key: a reload can change it.
+    let rt = state.gateway.runtime();
+    if let Some(key) = &rt.config.server.admin_key {
         let h = req.headers();
         let given = h
             .get("x-admin-key")
@@ -80,11 +80,32 @@ fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Respons
             .into_response();
         }
     }
-    let proxy = &state.gateway.proxy;
+    let proxy = &rt.proxy;
     let json = |v: serde_json::Value| text(StatusCode::OK, v.to_string(), "application/json");
     match (req.method().as_str(), path) {
-        ("GET", "/admin/backends") => json(backends_json(state)),
-        ("GET", "/admin/config") => json(state.config.redacted_json()),
+        ("GET", "/admin/backends") => json(backends_json(&rt)),
+        ("GET", "/admin/config") => {
+            let mut v = rt.config.redacted_json();
+            v["generation"] = rt.generation.into();
+            json(v)
+        }
+        ("POST", "/admin/reload") => match state.gateway.reload(Trigger::Admin).await {
+            Ok(r) => json(r.to_json()),
+            Err(e) => {
+                let status = match e {
+                    ReloadError::NoSource => StatusCode::CONFLICT,
+                    ReloadError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                };
+                let body = crate::error::openai_error_body(
+                    "config_invalid",
+                    &format!("Reload refused; the running config (generation {}) keeps serving: {e}", rt.generation),
+                    "invalid_request_error",
+                );
+                let mut r = text(status, body, "application/json");
+                *r.status_mut() = status;
+                r
+            }
+        },
         ("POST", p) if p.starts_with("/admin/backends/") => {
             let rest = &p["/admin/backends/".len()..];
             let (name, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
@@ -106,7 +127,7 @@ fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Respons
         }
         _ => GatewayError::new(
             ErrorKind::NotFound,
-            "admin routes: GET /admin/backends, GET /admin/config, POST /admin/backends/{name}/drain|enable",
+            "admin routes: GET /admin/backends, GET /admin/config, POST /admin/reload, POST /admin/backends/{name}/drain|enable",
         )
         .into_response(),
     }
@@ -114,9 +135,9 @@ fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Respons
 
 /// Each backend's state: drained or not, credential, latest failure, and per deployment its
 /// availability (cooling down until when, circuit), in flight, latency and headroom.
-fn backends_json(state: &AdminState) -> serde_json::Value {
+fn backends_json(rt: &Runtime) -> serde_json::Value {
     use serde_json::json;
-    let proxy = &state.gateway.proxy;
+    let proxy = &rt.proxy;
     let balancer = proxy.balancer();
     let now = tokio::time::Instant::now();
     let tables = balancer.tables();
@@ -150,10 +171,10 @@ fn backends_json(state: &AdminState) -> serde_json::Value {
                     }))
                 })
                 .collect();
-            let credential = state
+            let credential = rt
                 .credentials
                 .iter()
-                .find(|p| p.backends.iter().any(|n| n.as_str() == &*b.name))
+                .find(|p| p.serves(&b.name))
                 .map(|p| {
                     let s = p.status();
                     json!({"kind": p.kind(), "state": s.state.as_str(), "expires_in_s": s.expires_in.map(|d| d.as_secs())})
@@ -185,7 +206,7 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
         );
     }
     let mut problems = String::new();
-    for p in &state.credentials {
+    for p in &state.gateway.runtime().credentials {
         let st = p.status();
         if !matches!(st.state, CredentialState::Ready | CredentialState::Stale) {
             problems.push_str(&format!(
@@ -226,8 +247,8 @@ fn esc(v: &str) -> String {
 }
 
 /// Each backend's state per deployment, as gauges (1 for the current state).
-fn backend_state_metrics(state: &AdminState, out: &mut String) {
-    let proxy = &state.gateway.proxy;
+fn backend_state_metrics(rt: &Runtime, out: &mut String) {
+    let proxy = &rt.proxy;
     let balancer = proxy.balancer();
     let now = tokio::time::Instant::now();
     out.push_str(
@@ -276,8 +297,9 @@ fn render_metrics(state: &AdminState) -> String {
     if eof {
         out.truncate(out.len() - "# EOF\n".len());
     }
-    backend_state_metrics(state, &mut out);
-    if state.credentials.is_empty() {
+    let rt = state.gateway.runtime();
+    backend_state_metrics(&rt, &mut out);
+    if rt.credentials.is_empty() {
         if eof {
             out.push_str("# EOF\n");
         }
@@ -286,9 +308,9 @@ fn render_metrics(state: &AdminState) -> String {
     out.push_str("# HELP switchyard_credential_state Entra credential state per backend (1 for the current state).\n");
     out.push_str("# TYPE switchyard_credential_state gauge\n");
     let mut expiry = String::new();
-    for p in &state.credentials {
+    for p in &rt.credentials {
         let st = p.status();
-        for backend in &p.backends {
+        for backend in &p.backends() {
             for s in ["starting", "ready", "stale", "failing", "rejected"] {
                 out.push_str(&format!(
                     "switchyard_credential_state{{backend=\"{backend}\",kind=\"{}\",state=\"{s}\"}} {}\n",

@@ -169,7 +169,8 @@ async fn run(command: Command) -> ExitCode {
                 }
             };
             let shutdown = stop_on_signal();
-            match switchyard::server::start(cfg, shutdown).await {
+            let source = switchyard::server::ConfigSource::file(config.clone());
+            match switchyard::server::start_with(cfg, Some(source), shutdown).await {
                 Ok(gw) => {
                     gw.wait().await;
                     tracing::info!("stopped");

@@ -119,6 +119,22 @@ impl Proxy {
         }
     }
 
+    /// Takes over `old`'s learned state for the backends a reload kept (`map[old] = new`).
+    pub fn inherit(&self, old: &Proxy, map: &[Option<usize>]) {
+        self.balancer.inherit(&old.balancer, map);
+        for (i, j) in map.iter().enumerate() {
+            if let (Some(j), Some(e)) = (j, old.last_error(i))
+                && let Some(slot) = self.last_error.get(*j)
+            {
+                *crate::sync::lock(slot) = Some(e);
+            }
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     pub fn balancer(&self) -> &Balancer {
         &self.balancer
     }

@@ -61,6 +61,22 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerRejectionLabels {
+    /// The consumer's configured name.
+    pub consumer: String,
+    /// `requests_per_minute`, `tokens_per_minute`, `token_quota` or `store_unavailable`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+    /// `start`, `signal`, `admin`, `file`.
+    pub trigger: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -81,6 +97,12 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     /// Tokens the backends reported using, by backend, consumer and kind (prompt, completion).
     pub tokens: Family<TokenLabels, Counter>,
+    /// Requests refused by their consumer's own limits (APIM's rate-limit and quota policies).
+    pub consumer_rejections: Family<ConsumerRejectionLabels, Counter>,
+    /// Config reloads, applied or rejected, by what triggered them.
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// Which config is running: 1 at start, one more per applied reload.
+    pub config_generation: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// 1 while the shared limits store (Redis) answers, 0 while it does not.
     pub store_up: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub store_errors: Counter,
@@ -176,6 +198,24 @@ impl Metrics {
             "Tokens used, as the backends reported them (usage), by backend, consumer and kind",
             tokens.clone(),
         );
+        let consumer_rejections = Family::<ConsumerRejectionLabels, Counter>::default();
+        registry.register(
+            "consumer_rejections",
+            "Requests refused by their consumer's limits, by consumer and limit",
+            consumer_rejections.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads, applied or rejected (invalid), by trigger",
+            reloads.clone(),
+        );
+        let config_generation = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "config_generation",
+            "The running config's generation: 1 at start, one more per applied reload",
+            config_generation.clone(),
+        );
         let store_up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "limits_store_up",
@@ -199,6 +239,9 @@ impl Metrics {
             time_to_first_byte,
             overhead,
             remote_cooldowns,
+            consumer_rejections,
+            reloads,
+            config_generation,
             store_up,
             store_errors,
             tokens,

@@ -121,6 +121,7 @@ impl OutboundRequest<'_> {
 pub struct Upstream {
     client: HttpsClient,
     upgrade_client: HttpsClient,
+    connect_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -132,8 +133,22 @@ impl Upstream {
         Ok(Self {
             client,
             upgrade_client,
+            connect_timeout: routing.connect_timeout,
             first_byte_timeout: routing.first_byte_timeout,
             idle_timeout: routing.idle_timeout,
+        })
+    }
+
+    /// The clients for a reloaded config: the same pools (and their open connections) unless
+    /// the connect timeout, which is built into them, changed.
+    pub fn reconfigure(&self, routing: &RoutingConfig) -> Result<Self, std::io::Error> {
+        if routing.connect_timeout != self.connect_timeout {
+            return Self::new(routing);
+        }
+        Ok(Self {
+            first_byte_timeout: routing.first_byte_timeout,
+            idle_timeout: routing.idle_timeout,
+            ..self.clone()
         })
     }
 

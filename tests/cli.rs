@@ -236,3 +236,73 @@ async fn access_log_lines_are_json_when_asked() {
     assert!(access["total_ms"].as_f64().unwrap() >= access["first_byte_ms"].as_f64().unwrap());
     let _ = child.kill().await;
 }
+
+/// `serve` reloads its file on SIGHUP: a bad file is refused with the field named, a good one
+/// takes over (the next request goes to the backend the new file names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reloads_on_sighup() {
+    use tokio::io::AsyncBufReadExt;
+    let a = common::start_sim(common::sim("a")).await;
+    let b = common::start_sim(common::sim("b")).await;
+    let cfg = |s: &switchyard::sim::Simulator| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[backends]]\nname = \"{}\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-{}\" }}\n",
+            s.name(),
+            s.url(),
+            s.name()
+        )
+    };
+    let p = write_config(&tmp("sighup"), &cfg(&a));
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&p)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_message = async |want: &str| loop {
+        let line = lines.next_line().await.unwrap().expect("log line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"].as_str().is_some_and(|m| m.starts_with(want)) {
+            break v;
+        }
+    };
+    let addr = next_message("switchyard listening").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let client = common::client();
+    let served_by = async || {
+        let r = common::post_chat(&client, &format!("http://{addr}")).await;
+        assert_eq!(r.status(), 200);
+        common::header(&r, "x-switchyard-backend")
+    };
+    assert_eq!(served_by().await, "a");
+
+    std::fs::write(&p, cfg(&b).replace("http://", "tcp://")).unwrap();
+    hup();
+    let refused = next_message("config reload rejected").await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("backends[0].url"),
+        "{refused}"
+    );
+    assert_eq!(served_by().await, "a", "the old config keeps serving");
+
+    std::fs::write(&p, cfg(&b)).unwrap();
+    hup();
+    let applied = next_message("config reloaded").await;
+    assert_eq!(applied["generation"], 2, "{applied}");
+    assert_eq!(served_by().await, "b");
+    let _ = child.kill().await;
+}

@@ -31,17 +31,25 @@ pub struct Authenticator {
     keys: Vec<(Arc<str>, [u8; 32])>,
     /// Consumers known by a claim of their token: claim value -> name.
     by_claim: HashMap<String, Arc<str>>,
-    jwt: Option<JwtValidator>,
+    /// Shared with the next config's authenticator when `[jwt]` is unchanged, so a reload
+    /// keeps the signing keys it fetched.
+    jwt: Option<Arc<JwtValidator>>,
     enabled: bool,
 }
 
 impl Authenticator {
-    /// `client` fetches the token signing keys, when `[jwt]` is configured.
+    /// `client` fetches the token signing keys, when `[jwt]` is configured. `previous`: the
+    /// authenticator this one replaces on a reload.
     pub fn new(
         consumers: &[ConsumerConfig],
         jwt: Option<&JwtConfig>,
         client: &HttpsClient,
+        previous: Option<&Authenticator>,
     ) -> Self {
+        let kept = previous
+            .and_then(|p| p.jwt.as_ref())
+            .filter(|v| Some(v.config()) == jwt)
+            .cloned();
         Self {
             keys: consumers
                 .iter()
@@ -51,7 +59,8 @@ impl Authenticator {
                 .iter()
                 .filter_map(|c| c.jwt.clone().map(|v| (v, Arc::from(c.name.as_str()))))
                 .collect(),
-            jwt: jwt.map(|j| JwtValidator::new(j.clone(), client.clone())),
+            jwt: kept
+                .or_else(|| jwt.map(|j| Arc::new(JwtValidator::new(j.clone(), client.clone())))),
             enabled: !consumers.is_empty(),
         }
     }
@@ -153,7 +162,7 @@ mod tests {
             consumer("team-a", b"key-of-team-a-123456"),
             consumer("team-b", b"key-of-team-b-123456"),
         ];
-        Authenticator::new(&consumers, None, &client())
+        Authenticator::new(&consumers, None, &client(), None)
     }
 
     fn headers(name: &'static str, value: &str) -> HeaderMap {
@@ -190,7 +199,7 @@ mod tests {
             let e = a.authenticate(&h).await.unwrap_err();
             assert_eq!(e.kind, ErrorKind::Unauthorized);
         }
-        let open = Authenticator::new(&[], None, &client());
+        let open = Authenticator::new(&[], None, &client(), None);
         assert_eq!(open.authenticate(&HeaderMap::new()).await.unwrap(), None);
     }
 }

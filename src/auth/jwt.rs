@@ -51,6 +51,10 @@ impl JwtValidator {
         }
     }
 
+    pub fn config(&self) -> &JwtConfig {
+        &self.config
+    }
+
     pub fn claim_name(&self) -> &str {
         &self.config.claim
     }

@@ -33,7 +33,7 @@ pub enum Availability {
     Probing,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Health {
     cooldown_until: Option<Instant>,
     state: CircuitState,

@@ -86,9 +86,15 @@ struct TableState {
     /// this deployment, so a spill-over group takes turns among itself.
     rr: Vec<usize>,
     rng: SplitMix64,
+    /// Set when a reload replaced this table: where its backends' state went (old index →
+    /// new index), so leases taken before the reload end their accounting there.
+    successor: Option<Successor>,
 }
 
-#[derive(Debug, Default)]
+/// The table that replaced another, and the old → new backend index map.
+type Successor = (Arc<Table>, Arc<[Option<usize>]>);
+
+#[derive(Debug, Default, Clone)]
 struct Pair {
     health: Health,
     in_flight: u32,
@@ -137,6 +143,8 @@ pub enum Verdict {
 pub struct Lease {
     table: Arc<Table>,
     idx: usize,
+    /// Taken before the table was replaced by a reload (so it accounts in the successor).
+    pre_reload: bool,
     probe: bool,
     reported: bool,
     expected_ttfb: Option<Duration>,
@@ -182,6 +190,39 @@ impl Balancer {
             .clone()
     }
 
+    /// Takes over what `old` learned, after a reload: `map[i]` is the new index of the old
+    /// backend `i` when it is unchanged. Its health, latency, headroom, in-flight count and
+    /// drained flag carry over; leases taken from `old` end in the new tables from now on.
+    pub fn inherit(&self, old: &Balancer, map: &[Option<usize>]) {
+        for (i, d) in old.policy.drained.iter().enumerate() {
+            if let Some(Some(j)) = map.get(i)
+                && let Some(nd) = self.policy.drained.get(*j)
+            {
+                nd.store(d.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        let map: Arc<[Option<usize>]> = Arc::from(map);
+        let old_tables: Vec<Arc<Table>> = read(&old.tables).values().cloned().collect();
+        let mut tables = write(&self.tables);
+        for ot in old_tables {
+            let nt = Arc::new(Table::new(ot.name.clone(), self.policy.clone()));
+            {
+                // Old before new, always: a lease ending on the old table locks in that order.
+                let mut os = lock(&ot.state);
+                let mut ns = lock(&nt.state);
+                for (i, pair) in os.pairs.iter().enumerate() {
+                    if let Some(Some(j)) = map.get(i)
+                        && let Some(slot) = ns.pairs.get_mut(*j)
+                    {
+                        *slot = pair.clone();
+                    }
+                }
+                os.successor = Some((nt.clone(), map.clone()));
+            }
+            tables.insert(ot.name.clone(), nt);
+        }
+    }
+
     /// Whether `deployment` has a table of its own (is within the tracked set).
     pub fn tracks(&self, deployment: &str) -> bool {
         read(&self.tables).contains_key(deployment)
@@ -207,6 +248,7 @@ impl Table {
                 pairs: (0..n).map(|_| Pair::default()).collect(),
                 rr: vec![0; MAX_PRIORITY + 1],
                 rng: SplitMix64::new(seed),
+                successor: None,
             }),
         }
     }
@@ -256,6 +298,7 @@ impl Table {
         Pick::Chosen(Lease {
             table: self.clone(),
             idx,
+            pre_reload: st.successor.is_none(),
             probe,
             reported: false,
             expected_ttfb,
@@ -427,9 +470,14 @@ impl Lease {
     /// Feeds an attempt's outcome back. Call once per attempt.
     pub fn report(&mut self, outcome: Outcome<'_>, now: Instant) -> Verdict {
         self.reported = true;
-        let policy = &self.table.policy;
-        let mut st = lock(&self.table.state);
-        let pair = &mut st.pairs[self.idx];
+        let Some((table, idx)) = self.home() else {
+            return Verdict::Healthy;
+        };
+        let policy = &table.policy;
+        let mut st = lock(&table.state);
+        let Some(pair) = st.pairs.get_mut(idx) else {
+            return Verdict::Healthy;
+        };
         match outcome {
             Outcome::Response {
                 status,
@@ -474,10 +522,35 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// The table and index this lease accounts in: its own, or, when a reload replaced the
+    /// table after the lease was taken, the successor's (none if the backend was removed).
+    fn home(&self) -> Option<(Arc<Table>, usize)> {
+        let mut table = self.table.clone();
+        let mut idx = self.idx;
+        if !self.pre_reload {
+            return Some((table, idx));
+        }
+        loop {
+            let next = lock(&table.state).successor.clone();
+            match next {
+                None => return Some((table, idx)),
+                Some((t, map)) => {
+                    idx = map.get(idx).copied().flatten()?;
+                    table = t;
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut st = lock(&self.table.state);
-        if let Some(pair) = st.pairs.get_mut(self.idx) {
+        let Some((table, idx)) = self.home() else {
+            return;
+        };
+        let mut st = lock(&table.state);
+        if let Some(pair) = st.pairs.get_mut(idx) {
             pair.in_flight = pair.in_flight.saturating_sub(1);
             if self.probe && !self.reported {
                 pair.health.abandon_probe();

@@ -128,7 +128,7 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtConfig {
     pub issuer: String,
     pub audiences: Vec<String>,
@@ -146,7 +146,7 @@ pub struct LimitsConfig {
 }
 
 /// Where limits are counted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitStore {
     /// In this gateway's memory.
     Memory,
@@ -286,7 +286,7 @@ impl fmt::Display for BackendUrl {
 }
 
 /// How the gateway authenticates to a backend. The client's own credentials never reach it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendAuth {
     /// Azure OpenAI key, sent as `api-key`.
     ApiKey(Secret),

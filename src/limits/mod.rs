@@ -84,6 +84,20 @@ pub enum Refusal {
     StoreUnavailable(String),
 }
 
+impl Refusal {
+    /// The limit that refused, as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Rate {
+                what: "requests", ..
+            } => "requests_per_minute",
+            Refusal::Rate { .. } => "tokens_per_minute",
+            Refusal::Quota { .. } => "token_quota",
+            Refusal::StoreUnavailable(_) => "store_unavailable",
+        }
+    }
+}
+
 /// What remains after a request was admitted, for the response headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Remaining {
@@ -191,12 +205,26 @@ impl Limiter {
             .map_or(0, total)
     }
 
+    /// `previous`: the limiter this one replaces on a reload. A consumer whose limit on a scope
+    /// is unchanged keeps its counters there, so a reload hands out no fresh allowance.
     pub fn new(
         consumers: &[ConsumerConfig],
         completion_estimate: u64,
         shared: Option<Arc<Shared>>,
+        previous: Option<&Limiter>,
     ) -> Self {
         let now = Instant::now();
+        let kept = |name: &str, scope: Option<&str>, limits: &ConsumerLimits| {
+            let entry = previous?.consumers.get(name)?;
+            let old = match scope {
+                None => entry.overall.as_ref()?,
+                Some(d) => entry.per_deployment.get(d)?,
+            };
+            (old.limits == *limits).then(|| old.clone())
+        };
+        let limiter = |name: &str, scope: Option<&str>, limits: &ConsumerLimits| {
+            kept(name, scope, limits).or_else(|| limiter_for(limits, now))
+        };
         let counts_tokens = consumers.iter().any(|c| {
             c.limits.counts_tokens() || c.deployment_limits.iter().any(|(_, l)| l.counts_tokens())
         });
@@ -208,11 +236,13 @@ impl Limiter {
                 .iter()
                 .map(|c| {
                     let entry = Entry {
-                        overall: limiter_for(&c.limits, now),
+                        overall: limiter(&c.name, None, &c.limits),
                         per_deployment: c
                             .deployment_limits
                             .iter()
-                            .filter_map(|(d, l)| limiter_for(l, now).map(|x| (d.clone(), x)))
+                            .filter_map(|(d, l)| {
+                                limiter(&c.name, Some(d), l).map(|x| (d.clone(), x))
+                            })
                             .collect(),
                     };
                     (Arc::from(c.name.as_str()), entry)

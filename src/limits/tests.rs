@@ -140,6 +140,7 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
         }],
         500,
         None,
+        None,
     );
     let wall = SystemTime::now();
     let body = Bytes::from_static(b"{}");

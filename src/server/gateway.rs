@@ -19,14 +19,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
-use crate::auth::inbound::{Authenticator, Consumer};
+use arc_swap::ArcSwap;
+
+use super::runtime::{ConfigSource, Refreshers, Runtime};
+use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
-use crate::limits::{Admission, Limiter, Refusal};
-use crate::proxy::{AttemptLog, Proxy};
-use crate::telemetry::{BackendLabels, Metrics, RequestLabels, TokenLabels, status_class};
-use crate::upstream::{OutboundRequest, X_REQUEST_ID, clean_response_headers};
+use crate::limits::{Admission, Refusal, Shared};
+use crate::proxy::AttemptLog;
+use crate::telemetry::{
+    BackendLabels, ConsumerRejectionLabels, Metrics, RequestLabels, TokenLabels, status_class,
+};
+use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID, clean_response_headers};
 use crate::usage::{self, Tap, Usage};
 
 static X_BACKEND: header::HeaderName = header::HeaderName::from_static("x-switchyard-backend");
@@ -34,17 +39,26 @@ static X_ATTEMPTS: header::HeaderName = header::HeaderName::from_static("x-switc
 
 /// Shared by every connection of the client listener; built by `server::start`.
 pub struct GatewayState {
-    pub(crate) proxy: Proxy,
+    /// What the current config makes of the request path; swapped whole by a reload.
+    pub(super) runtime: ArcSwap<Runtime>,
     pub(super) metrics: Arc<Metrics>,
-    pub(super) max_body_bytes: usize,
-    /// Owns the WebSocket tunnels, which outlive the request that opened them.
+    /// Owns the WebSocket tunnels, which outlive the request that opened them, and the token
+    /// refreshers.
     pub(super) tasks: TaskTracker,
     pub(super) shutdown: CancellationToken,
-    pub(super) auth: Authenticator,
-    pub(super) limiter: Limiter,
     /// How long open tunnels may go on after a stop signal, like any other in-flight exchange.
     pub(super) grace: std::time::Duration,
     pub(super) ids: crate::ids::IdGen,
+    /// Fetches tokens and signing keys from the identity platform.
+    pub(super) identity_client: HttpsClient,
+    /// The shared limits store; set at start, kept across reloads.
+    pub(super) shared: Option<Arc<Shared>>,
+    pub(super) refreshers: Refreshers,
+    pub(super) source: Option<ConfigSource>,
+    /// Held for the whole of a reload: one at a time.
+    pub(super) reloading: tokio::sync::Mutex<()>,
+    /// The file's text as last read by a reload, so the watcher does not reload it again.
+    pub(super) last_text: std::sync::Mutex<Option<String>>,
 }
 
 pub async fn handle(
@@ -75,14 +89,16 @@ pub async fn handle(
     guard.log.method = req.method().to_string();
     guard.log.path = req.uri().path().chars().take(256).collect();
 
+    // The config as of now, for the whole request: a reload does not change it half-way.
+    let rt = state.runtime();
     // Who is calling comes first: nothing about an unauthenticated request is read further.
-    let consumer = state.auth.authenticate(req.headers()).await;
+    let consumer = rt.auth.authenticate(req.headers()).await;
     let consumer_name = match &consumer {
         Ok(Some(c)) => c.name.clone(),
         _ => Arc::from("-"),
     };
     let outcome = match consumer {
-        Ok(c) => serve(&state, req, &request_id, c.as_ref(), &mut guard.log).await,
+        Ok(c) => serve(&state, &rt, req, &request_id, c.as_ref(), &mut guard.log).await,
         Err(e) => Err((None, 0, e)),
     };
     let (answer_backend, attempts, lease, limit, mut resp) = match outcome {
@@ -95,7 +111,7 @@ pub async fn handle(
         ),
         Err((backend, attempts, e)) => (backend, attempts, None, None, e.into_response()),
     };
-    let backend_name = answer_backend.map(|i| state.proxy.backends[i].name.clone());
+    let backend_name = answer_backend.map(|i| rt.proxy.backends[i].name.clone());
 
     let status = resp.status();
     let h = resp.headers_mut();
@@ -111,7 +127,7 @@ pub async fn handle(
     let label = backend_name.as_deref().unwrap_or("none").to_string();
     let deployment_label = match &guard.log.deployment {
         None => "-".to_string(),
-        Some(d) if state.proxy.balancer().tracks(d) => d.clone(),
+        Some(d) if rt.proxy.balancer().tracks(d) => d.clone(),
         Some(_) => "other".to_string(),
     };
     state
@@ -224,6 +240,7 @@ type Failed = (Option<usize>, u32, GatewayError);
 
 async fn serve(
     state: &GatewayState,
+    rt: &Runtime,
     req: Request<Incoming>,
     request_id: &HeaderValue,
     consumer: Option<&Consumer>,
@@ -246,7 +263,7 @@ async fn serve(
     let route = api::route(path, pq).map_err(|e| (None, 0, e))?;
     let upgrade = route.upgrade_allowed && parts.headers.contains_key(header::UPGRADE);
 
-    let mut body = read_body(body, &parts.headers, state.max_body_bytes)
+    let mut body = read_body(body, &parts.headers, rt.config.server.max_body_bytes)
         .await
         .map_err(|e| (None, 0, e))?;
     let model = if route.model_in_body {
@@ -260,7 +277,7 @@ async fn serve(
     // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
     let mut limit = None;
     if let Some(c) = consumer {
-        let admitted = state
+        let admitted = rt
             .limiter
             .admit(
                 &c.name,
@@ -270,7 +287,17 @@ async fn serve(
                 std::time::SystemTime::now(),
             )
             .await
-            .map_err(|r| (None, 0, refusal(&c.name, r)))?;
+            .map_err(|r| {
+                state
+                    .metrics
+                    .consumer_rejections
+                    .get_or_create(&ConsumerRejectionLabels {
+                        consumer: c.name.to_string(),
+                        reason: r.reason(),
+                    })
+                    .inc();
+                (None, 0, refusal(&c.name, r))
+            })?;
         if let Some(admission) = admitted {
             // Settling needs a stream's usage: ask for it, and take it out again on the way back.
             let mut strip = false;
@@ -294,7 +321,7 @@ async fn serve(
         request_id,
         upgrade,
     };
-    let answer = state
+    let answer = rt
         .proxy
         .forward(&outbound, deployment, &mut log.attempts_log)
         .await;

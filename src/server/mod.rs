@@ -1,6 +1,7 @@
 //! Listeners, connection handling and graceful shutdown. No business logic here.
 
 mod gateway;
+mod runtime;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,17 +20,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::outbound::TokenProvider;
-use crate::balancer::{Balancer, Policy};
+use arc_swap::ArcSwap;
+
 use crate::body::BoxBody;
 use crate::config::{Config, LimitStore};
 use crate::limits::Shared;
-use crate::proxy::Proxy;
-use crate::routing::Router;
 use crate::telemetry::Metrics;
-use crate::upstream::{Backend, Upstream};
 
 pub use gateway::GatewayState;
+pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
 
 const IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -38,10 +37,16 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    pub state: Arc<GatewayState>,
     tasks: TaskTracker,
 }
 
 impl Gateway {
+    /// Reloads the config from its file, as SIGHUP and `POST /admin/reload` do.
+    pub async fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+        self.state.reload(trigger).await
+    }
+
     /// Waits until both listeners have drained after the shutdown token fired.
     pub async fn wait(self) {
         self.tasks.close();
@@ -53,17 +58,18 @@ impl Gateway {
 /// Cancelling `shutdown` stops accepting, lets in-flight requests and streams finish within
 /// `server.shutdown_grace`, then ends every connection that is left.
 pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Result<Gateway> {
+    start_with(config, None, shutdown).await
+}
+
+/// [`start`], reloading the config from `source` on `POST /admin/reload` and, as the source
+/// says, on SIGHUP and when the file changes.
+pub async fn start_with(
+    config: Config,
+    source: Option<ConfigSource>,
+    shutdown: CancellationToken,
+) -> std::io::Result<Gateway> {
     let metrics = Arc::new(Metrics::new());
     let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
-    let credentials: Vec<Arc<TokenProvider>> =
-        crate::auth::outbound::providers(&config.backends, &identity_client);
-    let backends = config
-        .backends
-        .iter()
-        .map(|b| Backend::new(b, &credentials))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(std::io::Error::other)?;
-    let upstream = Upstream::new(&config.routing)?;
     let shared = match &config.limits.store {
         LimitStore::Memory => None,
         LimitStore::Redis {
@@ -76,15 +82,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
             Some(Shared::new(redis, *fail_closed, metrics.clone()))
         }
     };
-    let proxy = Proxy::new(
-        backends,
-        Balancer::new(Policy::from_config(&config)),
-        Router::new(&config),
-        upstream,
-        config.routing.clone(),
-        metrics.clone(),
-        shared.clone(),
-    );
 
     let listener = TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
@@ -96,37 +93,53 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
 
     let tasks = TaskTracker::new();
     let grace = config.server.shutdown_grace;
-    // Tokens are fetched from the start, so the first requests find them ready.
-    for provider in &credentials {
-        let provider = provider.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { provider.refresh_loop(shutdown).await });
-    }
-    let state = Arc::new(GatewayState {
-        proxy,
+    let last_text = match &source {
+        Some(s) => tokio::fs::read_to_string(&s.path).await.ok(),
+        None => None,
+    };
+    let watch = source.as_ref().and_then(|s| s.watch);
+    let sighup = source.as_ref().is_some_and(|s| s.sighup);
+    let parts = runtime::Parts {
+        metrics: &metrics,
+        identity_client: &identity_client,
+        shared: &shared,
+    };
+    let rt = runtime::build(&parts, config, None)?;
+    let state = GatewayState {
+        runtime: ArcSwap::from_pointee(rt),
         metrics: metrics.clone(),
-        max_body_bytes: config.server.max_body_bytes,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
-        auth: crate::auth::inbound::Authenticator::new(
-            &config.consumers,
-            config.jwt.as_ref(),
-            &identity_client,
-        ),
-        limiter: crate::limits::Limiter::new(
-            &config.consumers,
-            config.limits.completion_estimate,
-            shared.clone(),
-        ),
         grace,
         ids: crate::ids::IdGen::new(),
-    });
+        identity_client,
+        shared: shared.clone(),
+        refreshers: Default::default(),
+        source,
+        reloading: tokio::sync::Mutex::new(()),
+        last_text: std::sync::Mutex::new(last_text),
+    };
+    // Tokens are fetched from the start, so the first requests find them ready.
+    state.start_refreshers(&state.runtime());
+    metrics.config_generation.set(1);
+    let state = Arc::new(state);
     if let Some(shared) = &shared {
         let state = state.clone();
         tasks.spawn(shared.clone().run(
-            move |deployment, backend, wait| state.proxy.remote_cooldown(deployment, backend, wait),
+            move |deployment, backend, wait| {
+                state
+                    .runtime()
+                    .proxy
+                    .remote_cooldown(deployment, backend, wait)
+            },
             shutdown.clone(),
         ));
+    }
+    if sighup {
+        tasks.spawn(runtime::on_sighup(state.clone(), shutdown.clone()));
+    }
+    if let Some(every) = watch {
+        tasks.spawn(runtime::watch(state.clone(), every, shutdown.clone()));
     }
     {
         let shutdown = shutdown.clone();
@@ -142,10 +155,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         let admin_state = Arc::new(crate::admin::AdminState {
             metrics: metrics.clone(),
             stopping: shutdown.clone(),
-            credentials,
             shared: shared.clone(),
             gateway: state.clone(),
-            config: Arc::new(config.clone()),
         });
         tasks.spawn(serve(
             admin,
@@ -159,6 +170,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         addr,
         admin_addr,
         metrics,
+        state,
         tasks,
     })
 }

@@ -164,6 +164,61 @@ pub async fn gateway_env(
     }
 }
 
+/// A config file for reload tests, removed on drop.
+pub struct ConfigFile {
+    pub path: std::path::PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("switchyard-test-{}-{n}.toml", std::process::id()));
+        let f = ConfigFile { path };
+        f.write(text);
+        f
+    }
+
+    /// Replaces the content in one step (write aside, rename), as editors and Kubernetes do.
+    pub fn write(&self, text: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A gateway started from `file`, reloadable from it (`watch`: look at the file this often).
+pub async fn gateway_from_file(file: &ConfigFile, watch: Option<std::time::Duration>) -> Running {
+    switchyard::install_crypto_provider();
+    let text = std::fs::read_to_string(&file.path).unwrap();
+    let cfg = Config::parse(&text, &|_| None).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let source = switchyard::server::ConfigSource {
+        path: file.path.clone(),
+        lookup: std::sync::Arc::new(|_| None),
+        sighup: false,
+        watch,
+    };
+    let shutdown = CancellationToken::new();
+    let gateway = switchyard::server::start_with(cfg, Some(source), shutdown.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{}", gateway.addr);
+    let admin = format!("http://{}", gateway.admin_addr.unwrap());
+    Running {
+        gateway,
+        base,
+        admin,
+        shutdown,
+    }
+}
+
 pub fn client() -> reqwest::Client {
     switchyard::install_crypto_provider();
     reqwest::Client::builder().build().unwrap()

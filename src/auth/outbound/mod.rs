@@ -25,8 +25,13 @@ pub enum Credential {
 }
 
 /// One token provider per distinct Entra credential (flow, identity and scope) among the
-/// backends: backends that share an identity share its token and its refreshes.
-pub fn providers(backends: &[BackendConfig], client: &HttpsClient) -> Vec<Arc<TokenProvider>> {
+/// backends: backends that share an identity share its token and its refreshes. A provider in
+/// `reuse` (the running ones, on a reload) is kept for its credential, token and all.
+pub fn providers(
+    backends: &[BackendConfig],
+    client: &HttpsClient,
+    reuse: &[Arc<TokenProvider>],
+) -> Vec<Arc<TokenProvider>> {
     let mut groups: Vec<(EntraCredential, Vec<String>)> = Vec::new();
     for b in backends {
         if let BackendAuth::Entra(c) = &b.auth {
@@ -38,8 +43,25 @@ pub fn providers(backends: &[BackendConfig], client: &HttpsClient) -> Vec<Arc<To
     }
     groups
         .into_iter()
-        .map(|(c, names)| Arc::new(TokenProvider::new(names, c, client.clone())))
+        .map(
+            |(c, names)| match reuse.iter().find(|p| *p.credential() == c) {
+                Some(p) => p.clone(),
+                None => Arc::new(TokenProvider::new(names, c, client.clone())),
+            },
+        )
         .collect()
+}
+
+/// Which backends each provider serves under `backends` (after a reload, the set may differ).
+pub fn assign(providers: &[Arc<TokenProvider>], backends: &[BackendConfig]) {
+    for p in providers {
+        let names = backends
+            .iter()
+            .filter(|b| matches!(&b.auth, BackendAuth::Entra(c) if c == p.credential()))
+            .map(|b| b.name.clone())
+            .collect();
+        p.set_backends(names);
+    }
 }
 
 impl Credential {
@@ -58,10 +80,10 @@ impl Credential {
                 v.set_sensitive(true);
                 Credential::Static(HeaderName::from_static("api-key"), v)
             }
-            BackendAuth::Entra(_) => Credential::Token(
+            BackendAuth::Entra(c) => Credential::Token(
                 providers
                     .iter()
-                    .find(|p| p.backends.iter().any(|n| n == backend))
+                    .find(|p| p.credential() == c)
                     .cloned()
                     .ok_or_else(|| format!("backend {backend}: no token provider was set up"))?,
             ),

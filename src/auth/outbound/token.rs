@@ -76,8 +76,9 @@ struct State {
 }
 
 pub struct TokenProvider {
-    /// The backends it serves: one token per distinct credential and scope, shared.
-    pub backends: Vec<String>,
+    /// The backends it serves: one token per distinct credential and scope, shared. A reload
+    /// may change the set while the token lives on.
+    backends: RwLock<Vec<String>>,
     credential: EntraCredential,
     client: HttpsClient,
     state: RwLock<State>,
@@ -88,7 +89,7 @@ pub struct TokenProvider {
 impl TokenProvider {
     pub fn new(backends: Vec<String>, credential: EntraCredential, client: HttpsClient) -> Self {
         Self {
-            backends,
+            backends: RwLock::new(backends),
             credential,
             client,
             state: RwLock::new(State::default()),
@@ -102,7 +103,23 @@ impl TokenProvider {
 
     /// The backends it serves, for logs and messages.
     pub fn label(&self) -> String {
-        self.backends.join(", ")
+        read(&self.backends).join(", ")
+    }
+
+    pub fn backends(&self) -> Vec<String> {
+        read(&self.backends).clone()
+    }
+
+    pub fn serves(&self, backend: &str) -> bool {
+        read(&self.backends).iter().any(|n| n == backend)
+    }
+
+    pub fn set_backends(&self, backends: Vec<String>) {
+        *crate::sync::write(&self.backends) = backends;
+    }
+
+    pub fn credential(&self) -> &EntraCredential {
+        &self.credential
     }
 
     fn cached(&self, now: Instant) -> Option<HeaderValue> {

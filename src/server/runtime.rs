@@ -1,0 +1,415 @@
+//! Config reload. What the request path reads from the config (a [`Runtime`]) is built whole,
+//! off the request path, and swapped in atomically; a request keeps the runtime it started with
+//! until it ends. Backends a reload leaves unchanged keep their health, in-flight counts, latency
+//! averages and drained flag; consumers keep their limit counters; credentials keep their
+//! tokens. An invalid config is refused with its error and the running one goes on serving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::GatewayState;
+use crate::auth::inbound::Authenticator;
+use crate::auth::outbound::{self, TokenProvider};
+use crate::balancer::{Balancer, Policy};
+use crate::config::Config;
+use crate::limits::{Limiter, Shared};
+use crate::proxy::Proxy;
+use crate::routing::Router;
+use crate::sync::lock;
+use crate::telemetry::{Metrics, ReloadLabels};
+use crate::upstream::{Backend, HttpsClient, Upstream};
+
+/// Everything the request path reads from one config.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub(crate) proxy: Proxy,
+    pub(crate) auth: Authenticator,
+    pub(crate) limiter: Limiter,
+    /// Every backend's Entra credential.
+    pub credentials: Vec<Arc<TokenProvider>>,
+    /// 1 for the config the gateway started with, one more per applied reload.
+    pub generation: u64,
+}
+
+/// Looks an environment variable up.
+pub type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Where reloads read the config from, and what triggers them besides `POST /admin/reload`.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Looks `${VAR}` names up: the process environment, outside tests.
+    pub lookup: Lookup,
+    /// Reload on SIGHUP.
+    pub sighup: bool,
+    /// Look at the file this often and reload when it changed (`None`: don't watch).
+    pub watch: Option<Duration>,
+}
+
+impl ConfigSource {
+    /// A config file with `${VAR}` taken from the environment, reloaded on SIGHUP and on change.
+    pub fn file(path: PathBuf) -> Self {
+        Self {
+            path,
+            lookup: Arc::new(|name| std::env::var(name).ok()),
+            sighup: true,
+            watch: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// What set a reload off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Admin,
+    File,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::Admin => "admin",
+            Trigger::File => "file",
+        }
+    }
+}
+
+/// Why a reload was not applied.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The gateway was started from a config in memory: there is nothing to reload.
+    NoSource,
+    /// The file cannot be read or the config is invalid (the message names the field).
+    Invalid(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::NoSource => {
+                f.write_str("the gateway was not started from a config file; nothing to reload")
+            }
+            ReloadError::Invalid(e) => f.write_str(e),
+        }
+    }
+}
+
+/// What an applied reload changed.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub generation: u64,
+    /// Backends whose state carried over (same name, URL and credential).
+    pub kept: Vec<String>,
+    /// Backends that start fresh: new, or with a changed URL or credential.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Settings that changed in the file but take effect only at a restart (kept as running).
+    pub restart_required: Vec<&'static str>,
+}
+
+impl Reloaded {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "status": "applied",
+            "generation": self.generation,
+            "backends": {"kept": self.kept, "added": self.added, "removed": self.removed},
+            "restart_required": self.restart_required,
+        })
+    }
+}
+
+/// The running token refreshers, each with the token that stops it.
+pub(super) type Refreshers = Mutex<Vec<(Arc<TokenProvider>, CancellationToken)>>;
+
+/// `map[i]`: the index in `new` of `old`'s backend `i`, when its name, URL and credential are
+/// unchanged (the same endpoint reached the same way, so what was learned of it still holds).
+pub fn backend_map(old: &Config, new: &Config) -> Vec<Option<usize>> {
+    old.backends
+        .iter()
+        .map(|o| {
+            new.backends
+                .iter()
+                .position(|n| n.name == o.name && n.url == o.url && n.auth == o.auth)
+        })
+        .collect()
+}
+
+/// Settings a running gateway cannot change (its sockets and its limits store): reset to the
+/// running values, and named, so the operator hears they wait for a restart.
+fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.server.listen != running.server.listen {
+        changed.push("server.listen");
+        new.server.listen = running.server.listen;
+    }
+    if new.server.admin_listen != running.server.admin_listen {
+        changed.push("server.admin_listen");
+        new.server.admin_listen = running.server.admin_listen;
+    }
+    if new.server.shutdown_grace != running.server.shutdown_grace {
+        changed.push("server.shutdown_grace");
+        new.server.shutdown_grace = running.server.shutdown_grace;
+    }
+    if new.limits.store != running.limits.store {
+        changed.push("limits.store");
+        new.limits.store = running.limits.store.clone();
+    }
+    changed
+}
+
+/// What every runtime is built with: set up once at start.
+pub(super) struct Parts<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    pub identity_client: &'a HttpsClient,
+    pub shared: &'a Option<Arc<Shared>>,
+}
+
+/// Builds a runtime for `config`, taking over what `previous` learned.
+pub(super) fn build(
+    parts: &Parts<'_>,
+    config: Config,
+    previous: Option<&Runtime>,
+) -> std::io::Result<Runtime> {
+    let reuse = previous.map_or(&[][..], |p| p.credentials.as_slice());
+    let credentials = outbound::providers(&config.backends, parts.identity_client, reuse);
+    let backends = config
+        .backends
+        .iter()
+        .map(|b| Backend::new(b, &credentials))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)?;
+    let upstream = match previous {
+        Some(p) => p.proxy.upstream().reconfigure(&config.routing)?,
+        None => Upstream::new(&config.routing)?,
+    };
+    let proxy = Proxy::new(
+        backends,
+        Balancer::new(Policy::from_config(&config)),
+        Router::new(&config),
+        upstream,
+        config.routing.clone(),
+        parts.metrics.clone(),
+        parts.shared.clone(),
+    );
+    let auth = Authenticator::new(
+        &config.consumers,
+        config.jwt.as_ref(),
+        parts.identity_client,
+        previous.map(|p| &p.auth),
+    );
+    let limiter = Limiter::new(
+        &config.consumers,
+        config.limits.completion_estimate,
+        parts.shared.clone(),
+        previous.map(|p| &p.limiter),
+    );
+    if let Some(p) = previous {
+        // Last, once nothing can fail: from here leases of the old runtime end in this one.
+        proxy.inherit(&p.proxy, &backend_map(&p.config, &config));
+    }
+    Ok(Runtime {
+        generation: previous.map_or(1, |p| p.generation + 1),
+        config: Arc::new(config),
+        proxy,
+        auth,
+        limiter,
+        credentials,
+    })
+}
+
+impl GatewayState {
+    /// The runtime new requests get.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Starts refreshing the credentials `rt` added and stops those it no longer uses.
+    pub(super) fn start_refreshers(&self, rt: &Runtime) {
+        outbound::assign(&rt.credentials, &rt.config.backends);
+        let mut running = lock(&self.refreshers);
+        running.retain(|(p, stop)| {
+            let used = rt.credentials.iter().any(|c| Arc::ptr_eq(c, p));
+            if !used {
+                stop.cancel();
+            }
+            used
+        });
+        for p in &rt.credentials {
+            if running.iter().any(|(r, _)| Arc::ptr_eq(r, p)) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            let provider = p.clone();
+            let s = stop.clone();
+            self.tasks
+                .spawn(async move { provider.refresh_loop(s).await });
+            running.push((p.clone(), stop));
+        }
+    }
+
+    /// Reads the config file again and, if it is valid, swaps it in. One reload at a time.
+    pub async fn reload(self: &Arc<Self>, trigger: Trigger) -> Result<Reloaded, ReloadError> {
+        let Some(source) = &self.source else {
+            return Err(ReloadError::NoSource);
+        };
+        let _one = self.reloading.lock().await;
+        let text = match tokio::fs::read_to_string(&source.path).await {
+            Ok(t) => t,
+            Err(e) => {
+                let e = ReloadError::Invalid(format!("cannot read {}: {e}", source.path.display()));
+                self.rejected(trigger, &e);
+                return Err(e);
+            }
+        };
+        *lock(&self.last_text) = Some(text.clone());
+        let state = self.clone();
+        let lookup = source.lookup.clone();
+        // Validation, token-counting tables and client set-up may take a while: not on a
+        // runtime worker that is serving requests.
+        let built = tokio::task::spawn_blocking(move || {
+            let mut config =
+                Config::parse(&text, &*lookup).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+            let previous = state.runtime();
+            let restart_required = keep_restart_only(&mut config, &previous.config);
+            let parts = Parts {
+                metrics: &state.metrics,
+                identity_client: &state.identity_client,
+                shared: &state.shared,
+            };
+            let rt = build(&parts, config, Some(&previous))
+                .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+            Ok::<_, ReloadError>((rt, previous, restart_required))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Invalid(format!("reload task failed: {e}"))));
+        let (rt, previous, restart_required) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.rejected(trigger, &e);
+                return Err(e);
+            }
+        };
+        let map = backend_map(&previous.config, &rt.config);
+        let kept_new: Vec<usize> = map.iter().flatten().copied().collect();
+        let report = Reloaded {
+            generation: rt.generation,
+            kept: map
+                .iter()
+                .flatten()
+                .map(|&j| rt.config.backends[j].name.clone())
+                .collect(),
+            added: (0..rt.config.backends.len())
+                .filter(|j| !kept_new.contains(j))
+                .map(|j| rt.config.backends[j].name.clone())
+                .collect(),
+            removed: map
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.is_none())
+                .map(|(i, _)| previous.config.backends[i].name.clone())
+                .collect(),
+            restart_required,
+        };
+        let rt = Arc::new(rt);
+        self.start_refreshers(&rt);
+        self.runtime.store(rt);
+        self.metrics.config_generation.set(report.generation as i64);
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels {
+                result: "applied",
+                trigger: trigger.as_str(),
+            })
+            .inc();
+        tracing::info!(
+            trigger = trigger.as_str(),
+            generation = report.generation,
+            kept = %report.kept.join(","),
+            added = %report.added.join(","),
+            removed = %report.removed.join(","),
+            "config reloaded"
+        );
+        if !report.restart_required.is_empty() {
+            tracing::warn!(
+                settings = %report.restart_required.join(", "),
+                "these settings changed but take effect only after a restart; running with the old values"
+            );
+        }
+        Ok(report)
+    }
+
+    fn rejected(&self, trigger: Trigger, e: &ReloadError) {
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels {
+                result: "rejected",
+                trigger: trigger.as_str(),
+            })
+            .inc();
+        tracing::error!(trigger = trigger.as_str(), error = %e, "config reload rejected; the running config keeps serving");
+    }
+}
+
+/// Reloads on SIGHUP until shutdown.
+pub(super) async fn on_sighup(state: Arc<GatewayState>, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let _ = state.reload(Trigger::Signal).await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (state, shutdown);
+    }
+}
+
+/// Reloads when the file's content changes, once it has held still for one look (an editor
+/// half-way through a write is not read as an invalid config).
+pub(super) async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: CancellationToken) {
+    let Some(path) = state.source.as_ref().map(|s| s.path.clone()) else {
+        return;
+    };
+    let mut pending: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        // A missing file (mid-rename) is looked at again next time.
+        let Ok(now) = tokio::fs::read_to_string(&path).await else {
+            continue;
+        };
+        if lock(&state.last_text).as_deref() == Some(now.as_str()) {
+            pending = None;
+            continue;
+        }
+        if pending.as_deref() == Some(now.as_str()) {
+            pending = None;
+            let _ = state.reload(Trigger::File).await;
+        } else {
+            pending = Some(now);
+        }
+    }
+}
