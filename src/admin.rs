@@ -21,6 +21,9 @@ pub struct AdminState {
     pub shared: Option<Arc<crate::limits::Shared>>,
     /// The client-facing side, whose backends the admin API reports on, drains and reloads.
     pub gateway: Arc<crate::server::GatewayState>,
+    /// The backends' recent history, for the status page.
+    pub history: Arc<crate::status::History>,
+    pub started: std::time::SystemTime,
 }
 
 pub async fn handle(
@@ -32,6 +35,21 @@ pub async fn handle(
         return Ok(admin_api(&state, &req, &path).await);
     }
     let resp = match path.as_str() {
+        // The page holds no data: it reads `/admin/status`, behind the admin key.
+        "/" => {
+            let mut r = text(
+                StatusCode::OK,
+                crate::status::PAGE,
+                "text/html; charset=utf-8",
+            );
+            r.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+                ),
+            );
+            r
+        }
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => readiness(&state),
         "/metrics" => text(
@@ -84,6 +102,7 @@ async fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> R
     let json = |v: serde_json::Value| text(StatusCode::OK, v.to_string(), "application/json");
     match (req.method().as_str(), path) {
         ("GET", "/admin/backends") => json(backends_json(&rt)),
+        ("GET", "/admin/status") => json(status_json(state, &rt)),
         ("GET", "/admin/config") => {
             let mut v = rt.config.redacted_json();
             v["generation"] = rt.generation.into();
@@ -127,7 +146,7 @@ async fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> R
         }
         _ => GatewayError::new(
             ErrorKind::NotFound,
-            "admin routes: GET /admin/backends, GET /admin/config, POST /admin/reload, POST /admin/backends/{name}/drain|enable",
+            "admin routes: GET /admin/backends, GET /admin/status, GET /admin/config, POST /admin/reload, POST /admin/backends/{name}/drain|enable",
         )
         .into_response(),
     }
@@ -193,6 +212,69 @@ fn backends_json(rt: &Runtime) -> serde_json::Value {
         })
         .collect();
     json!({ "backends": out })
+}
+
+/// `/admin/backends` plus each backend's last minute (share of traffic, 429s, tokens, latency)
+/// and recent series: what the status page draws.
+fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
+    let mut v = backends_json(rt);
+    let empty = Vec::new();
+    let list = v["backends"].as_array().unwrap_or(&empty).clone();
+    let mut out = Vec::with_capacity(list.len());
+    for (idx, mut b) in list.into_iter().enumerate() {
+        let name = b["name"].as_str().unwrap_or_default().to_string();
+        let h = state.history.backend_json(&name);
+        b["minute"] = h["minute"].clone();
+        b["series"] = h["series"].clone();
+        b["priority"] = rt.config.backends.get(idx).map(|c| c.priority).into();
+        b["weight"] = rt.config.backends.get(idx).map(|c| c.weight).into();
+        let deployments = b["deployments"].as_array().unwrap_or(&empty).clone();
+        b["in_flight"] = deployments
+            .iter()
+            .map(|d| d["in_flight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            .into();
+        // The backend's worst state over its deployments, and how long it lasts.
+        let rank = |s: &str| match s {
+            "circuit_open" => 3,
+            "cooling_down" => 2,
+            "probing" => 1,
+            _ => 0,
+        };
+        let worst = deployments
+            .iter()
+            .max_by_key(|d| rank(d["state"].as_str().unwrap_or("")))
+            .cloned();
+        b["state"] = if b["drained"] == true {
+            "drained".into()
+        } else {
+            worst
+                .as_ref()
+                .map_or("healthy".into(), |d| d["state"].clone())
+        };
+        b["available_in_ms"] =
+            worst.map_or(serde_json::Value::Null, |d| d["available_in_ms"].clone());
+        out.push(b);
+    }
+    let total: u64 = out
+        .iter()
+        .map(|b| b["minute"]["requests"].as_u64().unwrap_or(0))
+        .sum();
+    for b in &mut out {
+        let n = b["minute"]["requests"].as_u64().unwrap_or(0);
+        b["share"] = if total > 0 {
+            (n as f64 / total as f64).into()
+        } else {
+            serde_json::Value::Null
+        };
+    }
+    v["backends"] = out.into();
+    v["generation"] = rt.generation.into();
+    v["sample_every_s"] = crate::status::SAMPLE_EVERY.as_secs().into();
+    v["uptime_s"] = state.started.elapsed().map_or(0, |d| d.as_secs()).into();
+    v["in_flight"] = state.metrics.in_flight.get().into();
+    v["strategy"] = rt.config.routing.strategy.as_str().into();
+    v
 }
 
 /// Ready when not stopping and every backend's credential holds a valid token. The body says

@@ -22,6 +22,7 @@ pub mod rng;
 pub mod routing;
 pub mod server;
 pub mod sim;
+pub mod status;
 pub mod sync;
 pub mod telemetry;
 pub mod upstream;

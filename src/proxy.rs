@@ -25,7 +25,7 @@ use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::Shared;
 use crate::routing::Router;
-use crate::telemetry::{AttemptLabels, BackendLabels, Metrics};
+use crate::telemetry::{AttemptLabels, BackendLabels, BackendStats, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
 /// A retried response is kept (up to this size) in case every later attempt fails without one:
@@ -327,6 +327,14 @@ impl Proxy {
             outcome: outcome.to_string(),
         };
         count(&self.metrics.attempts, &labels);
+        let stats = &backend.stats;
+        match outcome {
+            "429" => BackendStats::add(&stats.throttled, 1),
+            o if o.starts_with('5') || !o.starts_with(|c: char| c.is_ascii_digit()) => {
+                BackendStats::add(&stats.failed, 1)
+            }
+            _ => {}
+        }
         if retried {
             count(&self.metrics.retries, &labels);
         }

@@ -77,6 +77,33 @@ pub struct ReloadLabels {
     pub trigger: &'static str,
 }
 
+/// One backend's running totals for the status page: plain atomics on the backend itself, so
+/// the request path pays an increment, not a label lookup. Kept by name across reloads.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Responses this backend produced that went to a client.
+    pub served: AtomicU64,
+    /// Attempts it answered with 429.
+    pub throttled: AtomicU64,
+    /// Attempts that failed otherwise: 5xx answers, connect errors, timeouts.
+    pub failed: AtomicU64,
+    /// Tokens it reported using (prompt + completion).
+    pub tokens: AtomicU64,
+    /// Time to first byte of the responses it served: sum (µs) and count, for averages.
+    pub ttfb_us: AtomicU64,
+    pub ttfb_count: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,

@@ -21,6 +21,7 @@ use crate::auth::outbound::{Credential, TokenProvider};
 use crate::body::{BoxBody, BoxError};
 use crate::config::{BackendConfig, BackendUrl, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
+use crate::telemetry::BackendStats;
 
 /// The pooled HTTP(S) client used for backends and identity endpoints.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -49,15 +50,23 @@ pub struct Backend {
     pub name: Arc<str>,
     pub url: BackendUrl,
     pub credential: Credential,
+    /// Totals for the status page.
+    pub stats: Arc<BackendStats>,
 }
 
 impl Backend {
-    /// `providers` hold the Entra tokens, for backends that use them.
-    pub fn new(cfg: &BackendConfig, providers: &[Arc<TokenProvider>]) -> Result<Self, String> {
+    /// `providers` hold the Entra tokens, for backends that use them; `stats`: the totals a
+    /// backend of this name had before a reload, if any.
+    pub fn new(
+        cfg: &BackendConfig,
+        providers: &[Arc<TokenProvider>],
+        stats: Option<Arc<BackendStats>>,
+    ) -> Result<Self, String> {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             url: cfg.url.clone(),
             credential: Credential::new(&cfg.name, &cfg.auth, providers)?,
+            stats: stats.unwrap_or_default(),
         })
     }
 }
@@ -371,6 +380,7 @@ mod tests {
                 weight: 1,
             },
             &[],
+            None,
         )
         .unwrap()
     }

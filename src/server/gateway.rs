@@ -29,7 +29,8 @@ use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::AttemptLog;
 use crate::telemetry::{
-    BackendLabels, ConsumerRejectionLabels, Metrics, RequestLabels, TokenLabels, status_class,
+    BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestLabels, TokenLabels,
+    status_class,
 };
 use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID, clean_response_headers};
 use crate::usage::{self, Tap, Usage};
@@ -81,6 +82,7 @@ pub async fn handle(
         tap: None,
         finished: false,
         log: AccessLog::default(),
+        stats: None,
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -143,7 +145,11 @@ pub async fn handle(
     guard.log.status = status.as_u16();
     guard.log.attempts = attempts;
     guard.log.first_byte = started.elapsed();
-    if backend_name.is_some() {
+    let stats = answer_backend.map(|i| rt.proxy.backends[i].stats.clone());
+    if let Some(s) = &stats {
+        BackendStats::add(&s.served, 1);
+        BackendStats::add(&s.ttfb_us, guard.log.first_byte.as_micros() as u64);
+        BackendStats::add(&s.ttfb_count, 1);
         let m = &state.metrics;
         m.time_to_first_byte
             .get_or_create(&BackendLabels {
@@ -182,6 +188,7 @@ pub async fn handle(
     guard.success = status.is_success();
     guard.reservation = limit.map(|l| l.admission);
     guard.tap = tap;
+    guard.stats = stats;
     let tracked = TrackedBody {
         inner: body,
         sse,
@@ -458,6 +465,8 @@ struct RequestGuard {
     tap: Option<Tap>,
     finished: bool,
     log: AccessLog,
+    /// The serving backend's totals, for the status page.
+    stats: Option<Arc<BackendStats>>,
 }
 
 /// What the access log line says of a request, written when its response ends.
@@ -500,6 +509,9 @@ impl RequestGuard {
             "request"
         );
         if let Some(u) = usage {
+            if let Some(s) = &self.stats {
+                BackendStats::add(&s.tokens, u.total_tokens);
+            }
             for (kind, n) in [
                 ("prompt", u.prompt_tokens),
                 ("completion", u.completion_tokens),

@@ -152,11 +152,19 @@ pub async fn start_with(
         ));
     }
     if let Some(admin) = admin {
+        let history = Arc::new(crate::status::History::default());
+        tasks.spawn(crate::status::run(
+            history.clone(),
+            state.clone(),
+            shutdown.clone(),
+        ));
         let admin_state = Arc::new(crate::admin::AdminState {
             metrics: metrics.clone(),
             stopping: shutdown.clone(),
             shared: shared.clone(),
             gateway: state.clone(),
+            history,
+            started: std::time::SystemTime::now(),
         });
         tasks.spawn(serve(
             admin,

@@ -180,7 +180,17 @@ pub(super) fn build(
     let backends = config
         .backends
         .iter()
-        .map(|b| Backend::new(b, &credentials))
+        .map(|b| {
+            // Totals go on under the same name, as the Prometheus counters do.
+            let stats = previous.and_then(|p| {
+                p.proxy
+                    .backends
+                    .iter()
+                    .find(|o| *o.name == *b.name)
+                    .map(|o| o.stats.clone())
+            });
+            Backend::new(b, &credentials, stats)
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
     let upstream = match previous {

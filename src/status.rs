@@ -1,0 +1,163 @@
+//! The live status page's data: a sampler turns each backend's running totals into a short
+//! history (a point every [`SAMPLE_EVERY`], ten minutes kept) that `GET /admin/status` serves
+//! with the backends' current state. The page itself is one embedded file, no external assets.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{GatewayState, Runtime};
+use crate::sync::lock;
+use crate::telemetry::BackendStats;
+
+/// The page served at the admin listener's `/`.
+pub const PAGE: &str = include_str!("status.html");
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// Points kept per backend: ten minutes.
+const KEEP: usize = 300;
+/// Points in the "last minute" figures.
+const MINUTE: usize = (60 / SAMPLE_EVERY.as_secs()) as usize;
+
+/// One backend over one sample interval.
+#[derive(Debug, Clone, Copy, Default)]
+struct Point {
+    /// End of the interval, Unix milliseconds.
+    t: u64,
+    requests: u64,
+    throttled: u64,
+    failed: u64,
+    tokens: u64,
+    /// Mean time to first byte of the requests served in the interval.
+    latency_ms: Option<f64>,
+    in_flight: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    served: u64,
+    throttled: u64,
+    failed: u64,
+    tokens: u64,
+    ttfb_us: u64,
+    ttfb_count: u64,
+}
+
+impl Totals {
+    fn read(s: &BackendStats) -> Self {
+        Self {
+            served: BackendStats::get(&s.served),
+            throttled: BackendStats::get(&s.throttled),
+            failed: BackendStats::get(&s.failed),
+            tokens: BackendStats::get(&s.tokens),
+            ttfb_us: BackendStats::get(&s.ttfb_us),
+            ttfb_count: BackendStats::get(&s.ttfb_count),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Series {
+    last: Totals,
+    points: VecDeque<Point>,
+}
+
+/// Every backend's recent history, by name.
+#[derive(Default)]
+pub struct History {
+    series: Mutex<HashMap<Arc<str>, Series>>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl History {
+    /// Adds a point per backend of `rt`: what happened since the previous sample.
+    pub fn sample(&self, rt: &Runtime, now: SystemTime) {
+        let t = unix_ms(now);
+        let tables = rt.proxy.balancer().tables();
+        let clock = tokio::time::Instant::now();
+        let mut series = lock(&self.series);
+        // Backends a reload removed leave the page with their history.
+        series.retain(|name, _| rt.proxy.backends.iter().any(|b| b.name == *name));
+        for (idx, b) in rt.proxy.backends.iter().enumerate() {
+            let now_totals = Totals::read(&b.stats);
+            let s = series.entry(b.name.clone()).or_insert_with(|| Series {
+                last: now_totals,
+                points: VecDeque::new(),
+            });
+            let d = |a: u64, b: u64| a.saturating_sub(b);
+            let count = d(now_totals.ttfb_count, s.last.ttfb_count);
+            let point = Point {
+                t,
+                requests: d(now_totals.served, s.last.served),
+                throttled: d(now_totals.throttled, s.last.throttled),
+                failed: d(now_totals.failed, s.last.failed),
+                tokens: d(now_totals.tokens, s.last.tokens),
+                latency_ms: (count > 0)
+                    .then(|| d(now_totals.ttfb_us, s.last.ttfb_us) as f64 / count as f64 / 1000.0),
+                in_flight: tables
+                    .iter()
+                    .filter_map(|tb| tb.status(idx, clock))
+                    .map(|st| st.in_flight)
+                    .sum(),
+            };
+            s.last = now_totals;
+            if s.points.len() == KEEP {
+                s.points.pop_front();
+            }
+            s.points.push_back(point);
+        }
+    }
+
+    /// A backend's last minute and its whole kept series, as the page reads them.
+    pub fn backend_json(&self, name: &str) -> Value {
+        let series = lock(&self.series);
+        let Some(s) = series.get(name) else {
+            return json!({"minute": null, "series": null});
+        };
+        let recent: Vec<&Point> = s.points.iter().rev().take(MINUTE).collect();
+        let sum = |f: fn(&Point) -> u64| recent.iter().map(|p| f(p)).sum::<u64>();
+        let timed: Vec<(f64, u64)> = recent
+            .iter()
+            .filter_map(|p| p.latency_ms.map(|l| (l, p.requests)))
+            .collect();
+        let weight: u64 = timed.iter().map(|(_, n)| n).sum();
+        let latency = (weight > 0)
+            .then(|| timed.iter().map(|(l, n)| l * *n as f64).sum::<f64>() / weight as f64);
+        json!({
+            "minute": {
+                "requests": sum(|p| p.requests),
+                "throttled": sum(|p| p.throttled),
+                "failed": sum(|p| p.failed),
+                "tokens": sum(|p| p.tokens),
+                "latency_ms": latency,
+            },
+            "series": {
+                "t": s.points.iter().map(|p| p.t).collect::<Vec<_>>(),
+                "requests": s.points.iter().map(|p| p.requests).collect::<Vec<_>>(),
+                "throttled": s.points.iter().map(|p| p.throttled).collect::<Vec<_>>(),
+                "failed": s.points.iter().map(|p| p.failed).collect::<Vec<_>>(),
+                "tokens": s.points.iter().map(|p| p.tokens).collect::<Vec<_>>(),
+                "latency_ms": s.points.iter().map(|p| p.latency_ms).collect::<Vec<_>>(),
+                "in_flight": s.points.iter().map(|p| p.in_flight).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+/// Samples every [`SAMPLE_EVERY`] until shutdown.
+pub async fn run(history: Arc<History>, state: Arc<GatewayState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => history.sample(&state.runtime(), SystemTime::now()),
+        }
+    }
+}
