@@ -16,7 +16,7 @@ impl IdGen {
         Self::default()
     }
 
-    fn next_u64(&self) -> u64 {
+    pub fn next_u64(&self) -> u64 {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut h = self.key.build_hasher();
         h.write_u64(n);

@@ -10,7 +10,7 @@
 //! if there was one, else a 503.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Response;
@@ -25,6 +25,7 @@ use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::Shared;
 use crate::routing::Router;
+use crate::telemetry::trace::{AttemptRecord, TraceContext};
 use crate::telemetry::{AttemptLabels, BackendLabels, BackendStats, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
@@ -40,6 +41,10 @@ pub struct AttemptLog {
     pub tried: Vec<String>,
     /// Time spent waiting on backends for response headers, all attempts together.
     pub upstream: Duration,
+    /// The request's trace, when tracing is on: each attempt passes its span on to the backend.
+    pub trace: Option<TraceContext>,
+    /// One record per attempt of a sampled trace, for its span.
+    pub spans: Vec<AttemptRecord>,
 }
 
 /// What the loop ends with.
@@ -219,8 +224,44 @@ impl Proxy {
                 .and_then(|c| c.rename.as_deref());
             let sent = Instant::now();
             let is_last = attempt == self.routing.max_attempts;
-            let sent_result = self.upstream.send(backend, req, rename, remaining).await;
+            let span = log
+                .trace
+                .map(|t| (t, t.attempt_span(attempt), SystemTime::now()));
+            let sent_result = self
+                .upstream
+                .send(
+                    backend,
+                    req,
+                    rename,
+                    remaining,
+                    span.map(|(t, id, _)| t.traceparent(id)),
+                )
+                .await;
             log.upstream += sent.elapsed();
+            if let Some((t, span_id, start)) = span
+                && t.sampled
+            {
+                log.spans.push(AttemptRecord {
+                    span_id,
+                    attempt,
+                    backend: backend.name.clone(),
+                    host: backend.url.authority.host().to_string(),
+                    port: backend.url.authority.port_u16().unwrap_or(
+                        if backend.url.scheme == http::uri::Scheme::HTTPS {
+                            443
+                        } else {
+                            80
+                        },
+                    ),
+                    model: rename.map(str::to_string),
+                    start,
+                    duration: sent.elapsed(),
+                    outcome: match &sent_result {
+                        Ok(r) => Ok(r.status().as_u16()),
+                        Err(e) => Err(e.kind.label()),
+                    },
+                });
+            }
             match sent_result {
                 Ok(resp) => {
                     let status = resp.status();

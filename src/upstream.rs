@@ -44,6 +44,7 @@ const HOP_BY_HOP: [&str; 9] = [
 const CLIENT_CREDENTIALS: [&str; 3] = ["api-key", "authorization", "ocp-apim-subscription-key"];
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// A backend as the request path needs it: name, URL, and its credential.
 pub struct Backend {
@@ -163,12 +164,14 @@ impl Upstream {
 
     /// Sends one attempt and waits for the response headers, at most `budget` (and never longer
     /// than `routing.first_byte_timeout`). The body streams later, under the idle timeout.
+    /// `traceparent`: this attempt's span, when the request is traced.
     pub async fn send(
         &self,
         backend: &Backend,
         req: &OutboundRequest<'_>,
         rename: Option<&str>,
         budget: Duration,
+        traceparent: Option<HeaderValue>,
     ) -> Result<Response<BoxBody>, GatewayError> {
         let client = if req.upgrade {
             &self.upgrade_client
@@ -179,7 +182,7 @@ impl Upstream {
         let attempt = async {
             // Inside the timeout: waiting for a token is part of the attempt.
             let auth = backend.credential.header(&backend.name).await?;
-            let request = build_request(backend, req, rename, auth)?;
+            let request = build_request(backend, req, rename, auth, traceparent)?;
             client.request(request).await.map_err(|e| {
                 let kind = if e.is_connect() {
                     ErrorKind::UpstreamConnect
@@ -302,6 +305,7 @@ pub fn build_request(
     req: &OutboundRequest<'_>,
     rename: Option<&str>,
     auth: Option<(HeaderName, HeaderValue)>,
+    traceparent: Option<HeaderValue>,
 ) -> Result<Request<Full<Bytes>>, GatewayError> {
     let url = &backend.url;
     let uri = Uri::builder()
@@ -341,6 +345,11 @@ pub fn build_request(
     }
     if let Some((name, value)) = auth {
         headers.insert(name, value);
+    }
+    // The gateway's attempt span becomes the backend's parent (the caller's `tracestate`, if
+    // any, passes on unchanged).
+    if let Some(tp) = traceparent {
+        headers.insert(TRACEPARENT.clone(), tp);
     }
     headers.insert(X_REQUEST_ID.clone(), req.request_id.clone());
 
@@ -415,7 +424,7 @@ mod tests {
             upgrade: false,
         };
         let b = backend();
-        let out = build_request(&b, &req, None, key(&b)).unwrap();
+        let out = build_request(&b, &req, None, key(&b), None).unwrap();
         assert_eq!(
             out.uri().to_string(),
             "https://east.example:8443/prefix/openai/deployments/d/chat/completions?api-version=2024-10-21"
@@ -429,7 +438,7 @@ mod tests {
         assert!(oh.get("x-hop").is_none());
         assert_eq!(oh["content-type"], "application/json");
         assert_eq!(oh["x-request-id"], "rid-1");
-        let renamed = build_request(&b, &req, Some("gpt-4o-2024-08-06"), key(&b)).unwrap();
+        let renamed = build_request(&b, &req, Some("gpt-4o-2024-08-06"), key(&b), None).unwrap();
         assert_eq!(
             renamed.uri().path(),
             "/prefix/openai/deployments/gpt-4o-2024-08-06/chat/completions"

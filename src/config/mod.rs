@@ -126,6 +126,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Entra ID (or any OIDC) tokens accepted from callers, in `Authorization: Bearer`.
     pub jwt: Option<JwtConfig>,
+    /// OpenTelemetry trace export; off when absent.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where and how spans are exported (OTLP over HTTP, JSON encoding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector's traces URL (`…/v1/traces`).
+    pub endpoint: http::Uri,
+    pub service_name: String,
+    /// Share of new traces recorded (a caller's sampled `traceparent` is always followed).
+    pub sample_ratio: f64,
+    pub export_interval: Duration,
+    /// Sent with every export, e.g. a collector's API key; values are secrets.
+    pub headers: Vec<(http::HeaderName, Secret)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,6 +421,14 @@ impl Config {
             "consumers": consumers,
             "limits": store,
             "jwt": self.jwt.as_ref().map(|j| json!({"issuer": j.issuer, "audience": j.audiences, "jwks_url": j.jwks_url, "claim": j.claim})),
+            // Header values are secrets: only their names are shown.
+            "tracing": self.tracing.as_ref().map(|t| json!({
+                "otlp_endpoint": t.endpoint.to_string(),
+                "service_name": t.service_name,
+                "sample_ratio": t.sample_ratio,
+                "export_interval_ms": t.export_interval.as_millis() as u64,
+                "headers": t.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            })),
         })
     }
 
@@ -458,6 +481,13 @@ impl Config {
                 .map(|(i, n)| format!("{}={n}", self.backends[*i].name))
                 .collect();
             let _ = writeln!(s, "  - {:<16} {}", d.name, names.join(", "));
+        }
+        if let Some(t) = &self.tracing {
+            let _ = writeln!(
+                s,
+                "tracing       OTLP to {} (service {}, sampling {})",
+                t.endpoint, t.service_name, t.sample_ratio
+            );
         }
         s
     }

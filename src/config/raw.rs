@@ -19,6 +19,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     pub jwt: Option<RawJwt>,
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: String,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub export_interval: Option<String>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

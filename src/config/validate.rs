@@ -73,6 +73,7 @@ pub(super) fn validate(
     let jwt = raw.jwt.map(validate_jwt).transpose()?;
     let consumers = validate_consumers(raw.consumers, jwt.is_some())?;
     let limits = validate_limits(raw.limits)?;
+    let tracing = raw.tracing.map(validate_tracing).transpose()?;
     Ok(Config {
         server,
         routing,
@@ -81,6 +82,57 @@ pub(super) fn validate(
         consumers,
         limits,
         jwt,
+        tracing,
+    })
+}
+
+fn validate_tracing(raw: raw::RawTracing) -> Result<TracingConfig, ConfigError> {
+    let base = raw.otlp_endpoint.trim().trim_end_matches('/');
+    // A collector's base address gets the traces path; a full traces URL is taken as it is.
+    let url = if base.ends_with("/v1/traces") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/traces")
+    };
+    let endpoint = url
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .ok_or_else(|| {
+            ConfigError::field(
+                "tracing.otlp_endpoint",
+                format!(
+                    "{:?} is not an http(s) URL (e.g. \"http://localhost:4318\")",
+                    raw.otlp_endpoint
+                ),
+            )
+        })?;
+    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(ConfigError::field(
+            "tracing.sample_ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
+    let mut headers = Vec::with_capacity(raw.headers.len());
+    for (name, value) in raw.headers {
+        let path = format!("tracing.headers.{name}");
+        let n = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::field(&path, "is not a valid header name"))?;
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(ConfigError::field(&path, "is not a valid header value"));
+        }
+        headers.push((n, Secret::new(value)));
+    }
+    Ok(TracingConfig {
+        endpoint,
+        service_name: raw
+            .service_name
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "switchyard".to_string()),
+        sample_ratio,
+        export_interval: opt_duration(raw.export_interval, "tracing.export_interval", 2000)?,
+        headers,
     })
 }
 

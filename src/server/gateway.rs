@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -28,6 +28,7 @@ use crate::body::{BoxBody, BoxError};
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::AttemptLog;
+use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
     BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestLabels, TokenLabels,
     status_class,
@@ -60,6 +61,8 @@ pub struct GatewayState {
     pub(super) reloading: tokio::sync::Mutex<()>,
     /// The file's text as last read by a reload, so the watcher does not reload it again.
     pub(super) last_text: std::sync::Mutex<Option<String>>,
+    /// Starts traces and takes their spans, when `[tracing]` is configured.
+    pub(super) tracer: Option<Arc<Tracer>>,
 }
 
 pub async fn handle(
@@ -83,6 +86,8 @@ pub async fn handle(
         finished: false,
         log: AccessLog::default(),
         stats: None,
+        tracer: None,
+        stream_failed: false,
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -90,6 +95,14 @@ pub async fn handle(
     guard.log.request_id = request_id.to_str().unwrap_or("").to_string();
     guard.log.method = req.method().to_string();
     guard.log.path = req.uri().path().chars().take(256).collect();
+    guard.log.wall_start = SystemTime::now();
+    if let Some(t) = &state.tracer {
+        let ctx = t.start(req.headers());
+        guard.log.attempts_log.trace = Some(ctx);
+        if ctx.sampled {
+            guard.tracer = Some(t.clone());
+        }
+    }
 
     // The config as of now, for the whole request: a reload does not change it half-way.
     let rt = state.runtime();
@@ -280,6 +293,10 @@ async fn serve(
     };
     let deployment = route.deployment.or(model.as_deref());
     log.deployment = deployment.map(|d| d.chars().take(128).collect());
+    log.operation = trace::operation_name(path);
+    if log.attempts_log.trace.is_some_and(|t| t.sampled) {
+        log.params = serde_json::from_slice(&body).ok();
+    }
 
     // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
     let mut limit = None;
@@ -467,10 +484,13 @@ struct RequestGuard {
     log: AccessLog,
     /// The serving backend's totals, for the status page.
     stats: Option<Arc<BackendStats>>,
+    /// Set for sampled traces: takes the request's spans when it ends.
+    tracer: Option<Arc<Tracer>>,
+    /// The backend's body failed after the headers went out.
+    stream_failed: bool,
 }
 
 /// What the access log line says of a request, written when its response ends.
-#[derive(Default)]
 struct AccessLog {
     request_id: String,
     method: String,
@@ -482,6 +502,39 @@ struct AccessLog {
     /// Every attempt, and the time spent waiting on backends.
     attempts_log: AttemptLog,
     first_byte: Duration,
+    /// When the request arrived, for span timestamps.
+    wall_start: SystemTime,
+    /// `gen_ai.operation.name`, for known Azure OpenAI operations.
+    operation: Option<&'static str>,
+    /// The request's generation parameters, read only for sampled traces.
+    params: Option<RequestParams>,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            request_id: String::new(),
+            method: String::new(),
+            path: String::new(),
+            deployment: None,
+            status: 0,
+            attempts: 0,
+            attempts_log: AttemptLog::default(),
+            first_byte: Duration::ZERO,
+            wall_start: UNIX_EPOCH,
+            operation: None,
+            params: None,
+        }
+    }
+}
+
+/// What the GenAI conventions record of a request's parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+struct RequestParams {
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
 }
 
 impl RequestGuard {
@@ -527,6 +580,9 @@ impl RequestGuard {
                     .inc_by(n);
             }
         }
+        if let Some(tracer) = self.tracer.take() {
+            self.record_spans(&tracer, usage);
+        }
         if let Some(r) = self.reservation.take() {
             // A failed answer used nothing; a good one without readable usage keeps the estimate.
             let used = if self.success {
@@ -535,6 +591,117 @@ impl RequestGuard {
                 Some(0)
             };
             r.settle(used);
+        }
+    }
+}
+
+impl RequestGuard {
+    /// The request's SERVER span and a CLIENT span per attempt, with the GenAI attributes.
+    fn record_spans(&mut self, tracer: &Tracer, usage: Option<Usage>) {
+        let l = &mut self.log;
+        let Some(ctx) = l.attempts_log.trace else {
+            return;
+        };
+        let provider = || -> [(&'static str, Attr); 2] {
+            [
+                ("gen_ai.provider.name", "azure.ai.openai".into()),
+                // The older name, which many backends for GenAI traces still read.
+                ("gen_ai.system", "az.ai.openai".into()),
+            ]
+        };
+        let name = |model: Option<&str>| match (l.operation, model) {
+            (Some(op), Some(m)) => format!("{op} {m}"),
+            (Some(op), None) => op.to_string(),
+            (None, _) => l.method.clone(),
+        };
+        let mut attrs: Vec<(&'static str, Attr)> = Vec::with_capacity(20);
+        if let Some(op) = l.operation {
+            attrs.push(("gen_ai.operation.name", op.into()));
+            attrs.extend(provider());
+        }
+        if let Some(d) = &l.deployment {
+            attrs.push(("gen_ai.request.model", d.clone().into()));
+        }
+        if let Some(p) = &l.params {
+            if let Some(n) = p.max_tokens.or(p.max_completion_tokens) {
+                attrs.push(("gen_ai.request.max_tokens", n.into()));
+            }
+            if let Some(t) = p.temperature {
+                attrs.push(("gen_ai.request.temperature", t.into()));
+            }
+            if let Some(t) = p.top_p {
+                attrs.push(("gen_ai.request.top_p", t.into()));
+            }
+        }
+        if let Some(u) = usage {
+            attrs.push(("gen_ai.usage.input_tokens", u.prompt_tokens.into()));
+            attrs.push(("gen_ai.usage.output_tokens", u.completion_tokens.into()));
+        }
+        attrs.push(("http.request.method", l.method.clone().into()));
+        attrs.push(("url.path", l.path.clone().into()));
+        attrs.push(("http.response.status_code", u64::from(l.status).into()));
+        attrs.push(("switchyard.request_id", l.request_id.clone().into()));
+        attrs.push(("switchyard.consumer", self.consumer.to_string().into()));
+        if !self.backend.is_empty() {
+            attrs.push(("switchyard.backend", self.backend.clone().into()));
+        }
+        attrs.push(("switchyard.attempts", u64::from(l.attempts).into()));
+        let error = if self.stream_failed {
+            Some("stream_error".to_string())
+        } else if l.status >= 500 {
+            Some(l.status.to_string())
+        } else {
+            None
+        };
+        if let Some(e) = &error {
+            attrs.push(("error.type", e.clone().into()));
+        }
+        tracer.record(Span {
+            trace_id: ctx.trace_id,
+            span_id: ctx.span_id,
+            parent: ctx.parent,
+            name: name(l.deployment.as_deref()),
+            kind: SpanKind::Server,
+            start: l.wall_start,
+            end: l.wall_start + self.started.elapsed(),
+            attributes: attrs,
+            error,
+        });
+        for a in std::mem::take(&mut l.attempts_log.spans) {
+            let model = a.model.as_deref().or(l.deployment.as_deref());
+            let mut attrs: Vec<(&'static str, Attr)> = Vec::with_capacity(12);
+            if let Some(op) = l.operation {
+                attrs.push(("gen_ai.operation.name", op.into()));
+                attrs.extend(provider());
+            }
+            if let Some(m) = model {
+                attrs.push(("gen_ai.request.model", m.into()));
+            }
+            attrs.push(("server.address", a.host.clone().into()));
+            attrs.push(("server.port", u64::from(a.port).into()));
+            attrs.push(("switchyard.backend", a.backend.to_string().into()));
+            attrs.push(("switchyard.attempt", u64::from(a.attempt).into()));
+            let error = match a.outcome {
+                Ok(status) => {
+                    attrs.push(("http.response.status_code", u64::from(status).into()));
+                    (status >= 400).then(|| status.to_string())
+                }
+                Err(label) => Some(label.to_string()),
+            };
+            if let Some(e) = &error {
+                attrs.push(("error.type", e.clone().into()));
+            }
+            tracer.record(Span {
+                trace_id: ctx.trace_id,
+                span_id: a.span_id,
+                parent: Some(ctx.span_id),
+                name: name(model),
+                kind: SpanKind::Client,
+                start: a.start,
+                end: a.start + a.duration,
+                attributes: attrs,
+                error,
+            });
         }
     }
 }
@@ -616,6 +783,7 @@ impl Body for TrackedBody {
                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                 }
                 Some(Err(e)) => {
+                    this.guard.stream_failed = true;
                     tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
                     this.guard
                         .metrics

@@ -49,8 +49,11 @@ impl Gateway {
 
     /// Waits until both listeners have drained after the shutdown token fired.
     pub async fn wait(self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        let Gateway { tasks, state, .. } = self;
+        // The trace exporter ends once the last holder of the state lets go.
+        drop(state);
+        tasks.close();
+        tasks.wait().await;
     }
 }
 
@@ -104,6 +107,15 @@ pub async fn start_with(
         identity_client: &identity_client,
         shared: &shared,
     };
+    let tracer = match &config.tracing {
+        Some(t) => {
+            let client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
+            let (tracer, exporter) = crate::telemetry::trace::Tracer::new(t, client, &metrics);
+            tasks.spawn(exporter.run(shutdown.clone(), config.server.shutdown_grace));
+            Some(tracer)
+        }
+        None => None,
+    };
     let rt = runtime::build(&parts, config, None)?;
     let state = GatewayState {
         runtime: ArcSwap::from_pointee(rt),
@@ -118,6 +130,7 @@ pub async fn start_with(
         source,
         reloading: tokio::sync::Mutex::new(()),
         last_text: std::sync::Mutex::new(last_text),
+        tracer,
     };
     // Tokens are fetched from the start, so the first requests find them ready.
     state.start_refreshers(&state.runtime());

@@ -155,6 +155,10 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
         changed.push("server.shutdown_grace");
         new.server.shutdown_grace = running.server.shutdown_grace;
     }
+    if new.tracing != running.tracing {
+        changed.push("tracing");
+        new.tracing = running.tracing.clone();
+    }
     if new.limits.store != running.limits.store {
         changed.push("limits.store");
         new.limits.store = running.limits.store.clone();

@@ -2,6 +2,8 @@
 //! Label values are bounded: backend names come from the config, statuses and outcomes are
 //! small fixed sets; nothing from the request (keys, paths, error text) becomes a label.
 
+pub mod trace;
+
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -130,6 +132,10 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Which config is running: 1 at start, one more per applied reload.
     pub config_generation: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub spans_exported: Counter,
+    /// Spans lost because the export queue was full (collector slow or down).
+    pub spans_dropped: Counter,
+    pub span_exports_failed: Counter,
     /// 1 while the shared limits store (Redis) answers, 0 while it does not.
     pub store_up: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub store_errors: Counter,
@@ -243,6 +249,24 @@ impl Metrics {
             "The running config's generation: 1 at start, one more per applied reload",
             config_generation.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full",
+            spans_dropped.clone(),
+        );
+        let span_exports_failed = Counter::default();
+        registry.register(
+            "trace_spans_failed",
+            "Spans lost because their export to the collector failed",
+            span_exports_failed.clone(),
+        );
         let store_up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "limits_store_up",
@@ -269,6 +293,9 @@ impl Metrics {
             consumer_rejections,
             reloads,
             config_generation,
+            spans_exported,
+            spans_dropped,
+            span_exports_failed,
             store_up,
             store_errors,
             tokens,
