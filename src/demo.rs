@@ -97,8 +97,8 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
              from openai import AzureOpenAI\n    \
              client = AzureOpenAI(azure_endpoint=\"{base}\", api_key=\"anything\", api_version=\"2024-10-21\")\n    \
              client.chat.completions.create(model=\"gpt-4o\", messages=[{{\"role\":\"user\",\"content\":\"Hi\"}}])\n\n  \
-             Metrics: curl -s http://{}/metrics",
-            gateway
+             Status page: http://{admin}/   Metrics: curl -s http://{admin}/metrics",
+            admin = gateway
                 .admin_addr
                 .map(|a| a.to_string())
                 .unwrap_or_default()
