@@ -288,3 +288,51 @@ fn drained_backends_take_no_new_requests() {
     assert_eq!(spread(&t, &[0, 1], 4), vec![2, 2]);
     assert!(!b.set_drained(7, true));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_carries_state_and_leases_across_two_generations() {
+    let rr = |n: usize| policy(Strategy::RoundRobin, &vec![1; n], &vec![1; n]);
+    let g1 = Balancer::new(rr(3));
+    let t1 = g1.table("gpt-4o");
+    // Backend 1 is cooling down; backends 0 and 2 each hold a lease (a stream, say).
+    let mut cooled = lease(&t1, &[1], &[]);
+    respond(&mut cooled, 429, &[("retry-after", "30")], 5);
+    drop(cooled);
+    let on0 = lease(&t1, &[0], &[]);
+    let on2 = lease(&t1, &[2], &[]);
+    g1.set_drained(2, true);
+
+    // Generation 2 drops backend 0 and reorders: old 1 → new 0, old 2 → new 1, plus a new one.
+    let g2 = Balancer::new(rr(3));
+    g2.inherit(&g1, &[None, Some(0), Some(1)]);
+    let t2 = g2.table("gpt-4o");
+    let st = |t: &Arc<Table>, i| t.status(i, Instant::now()).unwrap();
+    assert!(matches!(st(&t2, 0).availability, Availability::Cooling(_)));
+    assert!(g2.policy().is_drained(1), "the drained flag carried over");
+    assert_eq!(
+        st(&t2, 1).in_flight,
+        1,
+        "the open lease is counted here now"
+    );
+    assert_eq!(st(&t2, 2).in_flight, 0);
+
+    // Generation 3 keeps everything in place.
+    let g3 = Balancer::new(rr(3));
+    g3.inherit(&g2, &[Some(0), Some(1), Some(2)]);
+    let t3 = g3.table("gpt-4o");
+    assert_eq!(st(&t3, 1).in_flight, 1);
+    // The old leases end: one in the newest table, the removed backend's nowhere (no panic).
+    drop(on2);
+    drop(on0);
+    assert_eq!(st(&t3, 1).in_flight, 0);
+    assert_eq!(
+        st(&t2, 1).in_flight,
+        1,
+        "retired tables are no longer touched"
+    );
+    // A lease taken from a retired table after the reload stays there.
+    let late = lease(&t1, &[0], &[]);
+    assert_eq!(st(&t1, 0).in_flight, 2);
+    drop(late);
+    assert_eq!(st(&t1, 0).in_flight, 1);
+}
