@@ -23,6 +23,25 @@ impl IdGen {
         h.finish()
     }
 
+    /// A version-4-shaped UUID as ASCII bytes, without allocating (one per request).
+    pub fn uuid_v4_bytes(&self) -> [u8; 36] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let a = (self.next_u64() & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+        let b = (self.next_u64() & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        let mut out = [b'-'; 36];
+        let mut pos = 0;
+        for (word, nibbles) in [(a, 16), (b, 16)] {
+            for k in (0..nibbles).rev() {
+                if matches!(pos, 8 | 13 | 18 | 23) {
+                    pos += 1;
+                }
+                out[pos] = HEX[((word >> (k * 4)) & 0xf) as usize];
+                pos += 1;
+            }
+        }
+        out
+    }
+
     /// A version-4-shaped UUID.
     pub fn uuid_v4(&self) -> String {
         let a = (self.next_u64() & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
@@ -48,5 +67,17 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
+        let c = String::from_utf8(g.uuid_v4_bytes().to_vec()).unwrap();
+        assert_eq!(c.len(), 36);
+        assert_eq!(
+            c.char_indices()
+                .filter(|(_, ch)| *ch == '-')
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+            [8, 13, 18, 23]
+        );
+        assert_eq!(&c[14..15], "4");
+        assert!(matches!(&c[19..20], "8" | "9" | "a" | "b"), "{c}");
+        assert_ne!(c, g.uuid_v4());
     }
 }

@@ -135,10 +135,15 @@ fn main() -> ExitCode {
         .or_else(|| std::env::var("SWITCHYARD_LOG_FORMAT").ok())
         .is_some_and(|f| f == "json");
     switchyard::telemetry::init_logging(default_log, json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("SWITCHYARD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
     {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -37,14 +37,33 @@ const KEEP_FAILED_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the attempts of one request were, for the access log and metrics.
 #[derive(Debug, Default)]
 pub struct AttemptLog {
-    /// `backend:outcome` per attempt.
-    pub tried: Vec<String>,
+    /// Each attempt's backend and outcome; shown as `backend:outcome ...`.
+    pub tried: Trail,
     /// Time spent waiting on backends for response headers, all attempts together.
     pub upstream: Duration,
     /// The request's trace, when tracing is on: each attempt passes its span on to the backend.
     pub trace: Option<TraceContext>,
     /// One record per attempt of a sampled trace, for its span.
     pub spans: Vec<AttemptRecord>,
+}
+
+/// The attempts of one request, formatted only when a log line asks for them.
+#[derive(Debug, Default)]
+pub struct Trail(pub Vec<(Arc<str>, Result<u16, &'static str>)>);
+
+impl std::fmt::Display for Trail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (backend, outcome)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match outcome {
+                Ok(status) => write!(f, "{backend}:{status}")?,
+                Err(label) => write!(f, "{backend}:{label}")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the loop ends with.
@@ -282,7 +301,7 @@ impl Proxy {
                         verdict,
                         retryable && !is_last,
                     );
-                    trail.push(format!("{}:{}", backend.name, status.as_u16()));
+                    trail.0.push((backend.name.clone(), Ok(status.as_u16())));
                     if !retryable || is_last {
                         return Answer {
                             result: Ok(resp),
@@ -314,7 +333,7 @@ impl Proxy {
                     };
                     let retry = e.kind.retryable() && !is_last;
                     self.note(backend, shown, e.kind.label(), verdict, retry);
-                    trail.push(format!("{}:{}", backend.name, e.kind.label()));
+                    trail.0.push((backend.name.clone(), Err(e.kind.label())));
                     if !e.kind.retryable() {
                         return Answer {
                             result: Err(e),
@@ -363,12 +382,16 @@ impl Proxy {
         verdict: Verdict,
         retried: bool,
     ) {
-        let labels = AttemptLabels {
+        let stats = &backend.stats;
+        let labels = || AttemptLabels {
             backend: backend.name.to_string(),
             outcome: outcome.to_string(),
         };
-        count(&self.metrics.attempts, &labels);
-        let stats = &backend.stats;
+        if outcome == "200" {
+            stats.attempts_ok.inc();
+        } else {
+            count(&self.metrics.attempts, &labels());
+        }
         match outcome {
             "429" => BackendStats::add(&stats.throttled, 1),
             o if o.starts_with('5') || !o.starts_with(|c: char| c.is_ascii_digit()) => {
@@ -377,9 +400,9 @@ impl Proxy {
             _ => {}
         }
         if retried {
-            count(&self.metrics.retries, &labels);
+            count(&self.metrics.retries, &labels());
         }
-        let b = BackendLabels {
+        let b = || BackendLabels {
             backend: backend.name.to_string(),
         };
         if !matches!(verdict, Verdict::Healthy)
@@ -398,7 +421,7 @@ impl Proxy {
         }
         match verdict {
             Verdict::CooledDown(wait) => {
-                self.metrics.cooldowns.get_or_create(&b).inc();
+                self.metrics.cooldowns.get_or_create(&b()).inc();
                 if let Some(shared) = &self.shared {
                     shared.publish_cooldown(deployment, &backend.name, wait);
                 }
@@ -407,7 +430,7 @@ impl Proxy {
             Verdict::Failed {
                 circuit_opened: true,
             } => {
-                self.metrics.circuits_opened.get_or_create(&b).inc();
+                self.metrics.circuits_opened.get_or_create(&b()).inc();
                 tracing::warn!(backend = %backend.name, "circuit opened after repeated failures");
             }
             _ => {}

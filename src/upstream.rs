@@ -62,12 +62,13 @@ impl Backend {
         cfg: &BackendConfig,
         providers: &[Arc<TokenProvider>],
         stats: Option<Arc<BackendStats>>,
+        metrics: &crate::telemetry::Metrics,
     ) -> Result<Self, String> {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             url: cfg.url.clone(),
             credential: Credential::new(&cfg.name, &cfg.auth, providers)?,
-            stats: stats.unwrap_or_default(),
+            stats: stats.unwrap_or_else(|| Arc::new(BackendStats::new(&cfg.name, metrics))),
         })
     }
 }
@@ -215,18 +216,23 @@ pin_project_lite::pin_project! {
     pub struct IdleTimeout {
         #[pin]
         inner: BoxBody,
+        // Armed for `idle` after the latest frame at the earliest; moved on only when it fires,
+        // so a body that keeps flowing costs no timer work per frame.
         #[pin]
         sleep: tokio::time::Sleep,
         idle: Duration,
+        last: tokio::time::Instant,
     }
 }
 
 impl IdleTimeout {
     pub fn new(inner: BoxBody, idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
         Self {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: tokio::time::sleep_until(now + idle),
             idle,
+            last: now,
         }
     }
 }
@@ -242,17 +248,23 @@ impl Body for IdleTimeout {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + *this.idle;
-                this.sleep.as_mut().reset(deadline);
+                *this.last = tokio::time::Instant::now();
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the backend sent nothing for {:?} (routing.idle_timeout)",
-                    this.idle
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = *this.last + *this.idle;
+                if tokio::time::Instant::now() >= due {
+                    return Poll::Ready(Some(Err(format!(
+                        "the backend sent nothing for {:?} (routing.idle_timeout)",
+                        this.idle
+                    )
+                    .into())));
+                }
+                // Frames came since it was armed: wait out the rest from the latest one.
+                this.sleep.as_mut().reset(due);
             },
         }
     }
@@ -390,6 +402,7 @@ mod tests {
             },
             &[],
             None,
+            &crate::telemetry::Metrics::new(),
         )
         .unwrap()
     }

@@ -95,8 +95,8 @@ pub async fn handle(
     guard.log.request_id = request_id.to_str().unwrap_or("").to_string();
     guard.log.method = req.method().to_string();
     guard.log.path = req.uri().path().chars().take(256).collect();
-    guard.log.wall_start = SystemTime::now();
     if let Some(t) = &state.tracer {
+        guard.log.wall_start = SystemTime::now();
         let ctx = t.start(req.headers());
         guard.log.attempts_log.trace = Some(ctx);
         if ctx.sampled {
@@ -164,11 +164,7 @@ pub async fn handle(
         BackendStats::add(&s.ttfb_us, guard.log.first_byte.as_micros() as u64);
         BackendStats::add(&s.ttfb_count, 1);
         let m = &state.metrics;
-        m.time_to_first_byte
-            .get_or_create(&BackendLabels {
-                backend: label.clone(),
-            })
-            .observe(guard.log.first_byte.as_secs_f64());
+        s.ttfb_histogram.observe(guard.log.first_byte.as_secs_f64());
         // What the gateway itself added: all but the time spent waiting on backends.
         let overhead = guard
             .log
@@ -433,7 +429,8 @@ fn request_id(headers: &http::HeaderMap, ids: &crate::ids::IdGen) -> HeaderValue
             return v.clone();
         }
     }
-    HeaderValue::from_str(&ids.uuid_v4()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    HeaderValue::from_bytes(&ids.uuid_v4_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Joins the client's and the backend's upgraded connections once both sides have switched.
@@ -554,7 +551,7 @@ impl RequestGuard {
             status = l.status,
             backend = if self.backend.is_empty() { "none" } else { self.backend.as_str() },
             attempts = l.attempts,
-            tried = %l.attempts_log.tried.join(" "),
+            tried = %l.attempts_log.tried,
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),
             first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
@@ -714,12 +711,8 @@ impl Drop for RequestGuard {
         self.finish(usage);
         self.metrics.in_flight.dec();
         // Empty when the client left before any answer: nothing was served, nothing to time.
-        if !self.backend.is_empty() {
-            self.metrics
-                .duration
-                .get_or_create(&BackendLabels {
-                    backend: std::mem::take(&mut self.backend),
-                })
+        if let Some(s) = &self.stats {
+            s.duration_histogram
                 .observe(self.started.elapsed().as_secs_f64());
         }
     }

@@ -193,7 +193,7 @@ pub(super) fn build(
                     .find(|o| *o.name == *b.name)
                     .map(|o| o.stats.clone())
             });
-            Backend::new(b, &credentials, stats)
+            Backend::new(b, &credentials, stats, parts.metrics)
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;

@@ -472,7 +472,7 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
     let mut rng = SplitMix64::new(words_seed);
     let mut resp = match op {
         Op::Embeddings => {
-            tokio::time::sleep(state.cfg.ttft).await;
+            pause(state.cfg.ttft).await;
             json_response(
                 StatusCode::OK,
                 responses::embeddings(&model, &ask, &mut rng),
@@ -500,7 +500,15 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
                 finish_reason: finish,
                 prompt_tokens: ask.prompt_tokens,
             };
-            stream_or_plain(state, &op, &ask, &reply, draw_drop).await?
+            // Benchmarks pace single requests with `x-sim-token-ms`, so one simulator serves
+            // both instant answers and slow streams.
+            let pace = parts
+                .headers
+                .get("x-sim-token-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(state.cfg.token_interval, Duration::from_millis);
+            stream_or_plain(state, &op, &ask, &reply, draw_drop, pace).await?
         }
     };
     state.counters.ok.fetch_add(1, Ordering::Relaxed);
@@ -516,12 +524,21 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
     Ok(resp)
 }
 
+/// Waits `d`; not at all when it is zero (a zero sleep still waits for the timer's next
+/// millisecond tick, which would put a millisecond on every instant answer).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 async fn stream_or_plain(
     state: &SimState,
     op: &Op,
     ask: &Ask,
     reply: &Reply<'_>,
     drop_connection: bool,
+    token_interval: Duration,
 ) -> SimResult {
     let cfg = &state.cfg;
     if ask.stream {
@@ -535,8 +552,8 @@ async fn stream_or_plain(
             state.counters.faulted.fetch_add(1, Ordering::Relaxed);
         }
         // Headers go out when the first token is ready, as Azure's do.
-        tokio::time::sleep(cfg.ttft).await;
-        let body = PacedBody::new(events, Duration::ZERO, cfg.token_interval, fail_after);
+        pause(cfg.ttft).await;
+        let body = PacedBody::new(events, Duration::ZERO, token_interval, fail_after);
         let mut r = Response::new(body.boxed());
         let h = r.headers_mut();
         h.insert(
@@ -546,8 +563,8 @@ async fn stream_or_plain(
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(r);
     }
-    let total = cfg.ttft + cfg.token_interval * reply.words.len() as u32;
-    tokio::time::sleep(total).await;
+    let total = cfg.ttft + token_interval * reply.words.len() as u32;
+    pause(total).await;
     if drop_connection {
         state.counters.faulted.fetch_add(1, Ordering::Relaxed);
         return Err("simulated connection drop".into());

@@ -79,10 +79,15 @@ pub struct ReloadLabels {
     pub trigger: &'static str,
 }
 
-/// One backend's running totals for the status page: plain atomics on the backend itself, so
-/// the request path pays an increment, not a label lookup. Kept by name across reloads.
-#[derive(Debug, Default)]
+/// One backend's running totals for the status page, and its own handles on the metric series
+/// labelled with its name: the request path pays an increment, not a label lookup with its
+/// allocations and hashing. Kept by name across reloads.
+#[derive(Debug)]
 pub struct BackendStats {
+    pub ttfb_histogram: Histogram,
+    pub duration_histogram: Histogram,
+    /// `attempts_total{outcome="200"}`: the outcome nearly every attempt has.
+    pub attempts_ok: Counter,
     /// Responses this backend produced that went to a client.
     pub served: AtomicU64,
     /// Attempts it answered with 429.
@@ -97,6 +102,29 @@ pub struct BackendStats {
 }
 
 impl BackendStats {
+    pub fn new(backend: &str, metrics: &Metrics) -> Self {
+        let b = BackendLabels {
+            backend: backend.to_string(),
+        };
+        Self {
+            ttfb_histogram: metrics.time_to_first_byte.get_or_create(&b).clone(),
+            duration_histogram: metrics.duration.get_or_create(&b).clone(),
+            attempts_ok: metrics
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    backend: backend.to_string(),
+                    outcome: "200".to_string(),
+                })
+                .clone(),
+            served: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            ttfb_us: AtomicU64::new(0),
+            ttfb_count: AtomicU64::new(0),
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }

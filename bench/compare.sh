@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Switchyard against nginx, side by side, in one run, on loopback (about 3 minutes after the build).
+#
+#   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
+#
+# Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
+# them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
+# over the same three (round_robin). Both with their access logs off. Measured per target:
+#   - throughput: wrk, 2 threads, 64 keep-alive connections, 10 s, plain chat completions;
+#   - CPU per request of the proxy's processes (utime + stime from /proc over the throughput run);
+#   - latency at one request at a time: wrk, 1 connection, 8 s, p50 and p99, and the added part
+#     against the backend direct;
+#   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
+#     byte and the gap between chunks, p50 and p99, and the added part against direct;
+#   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
+#     and 2 s after they ended.
+# Everything shares this machine's cores: load generator, proxies and backends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release -q --bin switchyard --example compare
+B=target/release/switchyard
+C=target/release/examples/compare
+ulimit -n "$(ulimit -Hn)"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+S1=$(port); S2=$(port); S3=$(port); PN=$(port); PS=$(port)
+for p in $S1 $S2 $S3; do
+  RUST_LOG=warn $B simulate --listen 127.0.0.1:$p --name "s$p" >/dev/null 2>&1 &
+done
+
+cat > "$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+daemon off;
+worker_rlimit_nofile 16384;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $work/body;
+  proxy_temp_path $work/proxy;
+  fastcgi_temp_path $work/fastcgi;
+  uwsgi_temp_path $work/uwsgi;
+  scgi_temp_path $work/scgi;
+  upstream sims {
+    server 127.0.0.1:$S1;
+    server 127.0.0.1:$S2;
+    server 127.0.0.1:$S3;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$PN;
+    location / {
+      proxy_pass http://sims;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }
+  }
+}
+CONF
+"$NGINX" -c "$work/nginx.conf" -p "$work" &
+
+cat > "$work/switchyard.toml" <<TOML
+[server]
+listen = "127.0.0.1:$PS"
+[routing]
+strategy = "round_robin"
+[[backends]]
+name = "s1"
+url = "http://127.0.0.1:$S1"
+auth = { type = "none" }
+[[backends]]
+name = "s2"
+url = "http://127.0.0.1:$S2"
+auth = { type = "none" }
+[[backends]]
+name = "s3"
+url = "http://127.0.0.1:$S3"
+auth = { type = "none" }
+TOML
+RUST_LOG=warn $B serve --config "$work/switchyard.toml" >/dev/null 2>&1 &
+SY_PID=$!
+for p in $S1 $S2 $S3 $PN $PS; do wait_port $p; done
+for _ in $(seq 100); do [ -s "$work/nginx.pid" ] && break; sleep 0.05; done
+NG_MASTER=$(cat "$work/nginx.pid")
+
+pids_of() { # the process and its children (nginx's workers)
+  echo "$1"; pgrep -P "$1" || true
+}
+cpu_ticks() { local t=0; for p in $(pids_of "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+rss_kb() { local t=0; for p in $(pids_of "$1"); do t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $t; }
+TCK=$(getconf CLK_TCK)
+
+path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+cat > "$work/chat.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body   = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+
+# Warm-up: connections, pools and caches on every path.
+for p in $S1 $PN $PS; do wrk -t1 -c8 -d2s -s "$work/chat.lua" "http://127.0.0.1:$p$path" >/dev/null; done
+sleep 1
+IDLE_SY=$(rss_kb $SY_PID); IDLE_NG=$(rss_kb $NG_MASTER)
+
+declare -A R
+measure() { # name port pid(or -)
+  local name=$1 p=$2 pid=$3 before after out
+  [ "$pid" != - ] && before=$(cpu_ticks "$pid")
+  out=$(wrk -t2 -c64 -d10s --latency -s "$work/chat.lua" "http://127.0.0.1:$p$path")
+  [ "$pid" != - ] && after=$(cpu_ticks "$pid")
+  R[$name.rps]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  R[$name.requests]=$(echo "$out" | awk '/requests in/ {print $1}')
+  R[$name.non2xx]=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  R[$name.errors]=$(echo "$out" | awk '/Socket errors/ {print $0}')
+  if [ "$pid" != - ]; then
+    R[$name.cpu_us]=$(python3 -c "print(f'{($after-$before)/$TCK*1e6/${R[$name.requests]}:.1f}')")
+  fi
+  out=$(wrk -t1 -c1 -d8s --latency -s "$work/chat.lua" "http://127.0.0.1:$p$path")
+  R[$name.p50]=$(echo "$out" | awk '$1=="50%" {print $2}')
+  R[$name.p99]=$(echo "$out" | awk '$1=="99%" {print $2}')
+  R[$name.stream]=$($C stream "http://127.0.0.1:$p" 500 10 2)
+}
+echo "measuring: direct" >&2; measure direct $S1 -
+echo "measuring: nginx" >&2; measure nginx $PN $NG_MASTER
+echo "measuring: switchyard" >&2; measure switchyard $PS $SY_PID
+
+hold() { # name port pid
+  local name=$1 p=$2 pid=$3 peak=0 r
+  rm -f "$work/ready"
+  $C hold "http://127.0.0.1:$p" 2000 20 400 "$work/ready" > "$work/hold-$name.json" &
+  local hp=$!
+  while kill -0 $hp 2>/dev/null; do
+    r=$(rss_kb "$pid"); [ "$r" -gt "$peak" ] && peak=$r
+    sleep 0.2
+  done
+  wait $hp
+  R[$name.hold]=$(cat "$work/hold-$name.json")
+  R[$name.peak]=$peak
+  sleep 2
+  R[$name.after]=$(rss_kb "$pid")
+}
+echo "holding 2,000 streams: nginx" >&2; hold nginx $PN $NG_MASTER
+echo "holding 2,000 streams: switchyard" >&2; hold switchyard $PS $SY_PID
+
+date=$(date -u +%Y-%m-%d)
+out="bench/results/compare-$date.md"
+export IDLE_SY IDLE_NG
+for k in "${!R[@]}"; do printf '%s\t%s\n' "$k" "${R[$k]}"; done > "$work/results.tsv"
+python3 - "$work/results.tsv" "$out" "$(nproc)" "$(uname -r)" "$($NGINX -v 2>&1)" <<'PY'
+import json, os, sys
+r = {}
+for line in open(sys.argv[1]):
+    k, _, v = line.rstrip("\n").partition("\t")
+    r[k] = v
+out, cores, kernel, ngv = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+def us(s):  # wrk's "123.45us" / "1.23ms" / "1.00s"
+    for unit, f in (("us", 1), ("ms", 1e3), ("s", 1e6)):
+        if s.endswith(unit):
+            return float(s[: -len(unit)]) * f
+    return float("nan")
+st = {n: json.loads(r[f"{n}.stream"]) for n in ("direct", "nginx", "switchyard")}
+rps = {n: float(r[f"{n}.rps"]) for n in st}
+lat = {n: (us(r[f"{n}.p50"]), us(r[f"{n}.p99"])) for n in st}
+mb = lambda kb: f"{int(kb) / 1024:.1f} MB"
+rows = []
+def row(name, *cells):
+    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+for n in st:
+    added = "–" if n == "direct" else f"+{lat[n][0] - lat['direct'][0]:.0f} / +{lat[n][1] - lat['direct'][1]:.0f} µs"
+    s, d = st[n], st["direct"]
+    sadded = "–" if n == "direct" else f"+{s['ttfb_p50_us'] - d['ttfb_p50_us']:.0f} / +{s['ttfb_p99_us'] - d['ttfb_p99_us']:.0f} µs"
+    gadded = "–" if n == "direct" else f"+{s['gap_p99_us'] - d['gap_p99_us']:.0f} µs"
+    row(n, f"{rps[n]:,.0f}", r.get(f"{n}.cpu_us", "–") + (" µs" if f"{n}.cpu_us" in r else ""),
+        f"{lat[n][0]:.0f} / {lat[n][1]:.0f} µs", added,
+        f"{s['ttfb_p50_us']:.0f} / {s['ttfb_p99_us']:.0f} µs", sadded, gadded,
+        r.get(f"{n}.non2xx", "") or "0")
+mem = []
+for n, idle in (("nginx", os.environ["IDLE_NG"]), ("switchyard", os.environ["IDLE_SY"])):
+    h = json.loads(r[f"{n}.hold"])
+    mem.append(f"| {n} | {mb(idle)} | {mb(r[f'{n}.peak'])} | {mb(r[f'{n}.after'])} | {h['complete']}/{h['streams']} complete, all open after {h['all_open_after_ms']} ms |")
+sy, ng = "switchyard", "nginx"
+ratios = [
+    ("throughput, Switchyard / nginx (≥ 1.0)", f"{rps[sy] / rps[ng]:.2f}×"),
+    ("CPU per request, Switchyard / nginx (≤ 1.0)", f"{float(r[sy + '.cpu_us']) / float(r[ng + '.cpu_us']):.2f}×"),
+    ("added p99 at one request at a time (≤ 100 µs)", f"{lat[sy][1] - lat['direct'][1]:.0f} µs"),
+    ("added stream time to first byte p99 (≤ 300 µs)", f"{st[sy]['ttfb_p99_us'] - st['direct']['ttfb_p99_us']:.0f} µs"),
+    ("RSS idle (≤ 15 MB)", mb(os.environ["IDLE_SY"])),
+    ("RSS with 2,000 open streams (≤ 100 MB)", mb(r[sy + ".peak"])),
+    ("RSS after, against idle (within 10 %)", f"{int(r[sy + '.after']) / int(os.environ['IDLE_SY']) * 100 - 100:+.0f} %"),
+]
+text = f"""# Switchyard against nginx
+
+`bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
+three simulated backends share the machine. Plain requests: chat completions with wrk
+(throughput: 2 threads, 64 connections, 10 s; latency: 1 connection, 8 s). Streams: 500
+sequential streamed chat completions of 10 chunks 2 ms apart.
+
+| target | req/s | CPU / req | p50 / p99 (1 conn) | added | stream TTFB p50 / p99 | added | added chunk gap p99 | non-2xx |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+""" + "\n".join(rows) + """
+
+| proxy | RSS idle | RSS, 2,000 open streams | RSS 2 s after | streams |
+|---|---:|---:|---:|---|
+""" + "\n".join(mem) + """
+
+| target | this run |
+|---|---:|
+""" + "\n".join(f"| {k} | {v} |" for k, v in ratios) + "\n"
+open(out, "w").write(text)
+print(text)
+PY
+echo "written to $out" >&2
