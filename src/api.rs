@@ -29,10 +29,9 @@ const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 /// - `/v1/...` (OpenAI style): sent to the backend as `/openai/v1/...`.
 pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
     if path.split('/').any(|seg| {
-        matches!(
-            seg.to_ascii_lowercase().as_str(),
-            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
-        )
+        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
+            .iter()
+            .any(|dots| seg.eq_ignore_ascii_case(dots))
     }) {
         return Err(GatewayError::new(
             ErrorKind::NotFound,

@@ -328,21 +328,22 @@ pub fn build_request(
         .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid path: {e}")))?;
 
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
-    // Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
-    let connection_listed: Vec<String> = req
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
+    // Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1). Scanned per header
+    // rather than collected: it is nearly always just `keep-alive`.
+    let connection = req.headers.get_all(header::CONNECTION);
+    let connection_listed = |n: &str| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|s| s.trim().eq_ignore_ascii_case(n))
+    };
     for (name, value) in req.headers {
         let n = name.as_str();
         let keep_for_upgrade = req.upgrade && (n == "upgrade" || n == "connection");
         if !keep_for_upgrade
             && (HOP_BY_HOP.contains(&n)
-                || connection_listed.iter().any(|c| c == n)
+                || connection_listed(n)
                 || n == "host"
                 || n == "content-length"
                 // The gateway already holds the whole body; a backend's 100-continue is moot.
@@ -374,8 +375,20 @@ pub fn build_request(
 
 /// Drops hop-by-hop headers from a backend's response before it goes to the client.
 pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
-    for name in HOP_BY_HOP {
-        if upgrade && (name == "upgrade" || name == "connection") {
+    // Prepared names: removing by `&str` parses each name again for every response.
+    static NAMES: [HeaderName; 9] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ];
+    for name in &NAMES {
+        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
             continue;
         }
         headers.remove(name);

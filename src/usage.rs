@@ -199,12 +199,14 @@ fn remove_usage_null(event: &[u8]) -> Vec<u8> {
     out
 }
 
+// memchr's searches: comparing a window at every position cost more than the rest of reading
+// a response's usage.
 fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 fn memrfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    memchr::memmem::rfind(hay, needle)
 }
 
 /// Asks for the final usage chunk on a streamed chat request that did not, so token limits can
@@ -332,5 +334,31 @@ mod tests {
         );
         assert!(request_usage_chunk(br#"{"messages":[]}"#).is_none());
         assert!(request_usage_chunk(b"not json").is_none());
+    }
+}
+
+#[cfg(test)]
+mod search_tests {
+    use super::{memfind, memrfind};
+
+    #[test]
+    fn searches_agree_with_the_naive_ones() {
+        let naive = |h: &[u8], n: &[u8]| h.windows(n.len()).position(|w| w == n);
+        let naive_r = |h: &[u8], n: &[u8]| h.windows(n.len()).rposition(|w| w == n);
+        let hays: [&[u8]; 7] = [
+            b"",
+            b"\"",
+            b"\"usage\"",
+            b"{\"usage\":1,\"usage\":2}",
+            b"\"usag\"usage\"\"usage",
+            b"xx\"usage\"",
+            b"\"usage\"xx",
+        ];
+        for h in hays {
+            for n in [&b"\"usage\""[..], b"\"", b"x", b"\"usage\":null,"] {
+                assert_eq!(memfind(h, n), naive(h, n), "{h:?} {n:?}");
+                assert_eq!(memrfind(h, n), naive_r(h, n), "{h:?} {n:?}");
+            }
+        }
     }
 }

@@ -98,19 +98,25 @@ pub struct Headroom {
     requests: Option<Reading>,
 }
 
+// Looked up by prepared name: a `&str` lookup parses and validates the name on every response.
+static REMAINING_TOKENS: http::HeaderName =
+    http::HeaderName::from_static("x-ratelimit-remaining-tokens");
+static REMAINING_REQUESTS: http::HeaderName =
+    http::HeaderName::from_static("x-ratelimit-remaining-requests");
+
 impl Headroom {
     pub fn observe(&mut self, headers: &HeaderMap, now: Instant) {
-        let num = |name: &str| {
+        let num = |name: &http::HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|n| n.is_finite() && *n >= 0.0)
         };
-        if let Some(t) = num("x-ratelimit-remaining-tokens") {
+        if let Some(t) = num(&REMAINING_TOKENS) {
             self.tokens = Some(Reading::update(self.tokens, t, now));
         }
-        if let Some(r) = num("x-ratelimit-remaining-requests") {
+        if let Some(r) = num(&REMAINING_REQUESTS) {
             self.requests = Some(Reading::update(self.requests, r, now));
         }
     }

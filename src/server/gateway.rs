@@ -562,19 +562,18 @@ impl RequestGuard {
             if let Some(s) = &self.stats {
                 BackendStats::add(&s.tokens, u.total_tokens);
             }
+            let mut labels = TokenLabels {
+                deployment: self.deployment_label.clone(),
+                backend: self.backend.clone(),
+                consumer: self.consumer.to_string(),
+                kind: "prompt",
+            };
             for (kind, n) in [
                 ("prompt", u.prompt_tokens),
                 ("completion", u.completion_tokens),
             ] {
-                self.metrics
-                    .tokens
-                    .get_or_create(&TokenLabels {
-                        deployment: self.deployment_label.clone(),
-                        backend: self.backend.clone(),
-                        consumer: self.consumer.to_string(),
-                        kind,
-                    })
-                    .inc_by(n);
+                labels.kind = kind;
+                self.metrics.tokens.get_or_create(&labels).inc_by(n);
             }
         }
         if let Some(tracer) = self.tracer.take() {
