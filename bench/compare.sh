@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 3 minutes after the build).
+# Switchyard against nginx, side by side, in one run, on loopback (about 5 minutes after the build).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #
@@ -8,12 +8,13 @@
 # over the same three (round_robin). Both with their access logs off. Measured per target:
 #   - throughput: wrk, 2 threads, 64 keep-alive connections, 10 s, plain chat completions;
 #   - CPU per request of the proxy's processes (utime + stime from /proc over the throughput run);
-#   - latency at one request at a time: wrk, 1 connection, 8 s, p50 and p99, and the added part
-#     against the backend direct;
+#   - latency at one request at a time: 10,000 plain requests per target, one at a time, the
+#     three targets taking turns 250 requests at a time (so a noisy moment hits all alike),
+#     p50 and p99 of the whole exchange, and the added part against the backend direct;
 #   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
 #     byte and the gap between chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
-#     and 2 s after they ended.
+#     and 35 s after they ended (past the 30 s idle timeout of Switchyard's backend connections).
 # Everything shares this machine's cores: load generator, proxies and backends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,14 +130,19 @@ measure() { # name port pid(or -)
   if [ "$pid" != - ]; then
     R[$name.cpu_us]=$(python3 -c "print(f'{($after-$before)/$TCK*1e6/${R[$name.requests]}:.1f}')")
   fi
-  out=$(wrk -t1 -c1 -d8s --latency -s "$work/chat.lua" "http://127.0.0.1:$p$path")
-  R[$name.p50]=$(echo "$out" | awk '$1=="50%" {print $2}')
-  R[$name.p99]=$(echo "$out" | awk '$1=="99%" {print $2}')
   R[$name.stream]=$($C stream "http://127.0.0.1:$p" 500 10 2)
 }
 echo "measuring: direct" >&2; measure direct $S1 -
 echo "measuring: nginx" >&2; measure nginx $PN $NG_MASTER
 echo "measuring: switchyard" >&2; measure switchyard $PS $SY_PID
+echo "latency, one request at a time, targets in turns" >&2
+$C latency 40 250 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/latency.json"
+i=0
+for name in direct nginx switchyard; do
+  R[$name.p50]=$(python3 -c "import json; print(json.load(open('$work/latency.json'))[$i]['p50_us'])")
+  R[$name.p99]=$(python3 -c "import json; print(json.load(open('$work/latency.json'))[$i]['p99_us'])")
+  i=$((i + 1))
+done
 
 hold() { # name port pid
   local name=$1 p=$2 pid=$3 peak=0 r
@@ -150,7 +156,8 @@ hold() { # name port pid
   wait $hp
   R[$name.hold]=$(cat "$work/hold-$name.json")
   R[$name.peak]=$peak
-  sleep 2
+  # Past Switchyard's 30 s idle timeout for pooled backend connections (nginx keeps its 256).
+  sleep 35
   R[$name.after]=$(rss_kb "$pid")
 }
 echo "holding 2,000 streams: nginx" >&2; hold nginx $PN $NG_MASTER
@@ -167,11 +174,8 @@ for line in open(sys.argv[1]):
     k, _, v = line.rstrip("\n").partition("\t")
     r[k] = v
 out, cores, kernel, ngv = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-def us(s):  # wrk's "123.45us" / "1.23ms" / "1.00s"
-    for unit, f in (("us", 1), ("ms", 1e3), ("s", 1e6)):
-        if s.endswith(unit):
-            return float(s[: -len(unit)]) * f
-    return float("nan")
+def us(s):  # microseconds, as the latency run prints them
+    return float(s)
 st = {n: json.loads(r[f"{n}.stream"]) for n in ("direct", "nginx", "switchyard")}
 rps = {n: float(r[f"{n}.rps"]) for n in st}
 lat = {n: (us(r[f"{n}.p50"]), us(r[f"{n}.p99"])) for n in st}
@@ -206,14 +210,15 @@ text = f"""# Switchyard against nginx
 
 `bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
 three simulated backends share the machine. Plain requests: chat completions with wrk
-(throughput: 2 threads, 64 connections, 10 s; latency: 1 connection, 8 s). Streams: 500
+(throughput: 2 threads, 64 connections, 10 s); latency one request at a time, 10,000 per
+target, the targets taking turns. Streams: 500
 sequential streamed chat completions of 10 chunks 2 ms apart.
 
 | target | req/s | CPU / req | p50 / p99 (1 conn) | added | stream TTFB p50 / p99 | added | added chunk gap p99 | non-2xx |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 """ + "\n".join(rows) + """
 
-| proxy | RSS idle | RSS, 2,000 open streams | RSS 2 s after | streams |
+| proxy | RSS idle | RSS, 2,000 open streams | RSS 35 s after | streams |
 |---|---:|---:|---:|---|
 """ + "\n".join(mem) + """
 

@@ -2,8 +2,8 @@
 # A first throughput check, loopback only, about 40 seconds: one simulator measured directly,
 # then the gateway over two simulators, then the same gateway with a consumer key and limits
 # (key check, tiktoken estimate, reserve and settle on usage) kept in memory, then in Redis,
-# with wrk (64 connections, plain chat completions, instant simulated backends). The full
-# side-by-side benchmark against nginx is separate work.
+# with wrk (64 connections, plain chat completions, instant simulated backends). The
+# side-by-side benchmark against nginx is bench/compare.sh.
 #
 #   bash bench/smoke.sh
 set -euo pipefail

@@ -1,8 +1,13 @@
 //! The streaming half of `bench/compare.sh`: time to first byte and the gaps between chunks of
 //! streamed chat completions, and many streams held open at once. Prints one JSON object.
 //!
+//!   cargo run --release --example compare -- latency ROUNDS PER_ROUND URL...
 //!   cargo run --release --example compare -- stream URL REQUESTS TOKENS TOKEN_MS
 //!   cargo run --release --example compare -- hold URL STREAMS TOKENS TOKEN_MS READY_FILE
+//!
+//! `latency` sends plain chat completions one at a time, taking the targets in turns (PER_ROUND
+//! requests each, ROUNDS times), so a noisy moment on a shared machine hits every target alike;
+//! it reports p50 and p99 of the time to the whole response per target.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: fail loudly
 
@@ -79,10 +84,58 @@ async fn one(c: &HttpClient, req: http::Request<Full<Bytes>>) -> Option<(Duratio
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: compare stream URL REQUESTS TOKENS TOKEN_MS | hold URL STREAMS TOKENS TOKEN_MS READY_FILE";
+    let usage = "usage: compare latency ROUNDS PER_ROUND URL... | stream URL REQUESTS TOKENS TOKEN_MS | hold URL STREAMS TOKENS TOKEN_MS READY_FILE";
     let arg = |i: usize| args.get(i).expect(usage).clone();
     let c = client();
     match arg(1).as_str() {
+        "latency" => {
+            let rounds: usize = arg(2).parse().unwrap();
+            let per: usize = arg(3).parse().unwrap();
+            let urls: Vec<String> = args[4..].to_vec();
+            let body = r#"{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}"#;
+            let req = |base: &str| {
+                http::Request::post(format!("{base}{PATH}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap()
+            };
+            let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds * per); urls.len()];
+            let mut failed = vec![0usize; urls.len()];
+            // Warm every connection and both ends first.
+            for u in &urls {
+                for _ in 0..200 {
+                    let _ = c.request(req(u)).await.unwrap().into_body().collect().await;
+                }
+            }
+            for _ in 0..rounds {
+                for (i, u) in urls.iter().enumerate() {
+                    for _ in 0..per {
+                        let start = Instant::now();
+                        let ok = match c.request(req(u)).await {
+                            Ok(r) if r.status().is_success() => {
+                                r.into_body().collect().await.is_ok()
+                            }
+                            _ => false,
+                        };
+                        if ok {
+                            samples[i].push(start.elapsed().as_secs_f64() * 1e6);
+                        } else {
+                            failed[i] += 1;
+                        }
+                    }
+                }
+            }
+            let out: Vec<serde_json::Value> = urls
+                .iter()
+                .zip(samples.iter_mut())
+                .zip(failed)
+                .map(|((u, s), f)| {
+                    serde_json::json!({"url": u, "n": s.len(), "failed": f,
+                        "p50_us": pct(s, 0.5), "p99_us": pct(s, 0.99)})
+                })
+                .collect();
+            println!("{}", serde_json::Value::from(out));
+        }
         "stream" => {
             let (url, n, tokens, ms) = (
                 arg(2),
