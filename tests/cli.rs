@@ -117,6 +117,25 @@ fn serve_runs_and_exits_cleanly_on_sigterm() {
     assert!(exit.success(), "exit {exit:?}");
 }
 
+/// `switchyard serve` on `config` with JSON logs, and its log lines.
+fn serve_json_logs(
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// `switchyard probe` against a running gateway: the distribution, statuses and tokens it reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_reports_distribution_statuses_and_tokens() {
@@ -180,7 +199,6 @@ async fn probe_reports_distribution_statuses_and_tokens() {
 /// tokens and durations; never a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_are_json_when_asked() {
-    use tokio::io::AsyncBufReadExt;
     let good = common::start_sim(common::sim("good")).await;
     let dir = tmp("access-log");
     let cfg = format!(
@@ -189,14 +207,7 @@ async fn access_log_lines_are_json_when_asked() {
         good.url()
     );
     let p = write_config(&dir, &cfg);
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&p)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = serve_json_logs(&p);
     let addr = loop {
         let line = lines.next_line().await.unwrap().expect("a listening line");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
@@ -241,7 +252,6 @@ async fn access_log_lines_are_json_when_asked() {
 /// takes over (the next request goes to the backend the new file names).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reloads_on_sighup() {
-    use tokio::io::AsyncBufReadExt;
     let a = common::start_sim(common::sim("a")).await;
     let b = common::start_sim(common::sim("b")).await;
     let cfg = |s: &switchyard::sim::Simulator| {
@@ -253,14 +263,7 @@ async fn serve_reloads_on_sighup() {
         )
     };
     let p = write_config(&tmp("sighup"), &cfg(&a));
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&p)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = serve_json_logs(&p);
     let mut next_message = async |want: &str| loop {
         let line = lines.next_line().await.unwrap().expect("log line");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();

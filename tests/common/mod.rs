@@ -150,8 +150,12 @@ pub async fn gateway_env(
             .map(|(_, v)| v.to_string())
     };
     let cfg = Config::parse(&text, &lookup).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    start_gateway(cfg, None).await
+}
+
+async fn start_gateway(cfg: Config, source: Option<switchyard::server::ConfigSource>) -> Running {
     let shutdown = CancellationToken::new();
-    let gateway = switchyard::server::start(cfg, shutdown.clone())
+    let gateway = switchyard::server::start_with(cfg, source, shutdown.clone())
         .await
         .unwrap();
     let base = format!("http://{}", gateway.addr);
@@ -205,18 +209,7 @@ pub async fn gateway_from_file(file: &ConfigFile, watch: Option<std::time::Durat
         sighup: false,
         watch,
     };
-    let shutdown = CancellationToken::new();
-    let gateway = switchyard::server::start_with(cfg, Some(source), shutdown.clone())
-        .await
-        .unwrap();
-    let base = format!("http://{}", gateway.addr);
-    let admin = format!("http://{}", gateway.admin_addr.unwrap());
-    Running {
-        gateway,
-        base,
-        admin,
-        shutdown,
-    }
+    start_gateway(cfg, Some(source)).await
 }
 
 pub fn client() -> reqwest::Client {
