@@ -278,14 +278,40 @@ impl Body for IdleTimeout {
     }
 }
 
+/// The system's root certificates, read once: every HTTPS client (backends, upgrades, the
+/// identity platform, the trace collector) verifies against the same store, which loading and
+/// parsing per client had made the costliest part of start-up.
+fn native_roots() -> Result<Arc<rustls::RootCertStore>, std::io::Error> {
+    static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+    if let Some(r) = ROOTS.get() {
+        return Ok(r.clone());
+    }
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no usable root CA certificates found on this system (errors: {:?})",
+                loaded.errors
+            ),
+        ));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(store)).clone())
+}
+
 pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClient, std::io::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(native_roots()?)
+        .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()?
+        .with_tls_config(tls)
         .https_or_http();
     let connector = if http2 {
         builder.enable_all_versions().wrap_connector(http)
