@@ -25,7 +25,12 @@ const MAX_EVENT: usize = 1024 * 1024;
 
 /// Watches one response body.
 pub enum Tap {
-    Json { tail: Vec<u8> },
+    /// The body's last chunks, at least `JSON_TAIL` bytes of them when there are that many:
+    /// shared with what goes to the client, not copied (most answers are one chunk).
+    Json {
+        chunks: Vec<Bytes>,
+        len: usize,
+    },
     Sse(SseTap),
 }
 
@@ -42,7 +47,10 @@ impl Tap {
                 overflow: false,
             }))
         } else if ct.starts_with("application/json") {
-            Some(Tap::Json { tail: Vec::new() })
+            Some(Tap::Json {
+                chunks: Vec::new(),
+                len: 0,
+            })
         } else {
             None
         }
@@ -51,11 +59,16 @@ impl Tap {
     /// Sees a chunk; returns what to send on to the client now.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
-            Tap::Json { tail } => {
-                tail.extend_from_slice(&chunk);
-                if tail.len() > 2 * JSON_TAIL {
-                    tail.drain(..tail.len() - JSON_TAIL);
+            Tap::Json { chunks, len } => {
+                *len += chunk.len();
+                chunks.push(chunk.clone());
+                // Drop whole chunks from the front while the rest still covers the tail.
+                let mut drop = 0;
+                while drop + 1 < chunks.len() && *len - chunks[drop].len() >= JSON_TAIL {
+                    *len -= chunks[drop].len();
+                    drop += 1;
                 }
+                chunks.drain(..drop);
                 chunk
             }
             Tap::Sse(s) => s.feed(chunk),
@@ -65,14 +78,18 @@ impl Tap {
     /// The body ended: anything still held back, and the usage found.
     pub fn finish(&mut self) -> (Bytes, Option<Usage>) {
         match self {
-            Tap::Json { tail } => (Bytes::new(), usage_in(tail)),
+            Tap::Json { .. } => (Bytes::new(), self.usage()),
             Tap::Sse(s) => (s.pending.split().freeze(), s.usage),
         }
     }
 
     pub fn usage(&self) -> Option<Usage> {
         match self {
-            Tap::Json { tail } => usage_in(tail),
+            Tap::Json { chunks, .. } => match chunks.as_slice() {
+                [] => None,
+                [one] => usage_in(one),
+                many => usage_in(&many.concat()),
+            },
             Tap::Sse(s) => s.usage,
         }
     }
@@ -360,5 +377,31 @@ mod search_tests {
                 assert_eq!(memrfind(h, n), naive_r(h, n), "{h:?} {n:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod json_tail_tests {
+    use super::*;
+
+    #[test]
+    fn usage_at_the_end_of_a_long_body_in_many_chunks_is_found() {
+        let mut body = br#"{"data":["#.to_vec();
+        body.extend(std::iter::repeat_n(b'7', 300 * 1024));
+        body.extend_from_slice(br#"],"usage":{"prompt_tokens":12,"total_tokens":12}}"#);
+        let mut tap = Tap::new(Some("application/json"), false).unwrap();
+        let mut out = Vec::new();
+        // Chunks of 1,000 bytes: the usage object is cut in two.
+        for piece in body.chunks(1000) {
+            out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(piece)));
+        }
+        assert_eq!(out, body, "the client gets the body unchanged");
+        let Tap::Json { chunks, len } = &tap else {
+            panic!("a JSON tap")
+        };
+        assert!(*len >= JSON_TAIL && *len < JSON_TAIL + 1000, "{len}");
+        assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), *len);
+        let (_, usage) = tap.finish();
+        assert_eq!(usage.map(|u| u.prompt_tokens), Some(12));
     }
 }
