@@ -6,8 +6,10 @@
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
 # over the same three (round_robin). Both with their access logs off. Measured per target:
-#   - throughput: wrk, 2 threads, 64 keep-alive connections, 10 s, plain chat completions;
-#   - CPU per request of the proxy's processes (utime + stime from /proc over the throughput run);
+#   - throughput: wrk, 2 threads, 64 keep-alive connections, plain chat completions; three 6 s
+#     rounds with the targets taking turns, the median reported;
+#   - CPU per request of the proxy's processes (utime + stime from /proc over each throughput
+#     run; the median);
 #   - latency at one request at a time: 10,000 plain requests per target, one at a time, the
 #     three targets taking turns 250 requests at a time (so a noisy moment hits all alike),
 #     p50 and p99 of the whole exchange, and the added part against the backend direct;
@@ -118,23 +120,34 @@ sleep 1
 IDLE_SY=$(rss_kb $SY_PID); IDLE_NG=$(rss_kb $NG_MASTER)
 
 declare -A R
-measure() { # name port pid(or -)
-  local name=$1 p=$2 pid=$3 before after out
+throughput() { # name port pid(or -): one 6 s wrk run; appends "req/s cpu_us non2xx" to a file
+  local name=$1 p=$2 pid=$3 before=0 after=0 out rps n bad cpu=nan
   [ "$pid" != - ] && before=$(cpu_ticks "$pid")
-  out=$(wrk -t2 -c64 -d10s --latency -s "$work/chat.lua" "http://127.0.0.1:$p$path")
+  out=$(wrk -t2 -c64 -d6s -s "$work/chat.lua" "http://127.0.0.1:$p$path")
   [ "$pid" != - ] && after=$(cpu_ticks "$pid")
-  R[$name.rps]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  R[$name.requests]=$(echo "$out" | awk '/requests in/ {print $1}')
-  R[$name.non2xx]=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  R[$name.errors]=$(echo "$out" | awk '/Socket errors/ {print $0}')
-  if [ "$pid" != - ]; then
-    R[$name.cpu_us]=$(python3 -c "print(f'{($after-$before)/$TCK*1e6/${R[$name.requests]}:.1f}')")
-  fi
-  R[$name.stream]=$($C stream "http://127.0.0.1:$p" 500 10 2)
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  [ "$pid" != - ] && cpu=$(python3 -c "print(f'{($after-$before)/$TCK*1e6/$n:.1f}')")
+  echo "$rps $cpu ${bad:-0}" >> "$work/tp-$name"
 }
-echo "measuring: direct" >&2; measure direct $S1 -
-echo "measuring: nginx" >&2; measure nginx $PN $NG_MASTER
-echo "measuring: switchyard" >&2; measure switchyard $PS $SY_PID
+# Three rounds with the targets taking turns, so a noisy stretch on a shared machine does not
+# land on one target only; the medians are reported.
+for round in 1 2 3; do
+  echo "throughput, round $round of 3" >&2
+  throughput direct $S1 -
+  throughput nginx $PN $NG_MASTER
+  throughput switchyard $PS $SY_PID
+done
+for name in direct nginx switchyard; do
+  R[$name.rps]=$(sort -n -k1 "$work/tp-$name" | awk 'NR==2 {print $1}')
+  R[$name.non2xx]=$(awk '{s+=$3} END {print s}' "$work/tp-$name")
+  [ $name != direct ] && R[$name.cpu_us]=$(sort -n -k2 "$work/tp-$name" | awk 'NR==2 {print $2}')
+done
+echo "streams" >&2
+R[direct.stream]=$($C stream "http://127.0.0.1:$S1" 500 10 2)
+R[nginx.stream]=$($C stream "http://127.0.0.1:$PN" 500 10 2)
+R[switchyard.stream]=$($C stream "http://127.0.0.1:$PS" 500 10 2)
 echo "latency, one request at a time, targets in turns" >&2
 $C latency 40 250 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/latency.json"
 i=0
@@ -210,7 +223,8 @@ text = f"""# Switchyard against nginx
 
 `bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
 three simulated backends share the machine. Plain requests: chat completions with wrk
-(throughput: 2 threads, 64 connections, 10 s); latency one request at a time, 10,000 per
+(throughput: 2 threads, 64 connections, median of three 6 s rounds taken in turns); latency one
+request at a time, 10,000 per
 target, the targets taking turns. Streams: 500
 sequential streamed chat completions of 10 chunks 2 ms apart.
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
@@ -18,10 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api;
-use arc_swap::ArcSwap;
-
 use super::runtime::{ConfigSource, Refreshers, Runtime};
+use crate::api;
 use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError};
