@@ -333,12 +333,7 @@ async fn a_stream_open_across_a_reload_is_counted_in_the_new_config() {
     let gw = gateway_from_file(&file, None).await;
     let client = client();
 
-    let resp = client
-        .post(gw.url(CHAT))
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&client, &gw.base, true).await;
     assert_eq!(resp.status(), 200);
     let tx = streams.recv().await.unwrap();
     tx.send(Ok(bytes::Bytes::from_static(b"data: {\"n\":1}\n\n")))

@@ -240,12 +240,7 @@ async fn a_new_trace_is_started_and_streams_are_spanned_to_their_end() {
     let (url_b, mut streams, _server) = manual_stream_backend().await;
     let gw = gateway_with(&[B::url("live", url_b)], "", "", &tracing_section(&url, "")).await;
     let client = client();
-    let resp = client
-        .post(gw.url(CHAT))
-        .body(chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = send_chat(&client, &gw.base, true).await;
     let tx = streams.recv().await.unwrap();
     tx.send(Ok(bytes::Bytes::from_static(b"data: {\"n\":1}\n\n")))
         .await
