@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 5 minutes after the build).
+# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the build).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #
@@ -16,7 +16,8 @@
 #   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
 #     byte and the gap between chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
-#     and 35 s after they ended (past the 30 s idle timeout of Switchyard's backend connections).
+#     and 65 s after they ended (past the 30 s idle timeout of Switchyard's backend connections
+#     and the pool's eviction round).
 # Everything shares this machine's cores: load generator, proxies and backends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -169,8 +170,9 @@ hold() { # name port pid
   wait $hp
   R[$name.hold]=$(cat "$work/hold-$name.json")
   R[$name.peak]=$peak
-  # Past Switchyard's 30 s idle timeout for pooled backend connections (nginx keeps its 256).
-  sleep 35
+  # Past Switchyard's 30 s idle timeout for pooled backend connections and the pool's 30 s
+  # eviction round (nginx keeps its 256 connections).
+  sleep 65
   R[$name.after]=$(rss_kb "$pid")
 }
 echo "holding 2,000 streams: nginx" >&2; hold nginx $PN $NG_MASTER
@@ -232,7 +234,7 @@ sequential streamed chat completions of 10 chunks 2 ms apart.
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 """ + "\n".join(rows) + """
 
-| proxy | RSS idle | RSS, 2,000 open streams | RSS 35 s after | streams |
+| proxy | RSS idle | RSS, 2,000 open streams | RSS 65 s after | streams |
 |---|---:|---:|---:|---|
 """ + "\n".join(mem) + """
 

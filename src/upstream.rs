@@ -322,6 +322,9 @@ pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClien
         // An idle connection to a backend closes after 30 s: a quiet gateway gives its memory
         // back, and a busy one reuses connections long before that.
         .pool_idle_timeout(Duration::from_secs(30))
+        // Without a timer the pool only notices expired connections when it next checks one
+        // out: after a burst they would stay open, and hold their memory, indefinitely.
+        .pool_timer(hyper_util::rt::TokioTimer::new())
         // Enough idle connections per backend for a steady high load; a burst's extra
         // connections close as they come back instead of holding memory for 90 s.
         .pool_max_idle_per_host(128)
