@@ -16,7 +16,7 @@
 #   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
 #     byte and the gap between chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
-#     and 65 s after they ended (past the 30 s idle timeout of Switchyard's backend connections
+#     and 90 s after they ended (past the 30 s idle timeout of Switchyard's backend connections
 #     and the pool's eviction round).
 # Everything shares this machine's cores: load generator, proxies and backends.
 set -euo pipefail
@@ -172,7 +172,7 @@ hold() { # name port pid
   R[$name.peak]=$peak
   # Past Switchyard's 30 s idle timeout for pooled backend connections and the pool's 30 s
   # eviction round (nginx keeps its 256 connections).
-  sleep 65
+  sleep 90
   R[$name.after]=$(rss_kb "$pid")
 }
 echo "holding 2,000 streams: nginx" >&2; hold nginx $PN $NG_MASTER
@@ -234,7 +234,7 @@ sequential streamed chat completions of 10 chunks 2 ms apart.
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 """ + "\n".join(rows) + """
 
-| proxy | RSS idle | RSS, 2,000 open streams | RSS 65 s after | streams |
+| proxy | RSS idle | RSS, 2,000 open streams | RSS 90 s after | streams |
 |---|---:|---:|---:|---|
 """ + "\n".join(mem) + """
 
