@@ -288,8 +288,9 @@ async fn serve(
     };
     let deployment = route.deployment.or(model.as_deref());
     log.deployment = deployment.map(|d| d.chars().take(128).collect());
-    log.operation = trace::operation_name(path);
+    // Only a sampled trace's spans read these.
     if log.attempts_log.trace.is_some_and(|t| t.sampled) {
+        log.operation = trace::operation_name(path);
         log.params = serde_json::from_slice(&body).ok();
     }
 
