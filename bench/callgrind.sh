@@ -34,6 +34,7 @@ $B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --conc
 callgrind_control -d $VG >/dev/null
 sleep 1
 kill -INT $VG; wait $VG 2>/dev/null || true
+[ -n "${KEEP:-}" ] && cp "$work/cg.out.1" "$KEEP"
 total=$(callgrind_annotate "$work/cg.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1}')
 python3 -c "import json,sys; r=json.load(open('$work/probe.json')); sys.exit(0 if r['succeeded']==$N else 1)" \
   || { echo "not every request succeeded" >&2; exit 1; }

@@ -52,6 +52,8 @@ pub struct GatewayState {
     pub(super) ids: crate::ids::IdGen,
     /// Fetches tokens and signing keys from the identity platform.
     pub(super) identity_client: HttpsClient,
+    /// Connections to backends, kept across reloads.
+    pub(super) pools: Arc<crate::upstream::h1::Pools>,
     /// The shared limits store; set at start, kept across reloads.
     pub(super) shared: Option<Arc<Shared>>,
     pub(super) refreshers: Refreshers,

@@ -102,10 +102,15 @@ pub async fn start_with(
     };
     let watch = source.as_ref().and_then(|s| s.watch);
     let sighup = source.as_ref().is_some_and(|s| s.sighup);
+    let pools = Arc::new(crate::upstream::h1::Pools::new(
+        crate::upstream::tls_config()?,
+    ));
+    tasks.spawn(pools.clone().sweep(shutdown.clone()));
     let parts = runtime::Parts {
         metrics: &metrics,
         identity_client: &identity_client,
         shared: &shared,
+        pools: &pools,
     };
     let tracer = match &config.tracing {
         Some(t) => {
@@ -125,6 +130,7 @@ pub async fn start_with(
         grace,
         ids: crate::ids::IdGen::new(),
         identity_client,
+        pools,
         shared: shared.clone(),
         refreshers: Default::default(),
         source,

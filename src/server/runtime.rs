@@ -171,6 +171,8 @@ pub(super) struct Parts<'a> {
     pub metrics: &'a Arc<Metrics>,
     pub identity_client: &'a HttpsClient,
     pub shared: &'a Option<Arc<Shared>>,
+    /// Backend connections, kept across reloads.
+    pub pools: &'a Arc<crate::upstream::h1::Pools>,
 }
 
 /// Builds a runtime for `config`, taking over what `previous` learned.
@@ -199,7 +201,7 @@ pub(super) fn build(
         .map_err(std::io::Error::other)?;
     let upstream = match previous {
         Some(p) => p.proxy.upstream().reconfigure(&config.routing)?,
-        None => Upstream::new(&config.routing)?,
+        None => Upstream::new(&config.routing, parts.pools.clone())?,
     };
     let proxy = Proxy::new(
         backends,
@@ -294,6 +296,7 @@ impl GatewayState {
                 metrics: &state.metrics,
                 identity_client: &state.identity_client,
                 shared: &state.shared,
+                pools: &state.pools,
             };
             let rt = build(&parts, config, Some(&previous))
                 .map_err(|e| ReloadError::Invalid(e.to_string()))?;

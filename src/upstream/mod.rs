@@ -1,5 +1,7 @@
 //! One attempt against one backend: the pooled client, URL and header rewriting, timeouts.
 
+pub mod h1;
+
 use std::borrow::Cow;
 use std::ops::Range;
 use std::pin::Pin;
@@ -53,6 +55,8 @@ pub struct Backend {
     pub credential: Credential,
     /// Totals for the status page.
     pub stats: Arc<BackendStats>,
+    /// Its connections, found in the shared pools on first use.
+    pool: std::sync::OnceLock<Arc<h1::HostPool>>,
 }
 
 impl Backend {
@@ -69,6 +73,7 @@ impl Backend {
             url: cfg.url.clone(),
             credential: Credential::new(&cfg.name, &cfg.auth, providers)?,
             stats: stats.unwrap_or_else(|| Arc::new(BackendStats::new(&cfg.name, metrics))),
+            pool: std::sync::OnceLock::new(),
         })
     }
 }
@@ -126,11 +131,12 @@ impl OutboundRequest<'_> {
     }
 }
 
-/// The HTTP clients to backends: one pooled client for normal traffic, one HTTP/1.1-only for
-/// upgrades (WebSocket over HTTP/2 needs extended CONNECT, which Azure does not speak).
+/// The clients to backends: HTTP/1.1 connections of our own for normal traffic (see [`h1`]),
+/// and hyper's HTTP/1.1 client for upgrades (WebSocket over HTTP/2 needs extended CONNECT,
+/// which Azure does not speak).
 #[derive(Clone)]
 pub struct Upstream {
-    client: HttpsClient,
+    pools: Arc<h1::Pools>,
     upgrade_client: HttpsClient,
     connect_timeout: Duration,
     first_byte_timeout: Duration,
@@ -138,11 +144,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(routing: &RoutingConfig) -> Result<Self, std::io::Error> {
-        let client = build_client(routing.connect_timeout, true)?;
+    /// `pools` outlive configs: a reload keeps the open connections.
+    pub fn new(routing: &RoutingConfig, pools: Arc<h1::Pools>) -> Result<Self, std::io::Error> {
         let upgrade_client = build_client(routing.connect_timeout, false)?;
         Ok(Self {
-            client,
+            pools,
             upgrade_client,
             connect_timeout: routing.connect_timeout,
             first_byte_timeout: routing.first_byte_timeout,
@@ -150,11 +156,11 @@ impl Upstream {
         })
     }
 
-    /// The clients for a reloaded config: the same pools (and their open connections) unless
-    /// the connect timeout, which is built into them, changed.
+    /// The clients for a reloaded config: the same pools and open connections; the upgrade
+    /// client is rebuilt only if the connect timeout, which is built into it, changed.
     pub fn reconfigure(&self, routing: &RoutingConfig) -> Result<Self, std::io::Error> {
         if routing.connect_timeout != self.connect_timeout {
-            return Self::new(routing);
+            return Self::new(routing, self.pools.clone());
         }
         Ok(Self {
             first_byte_timeout: routing.first_byte_timeout,
@@ -174,23 +180,54 @@ impl Upstream {
         budget: Duration,
         traceparent: Option<HeaderValue>,
     ) -> Result<Response<BoxBody>, GatewayError> {
-        let client = if req.upgrade {
-            &self.upgrade_client
-        } else {
-            &self.client
-        };
         let wait = budget.min(self.first_byte_timeout);
         let attempt = async {
             // Inside the timeout: waiting for a token is part of the attempt.
             let auth = backend.credential.header(&backend.name).await?;
-            let request = build_request(backend, req, rename, auth, traceparent)?;
-            client.request(request).await.map_err(|e| {
-                let kind = if e.is_connect() {
-                    ErrorKind::UpstreamConnect
-                } else {
-                    ErrorKind::UpstreamProtocol
-                };
-                GatewayError::new(kind, format!("backend {}: {}", backend.name, describe(&e)))
+            if req.upgrade {
+                let request = build_request(backend, req, rename, auth, traceparent)?;
+                return self
+                    .upgrade_client
+                    .request(request)
+                    .await
+                    .map(|r| r.map(boxed))
+                    .map_err(|e| {
+                        let kind = if e.is_connect() {
+                            ErrorKind::UpstreamConnect
+                        } else {
+                            ErrorKind::UpstreamProtocol
+                        };
+                        GatewayError::new(
+                            kind,
+                            format!("backend {}: {}", backend.name, describe(&e)),
+                        )
+                    });
+            }
+            let body = req.body_for(rename);
+            let head = encode_head(backend, req, rename, body.len(), auth, traceparent)?;
+            let host = backend.pool.get_or_init(|| {
+                self.pools.host(
+                    backend.url.scheme == http::uri::Scheme::HTTPS,
+                    &backend.url.authority,
+                )
+            });
+            host.send(
+                &head,
+                &body,
+                req.method == Method::HEAD,
+                self.connect_timeout,
+            )
+            .await
+            .map(|r| r.map(|b| b.boxed()))
+            .map_err(|e| match e {
+                h1::SendError::Connect(m) => GatewayError::new(
+                    ErrorKind::UpstreamConnect,
+                    format!("backend {}: {m}", backend.name),
+                ),
+                h1::SendError::Protocol(m) => GatewayError::new(
+                    ErrorKind::UpstreamProtocol,
+                    format!("backend {}: {m}", backend.name),
+                ),
             })
         };
         match tokio::time::timeout(wait, attempt).await {
@@ -201,10 +238,7 @@ impl Upstream {
             Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => {
                 let idle = self.idle_timeout;
-                Ok(resp.map(|b| {
-                    let inner: BoxBody = b.map_err(|e| -> BoxError { Box::new(e) }).boxed();
-                    IdleTimeout::new(inner, idle).boxed()
-                }))
+                Ok(resp.map(|inner| IdleTimeout::new(inner, idle).boxed()))
             }
         }
     }
@@ -301,17 +335,23 @@ fn native_roots() -> Result<Arc<rustls::RootCertStore>, std::io::Error> {
     Ok(ROOTS.get_or_init(|| Arc::new(store)).clone())
 }
 
+/// TLS to backends and Azure's endpoints: the system's root certificates.
+pub fn tls_config() -> Result<Arc<rustls::ClientConfig>, std::io::Error> {
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(native_roots()?)
+            .with_no_client_auth(),
+    ))
+}
+
 pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClient, std::io::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(native_roots()?)
-        .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config((*tls_config()?).clone())
         .https_or_http();
     let connector = if http2 {
         builder.enable_all_versions().wrap_connector(http)
@@ -361,32 +401,7 @@ pub fn build_request(
         .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid path: {e}")))?;
 
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
-    // Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1). Scanned per header
-    // rather than collected: it is nearly always just `keep-alive`.
-    let connection = req.headers.get_all(header::CONNECTION);
-    let connection_listed = |n: &str| {
-        connection
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|s| s.trim().eq_ignore_ascii_case(n))
-    };
-    for (name, value) in req.headers {
-        let n = name.as_str();
-        let keep_for_upgrade = req.upgrade && (n == "upgrade" || n == "connection");
-        if !keep_for_upgrade
-            && (HOP_BY_HOP.contains(&n)
-                || connection_listed(n)
-                || n == "host"
-                || n == "content-length"
-                // The gateway already holds the whole body; a backend's 100-continue is moot.
-                || n == "expect")
-        {
-            continue;
-        }
-        if CLIENT_CREDENTIALS.contains(&n) || n == X_REQUEST_ID.as_str() {
-            continue;
-        }
+    for (name, value) in forwarded(req) {
         headers.append(name.clone(), value.clone());
     }
     if let Some((name, value)) = auth {
@@ -404,6 +419,106 @@ pub fn build_request(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// The client's headers a backend gets: not the hop-by-hop ones, not the client's credentials,
+/// not `host`, `content-length` or `expect` (the gateway sets its own), not `x-request-id` (the
+/// gateway's id replaces it).
+fn forwarded<'a>(
+    req: &'a OutboundRequest<'_>,
+) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+    // Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1). Scanned per header
+    // rather than collected: it is nearly always just `keep-alive`.
+    let connection = req.headers.get_all(header::CONNECTION);
+    let connection_listed = move |n: &str| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|s| s.trim().eq_ignore_ascii_case(n))
+    };
+    let upgrade = req.upgrade;
+    req.headers.iter().filter(move |(name, _)| {
+        let n = name.as_str();
+        let keep_for_upgrade = upgrade && (n == "upgrade" || n == "connection");
+        if !keep_for_upgrade
+            && (HOP_BY_HOP.contains(&n)
+                || connection_listed(n)
+                || n == "host"
+                || n == "content-length"
+                // The gateway already holds the whole body; a backend's 100-continue is moot.
+                || n == "expect")
+        {
+            return false;
+        }
+        !(CLIENT_CREDENTIALS.contains(&n) || n == X_REQUEST_ID.as_str())
+    })
+}
+
+/// The HTTP/1.1 request head for `backend`: what [`build_request`] builds, written out.
+pub fn encode_head(
+    backend: &Backend,
+    req: &OutboundRequest<'_>,
+    rename: Option<&str>,
+    body_len: usize,
+    auth: Option<(HeaderName, HeaderValue)>,
+    traceparent: Option<HeaderValue>,
+) -> Result<Vec<u8>, GatewayError> {
+    let url = &backend.url;
+    let path = req.path_for(rename);
+    // The target goes on the request line verbatim: no byte that could end or split it.
+    let target_ok = |s: &str| s.bytes().all(|b| b > b' ' && b != 0x7f);
+    if !target_ok(&url.base_path) || !target_ok(&path) || !path.starts_with('/') {
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "invalid request path".to_string(),
+        ));
+    }
+    let mut out = Vec::with_capacity(512 + req.headers.len() * 48);
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(url.base_path.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(url.authority.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut line = |name: &HeaderName, value: &HeaderValue| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in forwarded(req) {
+        // Set below, once.
+        if auth.as_ref().is_some_and(|(n, _)| n == name)
+            || (traceparent.is_some() && name == TRACEPARENT)
+        {
+            continue;
+        }
+        line(name, value);
+    }
+    if let Some((name, value)) = &auth {
+        line(name, value);
+    }
+    if let Some(tp) = &traceparent {
+        line(&TRACEPARENT, tp);
+    }
+    line(&X_REQUEST_ID, req.request_id);
+    let bodiless = matches!(
+        *req.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    );
+    if body_len > 0 || !bodiless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
+fn boxed(b: hyper::body::Incoming) -> BoxBody {
+    b.map_err(|e| -> BoxError { Box::new(e) }).boxed()
 }
 
 /// Drops hop-by-hop headers from a backend's response before it goes to the client.
@@ -502,6 +617,58 @@ mod tests {
             renamed.uri().path(),
             "/prefix/openai/deployments/gpt-4o-2024-08-06/chat/completions"
         );
+    }
+
+    #[test]
+    fn encodes_the_rewritten_head() {
+        let mut h = HeaderMap::new();
+        h.insert("api-key", HeaderValue::from_static("client-key"));
+        h.insert("host", HeaderValue::from_static("gateway.local"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        h.insert("traceparent", HeaderValue::from_static("client-parent"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let rid = HeaderValue::from_static("rid-1");
+        let req = OutboundRequest {
+            method: &Method::POST,
+            path_and_query: "/openai/deployments/d/chat/completions?api-version=1",
+            deployment_span: Some(20..21),
+            model_in_body: false,
+            headers: &h,
+            body: Bytes::from_static(b"{}"),
+            request_id: &rid,
+            upgrade: false,
+        };
+        let b = backend();
+        let tp = HeaderValue::from_static("00-ours-01");
+        let head = encode_head(&b, &req, Some("gpt-4o"), 2, key(&b), Some(tp)).unwrap();
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST /prefix/openai/deployments/gpt-4o/chat/completions?api-version=1 HTTP/1.1\r\n\
+             host: east.example:8443\r\n\
+             content-type: application/json\r\n\
+             api-key: backend-secret\r\n\
+             traceparent: 00-ours-01\r\n\
+             x-request-id: rid-1\r\n\
+             content-length: 2\r\n\r\n"
+        );
+        // A GET without a body announces none.
+        let get = OutboundRequest {
+            method: &Method::GET,
+            path_and_query: req.path_and_query,
+            deployment_span: None,
+            model_in_body: false,
+            headers: &h,
+            body: Bytes::new(),
+            request_id: &rid,
+            upgrade: false,
+        };
+        let head = String::from_utf8(encode_head(&b, &get, None, 0, None, None).unwrap()).unwrap();
+        assert!(!head.contains("content-length"), "{head}");
+        // A renamed deployment that would break the request line is refused, not sent.
+        let err = encode_head(&b, &req, Some("a b\r\nx: y"), 2, None, None).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::BadRequest);
     }
 
     #[test]

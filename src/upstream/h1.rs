@@ -1,0 +1,692 @@
+//! HTTP/1.1 to backends over connections the request's own task drives.
+//!
+//! hyper-util's pooled client runs every connection as a task of its own and hands each request
+//! to it through a channel and a oneshot, after looking the pool up by a SipHash of scheme and
+//! authority. On this path that was a quarter of the gateway's instructions per request and a
+//! task wake-up in each direction. Here a backend's idle connections sit in a short LIFO list;
+//! a request takes one, writes its head and body in one go, reads the response head, and its
+//! body reads straight from the socket as the client's connection asks for it. When the body
+//! ends cleanly the connection goes back to the list.
+//!
+//! Only what a proxy to Azure OpenAI needs: no pipelining, no upgrades (those take the hyper
+//! client), no request trailers. Responses are read per RFC 9112 §6.3: no body for HEAD, 1xx,
+//! 204 and 304; chunked; `content-length`; or until the backend closes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::BoxError;
+
+/// A response head larger than this is refused (hyper's default limit is about 400 KB; Azure's
+/// heads are about 1.5 KB).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line (with extensions) or a trailer line longer than this is refused.
+const MAX_LINE: usize = 4096;
+/// The most a read asks for at once.
+const READ_CHUNK: usize = 16 * 1024;
+/// Idle connections kept per backend; a burst's extra connections close as they come back.
+const MAX_IDLE: usize = 128;
+/// An idle connection closes after this long unused, so a quiet gateway gives its memory back.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle connections are checked against `IDLE_TIMEOUT`.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Why an exchange failed, for the caller's error kind.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (DNS, refused, TLS handshake, connect timeout).
+    Connect(String),
+    /// The connection broke or the backend's answer was not valid HTTP/1.1.
+    Protocol(String),
+}
+
+/// Every backend's idle connections, shared by all configs a reload produces, and the TLS
+/// settings new connections use.
+pub struct Pools {
+    hosts: Mutex<Vec<Arc<HostPool>>>,
+    tls: TlsConnector,
+}
+
+impl Pools {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        let mut tls = (*tls).clone();
+        // This client speaks HTTP/1.1 only; say so, so a backend never picks h2 for us.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            hosts: Mutex::new(Vec::new()),
+            tls: TlsConnector::from(Arc::new(tls)),
+        }
+    }
+
+    /// The pool for a backend's scheme and authority, made on first use.
+    pub fn host(&self, https: bool, authority: &http::uri::Authority) -> Arc<HostPool> {
+        let mut hosts = crate::sync::lock(&self.hosts);
+        if let Some(h) = hosts
+            .iter()
+            .find(|h| h.https == https && h.authority == *authority)
+        {
+            return h.clone();
+        }
+        let host = authority.host();
+        // `[::1]` in a URL, `::1` to connect and to name the server.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_string();
+        let pool = Arc::new(HostPool {
+            https,
+            authority: authority.clone(),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            host,
+            tls: self.tls.clone(),
+            idle: Mutex::new(Vec::new()),
+        });
+        hosts.push(pool.clone());
+        pool
+    }
+
+    /// Closes connections idle for longer than [`IDLE_TIMEOUT`] until `shutdown`.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.sweep_once(Instant::now());
+        }
+    }
+
+    /// Closes the connections idle since before `now - IDLE_TIMEOUT`.
+    fn sweep_once(&self, now: Instant) {
+        let hosts = crate::sync::lock(&self.hosts).clone();
+        for h in hosts {
+            // Dropped outside the lock: closing a TLS connection does some work.
+            let expired: Vec<Idle> = {
+                let mut idle = crate::sync::lock(&h.idle);
+                // Oldest first: the list is used from its end.
+                let keep = idle
+                    .iter()
+                    .position(|c| now.duration_since(c.since) < IDLE_TIMEOUT)
+                    .unwrap_or(idle.len());
+                idle.drain(..keep).collect()
+            };
+            drop(expired);
+        }
+    }
+
+    /// Idle connections across all backends (for tests and the bench notes).
+    pub fn idle_count(&self) -> usize {
+        crate::sync::lock(&self.hosts)
+            .iter()
+            .map(|h| crate::sync::lock(&h.idle).len())
+            .sum()
+    }
+}
+
+/// One backend's idle connections and how to open new ones.
+pub struct HostPool {
+    https: bool,
+    authority: http::uri::Authority,
+    host: String,
+    port: u16,
+    tls: TlsConnector,
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+impl HostPool {
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<Conn> {
+        loop {
+            let mut conn = crate::sync::lock(&self.idle).pop()?.conn;
+            if conn.is_open() {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn checkin(&self, conn: Conn) {
+        let mut idle = crate::sync::lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
+        let connecting = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| format!("connect to {}: {e}", self.authority))?;
+            // Nagle would hold small writes (an SSE event, a request head) for an ACK.
+            let _ = tcp.set_nodelay(true);
+            let io = if self.https {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| format!("{}: not a valid TLS server name: {e}", self.host))?;
+                let tls = self
+                    .tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake with {}: {e}", self.authority))?;
+                Stream::Tls(Box::new(tls))
+            } else {
+                Stream::Tcp(tcp)
+            };
+            Ok::<_, String>(Conn {
+                io,
+                buf: BytesMut::new(),
+            })
+        };
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(r) => r.map_err(SendError::Connect),
+            Err(_) => Err(SendError::Connect(format!(
+                "connect to {} timed out after {timeout:?}",
+                self.authority
+            ))),
+        }
+    }
+
+    /// Writes `head` and `body` and reads the response head. A pooled connection the backend
+    /// had closed before reading the request (the keep-alive race) is retried once on a new
+    /// connection; nothing of the request can have been processed then.
+    pub async fn send(
+        self: &Arc<Self>,
+        head: &[u8],
+        body: &Bytes,
+        head_request: bool,
+        connect_timeout: Duration,
+    ) -> Result<Response<H1Body>, SendError> {
+        let pooled = self.checkout();
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.connect(connect_timeout).await?,
+        };
+        match exchange(&mut conn, head, body).await {
+            Ok(head) => Ok(self.respond(conn, head, head_request)?),
+            Err(Failure::Unanswered(_)) if reused => {
+                let mut conn = self.connect(connect_timeout).await?;
+                match exchange(&mut conn, head, body).await {
+                    Ok(head) => Ok(self.respond(conn, head, head_request)?),
+                    Err(f) => Err(SendError::Protocol(f.describe(&self.authority))),
+                }
+            }
+            Err(f) => Err(SendError::Protocol(f.describe(&self.authority))),
+        }
+    }
+
+    fn respond(
+        self: &Arc<Self>,
+        conn: Conn,
+        head: Head,
+        head_request: bool,
+    ) -> Result<Response<H1Body>, SendError> {
+        let framing = framing(&head, head_request)
+            .map_err(|e| SendError::Protocol(format!("backend {}: {e}", self.authority)))?;
+        let reusable = head.keep_alive && !matches!(framing, Framing::UntilClose);
+        let mut body = H1Body {
+            conn: Some(conn),
+            state: match framing {
+                Framing::Empty => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::ChunkSize,
+                Framing::UntilClose => State::UntilClose,
+            },
+            reusable,
+            pool: self.clone(),
+        };
+        if matches!(body.state, State::Done) || matches!(body.state, State::Length(0)) {
+            body.state = State::Done;
+            body.release();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
+    }
+}
+
+enum Failure {
+    /// The connection ended or broke before a byte of the response came.
+    Unanswered(io::Error),
+    /// It broke after the response began, or the response was not valid.
+    Broken(String),
+}
+
+impl Failure {
+    fn describe(&self, authority: &http::uri::Authority) -> String {
+        match self {
+            Failure::Unanswered(e) => format!("backend {authority} closed the connection: {e}"),
+            Failure::Broken(e) => format!("backend {authority}: {e}"),
+        }
+    }
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    keep_alive: bool,
+}
+
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+async fn exchange(conn: &mut Conn, head: &[u8], body: &Bytes) -> Result<Head, Failure> {
+    // One write for head and body when the body is small: one segment on the wire, one
+    // system call, and no Nagle interplay between the two.
+    let written = if body.len() <= 16 * 1024 {
+        let mut out = Vec::with_capacity(head.len() + body.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(body);
+        conn.io.write_all(&out).await
+    } else {
+        match conn.io.write_all(head).await {
+            Ok(()) => conn.io.write_all(body).await,
+            Err(e) => Err(e),
+        }
+    };
+    written
+        .and(conn.io.flush().await)
+        .map_err(Failure::Unanswered)?;
+    loop {
+        match parse_head(&mut conn.buf).map_err(Failure::Broken)? {
+            Some(h) if h.status.is_informational() => continue, // 100, 103: the real one follows
+            Some(h) => return Ok(h),
+            None => {}
+        }
+        if conn.buf.len() >= MAX_HEAD {
+            return Err(Failure::Broken(format!(
+                "response head larger than {MAX_HEAD} bytes"
+            )));
+        }
+        let had = conn.buf.len();
+        conn.buf.reserve(4096);
+        let n = conn.read_some().await.map_err(|e| match had {
+            0 => Failure::Unanswered(e),
+            _ => Failure::Broken(format!("reading the response head: {e}")),
+        })?;
+        if n == 0 {
+            return Err(match had {
+                0 => Failure::Unanswered(io::ErrorKind::UnexpectedEof.into()),
+                _ => Failure::Broken("connection closed inside the response head".into()),
+            });
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf`; `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("invalid response head: {e}")),
+    };
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0))
+        .map_err(|_| "invalid status code".to_string())?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Positions in `buf`, so that values can share one frozen copy of the head.
+    let base = buf.as_ptr() as usize;
+    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        spans.push((name, h.name.len(), value, h.value.len()));
+    }
+    let raw = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    for (n, nl, v, vl) in spans {
+        let name = HeaderName::from_bytes(&raw[n..n + nl])
+            .map_err(|_| "invalid header name in the response".to_string())?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+            .map_err(|_| format!("invalid value for response header {name}"))?;
+        if name == http::header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    keep_alive = true;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        keep_alive,
+    }))
+}
+
+fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
+    let s = head.status.as_u16();
+    if head_request || (100..200).contains(&s) || s == 204 || s == 304 {
+        return Ok(Framing::Empty);
+    }
+    if let Some(last) = head
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        // Chunked only when it is the final coding; anything else is read until close.
+        let chunked = last
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut length = None;
+    for v in head.headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let n = std::str::from_utf8(part.trim_ascii())
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| "invalid content-length".to_string())?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values".into());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// A connection to a backend and the bytes read from it but not yet used.
+struct Conn {
+    io: Stream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    async fn read_some(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_some(cx)).await
+    }
+
+    fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// Whether an idle connection is still usable: nothing to read and not closed. A backend
+    /// that closed it, or sent something unasked, makes it unusable.
+    fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+enum State {
+    Length(u64),
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: bytes left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+/// A backend's response body, read from its connection as it is polled. Dropped before its
+/// end, the connection closes (the rest of the body is never read).
+pub struct H1Body {
+    conn: Option<Conn>,
+    state: State,
+    reusable: bool,
+    pool: Arc<HostPool>,
+}
+
+impl H1Body {
+    /// The body ended: the connection goes back to the pool if it can carry another exchange.
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            self.pool.checkin(conn);
+        }
+    }
+
+    fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = State::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(msg.into().into())))
+    }
+}
+
+/// Takes the line at the front of `buf` (without its CRLF), if a whole one is there.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
+    match memchr::memchr(b'\n', buf) {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err("chunk-size or trailer line too long".into()),
+        None => Ok(None),
+    }
+}
+
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    // Extensions after `;` are ignored (RFC 9112 §7.1.1).
+    let end = line.iter().position(|b| *b == b';').unwrap_or(line.len());
+    let digits = line[..end].trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err("invalid chunk size".into());
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).unwrap_or("x"), 16)
+        .map_err(|_| "invalid chunk size".into())
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // Use what is buffered first; read only when it cannot make progress.
+            match this.state {
+                State::Done => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) | State::ChunkData(left) if !conn.buf.is_empty() => {
+                    let n = (conn.buf.len() as u64).min(left) as usize;
+                    let data = conn.buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    this.state = match this.state {
+                        State::Length(_) if left == 0 => State::Done,
+                        State::Length(_) => State::Length(left),
+                        _ if left == 0 => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    if matches!(this.state, State::Done) {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::UntilClose if !conn.buf.is_empty() => {
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkSize => match take_line(&mut conn.buf) {
+                    Ok(Some(line)) => {
+                        match chunk_size(&line) {
+                            Ok(0) => this.state = State::Trailers,
+                            Ok(n) => this.state = State::ChunkData(n),
+                            Err(e) => return this.fail(e),
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return this.fail(e),
+                },
+                State::ChunkEnd if conn.buf.len() >= 2 || conn.buf.first() == Some(&b'\n') => {
+                    match take_line(&mut conn.buf) {
+                        Ok(Some(line)) if line.is_empty() => {
+                            this.state = State::ChunkSize;
+                            continue;
+                        }
+                        _ => return this.fail("chunk data not followed by CRLF"),
+                    }
+                }
+                State::Trailers => match take_line(&mut conn.buf) {
+                    Ok(Some(line)) => {
+                        if line.is_empty() {
+                            this.state = State::Done;
+                        }
+                        // Trailers are dropped: the client's response carries none.
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return this.fail(e),
+                },
+                _ => {}
+            }
+            match ready!(conn.poll_read_some(cx)) {
+                Ok(0) if matches!(this.state, State::UntilClose) => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail("the backend closed the connection before the body ended");
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(format!("reading the response body: {e}")),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "h1_tests.rs"]
+mod tests;

@@ -1,0 +1,466 @@
+//! The HTTP/1.1 client against hand-written backends on loopback: framing, reuse, the
+//! keep-alive race, TLS.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+/// What the backend does for one request.
+struct Reply {
+    bytes: Vec<u8>,
+    /// Written one byte at a time, to split heads, chunk lines and CRLFs across reads.
+    trickle: bool,
+    /// Closes the connection after writing.
+    close: bool,
+}
+
+fn reply(bytes: &str) -> Reply {
+    Reply {
+        bytes: bytes.as_bytes().to_vec(),
+        trickle: false,
+        close: false,
+    }
+}
+
+struct Backend {
+    authority: http::uri::Authority,
+    accepts: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// A backend that answers requests in order with `replies`, on whatever connection they come.
+async fn backend(replies: Vec<Reply>) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(replies)));
+    let (a, r) = (accepts.clone(), requests.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            let (queue, requests) = (queue.clone(), r.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some(req) = read_request(&mut sock).await else {
+                        return;
+                    };
+                    requests.lock().unwrap().push(req);
+                    let Some(reply) = queue.lock().unwrap().pop_front() else {
+                        return;
+                    };
+                    if reply.trickle {
+                        for b in &reply.bytes {
+                            if sock.write_all(&[*b]).await.is_err() {
+                                return;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    } else if sock.write_all(&reply.bytes).await.is_err() {
+                        return;
+                    }
+                    if reply.close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Backend {
+        authority,
+        accepts,
+        requests,
+        _task: task,
+    }
+}
+
+/// One request's head and body (by its content-length), as text.
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if sock.read(&mut b).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(b[0]);
+    }
+    let head = String::from_utf8(buf.clone()).ok()?;
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let mut body = vec![0u8; len];
+    sock.read_exact(&mut body).await.ok()?;
+    buf.extend_from_slice(&body);
+    String::from_utf8(buf).ok()
+}
+
+fn pools() -> Pools {
+    Pools::new(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    ))
+}
+
+const T: Duration = Duration::from_secs(5);
+
+async fn get(pool: &Arc<HostPool>, path: &str) -> Result<(StatusCode, HeaderMap, String), String> {
+    let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    let resp = pool
+        .send(head.as_bytes(), &Bytes::new(), false, T)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_connection() {
+    let b = backend(vec![
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello"),
+        reply("HTTP/1.1 201 Created\r\ncontent-length: 3\r\n\r\nbye"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let body = Bytes::from_static(b"{\"x\":1}");
+    let head = b"POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 7\r\n\r\n";
+    let resp = pool.send(head, &body, false, T).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-a"], "1");
+    assert_eq!(resp.body().size_hint().exact(), Some(5));
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, "hello");
+    assert_eq!(
+        pools.idle_count(),
+        1,
+        "back in the pool once the body ended"
+    );
+    let (status, _, text) = get(&pool, "/two").await.unwrap();
+    assert_eq!((status.as_u16(), text.as_str()), (201, "bye"));
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+    let reqs = b.requests.lock().unwrap().clone();
+    assert_eq!(
+        reqs[0],
+        "POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 7\r\n\r\n{\"x\":1}"
+    );
+    assert!(reqs[1].starts_with("GET /two HTTP/1.1\r\n"));
+}
+
+#[tokio::test]
+async fn chunked_bodies_split_anywhere_are_decoded() {
+    let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                   5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: t\r\n\r\n";
+    let b = backend(vec![
+        Reply {
+            trickle: true,
+            ..reply(chunked)
+        },
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let (_, _, text) = get(&pool, "/").await.unwrap();
+    assert_eq!(text, "hello 0123456789");
+    // The trailers were read to the end, so the connection carries the next exchange.
+    assert_eq!(get(&pool, "/").await.unwrap().2, "ok");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_body_without_length_runs_to_close_and_the_connection_is_not_kept() {
+    let b = backend(vec![
+        Reply {
+            close: true,
+            ..reply("HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        },
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "until the end");
+    assert_eq!(pools.idle_count(), 0);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "ok");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn connection_close_is_honoured() {
+    let b = backend(vec![
+        reply("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\na"),
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "a");
+    assert_eq!(pools.idle_count(), 0);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "b");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_replaced() {
+    // The backend closes each connection after answering, without saying so: the next request
+    // finds the pooled connection dead (before or after writing to it) and opens another.
+    let b = backend(vec![
+        Reply {
+            close: true,
+            ..reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")
+        },
+        Reply {
+            close: true,
+            ..reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")
+        },
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "a");
+    assert_eq!(get(&pool, "/").await.unwrap().2, "b");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_dead_pooled_connection_is_retried_after_the_write_fails_to_get_an_answer() {
+    // A connection checked in, then closed by the backend after the liveness check would have
+    // passed: forced here by writing the request to a connection whose peer is gone.
+    let b = backend(vec![reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")]).await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let (mut theirs, _) = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let s = l.accept().await.unwrap();
+        pool.checkin(Conn {
+            io: Stream::Tcp(c),
+            buf: BytesMut::new(),
+        });
+        s
+    };
+    // The peer reads the request and closes without answering: the request went unanswered.
+    let closer = tokio::spawn(async move {
+        let _ = read_request(&mut theirs).await;
+    });
+    let (_, _, text) = get(&pool, "/").await.unwrap();
+    closer.await.unwrap();
+    assert_eq!(text, "b");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn informational_responses_are_skipped() {
+    let b = backend(vec![reply(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )])
+    .await;
+    let pool = pools().host(false, &b.authority);
+    let (status, headers, text) = get(&pool, "/").await.unwrap();
+    assert_eq!((status.as_u16(), text.as_str()), (200, "ok"));
+    assert!(headers.get("link").is_none());
+}
+
+#[tokio::test]
+async fn head_204_and_304_have_no_body_whatever_they_announce() {
+    let b = backend(vec![
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"),
+        reply("HTTP/1.1 204 No Content\r\ncontent-length: 10\r\n\r\n"),
+        reply("HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let resp = pool
+        .send(
+            b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n",
+            &Bytes::new(),
+            true,
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(resp.body().is_end_stream());
+    assert_eq!(get(&pool, "/").await.unwrap().2, "");
+    assert_eq!(get(&pool, "/").await.unwrap().2, "");
+    assert_eq!(get(&pool, "/").await.unwrap().2, "ok");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_and_the_connection_is_dropped() {
+    let b = backend(vec![Reply {
+        close: true,
+        ..reply("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+    }])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let err = get(&pool, "/").await.unwrap_err();
+    assert!(
+        err.contains("closed the connection before the body ended"),
+        "{err}"
+    );
+    assert_eq!(pools.idle_count(), 0);
+}
+
+#[tokio::test]
+async fn malformed_answers_are_protocol_errors() {
+    let big = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+        "a".repeat(MAX_HEAD + 10)
+    );
+    for (raw, expect) in [
+        ("HELLO\r\n\r\n", "invalid response head"),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nab",
+            "conflicting",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "invalid content-length",
+        ),
+        (big.as_str(), "larger than"),
+    ] {
+        let b = backend(vec![reply(raw)]).await;
+        let pool = pools().host(false, &b.authority);
+        let err = get(&pool, "/").await.unwrap_err();
+        assert!(
+            err.starts_with("Protocol") && err.contains(expect),
+            "{raw:.40}: {err}"
+        );
+    }
+    let b = backend(vec![Reply {
+        close: true,
+        ..reply("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+    }])
+    .await;
+    let err = get(&pools().host(false, &b.authority), "/")
+        .await
+        .unwrap_err();
+    assert!(err.contains("invalid chunk size"), "{err}");
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_connect_error() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = l.local_addr().unwrap().to_string().parse().unwrap();
+    drop(l);
+    let err = get(&pools().host(false, &authority), "/")
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("Connect"), "{err}");
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let b = backend(vec![reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na")]).await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    get(&pool, "/").await.unwrap();
+    let now = Instant::now();
+    pools.sweep_once(now + IDLE_TIMEOUT / 2);
+    assert_eq!(pools.idle_count(), 1);
+    pools.sweep_once(now + IDLE_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(pools.idle_count(), 0);
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn https_backends_are_verified_against_the_roots_and_reused() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&fixture("server.pem"))
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&fixture("server.key")).unwrap();
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority: http::uri::Authority =
+        listener.local_addr().unwrap().to_string().parse().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let a = accepts.clone();
+    let _server = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut n = 0;
+                loop {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => got.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    n += 1;
+                    let body = format!("secure {n}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    tls.write_all(resp.as_bytes()).await.unwrap();
+                    tls.flush().await.unwrap();
+                }
+            });
+        }
+    });
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&fixture("ca.pem")) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let trusting = Pools::new(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ));
+    let pool = trusting.host(true, &authority);
+    assert_eq!(get(&pool, "/").await.unwrap().2, "secure 1");
+    assert_eq!(get(&pool, "/").await.unwrap().2, "secure 2");
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+
+    // The same server, from a client that does not trust its CA: refused at the handshake.
+    let err = get(&pools().host(true, &authority), "/").await.unwrap_err();
+    assert!(
+        err.starts_with("Connect") && err.contains("TLS handshake"),
+        "{err}"
+    );
+}
