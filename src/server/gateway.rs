@@ -95,7 +95,7 @@ pub async fn handle(
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     guard.log.request_id = request_id.to_str().unwrap_or("").to_string();
     guard.log.method = req.method().to_string();
-    guard.log.path = req.uri().path().chars().take(256).collect();
+    guard.log.path = first_chars(req.uri().path(), 256).to_string();
     if let Some(t) = &state.tracer {
         guard.log.wall_start = SystemTime::now();
         let ctx = t.start(req.headers());
@@ -289,7 +289,7 @@ async fn serve(
         None
     };
     let deployment = route.deployment.or(model.as_deref());
-    log.deployment = deployment.map(|d| d.chars().take(128).collect());
+    log.deployment = deployment.map(|d| first_chars(d, 128).to_string());
     // Only a sampled trace's spans read these.
     if log.attempts_log.trace.is_some_and(|t| t.sampled) {
         log.operation = trace::operation_name(path);
@@ -813,5 +813,25 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The first `n` characters of `s` (a bound for what logs repeat of the client's input).
+fn first_chars(s: &str, n: usize) -> &str {
+    // One byte or more per character: short strings fit whole, without counting.
+    if s.len() <= n {
+        return s;
+    }
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn first_chars_cuts_on_character_boundaries() {
+        assert_eq!(super::first_chars("abc", 5), "abc");
+        assert_eq!(super::first_chars("abcdef", 3), "abc");
+        assert_eq!(super::first_chars("ééé", 2), "éé");
+        assert_eq!(super::first_chars("éé", 2), "éé");
     }
 }

@@ -34,7 +34,7 @@ use crate::body::BoxError;
 /// A response head larger than this is refused (hyper's default limit is about 400 KB; Azure's
 /// heads are about 1.5 KB).
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 64;
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 /// The most a read asks for at once.
@@ -374,7 +374,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
     for (n, nl, v, vl) in spans {
-        let name = HeaderName::from_bytes(&raw[n..n + nl])
+        let name = header_name(&raw[n..n + nl])
             .map_err(|_| "invalid header name in the response".to_string())?;
         let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
             .map_err(|_| format!("invalid value for response header {name}"))?;
@@ -396,6 +396,30 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         headers,
         keep_alive,
     }))
+}
+
+/// Response header names Azure OpenAI sends on every answer. `HeaderName::from_bytes` copies
+/// a name it does not know into an allocation of its own; these are matched and shared.
+static KNOWN_NAMES: [HeaderName; 12] = [
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("retry-after-ms"),
+    HeaderName::from_static("x-ms-region"),
+    HeaderName::from_static("apim-request-id"),
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-ms-client-request-id"),
+    HeaderName::from_static("azureml-model-session"),
+];
+
+fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    match KNOWN_NAMES.iter().find(|k| k.as_str().as_bytes() == raw) {
+        Some(k) => Ok(k.clone()),
+        None => HeaderName::from_bytes(raw),
+    }
 }
 
 fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
