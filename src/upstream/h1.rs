@@ -37,8 +37,11 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
-/// The most a read asks for at once.
-const READ_CHUNK: usize = 16 * 1024;
+/// What a read asks room for at first: an SSE event or a small answer fits, and 2,000 open
+/// streams do not hold 2,000 large buffers.
+const READ_MIN: usize = 4 * 1024;
+/// What it grows to while reads keep filling the room they had (a large body).
+const READ_MAX: usize = 64 * 1024;
 /// Idle connections kept per backend; a burst's extra connections close as they come back.
 const MAX_IDLE: usize = 128;
 /// An idle connection closes after this long unused, so a quiet gateway gives its memory back.
@@ -199,6 +202,7 @@ impl HostPool {
             Ok::<_, String>(Conn {
                 io,
                 buf: BytesMut::new(),
+                read_size: READ_MIN,
             })
         };
         match tokio::time::timeout(timeout, connecting).await {
@@ -330,7 +334,6 @@ async fn exchange(conn: &mut Conn, head: &[u8], body: &Bytes) -> Result<Head, Fa
             )));
         }
         let had = conn.buf.len();
-        conn.buf.reserve(4096);
         let n = conn.read_some().await.map_err(|e| match had {
             0 => Failure::Unanswered(e),
             _ => Failure::Broken(format!("reading the response head: {e}")),
@@ -352,7 +355,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
     let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(format!("response head larger than {MAX_HEAD} bytes"));
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("invalid response head: {e}")),
     };
@@ -469,6 +475,8 @@ fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
 struct Conn {
     io: Stream,
     buf: BytesMut,
+    /// Room the next read asks for, when the buffer is nearly full.
+    read_size: usize,
 }
 
 impl Conn {
@@ -478,9 +486,20 @@ impl Conn {
 
     fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
+            self.buf.reserve(self.read_size);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        self.read_size = if n == room {
+            (self.read_size * 2).min(READ_MAX)
+        } else {
+            READ_MIN
+        };
+        Poll::Ready(Ok(n))
     }
 
     /// Whether an idle connection is still usable: nothing to read and not closed. A backend

@@ -252,6 +252,7 @@ async fn a_dead_pooled_connection_is_retried_after_the_write_fails_to_get_an_ans
         pool.checkin(Conn {
             io: Stream::Tcp(c),
             buf: BytesMut::new(),
+            read_size: READ_MIN,
         });
         s
     };
@@ -463,4 +464,27 @@ async fn https_backends_are_verified_against_the_roots_and_reused() {
         err.starts_with("Connect") && err.contains("TLS handshake"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn large_bodies_arrive_whole() {
+    let big: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let b = backend(vec![
+        reply(&format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{big}",
+            big.len()
+        )),
+        reply(&format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+            big.len()
+        )),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    assert_eq!(get(&pool, "/").await.unwrap().2, big);
+    assert_eq!(get(&pool, "/").await.unwrap().2, big);
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
 }
