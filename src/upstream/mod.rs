@@ -25,7 +25,8 @@ use crate::config::{BackendConfig, BackendUrl, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
 use crate::telemetry::BackendStats;
 
-/// The pooled HTTP(S) client used for backends and identity endpoints.
+/// hyper's pooled HTTP(S) client: for WebSocket upgrades to backends, the identity platform and
+/// the trace collector.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `host`, which the
