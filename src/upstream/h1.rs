@@ -214,9 +214,10 @@ impl HostPool {
         }
     }
 
-    /// Writes `head` and `body` and reads the response head. A pooled connection the backend
-    /// had closed before reading the request (the keep-alive race) is retried once on a new
-    /// connection; nothing of the request can have been processed then.
+    /// Writes `head` and `body` and reads the response head. When a pooled connection ends
+    /// without a byte of answer, the usual cause is the keep-alive race (the backend closed it
+    /// as the request went out, so never read it): the request goes once more, on a new
+    /// connection. A failure on a new connection is the attempt loop's to retry elsewhere.
     pub async fn send(
         self: &Arc<Self>,
         head: &[u8],
