@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::BoxError;
 
+/// A request body up to this size is copied after the head and sent with it in one write.
+pub const INLINE_BODY: usize = 16 * 1024;
 /// A response head larger than this is refused (hyper's default limit is about 400 KB; Azure's
 /// heads are about 1.5 KB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -135,8 +137,9 @@ impl Pools {
         }
     }
 
-    /// Idle connections across all backends (for tests and the bench notes).
-    pub fn idle_count(&self) -> usize {
+    /// Idle connections across all backends.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         crate::sync::lock(&self.hosts)
             .iter()
             .map(|h| crate::sync::lock(&h.idle).len())
@@ -220,27 +223,34 @@ impl HostPool {
     /// connection. A failure on a new connection is the attempt loop's to retry elsewhere.
     pub async fn send(
         self: &Arc<Self>,
-        head: &[u8],
+        mut head: Vec<u8>,
         body: &Bytes,
         head_request: bool,
         connect_timeout: Duration,
     ) -> Result<Response<H1Body>, SendError> {
+        // A small body goes in the head's buffer: one write, one segment on the wire, and no
+        // Nagle interplay between the two.
+        let rest: &[u8] = if body.len() <= INLINE_BODY {
+            head.extend_from_slice(body);
+            &[]
+        } else {
+            body
+        };
         let pooled = self.checkout();
-        let reused = pooled.is_some();
+        let mut retry = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
             None => self.connect(connect_timeout).await?,
         };
-        match exchange(&mut conn, head, body).await {
-            Ok(head) => Ok(self.respond(conn, head, head_request)?),
-            Err(Failure::Unanswered(_)) if reused => {
-                let mut conn = self.connect(connect_timeout).await?;
-                match exchange(&mut conn, head, body).await {
-                    Ok(head) => Ok(self.respond(conn, head, head_request)?),
-                    Err(f) => Err(SendError::Protocol(f.describe(&self.authority))),
+        loop {
+            match exchange(&mut conn, &head, rest).await {
+                Ok(h) => return self.respond(conn, h, head_request),
+                Err(Failure::Unanswered(_)) if retry => {
+                    retry = false;
+                    conn = self.connect(connect_timeout).await?;
                 }
+                Err(f) => return Err(SendError::Protocol(f.describe(&self.authority))),
             }
-            Err(f) => Err(SendError::Protocol(f.describe(&self.authority))),
         }
     }
 
@@ -256,7 +266,7 @@ impl HostPool {
         let mut body = H1Body {
             conn: Some(conn),
             state: match framing {
-                Framing::Empty => State::Done,
+                Framing::Empty | Framing::Length(0) => State::Done,
                 Framing::Length(n) => State::Length(n),
                 Framing::Chunked => State::ChunkSize,
                 Framing::UntilClose => State::UntilClose,
@@ -264,8 +274,7 @@ impl HostPool {
             reusable,
             pool: self.clone(),
         };
-        if matches!(body.state, State::Done) || matches!(body.state, State::Length(0)) {
-            body.state = State::Done;
+        if matches!(body.state, State::Done) {
             body.release();
         }
         let mut resp = Response::new(body);
@@ -306,19 +315,11 @@ enum Framing {
     UntilClose,
 }
 
-async fn exchange(conn: &mut Conn, head: &[u8], body: &Bytes) -> Result<Head, Failure> {
-    // One write for head and body when the body is small: one segment on the wire, one
-    // system call, and no Nagle interplay between the two.
-    let written = if body.len() <= 16 * 1024 {
-        let mut out = Vec::with_capacity(head.len() + body.len());
-        out.extend_from_slice(head);
-        out.extend_from_slice(body);
-        conn.io.write_all(&out).await
-    } else {
-        match conn.io.write_all(head).await {
-            Ok(()) => conn.io.write_all(body).await,
-            Err(e) => Err(e),
-        }
+/// Writes `wire` (and `rest`, a body too large to copy after the head), then reads the head.
+async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8]) -> Result<Head, Failure> {
+    let written = match conn.io.write_all(wire).await {
+        Ok(()) if !rest.is_empty() => conn.io.write_all(rest).await,
+        other => other,
     };
     written
         .and(conn.io.flush().await)

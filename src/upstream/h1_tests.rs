@@ -117,7 +117,7 @@ const T: Duration = Duration::from_secs(5);
 async fn get(pool: &Arc<HostPool>, path: &str) -> Result<(StatusCode, HeaderMap, String), String> {
     let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
     let resp = pool
-        .send(head.as_bytes(), &Bytes::new(), false, T)
+        .send(head.into_bytes(), &Bytes::new(), false, T)
         .await
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
@@ -140,7 +140,7 @@ async fn sequential_requests_share_one_connection() {
     let pool = pools.host(false, &b.authority);
     let body = Bytes::from_static(b"{\"x\":1}");
     let head = b"POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 7\r\n\r\n";
-    let resp = pool.send(head, &body, false, T).await.unwrap();
+    let resp = pool.send(head.to_vec(), &body, false, T).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-a"], "1");
     assert_eq!(resp.body().size_hint().exact(), Some(5));
@@ -292,7 +292,7 @@ async fn head_204_and_304_have_no_body_whatever_they_announce() {
     let pool = pools.host(false, &b.authority);
     let resp = pool
         .send(
-            b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
             &Bytes::new(),
             true,
             T,

@@ -213,7 +213,7 @@ impl Upstream {
                 )
             });
             host.send(
-                &head,
+                head,
                 &body,
                 req.method == Method::HEAD,
                 self.connect_timeout,
@@ -475,7 +475,13 @@ pub fn encode_head(
             "invalid request path".to_string(),
         ));
     }
-    let mut out = Vec::with_capacity(512 + req.headers.len() * 48);
+    // Room for a small body too, which the client appends to send both in one write.
+    let inline = if body_len <= h1::INLINE_BODY {
+        body_len
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(512 + req.headers.len() * 48 + inline);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(url.base_path.as_bytes());
