@@ -38,12 +38,26 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
             "path segments '.' and '..' are not allowed",
         ));
     }
+    if let Some(bad) = encoded_separator(path) {
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the path may not contain {bad}: encoded separators and control characters are refused"
+            ),
+        ));
+    }
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
         let (deployment, operation) = rest.split_once('/').unwrap_or((rest, ""));
         if deployment.is_empty() || operation.is_empty() {
             return Err(not_found(
                 path,
                 "expected /openai/deployments/{deployment}/{operation}",
+            ));
+        }
+        if !valid_deployment(deployment) {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "invalid deployment name: use 1 to 64 letters, digits, '-', '_' or '.'",
             ));
         }
         let start = DEPLOYMENTS_PREFIX.len();
@@ -78,6 +92,32 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
         path,
         "Switchyard serves the Azure OpenAI API under /openai/... and the OpenAI API under /v1/...",
     ))
+}
+
+/// Azure's own rule for deployment names, so a name that could not exist on any backend (or
+/// that would mean something else once decoded there) never leaves the gateway.
+fn valid_deployment(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A percent-encoded `/`, `\` or control character: a backend, or a proxy in front of it,
+/// that decodes the path would see other segments (or a cut line) than the gateway routed on.
+fn encoded_separator(path: &str) -> Option<&str> {
+    let b = path.as_bytes();
+    (0..b.len().saturating_sub(2)).find_map(|i| {
+        if b[i] != b'%' {
+            return None;
+        }
+        let v = (hex(b[i + 1])? << 4) | hex(b[i + 2])?;
+        (v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f).then(|| &path[i..i + 3])
+    })
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
 }
 
 fn not_found(path: &str, hint: &str) -> GatewayError {
@@ -148,5 +188,34 @@ mod tests {
             let e = route(p, p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::NotFound, "{p}");
         }
+    }
+
+    #[test]
+    fn encoded_separators_and_odd_deployment_names_are_400() {
+        for p in [
+            "/openai/deployments/a%2Fb/chat/completions",
+            "/openai/deployments/a%2fb/chat/completions",
+            "/openai/files/x%5C..%5Cadmin",
+            "/openai/deployments/x%0d%0aHost:%20evil/chat/completions",
+            "/v1/chat%00/completions",
+            "/openai/deployments/gpt%204o/chat/completions",
+            "/openai/deployments/gpt-4o;rm/chat/completions",
+            "/openai/deployments/\u{e9}t\u{e9}/chat/completions",
+        ] {
+            let e = route(p, p).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{p}");
+        }
+        let long = format!("/openai/deployments/{}/chat/completions", "a".repeat(65));
+        assert_eq!(route(&long, &long).unwrap_err().kind, ErrorKind::BadRequest);
+        let longest = format!("/openai/deployments/{}/chat/completions", "a".repeat(64));
+        assert!(route(&longest, &longest).is_ok());
+        // Other encodings pass through untouched, as do names Azure allows.
+        assert!(route("/openai/files/a%20b", "/openai/files/a%20b").is_ok());
+        assert_eq!(
+            ok("/openai/deployments/My_gpt-4.1/embeddings").deployment,
+            Some("My_gpt-4.1")
+        );
+        // A trailing lone percent sign is not an encoding.
+        assert!(route("/openai/files/a%2", "/openai/files/a%2").is_ok());
     }
 }

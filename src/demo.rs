@@ -70,7 +70,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         sims.len()
     );
 
-    let client = crate::upstream::build_client(Duration::from_secs(5), false)
+    let client = crate::upstream::system_client(Duration::from_secs(5), false)
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
     let target = Target {
         url: Target::azure(&base, "gpt-4o", "2024-10-21"),

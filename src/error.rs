@@ -155,6 +155,10 @@ impl GatewayError {
             );
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
         }
+        if self.kind == ErrorKind::BodyTooLarge {
+            // The rest of the body is not wanted: closing beats reading it only to drop it.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

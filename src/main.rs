@@ -206,6 +206,7 @@ async fn run(command: Command) -> ExitCode {
                 initial_fill: 1.0,
                 seed: a.seed,
                 record: false,
+                tls: None,
                 faults: Faults {
                     error_rate: a.error_rate,
                     error_status: a.error_status,
@@ -239,7 +240,7 @@ async fn run(command: Command) -> ExitCode {
             json,
             api_version,
         } => {
-            let client = match switchyard::upstream::build_client(Duration::from_secs(10), true) {
+            let client = match switchyard::upstream::system_client(Duration::from_secs(10), true) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: cannot build an HTTP client: {e}");

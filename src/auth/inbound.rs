@@ -144,7 +144,7 @@ mod tests {
     use super::*;
 
     fn client() -> HttpsClient {
-        crate::upstream::build_client(std::time::Duration::from_secs(1), false).unwrap()
+        crate::upstream::system_client(std::time::Duration::from_secs(1), false).unwrap()
     }
 
     fn consumer(name: &str, key: &[u8]) -> ConsumerConfig {

@@ -6,6 +6,7 @@ mod credential;
 mod env;
 mod raw;
 mod secret;
+mod tls;
 mod validate;
 
 pub use credential::{DEFAULT_SCOPE, EntraCredential, EntraFlow, ManagedIdentityId, MiSource};
@@ -22,9 +23,12 @@ use http::uri::{Authority, Scheme};
 use serde::Deserialize;
 
 pub use secret::Secret;
+pub use tls::{ExtraCa, ListenerTls};
 
 /// Default body limit kept for replay: 32 MiB, Azure OpenAI's own request ceiling for most operations.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default cap on open client connections; beyond it new ones are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default total attempts per request, as the sample's README says.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Completion tokens reserved against limits for a request without `max_tokens`.
@@ -238,6 +242,15 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests and streams get to finish after a stop signal.
     pub shutdown_grace: Duration,
+    /// Longest wait for a request's head (and a TLS handshake); also how long an idle
+    /// keep-alive connection stays open.
+    pub header_read_timeout: Duration,
+    /// Open client connections at most; more are closed as they arrive.
+    pub max_connections: usize,
+    /// HTTPS on the client listener when set.
+    pub tls: Option<ListenerTls>,
+    /// CA certificates trusted besides the system's for HTTPS the gateway makes.
+    pub ca: ExtraCa,
 }
 
 #[derive(Debug, Clone)]

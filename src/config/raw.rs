@@ -98,6 +98,11 @@ pub struct RawServer {
     pub admin_key: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_connections: Option<u32>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -467,12 +467,51 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
             "required when admin_listen is not on loopback (the admin API can drain backends)",
         ));
     }
+    let header_read_timeout = opt_duration(
+        raw.header_read_timeout,
+        "server.header_read_timeout",
+        30_000,
+    )?;
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(0) => {
+            return Err(ConfigError::field(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        Some(n) => n as usize,
+    };
+    let tls = match (raw.tls_cert.as_deref(), raw.tls_key.as_deref()) {
+        (Some(cert), Some(key)) => Some(ListenerTls::load(cert, key)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::field(
+                "server.tls_key",
+                "required with server.tls_cert",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::field(
+                "server.tls_cert",
+                "required with server.tls_key",
+            ));
+        }
+    };
+    let ca = match raw.ca_file.as_deref() {
+        Some(path) => ExtraCa::load(path, "server.ca_file")?,
+        None => ExtraCa::default(),
+    };
     Ok(ServerConfig {
         listen,
         admin_listen,
         admin_key,
         max_body_bytes,
         shutdown_grace,
+        header_read_timeout,
+        max_connections,
+        tls,
+        ca,
     })
 }
 

@@ -64,6 +64,8 @@ pub struct GatewayState {
     pub(super) last_text: std::sync::Mutex<Option<String>>,
     /// Starts traces and takes their spans, when `[tracing]` is configured.
     pub(super) tracer: Option<Arc<Tracer>>,
+    /// The client listener's certificate, when it serves HTTPS: replaced by a reload.
+    pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
 }
 
 pub async fn handle(
@@ -283,6 +285,20 @@ async fn serve(
     let mut body = read_body(body, &parts.headers, rt.config.server.max_body_bytes)
         .await
         .map_err(|e| (None, 0, e))?;
+    // Where the gateway itself reads the body (the model to route on, the tokens to count
+    // against a consumer's limits), a JSON body it cannot parse is the client's error, not
+    // something to send to every backend in turn.
+    if (route.model_in_body || consumer.is_some())
+        && is_json(&parts.headers)
+        && !body.is_empty()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+    {
+        return Err((
+            None,
+            0,
+            GatewayError::new(ErrorKind::BadRequest, "the request body is not valid JSON"),
+        ));
+    }
     let model = if route.model_in_body {
         model_of(&body)
     } else {
@@ -410,6 +426,16 @@ async fn read_body(
 }
 
 /// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/json")
+        })
+}
+
 fn model_of(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {

@@ -1,36 +1,29 @@
 //! Listeners, connection handling and graceful shutdown. No business logic here.
 
 mod gateway;
+mod listener;
 mod runtime;
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
-use crate::body::BoxBody;
 use crate::config::{Config, LimitStore};
 use crate::limits::Shared;
 use crate::telemetry::Metrics;
 
 pub use gateway::GatewayState;
+use listener::{ConnMetrics, ListenOptions};
 pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
 
 const IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// A running gateway: its bound addresses and the task that ends when it has shut down.
 pub struct Gateway {
@@ -72,7 +65,8 @@ pub async fn start_with(
     shutdown: CancellationToken,
 ) -> std::io::Result<Gateway> {
     let metrics = Arc::new(Metrics::new());
-    let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
+    let tls = crate::upstream::tls_config(&config.server.ca)?;
+    let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
     let shared = match &config.limits.store {
         LimitStore::Memory => None,
         LimitStore::Redis {
@@ -96,15 +90,20 @@ pub async fn start_with(
 
     let tasks = TaskTracker::new();
     let grace = config.server.shutdown_grace;
+    let header_read_timeout = config.server.header_read_timeout;
+    let max_connections = config.server.max_connections;
+    let cert_swap = config
+        .server
+        .tls
+        .as_ref()
+        .map(|t| listener::CertSwap::new(t.certified.clone()));
     let last_text = match &source {
         Some(s) => tokio::fs::read_to_string(&s.path).await.ok(),
         None => None,
     };
     let watch = source.as_ref().and_then(|s| s.watch);
     let sighup = source.as_ref().is_some_and(|s| s.sighup);
-    let pools = Arc::new(crate::upstream::h1::Pools::new(
-        crate::upstream::tls_config()?,
-    ));
+    let pools = Arc::new(crate::upstream::h1::Pools::new(tls.clone()));
     tasks.spawn(pools.clone().sweep(shutdown.clone()));
     let parts = runtime::Parts {
         metrics: &metrics,
@@ -114,7 +113,7 @@ pub async fn start_with(
     };
     let tracer = match &config.tracing {
         Some(t) => {
-            let client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true)?;
+            let client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
             let (tracer, exporter) = crate::telemetry::trace::Tracer::new(t, client, &metrics);
             tasks.spawn(exporter.run(shutdown.clone(), config.server.shutdown_grace));
             Some(tracer)
@@ -137,6 +136,7 @@ pub async fn start_with(
         reloading: tokio::sync::Mutex::new(()),
         last_text: std::sync::Mutex::new(last_text),
         tracer,
+        cert_swap: cert_swap.clone(),
     };
     // Tokens are fetched from the start, so the first requests find them ready.
     state.start_refreshers(&state.runtime());
@@ -163,11 +163,21 @@ pub async fn start_with(
     {
         let shutdown = shutdown.clone();
         let state = state.clone();
-        tasks.spawn(serve(
+        let options = ListenOptions {
+            grace,
+            header_read_timeout,
+            max_connections,
+            tls: cert_swap.clone().map(listener::tls_acceptor),
+            metrics: ConnMetrics {
+                open: metrics.open_connections.clone(),
+                refused: metrics.connections_refused.clone(),
+            },
+        };
+        tasks.spawn(listener::serve(
             listener,
             move |req| gateway::handle(state.clone(), req),
             shutdown,
-            grace,
+            options,
         ));
     }
     if let Some(admin) = admin {
@@ -185,11 +195,20 @@ pub async fn start_with(
             history,
             started: std::time::SystemTime::now(),
         });
-        tasks.spawn(serve(
+        // Plain HTTP and a small cap: the admin listener is for operators and probes on a
+        // private address.
+        let options = ListenOptions {
+            grace,
+            header_read_timeout,
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            tls: None,
+            metrics: ConnMetrics::default(),
+        };
+        tasks.spawn(listener::serve(
             admin,
             move |req| crate::admin::handle(admin_state.clone(), req),
             shutdown.clone(),
-            grace,
+            options,
         ));
     }
     tracing::info!(%addr, admin = ?admin_addr, "switchyard listening");
@@ -200,56 +219,4 @@ pub async fn start_with(
         state,
         tasks,
     })
-}
-
-/// Accepts connections until `shutdown`, then drains them for at most `grace`.
-/// Connection tasks live in a `JoinSet`, so any still running after the grace period are
-/// aborted when it drops: no task outlives the server.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    handler: F,
-    shutdown: CancellationToken,
-    grace: Duration,
-) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let watcher = graceful.watcher();
-                connections.spawn(async move {
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(stream),
-                        service_fn(handler),
-                    );
-                    let _ = watcher.watch(conn).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(remaining = connections.len(), "grace period over; closing connections");
-        }
-    }
-    connections.shutdown().await;
 }

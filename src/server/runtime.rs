@@ -155,6 +155,24 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
         changed.push("server.shutdown_grace");
         new.server.shutdown_grace = running.server.shutdown_grace;
     }
+    if new.server.header_read_timeout != running.server.header_read_timeout {
+        changed.push("server.header_read_timeout");
+        new.server.header_read_timeout = running.server.header_read_timeout;
+    }
+    if new.server.max_connections != running.server.max_connections {
+        changed.push("server.max_connections");
+        new.server.max_connections = running.server.max_connections;
+    }
+    // A listener's certificate can be replaced while it serves; turning HTTPS on or off
+    // needs a new listener.
+    if new.server.tls.is_some() != running.server.tls.is_some() {
+        changed.push("server.tls_cert");
+        new.server.tls = running.server.tls.clone();
+    }
+    if new.server.ca != running.server.ca {
+        changed.push("server.ca_file");
+        new.server.ca = running.server.ca.clone();
+    }
     if new.tracing != running.tracing {
         changed.push("tracing");
         new.tracing = running.tracing.clone();
@@ -332,6 +350,12 @@ impl GatewayState {
                 .collect(),
             restart_required,
         };
+        if let (Some(swap), Some(tls)) = (&self.cert_swap, &rt.config.server.tls)
+            && previous.config.server.tls.as_ref() != Some(tls)
+        {
+            swap.set(tls.certified.clone());
+            tracing::info!(cert = %tls.cert_path.display(), "listener certificate replaced");
+        }
         let rt = Arc::new(rt);
         self.start_refreshers(&rt);
         self.runtime.store(rt);

@@ -60,6 +60,8 @@ pub struct SimConfig {
     /// Keep every request (method, path, headers, body) for inspection by tests.
     pub record: bool,
     pub faults: Faults,
+    /// Serve HTTPS with this config (tests of TLS to backends).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for SimConfig {
@@ -77,6 +79,7 @@ impl Default for SimConfig {
             seed: 1,
             record: false,
             faults: Faults::default(),
+            tls: None,
         }
     }
 }
@@ -193,9 +196,13 @@ impl Simulator {
         self.addr
     }
 
-    /// `http://127.0.0.1:port`, ready for a backend `url`.
+    /// `http://127.0.0.1:port` (`https://localhost:port` when it serves TLS), ready for a
+    /// backend `url`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.state.cfg.tls {
+            None => format!("http://{}", self.addr),
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -278,8 +285,19 @@ async fn accept_loop(
                 let state = state.clone();
                 connections.spawn(async move {
                     let builder = auto::Builder::new(TokioExecutor::new());
+                    let tls = state.cfg.tls.clone();
                     let svc = service_fn(move |req| handle(state.clone(), req));
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(cfg) => {
+                            let Ok(stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         }

@@ -160,6 +160,10 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Which config is running: 1 at start, one more per applied reload.
     pub config_generation: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Client connections open now.
+    pub open_connections: Gauge,
+    /// Client connections closed at once because `server.max_connections` were open.
+    pub connections_refused: Counter,
     pub spans_exported: Counter,
     /// Spans lost because the export queue was full (collector slow or down).
     pub spans_dropped: Counter,
@@ -277,6 +281,18 @@ impl Metrics {
             "The running config's generation: 1 at start, one more per applied reload",
             config_generation.clone(),
         );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed on arrival because server.max_connections were open",
+            connections_refused.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "trace_spans_exported",
@@ -321,6 +337,8 @@ impl Metrics {
             consumer_rejections,
             reloads,
             config_generation,
+            open_connections,
+            connections_refused,
             spans_exported,
             spans_dropped,
             span_exports_failed,

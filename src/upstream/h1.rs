@@ -65,17 +65,25 @@ pub enum SendError {
 pub struct Pools {
     hosts: Mutex<Vec<Arc<HostPool>>>,
     tls: TlsConnector,
+    /// As given, without the ALPN setting: for the other clients built later.
+    client_config: Arc<rustls::ClientConfig>,
 }
 
 impl Pools {
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        let mut tls = (*tls).clone();
+    pub fn new(client_config: Arc<rustls::ClientConfig>) -> Self {
+        let mut tls = (*client_config).clone();
         // This client speaks HTTP/1.1 only; say so, so a backend never picks h2 for us.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self {
             hosts: Mutex::new(Vec::new()),
             tls: TlsConnector::from(Arc::new(tls)),
+            client_config,
         }
+    }
+
+    /// The roots every HTTPS client of this gateway trusts.
+    pub fn client_config(&self) -> &rustls::ClientConfig {
+        &self.client_config
     }
 
     /// The pool for a backend's scheme and authority, made on first use.

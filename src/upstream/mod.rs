@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::auth::outbound::{Credential, TokenProvider};
 use crate::body::{BoxBody, BoxError};
-use crate::config::{BackendConfig, BackendUrl, RoutingConfig};
+use crate::config::{BackendConfig, BackendUrl, ExtraCa, RoutingConfig};
 use crate::error::{ErrorKind, GatewayError};
 use crate::telemetry::BackendStats;
 
@@ -147,7 +147,7 @@ pub struct Upstream {
 impl Upstream {
     /// `pools` outlive configs: a reload keeps the open connections.
     pub fn new(routing: &RoutingConfig, pools: Arc<h1::Pools>) -> Result<Self, std::io::Error> {
-        let upgrade_client = build_client(routing.connect_timeout, false)?;
+        let upgrade_client = build_client(routing.connect_timeout, false, pools.client_config());
         Ok(Self {
             pools,
             upgrade_client,
@@ -315,51 +315,78 @@ impl Body for IdleTimeout {
 
 /// The system's root certificates, read once: every HTTPS client (backends, upgrades, the
 /// identity platform, the trace collector) verifies against the same store, which loading and
-/// parsing per client had made the costliest part of start-up.
-fn native_roots() -> Result<Arc<rustls::RootCertStore>, std::io::Error> {
+/// parsing per client had made the costliest part of start-up. Empty when the system has none.
+fn native_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
-    if let Some(r) = ROOTS.get() {
-        return Ok(r.clone());
-    }
-    let loaded = rustls_native_certs::load_native_certs();
-    let mut store = rustls::RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(loaded.certs);
-    if added == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!(
-                "no usable root CA certificates found on this system (errors: {:?})",
-                loaded.errors
-            ),
-        ));
-    }
-    Ok(ROOTS.get_or_init(|| Arc::new(store)).clone())
+    ROOTS
+        .get_or_init(|| {
+            let loaded = rustls_native_certs::load_native_certs();
+            let mut store = rustls::RootCertStore::empty();
+            store.add_parsable_certificates(loaded.certs);
+            if store.is_empty() {
+                tracing::debug!(errors = ?loaded.errors, "no system root certificates");
+            }
+            Arc::new(store)
+        })
+        .clone()
 }
 
-/// TLS to backends and Azure's endpoints: the system's root certificates.
-pub fn tls_config() -> Result<Arc<rustls::ClientConfig>, std::io::Error> {
+/// TLS for every connection the gateway makes: the system's root certificates plus the
+/// configured `server.ca_file`.
+pub fn tls_config(ca: &ExtraCa) -> Result<Arc<rustls::ClientConfig>, std::io::Error> {
+    let system = native_roots();
+    let roots = if ca.certs.is_empty() {
+        system
+    } else {
+        let mut store = (*system).clone();
+        // Checked when the config was loaded.
+        store.add_parsable_certificates(ca.certs.iter().cloned());
+        Arc::new(store)
+    };
+    if roots.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no root CA certificates: the system has none and server.ca_file is not set",
+        ));
+    }
     Ok(Arc::new(
         rustls::ClientConfig::builder()
-            .with_root_certificates(native_roots()?)
+            .with_root_certificates(roots)
             .with_no_client_auth(),
     ))
 }
 
-pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClient, std::io::Error> {
+/// [`build_client`] trusting the system's root certificates only (the demo, `probe`).
+pub fn system_client(
+    connect_timeout: Duration,
+    http2: bool,
+) -> Result<HttpsClient, std::io::Error> {
+    Ok(build_client(
+        connect_timeout,
+        http2,
+        &*tls_config(&ExtraCa::default())?,
+    ))
+}
+
+pub fn build_client(
+    connect_timeout: Duration,
+    http2: bool,
+    tls: &rustls::ClientConfig,
+) -> HttpsClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls_config()?).clone())
+        .with_tls_config(tls.clone())
         .https_or_http();
     let connector = if http2 {
         builder.enable_all_versions().wrap_connector(http)
     } else {
         builder.enable_http1().wrap_connector(http)
     };
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         // An idle connection to a backend closes after 30 s: a quiet gateway gives its memory
         // back, and a busy one reuses connections long before that.
         .pool_idle_timeout(Duration::from_secs(30))
@@ -369,7 +396,7 @@ pub fn build_client(connect_timeout: Duration, http2: bool) -> Result<HttpsClien
         // Enough idle connections per backend for a steady high load; a burst's extra
         // connections close as they come back instead of holding memory for 90 s.
         .pool_max_idle_per_host(128)
-        .build(connector))
+        .build(connector)
 }
 
 /// The error chain, innermost cause last, for logs and error bodies (no secrets live here).

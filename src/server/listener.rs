@@ -1,0 +1,204 @@
+//! Accepting connections: the connection cap, TLS, the header read timeout, graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::BoxBody;
+
+/// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
+/// are a few kilobytes.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// The listener's certificate, replaceable while serving: a reload with a renewed certificate
+/// takes effect for the next handshake, open connections keep theirs.
+#[derive(Debug)]
+pub struct CertSwap(ArcSwap<CertifiedKey>);
+
+impl CertSwap {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<CertSwap> {
+        Arc::new(CertSwap(ArcSwap::new(key)))
+    }
+
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+}
+
+impl ResolvesServerCert for CertSwap {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// A rustls server config over `certs`, offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn tls_acceptor(certs: Arc<CertSwap>) -> tokio_rustls::TlsAcceptor {
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Connection counts for the client listener's metrics.
+#[derive(Clone, Default)]
+pub struct ConnMetrics {
+    pub open: Gauge,
+    pub refused: Counter,
+}
+
+/// How a listener serves its connections.
+pub struct ListenOptions {
+    /// In-flight requests get this long to finish after shutdown.
+    pub grace: Duration,
+    /// Longest wait for a request head or a TLS handshake; also the keep-alive idle limit.
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub metrics: ConnMetrics,
+}
+
+/// Accepts connections until `shutdown`, then drains them for at most `grace`.
+/// Connection tasks live in a `JoinSet`, so any still running after the grace period are
+/// aborted when it drops: no task outlives the server.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    shutdown: CancellationToken,
+    options: ListenOptions,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper silently drops its header read timeout: a client that sends
+    // half a request head and goes quiet would hold its connection forever (slowloris).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        // Bounds the request head (431 beyond), as the backend client bounds response heads.
+        .max_buf_size(MAX_REQUEST_HEAD);
+    // HTTP/2 has no head to time out; a peer that stops answering pings is cut off instead.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(options.header_read_timeout))
+        .keep_alive_timeout(options.header_read_timeout);
+    let builder = Arc::new(builder);
+    let mut last_refusal_logged = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                // Past the cap a connection is closed at once: the process keeps the file
+                // descriptors and memory it needs for the connections it already serves.
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    options.metrics.refused.inc();
+                    // One line per burst of refusals, not one per connection.
+                    if last_refusal_logged.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
+                        last_refusal_logged = Some(Instant::now());
+                        tracing::warn!(%peer, max = options.max_connections, "connections refused: server.max_connections reached");
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let slot = Slot::new(permit, options.metrics.open.clone());
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
+                let tls = options.tls.clone();
+                let handshake_timeout = options.header_read_timeout;
+                connections.spawn(async move {
+                    let _slot = slot;
+                    match tls {
+                        None => connection(&builder, stream, handler, watcher).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => connection(&builder, tls, handler, watcher).await,
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(options.grace) => {
+            tracing::warn!(remaining = connections.len(), "grace period over; closing connections");
+        }
+    }
+    connections.shutdown().await;
+}
+
+/// A connection's place under the cap, given back however its task ends (aborted included).
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Slot {
+        open.inc();
+        Slot {
+            _permit: permit,
+            open,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+async fn connection<I, F, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    handler: F,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(handler));
+    let _ = watcher.watch(conn).await;
+}

@@ -1,0 +1,344 @@
+//! Hostile input, sent as raw bytes so no client library tidies it first: each request gets a
+//! clear 4xx or a closed connection, the gateway keeps serving, and nothing reaches a backend.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Upper bound for any wait in these tests; the gateway should answer or close long before.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Sends `bytes` on a new connection and returns everything the gateway sends back until it
+/// closes the connection (every request here asks for, or earns, a close).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    raw_as(addr, bytes, "request").await
+}
+
+async fn raw_as(addr: SocketAddr, bytes: &[u8], what: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The gateway may close before reading all of a hostile request: a failed write is fine.
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "{what}: the gateway neither closed nor finished (got {:?})",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// A 4xx or a plain close: never a 2xx, a 5xx or a hang.
+fn refused(response: &str, what: &str) {
+    match status_of(response) {
+        None => assert!(response.is_empty(), "{what}: not HTTP: {response:?}"),
+        Some(s) => assert!((400..500).contains(&s), "{what}: got {s}: {response}"),
+    }
+}
+
+const HEAD: &str = "POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n";
+
+#[tokio::test]
+async fn malformed_and_smuggling_requests_never_reach_a_backend() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(
+        &[B::sim(&s)],
+        "",
+        "max_body_bytes = 4096\nheader_read_timeout = \"1s\"",
+    )
+    .await;
+    let addr = gw.gateway.addr;
+    let big = "a".repeat(70 * 1024);
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "content-length with transfer-encoding",
+            format!(
+                "{HEAD}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\nzzzz\r\nGET /admin HTTP/1.1\r\nHost: gw\r\n\r\n"
+            ),
+        ),
+        (
+            "two content-lengths",
+            format!("{HEAD}Content-Length: 2\r\nContent-Length: 30\r\n\r\n{{}}"),
+        ),
+        (
+            "bad chunk size",
+            format!("{HEAD}Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk longer than its size",
+            format!("{HEAD}Transfer-Encoding: chunked\r\n\r\n2\r\n{{}}xx\r\n0\r\n\r\n"),
+        ),
+        (
+            "transfer-encoding other than chunked",
+            format!("{HEAD}Transfer-Encoding: gzip\r\n\r\n{{}}"),
+        ),
+        (
+            "one huge header",
+            format!("{HEAD}x-big: {big}\r\nContent-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "too many headers",
+            format!("{HEAD}{many}Content-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "header name with a space",
+            format!("{HEAD}bad name: x\r\nContent-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "NUL in a header value",
+            format!("{HEAD}x-a: a\0b\r\nContent-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "bare CR in a header value (injection attempt)",
+            format!("{HEAD}x-a: a\rHost: evil\r\nContent-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "obsolete line folding",
+            format!("{HEAD}x-a: a\r\n  folded\r\nContent-Length: 2\r\n\r\n{{}}"),
+        ),
+        (
+            "body over max_body_bytes",
+            format!("{HEAD}Content-Length: 5000\r\n\r\n{}", "x".repeat(5000)),
+        ),
+        (
+            "chunked body over max_body_bytes",
+            format!(
+                "{HEAD}Transfer-Encoding: chunked\r\n\r\n1000\r\n{}\r\n1000\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(4096),
+                "x".repeat(4096)
+            ),
+        ),
+        (
+            "traversal",
+            "POST /openai/deployments/../../admin/chat HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "encoded traversal",
+            "POST /openai/%2e%2e/admin HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "encoded slash in the deployment",
+            "POST /openai/deployments/gpt-4o%2F..%2Fx/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "encoded CRLF in the deployment",
+            "POST /openai/deployments/x%0d%0aHost:%20evil/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}".into(),
+        ),
+        (
+            "unknown path",
+            "GET /etc/passwd HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "not HTTP at all",
+            "\x16\x03\x01\x00\x7f\x01\x00\x00\x7b\x03\x03garbage\r\n\r\n".into(),
+        ),
+    ];
+    for (what, request) in &cases {
+        let response = raw_as(addr, request.as_bytes(), what).await;
+        refused(&response, what);
+        if let Some(status) = status_of(&response) {
+            // The gateway's own answers are OpenAI-shaped; hyper's protocol errors have no body.
+            let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+            if !body.is_empty() {
+                let v: serde_json::Value = serde_json::from_str(body)
+                    .unwrap_or_else(|e| panic!("{what}: {status} body is not JSON ({e}): {body}"));
+                assert!(v["error"]["message"].is_string(), "{what}: {body}");
+            }
+        }
+    }
+    assert!(
+        s.requests().is_empty(),
+        "reached the backend: {:?}",
+        s.requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
+    // HTTP/2 that never gets going (a frame of no known type, then half a frame): pings go
+    // unanswered and the gateway closes with a GOAWAY.
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00garbage")
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, conn.read_to_end(&mut frames)).await;
+    assert!(closed.is_ok(), "an idle HTTP/2 connection stayed open");
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;
+        types.push(frames[at + 3]);
+        at += 9 + len;
+    }
+    assert!(types.contains(&7), "no GOAWAY among frame types {types:?}");
+
+    // And the gateway still serves.
+    assert_eq!(post_chat(&client(), &gw.base).await.status(), 200);
+
+    // An absolute-form target (which HTTP/1.1 servers must accept) names a host, but the
+    // request still goes only to a configured backend, with that backend's host.
+    let body = chat_body(false);
+    let r = raw(
+        addr,
+        format!(
+            "POST http://evil.example{} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            CHAT,
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    let last = s.requests().pop().unwrap();
+    assert_eq!(last.headers["host"], s.addr().to_string().as_str());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_json_is_refused_where_the_gateway_reads_the_body() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway_with(
+        &[B::sim(&s)],
+        "",
+        "",
+        "\n[[consumers]]\nname = \"team\"\nkey = \"team-key-0123456789\"\ntokens_per_minute = 100000\n",
+    )
+    .await;
+    let c = client();
+    for (path, auth) in [
+        // The v1 API: the deployment is the body's `model`.
+        ("/v1/chat/completions", "team-key-0123456789"),
+        // A consumer with token limits: the prompt is counted from the body.
+        (CHAT, "team-key-0123456789"),
+    ] {
+        let r = c
+            .post(gw.url(path))
+            .header("api-key", auth)
+            .header("content-type", "application/json")
+            .body("{\"model\": \"gpt-4o\", \"messages\": [")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    assert!(s.requests().is_empty());
+    // A valid body still goes through.
+    let r = c
+        .post(gw.url(CHAT))
+        .header("api-key", "team-key-0123456789")
+        .header("content-type", "application/json")
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_by_the_header_read_timeout() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "header_read_timeout = \"300ms\"").await;
+    let mut conn = TcpStream::connect(gw.gateway.addr).await.unwrap();
+    conn.write_all(HEAD.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    // Slowloris: one more header byte now and then, never the end of the head.
+    let closed = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 512];
+        loop {
+            tokio::select! {
+                r = conn.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408, if any; the close follows
+                },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if conn.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    assert!(s.requests().is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_and_counted() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "max_connections = 2").await;
+    let addr = gw.gateway.addr;
+    let metrics = gw.gateway.metrics.clone();
+    let first = TcpStream::connect(addr).await.unwrap();
+    let second = TcpStream::connect(addr).await.unwrap();
+    wait_for(|| metrics.open_connections.get() == 2).await;
+
+    // The third is closed at once, before a byte is read.
+    let response = raw(addr, HEAD.as_bytes()).await;
+    assert_eq!(response, "", "over the cap");
+    assert_eq!(metrics.connections_refused.get(), 1);
+    let text = metrics_text(&client(), &gw.admin).await;
+    assert!(
+        text.contains("switchyard_connections_refused_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("switchyard_open_connections 2"), "{text}");
+
+    // A slot that frees up is taken again.
+    drop(first);
+    wait_for(|| metrics.open_connections.get() == 1).await;
+    let r = raw(
+        addr,
+        format!(
+            "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{}",
+            chat_body(false).len(),
+            chat_body(false)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    drop(second);
+    wait_for(|| metrics.open_connections.get() == 0).await;
+    gw.stop().await;
+}
+
+/// Polls `cond` (a gauge the gateway updates from its own tasks) until it holds.
+async fn wait_for(cond: impl Fn() -> bool) {
+    let done = tokio::time::timeout(PATIENCE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "condition never held");
+}

@@ -1,0 +1,278 @@
+//! HTTPS on the client listener (certificate and key from the config, replaced by a reload)
+//! and HTTPS to backends with an extra CA. Every certificate is made here, by a CA generated
+//! for the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use switchyard::config::Config;
+use switchyard::sim::SimConfig;
+
+/// A CA and a certificate it issued for `localhost` and 127.0.0.1, as PEM.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki(name: &str) -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// A directory of its own under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    switchyard::install_crypto_provider();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap()
+}
+
+fn https_base(r: &Running) -> String {
+    format!("https://localhost:{}", r.gateway.addr.port())
+}
+
+#[tokio::test]
+async fn the_listener_serves_https_with_the_configured_certificate() {
+    let (_sims, backends) = start_sims(&["a"]).await;
+    let dir = TempDir::new();
+    let p = pki("listener");
+    let cert = dir.write("cert.pem", &p.cert_pem);
+    let key = dir.write("key.pem", &p.key_pem);
+    let g = gateway(
+        &backends,
+        "",
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+    )
+    .await;
+    let base = https_base(&g);
+
+    let r = post_chat(&client_trusting(&p.ca_pem), &base).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ms-region"), "a");
+
+    // A client that does not trust the CA refuses the certificate.
+    let other = pki("other");
+    let e = client_trusting(&other.ca_pem)
+        .post(format!("{base}{CHAT}"))
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.is_connect(), "{e:?}");
+
+    // Plain HTTP to the HTTPS port gets no answer as HTTP.
+    let plain = client()
+        .post(format!("http://{}{CHAT}", g.gateway.addr))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_replaces_the_listener_certificate() {
+    let (_sims, backends) = start_sims(&["a"]).await;
+    let dir = TempDir::new();
+    let first = pki("first");
+    let cert = dir.write("cert.pem", &first.cert_pem);
+    let key = dir.write("key.pem", &first.key_pem);
+    let text = config_text(
+        &backends,
+        "",
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+        "",
+    );
+    let file = ConfigFile::new(&text);
+    let g = gateway_from_file(&file, None).await;
+    let base = https_base(&g);
+    assert_eq!(
+        post_chat(&client_trusting(&first.ca_pem), &base)
+            .await
+            .status(),
+        200
+    );
+
+    let second = pki("second");
+    dir.write("cert.pem", &second.cert_pem);
+    dir.write("key.pem", &second.key_pem);
+    let reloaded = g
+        .gateway
+        .reload(switchyard::server::Trigger::Admin)
+        .await
+        .unwrap();
+    assert!(reloaded.restart_required.is_empty(), "{reloaded:?}");
+    // New connections get the new certificate (fresh clients: no pooled connection).
+    assert_eq!(
+        post_chat(&client_trusting(&second.ca_pem), &base)
+            .await
+            .status(),
+        200
+    );
+    assert!(
+        client_trusting(&first.ca_pem)
+            .post(format!("{base}{CHAT}"))
+            .body(chat_body(false))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // A key that does not match its certificate is refused, and the running one stays.
+    dir.write("key.pem", &first.key_pem);
+    let e = g
+        .gateway
+        .reload(switchyard::server::Trigger::Admin)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("server.tls_key"), "{e}");
+    assert_eq!(
+        post_chat(&client_trusting(&second.ca_pem), &base)
+            .await
+            .status(),
+        200
+    );
+    g.stop().await;
+}
+
+async fn https_sim(p: &Pki) -> switchyard::sim::Simulator {
+    let chain = vec![CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    start_sim(SimConfig {
+        tls: Some(Arc::new(tls)),
+        ..sim("secure")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn backends_over_https_are_trusted_through_the_configured_ca() {
+    switchyard::install_crypto_provider();
+    let p = pki("backend");
+    let s = https_sim(&p).await;
+    assert!(s.url().starts_with("https://localhost:"));
+    let dir = TempDir::new();
+    let ca = dir.write("ca.pem", &p.ca_pem);
+
+    let trusting = gateway(&[B::sim(&s)], "", &format!("ca_file = \"{ca}\"")).await;
+    let r = post_chat(&client(), &trusting.base).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ms-region"), "secure");
+    // Streams too.
+    let r = send_chat(&client(), &trusting.base, true).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    trusting.stop().await;
+
+    // Without the CA the backend's certificate is not trusted: nothing is served, and the
+    // client hears why in an OpenAI-shaped error.
+    let before = s.stats().requests;
+    let strict = gateway(&[B::sim(&s)], "max_attempts = 1", "").await;
+    let r = post_chat(&client(), &strict.base).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert_eq!(s.stats().requests, before);
+    strict.stop().await;
+}
+
+#[test]
+fn tls_settings_are_checked_with_the_field_named() {
+    let dir = TempDir::new();
+    let p = pki("check");
+    let other = pki("other");
+    let cert = dir.write("cert.pem", &p.cert_pem);
+    let key = dir.write("key.pem", &p.key_pem);
+    let wrong_key = dir.write("wrong.pem", &other.key_pem);
+    let not_pem = dir.write("junk.pem", "hello");
+    let parse = |server: &str| {
+        let text = format!(
+            "[server]\n{server}\n[[backends]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\nauth = {{ type = \"none\" }}\n"
+        );
+        Config::parse(&text, &|_| None)
+    };
+    let err = |server: &str| parse(server).unwrap_err();
+
+    assert!(parse(&format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"")).is_ok());
+    assert!(parse(&format!("ca_file = \"{cert}\"")).is_ok());
+    assert_eq!(
+        err(&format!("tls_cert = \"{cert}\"")).path,
+        "server.tls_key"
+    );
+    assert_eq!(err(&format!("tls_key = \"{key}\"")).path, "server.tls_cert");
+    let e = err(&format!("tls_cert = \"{cert}\"\ntls_key = \"{wrong_key}\""));
+    assert_eq!(e.path, "server.tls_key");
+    assert!(e.message.contains("not the private key"), "{e}");
+    let e = err(&format!("tls_cert = \"{not_pem}\"\ntls_key = \"{key}\""));
+    assert_eq!(e.path, "server.tls_cert");
+    let e = err(&format!("tls_cert = \"{cert}\"\ntls_key = \"{not_pem}\""));
+    assert_eq!(e.path, "server.tls_key");
+    // The key file's content never appears in an error.
+    let e = err(&format!("tls_cert = \"{key}\"\ntls_key = \"{cert}\""));
+    assert!(!e.to_string().contains("PRIVATE KEY"), "{e}");
+    let e = err("tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"");
+    assert_eq!(e.path, "server.tls_cert");
+    assert_eq!(
+        err(&format!("ca_file = \"{not_pem}\"")).path,
+        "server.ca_file"
+    );
+    assert_eq!(
+        err("header_read_timeout = \"0s\"").path,
+        "server.header_read_timeout"
+    );
+    assert_eq!(err("max_connections = 0").path, "server.max_connections");
+}
