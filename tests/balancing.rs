@@ -443,6 +443,8 @@ async fn retry_hints_in_every_form_set_the_cooldowns() {
             3_000,
         ),
         (vec![("retry-after", "soon".into())], 9_500, 10_000),
+        // No hint at all: the default cooldown.
+        (vec![], 9_500, 10_000),
         (vec![("retry-after", "86400".into())], 59_000, 60_000),
     ];
     for (headers, lo, hi) in cases {
