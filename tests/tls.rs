@@ -270,6 +270,11 @@ fn tls_settings_are_checked_with_the_field_named() {
         err(&format!("ca_file = \"{not_pem}\"")).path,
         "server.ca_file"
     );
+    // A device or a directory is refused before it is read.
+    let e = err("ca_file = \"/dev/zero\"");
+    assert!(e.message.contains("not a regular file"), "{e}");
+    let e = err(&format!("ca_file = \"{}\"", dir.0.display()));
+    assert!(e.message.contains("not a regular file"), "{e}");
     assert_eq!(
         err("header_read_timeout = \"0s\"").path,
         "server.header_read_timeout"

@@ -38,8 +38,23 @@ impl PartialEq for ListenerTls {
     }
 }
 
+/// PEM files are a few kilobytes; anything over this is not one.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
 fn read(path: &str, field: &str) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| ConfigError::field(field, format!("cannot read {path}: {e}")))
+    let fail = |m: String| ConfigError::field(field, m);
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read {path}: {e}")))?;
+    // A directory or a device (say /dev/zero) would fail late or never end.
+    if !meta.is_file() {
+        return Err(fail(format!("{path} is not a regular file")));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(fail(format!(
+            "{path} is {} bytes: too large for a PEM file",
+            meta.len()
+        )));
+    }
+    std::fs::read(path).map_err(|e| fail(format!("cannot read {path}: {e}")))
 }
 
 impl ListenerTls {
