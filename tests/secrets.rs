@@ -101,7 +101,45 @@ impl Emitted {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_reaches_logs_answers_metrics_or_the_admin_api() {
+async fn no_secret_reaches_text_logs_answers_metrics_or_the_admin_api() {
+    scan(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_json_logs_answers_metrics_or_the_admin_api() {
+    scan(true).await;
+}
+
+/// The addresses in the "switchyard listening" line, text or JSON.
+fn listening_addrs(line: &str) -> (String, String) {
+    let (addr, admin) = if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        (
+            v["addr"].as_str().unwrap().to_string(),
+            v["admin"].as_str().unwrap().to_string(),
+        )
+    } else {
+        let after = |k: &str, end: char| {
+            line.split(k)
+                .nth(1)
+                .and_then(|s| s.split(end).next())
+                .unwrap()
+                .to_string()
+        };
+        (
+            after("addr=", ' '),
+            format!("Some({})", after("admin=Some(", ')')),
+        )
+    };
+    let admin = admin
+        .strip_prefix("Some(")
+        .and_then(|a| a.strip_suffix(')'))
+        .unwrap()
+        .to_string();
+    (addr, admin)
+}
+
+async fn scan(json: bool) {
     let accepted = Arc::new(Mutex::new(HashSet::new()));
     let (authority, _identity) = identity(accepted.clone()).await;
     let keyed = start_sim(SimConfig {
@@ -121,7 +159,8 @@ async fn no_secret_reaches_logs_answers_metrics_or_the_admin_api() {
     })
     .await;
 
-    let dir = std::env::temp_dir().join(format!("switchyard-secrets-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-secrets-{}-{json}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("switchyard.toml");
     std::fs::write(
@@ -177,6 +216,7 @@ headers = {{ "x-api-key" = "{COLLECTOR_KEY}" }}
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "trace")
+        .env("SWITCHYARD_LOG_FORMAT", if json { "json" } else { "text" })
         .env("SY_ADMIN_KEY", ADMIN_KEY)
         .env("SY_BACKEND_KEY", BACKEND_KEY)
         .stdout(std::process::Stdio::piped())
@@ -197,14 +237,7 @@ headers = {{ "x-api-key" = "{COLLECTOR_KEY}" }}
                 if line.contains("switchyard listening")
                     && let Some(tx) = addrs_tx.take()
                 {
-                    let after = |k: &str, end: char| {
-                        line.split(k)
-                            .nth(1)
-                            .and_then(|s| s.split(end).next())
-                            .unwrap()
-                            .to_string()
-                    };
-                    let _ = tx.send((after("addr=", ' '), after("admin=Some(", ')')));
+                    let _ = tx.send(listening_addrs(&line));
                 }
                 lines.lock().unwrap().push(line);
             }
@@ -355,8 +388,13 @@ headers = {{ "x-api-key" = "{COLLECTOR_KEY}" }}
 
     let lines = lines.lock().unwrap().clone();
     // Logging was on at every level, and the failing paths logged.
-    for level in [" TRACE ", " DEBUG ", " INFO ", " WARN "] {
-        assert!(lines.iter().any(|l| l.contains(level)), "no{level}line");
+    for level in ["TRACE", "DEBUG", "INFO", "WARN"] {
+        let mark = if json {
+            format!("\"level\":\"{level}\"")
+        } else {
+            format!(" {level} ")
+        };
+        assert!(lines.iter().any(|l| l.contains(&mark)), "no {level} line");
     }
     let everything = format!("{}\n{}", lines.join("\n"), seen.0.join("\n"));
     let mut secrets = vec![
