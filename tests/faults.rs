@@ -23,32 +23,43 @@ enum Then {
     Flood,
 }
 
+/// A raw backend's counters: bytes it managed to write, connections it is done with.
+#[derive(Default)]
+struct Counts {
+    written: AtomicU64,
+    finished: AtomicU64,
+}
+
 /// A backend that reads each request's head and body, then writes `script` byte for byte and
-/// does `then`. Counts the bytes it managed to write.
-async fn raw_backend(script: &'static [u8], then: Then) -> (String, Arc<AtomicU64>) {
+/// does `then`.
+async fn raw_backend(script: &'static [u8], then: Then) -> (String, Arc<Counts>) {
     let listener = TcpListener::bind(ANY).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let written = Arc::new(AtomicU64::new(0));
-    let count = written.clone();
+    let counts = Arc::new(Counts::default());
+    let shared = counts.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
+            let counts = shared.clone();
             tokio::spawn(async move {
                 read_request(&mut s).await;
-                if s.write_all(script).await.is_err() {
-                    return;
-                }
-                count.fetch_add(script.len() as u64, Ordering::Relaxed);
-                if let Then::Flood = then {
-                    let event = format!("data: {}\n\n", "x".repeat(16 * 1024));
-                    while s.write_all(event.as_bytes()).await.is_ok() {
-                        count.fetch_add(event.len() as u64, Ordering::Relaxed);
+                if s.write_all(script).await.is_ok() {
+                    counts
+                        .written
+                        .fetch_add(script.len() as u64, Ordering::Relaxed);
+                    if let Then::Flood = then {
+                        let event = format!("data: {}\n\n", "x".repeat(16 * 1024));
+                        while s.write_all(event.as_bytes()).await.is_ok() {
+                            counts
+                                .written
+                                .fetch_add(event.len() as u64, Ordering::Relaxed);
+                        }
                     }
                 }
+                counts.finished.fetch_add(1, Ordering::Relaxed);
             });
         }
     });
-    (url, written)
+    (url, counts)
 }
 
 async fn read_request(s: &mut TcpStream) {
@@ -214,7 +225,7 @@ async fn malformed_json_and_sse_from_a_backend_pass_through_untouched() {
 /// not by the stream's length.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_holds_back_the_backend_not_the_gateways_memory() {
-    let (url, written) = raw_backend(
+    let (url, counts) = raw_backend(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
         Then::Flood,
     )
@@ -240,7 +251,7 @@ async fn a_slow_reader_holds_back_the_backend_not_the_gateways_memory() {
     let stuck = tokio::time::timeout(Duration::from_secs(30), async {
         let mut last = u64::MAX;
         loop {
-            let now = written.load(Ordering::Relaxed);
+            let now = counts.written.load(Ordering::Relaxed);
             if now == last {
                 return now;
             }
@@ -271,8 +282,17 @@ async fn a_slow_reader_holds_back_the_backend_not_the_gateways_memory() {
     );
     assert!(stuck > 1024 * 1024, "the stream did flow: {stuck}");
 
-    // The client leaves: the backend's request is cancelled and nothing stays in flight.
+    // The client leaves: the backend's request is cancelled (its connection closes, so its
+    // writes fail) and nothing stays in flight.
+    assert_eq!(counts.finished.load(Ordering::Relaxed), 0);
     drop(conn);
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), async {
+        while counts.finished.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(cancelled.is_ok(), "the backend kept streaming to nobody");
     in_flight_is_zero(&gw.admin).await;
     gw.stop().await;
 }
