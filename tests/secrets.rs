@@ -331,25 +331,11 @@ headers = {{ "x-api-key" = "{COLLECTOR_KEY}" }}
     seen.response("reload", r).await;
 
     // Wait until the failing paths have run: Redis refused, trace export refused.
-    let metric = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
     let waited = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let text = c
-                .get(format!("{admin}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if metric(&text, "switchyard_limits_store_errors_total") > 0.0
-                && metric(&text, "switchyard_trace_spans_failed_total") > 0.0
+            let text = metrics_text(&c, &admin).await;
+            if metric_in(&text, "switchyard_limits_store_errors_total") > 0.0
+                && metric_in(&text, "switchyard_trace_spans_failed_total") > 0.0
             {
                 seen.0.push(text);
                 break;

@@ -419,9 +419,12 @@ pub async fn metrics_text(client: &reqwest::Client, admin: &str) -> String {
 
 /// The value of the first metric line starting with `prefix` (0 when absent).
 pub async fn metric_value(client: &reqwest::Client, admin: &str, prefix: &str) -> f64 {
-    metrics_text(client, admin)
-        .await
-        .lines()
+    metric_in(&metrics_text(client, admin).await, prefix)
+}
+
+/// The value of the first line of `text` starting with `prefix` (0 when absent).
+pub fn metric_in(text: &str, prefix: &str) -> f64 {
+    text.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
