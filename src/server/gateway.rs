@@ -425,7 +425,7 @@ async fn read_body(
     }
 }
 
-/// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
+/// Whether the body is declared as JSON (`application/json`, parameters aside).
 fn is_json(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -436,6 +436,7 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
 fn model_of(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {

@@ -30,8 +30,14 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// The listener's certificate, replaceable while serving: a reload with a renewed certificate
 /// takes effect for the next handshake, open connections keep theirs.
-#[derive(Debug)]
 pub struct CertSwap(ArcSwap<CertifiedKey>);
+
+// rustls asks for `Debug`; the key stays out of it.
+impl std::fmt::Debug for CertSwap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertSwap")
+    }
+}
 
 impl CertSwap {
     pub fn new(key: Arc<CertifiedKey>) -> Arc<CertSwap> {
