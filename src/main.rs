@@ -68,6 +68,12 @@ enum Command {
         #[arg(long, default_value = "2024-10-21")]
         api_version: String,
     },
+    /// Exit 0 when URL answers 2xx within 3 s, else 1: a health check for container images
+    /// without curl (Docker's HEALTHCHECK).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
     /// Three simulated backends, the gateway in front, a load run and a table.
     Demo {
         /// How many chat requests to send.
@@ -132,7 +138,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     switchyard::install_crypto_provider();
     let default_log = match cli.command {
-        Command::Demo { .. } | Command::Probe { .. } => "warn",
+        Command::Demo { .. } | Command::Probe { .. } | Command::Health { .. } => "warn",
         _ => "info",
     };
     let json = cli
@@ -161,6 +167,15 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> ExitCode {
     match command {
+        Command::Health { url } => {
+            match switchyard::probe::health(&url, Duration::from_secs(3)).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: valid\n\n{}", config.display(), c.summary());

@@ -281,3 +281,56 @@ pub fn print_report(r: &serde_json::Value) {
         r["succeeded"], r["requests"], r["retried"]
     );
 }
+
+/// `switchyard health`: a GET on a plain-HTTP `url` (the admin listener's `/healthz`), for
+/// container health checks in images without curl. Ok with the status when it is 2xx.
+pub async fn health(url: &str, timeout: Duration) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url}: only http:// URLs are checked"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .map_err(|e| format!("{authority}: {e}"))?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
+        s.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // The status line is all that is read.
+        let mut head = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            match s.read(&mut head[n..]).await {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        std::str::from_utf8(&head[..n])
+            .ok()
+            .and_then(|l| {
+                l.strip_prefix("HTTP/1.1 ")
+                    .or_else(|| l.strip_prefix("HTTP/1.0 "))
+            })
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| "not an HTTP answer".to_string())
+    };
+    let status = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("{url}: no answer within {timeout:?}"))??;
+    if (200..300).contains(&status) {
+        Ok(status)
+    } else {
+        Err(format!("{url}: {status}"))
+    }
+}

@@ -309,3 +309,26 @@ async fn serve_reloads_on_sighup() {
     assert_eq!(served_by().await, "b");
     let _ = child.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_only_for_a_2xx() {
+    let (_sims, backends) = common::start_sims(&["a"]).await;
+    let gw = common::gateway(&backends, "", "").await;
+    let health = |url: String| async move {
+        tokio::process::Command::new(BIN)
+            .args(["health", "--url", &url])
+            .output()
+            .await
+            .unwrap()
+    };
+    let ok = health(format!("{}/healthz", gw.admin)).await;
+    assert!(ok.status.success(), "{ok:?}");
+    let missing = health(format!("{}/nope", gw.admin)).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
+    let dead = health(format!("{}/healthz", common::dead_url())).await;
+    assert!(!dead.status.success());
+    let https = health("https://127.0.0.1:1/healthz".into()).await;
+    assert!(String::from_utf8_lossy(&https.stderr).contains("only http://"));
+    gw.stop().await;
+}
