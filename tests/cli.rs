@@ -325,10 +325,53 @@ async fn health_exits_0_only_for_a_2xx() {
     assert!(ok.status.success(), "{ok:?}");
     let missing = health(format!("{}/nope", gw.admin)).await;
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("404"),
+        "{missing:?}"
+    );
     let dead = health(format!("{}/healthz", common::dead_url())).await;
     assert!(!dead.status.success());
     let https = health("https://127.0.0.1:1/healthz".into()).await;
     assert!(String::from_utf8_lossy(&https.stderr).contains("only http://"));
     gw.stop().await;
+}
+
+/// The configs shipped for deployment stay valid as the config format moves on.
+#[test]
+fn shipped_deployment_configs_are_valid() {
+    let env = |name: &str| match name {
+        "SWITCHYARD_ADMIN_KEY" => Some("0123456789abcdef-admin".to_string()),
+        "EASTUS_KEY" | "WESTUS_KEY" => Some("key".to_string()),
+        _ => None,
+    };
+    for path in [
+        "deploy/container/switchyard.toml",
+        "switchyard.example.toml",
+    ] {
+        let text = std::fs::read_to_string(path).unwrap();
+        if let Err(e) = switchyard::config::Config::parse(&text, &env) {
+            panic!("{path}: {e}");
+        }
+    }
+}
+
+/// The image's health check and default command point at what the shipped container config
+/// sets up: the admin listener's port and the mounted config's path.
+#[test]
+fn the_dockerfile_matches_the_container_config() {
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    let lookup = |_: &str| Some("0123456789abcdef-admin".to_string());
+    let text = std::fs::read_to_string("deploy/container/switchyard.toml").unwrap();
+    let cfg = switchyard::config::Config::parse(&text, &lookup).unwrap();
+    let admin_port = cfg.server.admin_listen.unwrap().port();
+    assert!(
+        dockerfile.contains(&format!("http://127.0.0.1:{admin_port}/healthz")),
+        "HEALTHCHECK must probe the admin port {admin_port}"
+    );
+    assert!(dockerfile.contains(&format!("EXPOSE {} {admin_port}", cfg.server.listen.port())));
+    assert!(dockerfile.contains(r#"CMD ["serve", "--config", "/etc/switchyard/switchyard.toml"]"#));
+    assert!(
+        cfg.server.listen.ip().is_unspecified(),
+        "a container listens on all interfaces"
+    );
 }
