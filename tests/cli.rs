@@ -375,3 +375,64 @@ fn the_dockerfile_matches_the_container_config() {
         "a container listens on all interfaces"
     );
 }
+
+/// What can be checked of the Bicep without a Bicep compiler: every parameter the parameters
+/// file sets is declared, and the Switchyard config the template writes (its string lines, with
+/// the template's expressions filled in) is valid.
+#[test]
+fn the_bicep_parameters_exist_and_its_config_is_valid() {
+    let bicep = std::fs::read_to_string("infra/azure/main.bicep").unwrap();
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("infra/azure/main.parameters.json").unwrap())
+            .unwrap();
+    for name in params["parameters"].as_object().unwrap().keys() {
+        assert!(
+            bicep
+                .lines()
+                .any(|l| l.starts_with(&format!("param {name} "))),
+            "{name} is set in main.parameters.json but not declared in main.bicep"
+        );
+    }
+    // The quoted lines of a block: `var backendLines` (one backend) and `var config`.
+    let block = |start: &str, end: &str| -> Vec<String> {
+        let from = bicep.find(start).unwrap();
+        let to = from + bicep[from..].find(end).unwrap();
+        bicep[from..to]
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.len() >= 2 && l.starts_with('\'') && l.ends_with('\''))
+            .map(|l| l[1..l.len() - 1].to_string())
+            .collect()
+    };
+    let backend = block("var backendLines", "var config").join("\n");
+    let mut text = block("var config", "], backendLines)").join("\n");
+    text.push('\n');
+    for name in ["eastus", "westus"] {
+        text.push_str(
+            &backend
+                .replace("${inst.name}", name)
+                .replace("${namePrefix}", "switchyard")
+                .replace("${suffix}", "abc123")
+                .replace(
+                    "${identity.properties.clientId}",
+                    "00000000-0000-0000-0000-000000000003",
+                ),
+        );
+        text.push('\n');
+    }
+    // Bicep's escaped `\${` is Switchyard's `${`.
+    let text = text.replace("\\${", "${");
+    assert!(
+        !text.contains("${inst") && !text.contains("${identity"),
+        "{text}"
+    );
+    let lookup =
+        |name: &str| (name == "SWITCHYARD_ADMIN_KEY").then(|| "0123456789abcdef-admin".to_string());
+    let cfg =
+        switchyard::config::Config::parse(&text, &lookup).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(cfg.backends.len(), 2);
+    assert_eq!(cfg.backends[0].auth.kind(), "managed_identity");
+    assert_eq!(cfg.server.admin_listen.unwrap().port(), 9090);
+    assert!(bicep.contains("port: 9090"), "probes on the admin port");
+    assert!(bicep.contains("targetPort: 8080"));
+}

@@ -1,0 +1,267 @@
+// Switchyard on Azure Container Apps, mirroring the APIM sample's infra/main.bicep: two Azure
+// OpenAI accounts with a model deployment each, a user-assigned managed identity with
+// "Cognitive Services OpenAI User" on both, and the gateway (here a Container App instead of
+// API Management) calling them with that identity: no keys anywhere. Log Analytics collects
+// the gateway's logs. Output: the endpoint to point SDKs at.
+//
+//   az group create -n switchyard-rg -l eastus
+//   az deployment group create -g switchyard-rg -f infra/azure/main.bicep \
+//     -p infra/azure/main.parameters.json -p adminKey="$(openssl rand -hex 24)" -p image=<your image>
+//
+// See docs/deploy.md for what was and was not validated.
+
+targetScope = 'resourceGroup'
+
+@description('Prefix for resource names; a unique suffix is added where names must be global.')
+@minLength(3)
+@maxLength(12)
+param namePrefix string = 'switchyard'
+
+@description('Region of the Container Apps environment, the identity and the logs.')
+param location string = resourceGroup().location
+
+@description('The two Azure OpenAI accounts, as in the sample: a name suffix and a region each.')
+param openAiInstances array = [
+  {
+    name: 'eastus'
+    location: 'eastus'
+  }
+  {
+    name: 'westus'
+    location: 'westus'
+  }
+]
+
+@description('The model deployed on each account, under the same deployment name.')
+param deploymentName string = 'gpt-4o'
+param modelName string = 'gpt-4o'
+param modelVersion string = '2024-08-06'
+@description('Deployment SKU: Standard (pay-as-you-go, regional), GlobalStandard, or ProvisionedManaged (PTU).')
+param modelSku string = 'Standard'
+@description('Capacity in thousands of tokens per minute (Standard) or PTUs (ProvisionedManaged).')
+param modelCapacity int = 10
+
+@description('The Switchyard container image (built from the repository\'s Dockerfile).')
+param image string
+
+@description('Key for the admin API (/admin/*); at least 16 characters.')
+@secure()
+@minLength(16)
+param adminKey string
+
+@description('Replicas: limits and cooldowns are per replica unless a Redis is configured (docs/deploy.md).')
+@minValue(1)
+param minReplicas int = 1
+@minValue(1)
+param maxReplicas int = 3
+
+var suffix = uniqueString(resourceGroup().id)
+// Built-in role "Cognitive Services OpenAI User": call inference APIs, nothing else.
+var openAiUserRoleId = '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${namePrefix}-id'
+  location: location
+}
+
+resource openAi 'Microsoft.CognitiveServices/accounts@2024-10-01' = [for inst in openAiInstances: {
+  name: '${namePrefix}-${inst.name}-${suffix}'
+  location: inst.location
+  kind: 'OpenAI'
+  sku: {
+    name: 'S0'
+  }
+  properties: {
+    customSubDomainName: '${namePrefix}-${inst.name}-${suffix}'
+    publicNetworkAccess: 'Enabled'
+    // Keys are not needed: the gateway authenticates with the managed identity.
+    disableLocalAuth: true
+  }
+}]
+
+resource modelDeployment 'Microsoft.CognitiveServices/accounts/deployments@2024-10-01' = [for (inst, i) in openAiInstances: {
+  parent: openAi[i]
+  name: deploymentName
+  sku: {
+    name: modelSku
+    capacity: modelCapacity
+  }
+  properties: {
+    model: {
+      format: 'OpenAI'
+      name: modelName
+      version: modelVersion
+    }
+  }
+}]
+
+resource openAiUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for (inst, i) in openAiInstances: {
+  name: guid(openAi[i].id, identity.id, openAiUserRoleId)
+  scope: openAi[i]
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', openAiUserRoleId)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}]
+
+resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+  name: '${namePrefix}-logs-${suffix}'
+  location: location
+  properties: {
+    sku: {
+      name: 'PerGB2018'
+    }
+    retentionInDays: 30
+  }
+}
+
+resource env 'Microsoft.App/managedEnvironments@2024-03-01' = {
+  name: '${namePrefix}-env'
+  location: location
+  properties: {
+    appLogsConfiguration: {
+      destination: 'log-analytics'
+      logAnalyticsConfiguration: {
+        customerId: logs.properties.customerId
+        sharedKey: logs.listKeys().primarySharedKey
+      }
+    }
+  }
+}
+
+// The gateway's config: one backend per account (at its custom subdomain, known before the
+// deployment runs), each called with the identity's token. `\${...}` is a literal `${...}` for
+// Switchyard, which reads it from the environment.
+var backendLines = [for (inst, i) in openAiInstances: join([
+  '[[backends]]'
+  'name = "${inst.name}"'
+  'url = "https://${namePrefix}-${inst.name}-${suffix}.openai.azure.com"'
+  'auth = { type = "managed_identity", client_id = "${identity.properties.clientId}" }'
+  ''
+], '\n')]
+var config = join(concat([
+  '[server]'
+  'listen = "0.0.0.0:8080"'
+  'admin_listen = "0.0.0.0:9090"'
+  'admin_key = "\${SWITCHYARD_ADMIN_KEY}"'
+  ''
+  '[routing]'
+  'strategy = "round_robin"'
+  'max_attempts = 3'
+  ''
+], backendLines), '\n')
+
+resource app 'Microsoft.App/containerApps@2024-03-01' = {
+  name: namePrefix
+  location: location
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identity.id}': {}
+    }
+  }
+  properties: {
+    managedEnvironmentId: env.id
+    configuration: {
+      ingress: {
+        external: true
+        targetPort: 8080
+        transport: 'auto'
+        allowInsecure: false
+      }
+      secrets: [
+        {
+          name: 'admin-key'
+          value: adminKey
+        }
+        {
+          name: 'config'
+          value: config
+        }
+      ]
+    }
+    template: {
+      containers: [
+        {
+          name: 'switchyard'
+          image: image
+          args: [
+            'serve'
+            '--config'
+            '/etc/switchyard/switchyard.toml'
+          ]
+          env: [
+            {
+              name: 'SWITCHYARD_ADMIN_KEY'
+              secretRef: 'admin-key'
+            }
+          ]
+          resources: {
+            cpu: json('0.5')
+            memory: '1Gi'
+          }
+          volumeMounts: [
+            {
+              volumeName: 'config'
+              mountPath: '/etc/switchyard'
+            }
+          ]
+          probes: [
+            {
+              type: 'Liveness'
+              httpGet: {
+                path: '/healthz'
+                port: 9090
+              }
+              periodSeconds: 10
+            }
+            {
+              type: 'Readiness'
+              httpGet: {
+                path: '/readyz'
+                port: 9090
+              }
+              periodSeconds: 5
+            }
+          ]
+        }
+      ]
+      volumes: [
+        {
+          name: 'config'
+          storageType: 'Secret'
+          secrets: [
+            {
+              secretRef: 'config'
+              path: 'switchyard.toml'
+            }
+          ]
+        }
+      ]
+      scale: {
+        minReplicas: minReplicas
+        maxReplicas: maxReplicas
+        rules: [
+          {
+            name: 'http'
+            http: {
+              metadata: {
+                concurrentRequests: '200'
+              }
+            }
+          }
+        ]
+      }
+    }
+  }
+  dependsOn: [
+    openAiUser
+    modelDeployment
+  ]
+}
+
+@description('The endpoint for SDKs: an Azure OpenAI endpoint, as the sample\'s APIM gateway URL.')
+output endpoint string = 'https://${app.properties.configuration.ingress.fqdn}'
+output identityClientId string = identity.properties.clientId
+output openAiEndpoints array = [for (inst, i) in openAiInstances: openAi[i].properties.endpoint]
