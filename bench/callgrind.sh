@@ -16,7 +16,7 @@ GW=${BIN:-$B}
 N=${N:-3000}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 S=($(port) $(port) $(port)); PG=$(port)
 {
   printf '[server]\nlisten = "127.0.0.1:%s"\n' "$PG"

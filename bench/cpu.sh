@@ -24,8 +24,7 @@ ROUNDS=${ROUNDS:-2}
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; exit 1; }
+. bench/lib.sh
 S1=$(port); S2=$(port); S3=$(port); PN=$(port); PS=$(port)
 for p in $S1 $S2 $S3; do RUST_LOG=warn target/release/switchyard simulate --listen 127.0.0.1:$p --name "s$p" >/dev/null 2>&1 & done
 cat > "$work/nginx.conf" <<CONF

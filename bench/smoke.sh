@@ -15,7 +15,7 @@ B=target/release/switchyard
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. bench/lib.sh
 P1=$(port); P2=$(port); PG=$(port); PL=$(port); PR=$(port); RP=$(port)
 redis-server --port $RP --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 K=bench-consumer-key-0

@@ -22,8 +22,7 @@ ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+. bench/lib.sh
 S=($(port) $(port) $(port)); PG=$(port)
 for i in 0 1 2; do
   # The third backend cuts 1 in 7 of its answers: drops mid-stream and before plain answers.
