@@ -185,6 +185,74 @@ async fn a_reload_replaces_the_listener_certificate() {
     g.stop().await;
 }
 
+/// A watched config picks up renewed certificate files by itself, as a cert-manager rotation
+/// would write them; a key that does not match is refused once and the running one stays.
+#[tokio::test]
+async fn the_file_watch_picks_up_a_renewed_certificate() {
+    let (_sims, backends) = start_sims(&["a"]).await;
+    let dir = TempDir::new();
+    let first = pki("first");
+    let cert = dir.write("cert.pem", &first.cert_pem);
+    let key = dir.write("key.pem", &first.key_pem);
+    let text = config_text(
+        &backends,
+        "",
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+        "",
+    );
+    let file = ConfigFile::new(&text);
+    let g = gateway_from_file(&file, Some(std::time::Duration::from_millis(50))).await;
+    let base = https_base(&g);
+    assert_eq!(
+        post_chat(&client_trusting(&first.ca_pem), &base)
+            .await
+            .status(),
+        200
+    );
+
+    let second = pki("second");
+    dir.write("cert.pem", &second.cert_pem);
+    dir.write("key.pem", &second.key_pem);
+    let renewed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let c = client_trusting(&second.ca_pem);
+            if c.post(format!("{base}{CHAT}"))
+                .body(chat_body(false))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(renewed.is_ok(), "the renewed certificate was never served");
+
+    // A key that is not the certificate's: refused once, not on every look; the running
+    // certificate stays.
+    dir.write("key.pem", &first.key_pem);
+    let rejected = "switchyard_config_reloads_total{result=\"rejected\",trigger=\"file\"}";
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while metric_value(&client(), &g.admin, rejected).await < 1.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the mismatched key was never tried");
+    // Ten more looks of the watch.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(metric_value(&client(), &g.admin, rejected).await, 1.0);
+    assert_eq!(
+        post_chat(&client_trusting(&second.ca_pem), &base)
+            .await
+            .status(),
+        200
+    );
+    g.stop().await;
+}
+
 async fn https_sim(p: &Pki) -> switchyard::sim::Simulator {
     let chain = vec![CertificateDer::from_pem_slice(p.cert_pem.as_bytes()).unwrap()];
     let key = PrivateKeyDer::from_pem_slice(p.key_pem.as_bytes()).unwrap();

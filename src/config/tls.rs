@@ -87,11 +87,7 @@ impl ListenerTls {
                 format!("{key} is not the private key of the certificate in {cert}"),
             )
         })?;
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        digest.update(&cert_pem);
-        digest.update(&key_pem);
-        let mut fingerprint = [0u8; 32];
-        fingerprint.copy_from_slice(digest.finish().as_ref());
+        let fingerprint = fingerprint(&cert_pem, &key_pem);
         Ok(ListenerTls {
             cert_path: PathBuf::from(cert),
             key_path: PathBuf::from(key),
@@ -99,6 +95,29 @@ impl ListenerTls {
             fingerprint,
         })
     }
+}
+
+impl ListenerTls {
+    /// What the certificate and key files hold now, to compare with what was loaded; `None`
+    /// while either cannot be read (mid-rotation, say).
+    pub async fn files_fingerprint(&self) -> Option<[u8; 32]> {
+        let cert = tokio::fs::read(&self.cert_path).await.ok()?;
+        let key = tokio::fs::read(&self.key_path).await.ok()?;
+        Some(fingerprint(&cert, &key))
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+}
+
+fn fingerprint(cert_pem: &[u8], key_pem: &[u8]) -> [u8; 32] {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(cert_pem);
+    digest.update(key_pem);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.finish().as_ref());
+    out
 }
 
 /// CA certificates trusted on top of the system's, for HTTPS to backends, the identity

@@ -427,12 +427,17 @@ pub(super) async fn on_sighup(state: Arc<GatewayState>, shutdown: CancellationTo
 }
 
 /// Reloads when the file's content changes, once it has held still for one look (an editor
-/// half-way through a write is not read as an invalid config).
+/// half-way through a write is not read as an invalid config), and likewise when the listener's
+/// certificate or key file changes (cert-manager or Key Vault renewing it).
 pub(super) async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: CancellationToken) {
     let Some(path) = state.source.as_ref().map(|s| s.path.clone()) else {
         return;
     };
-    let mut pending: Option<String> = None;
+    // The config's text, and what the listener's certificate and key files hold.
+    let mut pending: Option<(String, Option<[u8; 32]>)> = None;
+    // Certificate files a reload was already tried with: a bad pair is refused once, not on
+    // every look.
+    let mut tried_tls: Option<[u8; 32]> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -442,15 +447,27 @@ pub(super) async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: C
         let Ok(now) = tokio::fs::read_to_string(&path).await else {
             continue;
         };
-        if lock(&state.last_text).as_deref() == Some(now.as_str()) {
+        let running_tls = state.runtime().config.server.tls.clone();
+        let tls_now = match &running_tls {
+            Some(t) => t.files_fingerprint().await,
+            None => None,
+        };
+        let text_same = lock(&state.last_text).as_deref() == Some(now.as_str());
+        let tls_same = match (tls_now, &running_tls) {
+            (Some(f), Some(t)) => f == t.fingerprint() || Some(f) == tried_tls,
+            _ => true,
+        };
+        if text_same && tls_same {
             pending = None;
             continue;
         }
-        if pending.as_deref() == Some(now.as_str()) {
+        let snapshot = (now, tls_now);
+        if pending.as_ref() == Some(&snapshot) {
             pending = None;
+            tried_tls = snapshot.1;
             let _ = state.reload(Trigger::File).await;
         } else {
-            pending = Some(now);
+            pending = Some(snapshot);
         }
     }
 }
