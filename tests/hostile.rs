@@ -284,8 +284,10 @@ async fn a_slow_request_head_is_cut_off_by_the_header_read_timeout() {
     })
     .await;
     assert!(closed.is_ok(), "the connection stayed open");
+    // Not at once: the timeout closed it, not the bytes (hyper's clock starts at accept, a
+    // moment before `started`).
     assert!(
-        started.elapsed() >= Duration::from_millis(250),
+        started.elapsed() >= Duration::from_millis(100),
         "closed too early"
     );
     assert!(s.requests().is_empty());
