@@ -120,9 +120,19 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
     g.stop().await;
 }
 
-#[tokio::test]
-async fn a_reload_replaces_the_listener_certificate() {
-    let (_sims, backends) = start_sims(&["a"]).await;
+/// A gateway started from a config file, serving HTTPS with `first`'s certificate from files
+/// in `dir` that the test rewrites.
+struct HttpsGateway {
+    _sims: Vec<switchyard::sim::Simulator>,
+    _file: ConfigFile,
+    dir: TempDir,
+    first: Pki,
+    g: Running,
+    base: String,
+}
+
+async fn https_gateway(watch: Option<std::time::Duration>) -> HttpsGateway {
+    let (sims, backends) = start_sims(&["a"]).await;
     let dir = TempDir::new();
     let first = pki("first");
     let cert = dir.write("cert.pem", &first.cert_pem);
@@ -134,8 +144,29 @@ async fn a_reload_replaces_the_listener_certificate() {
         "",
     );
     let file = ConfigFile::new(&text);
-    let g = gateway_from_file(&file, None).await;
+    let g = gateway_from_file(&file, watch).await;
     let base = https_base(&g);
+    HttpsGateway {
+        _sims: sims,
+        _file: file,
+        dir,
+        first,
+        g,
+        base,
+    }
+}
+
+#[tokio::test]
+async fn a_reload_replaces_the_listener_certificate() {
+    // Every field bound: `..` would drop the simulator and the config file at once.
+    let HttpsGateway {
+        _sims,
+        _file,
+        dir,
+        first,
+        g,
+        base,
+    } = https_gateway(None).await;
     assert_eq!(
         post_chat(&client_trusting(&first.ca_pem), &base)
             .await
@@ -189,20 +220,15 @@ async fn a_reload_replaces_the_listener_certificate() {
 /// would write them; a key that does not match is refused once and the running one stays.
 #[tokio::test]
 async fn the_file_watch_picks_up_a_renewed_certificate() {
-    let (_sims, backends) = start_sims(&["a"]).await;
-    let dir = TempDir::new();
-    let first = pki("first");
-    let cert = dir.write("cert.pem", &first.cert_pem);
-    let key = dir.write("key.pem", &first.key_pem);
-    let text = config_text(
-        &backends,
-        "",
-        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
-        "",
-    );
-    let file = ConfigFile::new(&text);
-    let g = gateway_from_file(&file, Some(std::time::Duration::from_millis(50))).await;
-    let base = https_base(&g);
+    // Every field bound: `..` would drop the simulator and the config file at once.
+    let HttpsGateway {
+        _sims,
+        _file,
+        dir,
+        first,
+        g,
+        base,
+    } = https_gateway(Some(std::time::Duration::from_millis(50))).await;
     assert_eq!(
         post_chat(&client_trusting(&first.ca_pem), &base)
             .await
