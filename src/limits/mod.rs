@@ -253,6 +253,14 @@ impl Limiter {
         }
     }
 
+    /// Whether any of `consumer`'s limits counts tokens, so its request bodies are read.
+    pub fn counts_tokens(&self, consumer: &str) -> bool {
+        self.consumers.get(consumer).is_some_and(|e| {
+            e.overall.as_ref().is_some_and(|l| l.counts_tokens())
+                || e.per_deployment.values().any(|l| l.counts_tokens())
+        })
+    }
+
     /// Admits a request of `consumer` for `deployment` (its JSON `body` is estimated when a
     /// limit counts tokens), or says why not. `Ok(None)`: no limit applies.
     pub async fn admit(

@@ -286,24 +286,28 @@ async fn serve(
         .await
         .map_err(|e| (None, 0, e))?;
     // Where the gateway itself reads the body (the model to route on, the tokens to count
-    // against a consumer's limits), a JSON body it cannot parse is the client's error, not
-    // something to send to every backend in turn.
-    if (route.model_in_body || consumer.is_some())
-        && is_json(&parts.headers)
-        && !body.is_empty()
-        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
-    {
-        return Err((
-            None,
-            0,
-            GatewayError::new(ErrorKind::BadRequest, "the request body is not valid JSON"),
-        ));
-    }
+    // against a consumer's limits), a body declared as JSON that does not parse is the
+    // client's error, not something to send to every backend in turn.
+    let declared_json = is_json(&parts.headers) && !body.is_empty();
+    let invalid_json =
+        || GatewayError::new(ErrorKind::BadRequest, "the request body is not valid JSON");
     let model = if route.model_in_body {
-        model_of(&body)
+        match model_of(&body) {
+            Ok(model) => model,
+            Err(()) if declared_json => return Err((None, 0, invalid_json())),
+            // Multipart and binary bodies name no model.
+            Err(()) => None,
+        }
     } else {
         None
     };
+    if !route.model_in_body
+        && declared_json
+        && consumer.is_some_and(|c| rt.limiter.counts_tokens(&c.name))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+    {
+        return Err((None, 0, invalid_json()));
+    }
     let deployment = route.deployment.or(model.as_deref());
     log.deployment = deployment.map(|d| first_chars(d, 128).to_string());
     // Only a sampled trace's spans read these.
@@ -437,16 +441,18 @@ fn is_json(headers: &http::HeaderMap) -> bool {
 }
 
 /// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
-fn model_of(body: &[u8]) -> Option<String> {
+/// `Err` when the body is not JSON at all (the parse reads the whole document).
+fn model_of(body: &[u8]) -> Result<Option<String>, ()> {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
         #[serde(borrow)]
         model: Option<std::borrow::Cow<'a, str>>,
     }
-    let peek: Peek<'_> = serde_json::from_slice(body).ok()?;
-    peek.model
+    let peek: Peek<'_> = serde_json::from_slice(body).map_err(|_| ())?;
+    Ok(peek
+        .model
         .filter(|m| !m.is_empty() && m.len() <= 256)
-        .map(|m| m.into_owned())
+        .map(|m| m.into_owned()))
 }
 
 /// Keeps the client's `x-request-id` when it is a sane token, else makes one.

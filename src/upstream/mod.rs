@@ -609,6 +609,24 @@ mod tests {
         }
     }
 
+    /// A POST of `{}` to deployment `d` (at 20..21 of `path_and_query`).
+    fn deployment_request<'a>(
+        path_and_query: &'a str,
+        headers: &'a HeaderMap,
+        request_id: &'a HeaderValue,
+    ) -> OutboundRequest<'a> {
+        OutboundRequest {
+            method: &Method::POST,
+            path_and_query,
+            deployment_span: Some(20..21),
+            model_in_body: false,
+            headers,
+            body: Bytes::from_static(b"{}"),
+            request_id,
+            upgrade: false,
+        }
+    }
+
     #[test]
     fn rewrites_url_and_headers() {
         let mut h = HeaderMap::new();
@@ -621,16 +639,11 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("x-request-id", HeaderValue::from_static("client-rid"));
         let rid = HeaderValue::from_static("rid-1");
-        let req = OutboundRequest {
-            method: &Method::POST,
-            path_and_query: "/openai/deployments/d/chat/completions?api-version=2024-10-21",
-            deployment_span: Some(20..21),
-            model_in_body: false,
-            headers: &h,
-            body: Bytes::from_static(b"{}"),
-            request_id: &rid,
-            upgrade: false,
-        };
+        let req = deployment_request(
+            "/openai/deployments/d/chat/completions?api-version=2024-10-21",
+            &h,
+            &rid,
+        );
         let b = backend();
         let out = build_request(&b, &req, None, key(&b), None).unwrap();
         assert_eq!(
@@ -664,16 +677,11 @@ mod tests {
         h.insert("traceparent", HeaderValue::from_static("client-parent"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
         let rid = HeaderValue::from_static("rid-1");
-        let req = OutboundRequest {
-            method: &Method::POST,
-            path_and_query: "/openai/deployments/d/chat/completions?api-version=1",
-            deployment_span: Some(20..21),
-            model_in_body: false,
-            headers: &h,
-            body: Bytes::from_static(b"{}"),
-            request_id: &rid,
-            upgrade: false,
-        };
+        let req = deployment_request(
+            "/openai/deployments/d/chat/completions?api-version=1",
+            &h,
+            &rid,
+        );
         let b = backend();
         let tp = HeaderValue::from_static("00-ours-01");
         let head = encode_head(&b, &req, Some("gpt-4o"), 2, key(&b), Some(tp)).unwrap();
