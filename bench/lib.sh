@@ -9,3 +9,70 @@ wait_port() {
   echo "port $1 never opened" >&2
   exit 1
 }
+
+# The process and its children (nginx's workers).
+pids_of() { echo "$1"; pgrep -P "$1" || true; }
+
+# Three instant simulators ($SIM, default the release build), nginx ($NGINX) as a round-robin
+# reverse proxy over them and Switchyard ($B) over the same three, with their files in $work.
+# Sets S1 S2 S3, PN and NG_MASTER (nginx), PS and SY_PID (Switchyard); returns once all listen.
+start_side_by_side() {
+  S1=$(port); S2=$(port); S3=$(port); PN=$(port); PS=$(port)
+  for p in $S1 $S2 $S3; do
+    RUST_LOG=warn "${SIM:-target/release/switchyard}" simulate --listen 127.0.0.1:$p --name "s$p" >/dev/null 2>&1 &
+  done
+  cat > "$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+daemon off;
+worker_rlimit_nofile 16384;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $work/body;
+  proxy_temp_path $work/proxy;
+  fastcgi_temp_path $work/fastcgi;
+  uwsgi_temp_path $work/uwsgi;
+  scgi_temp_path $work/scgi;
+  upstream sims {
+    server 127.0.0.1:$S1;
+    server 127.0.0.1:$S2;
+    server 127.0.0.1:$S3;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$PN;
+    location / {
+      proxy_pass http://sims;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }
+  }
+}
+CONF
+  "$NGINX" -c "$work/nginx.conf" -p "$work" &
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\n[routing]\nstrategy = "round_robin"\n' "$PS"
+    for i in 1 2 3; do
+      local p_var="S$i"
+      printf '[[backends]]\nname = "s%s"\nurl = "http://127.0.0.1:%s"\nauth = { type = "none" }\n' "$i" "${!p_var}"
+    done
+  } > "$work/switchyard.toml"
+  RUST_LOG=warn "$B" serve --config "$work/switchyard.toml" >/dev/null 2>&1 &
+  SY_PID=$!
+  for p in $S1 $S2 $S3 $PN $PS; do wait_port $p; done
+  for _ in $(seq 100); do [ -s "$work/nginx.pid" ] && break; sleep 0.05; done
+  NG_MASTER=$(cat "$work/nginx.pid")
+}
+
+# The chat completion the load runs send, as a wrk script in $1.
+chat_lua() {
+  cat > "$1" <<'LUA'
+wrk.method = "POST"
+wrk.body   = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+}
