@@ -4,11 +4,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::outbound::CredentialState;
-use crate::body::{BoxBody, full};
+use crate::body::{BoxBody, RequestBody, full};
 use crate::error::{ErrorKind, GatewayError};
 use crate::server::{ReloadError, Runtime, Trigger};
 use crate::telemetry::Metrics;
@@ -28,7 +27,7 @@ pub struct AdminState {
 
 pub async fn handle(
     state: Arc<AdminState>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<BoxBody>, Infallible> {
     let path = req.uri().path().to_string();
     if path.starts_with("/admin/") {
@@ -71,7 +70,7 @@ pub async fn handle(
 
 /// `/admin/*`: backend states, drain and enable, the running config. Behind the admin key when
 /// one is configured.
-async fn admin_api(state: &AdminState, req: &Request<Incoming>, path: &str) -> Response<BoxBody> {
+async fn admin_api(state: &AdminState, req: &Request<RequestBody>, path: &str) -> Response<BoxBody> {
     // The running config's key: a reload can change it.
     let rt = state.gateway.runtime();
     if let Some(key) = &rt.config.server.admin_key {

@@ -52,3 +52,46 @@ impl Body for ChannelBody {
         SizeHint::default()
     }
 }
+
+/// A client's request body as the gateway's handlers get it: streamed by hyper (HTTP/2, TLS,
+/// chunked uploads, anything unusual) or already read whole by the fast HTTP/1.1 path.
+pub enum RequestBody {
+    Streaming(hyper::body::Incoming),
+    Full(Option<Bytes>),
+}
+
+impl RequestBody {
+    /// The whole body, when the listener read it already.
+    pub fn full(bytes: Bytes) -> RequestBody {
+        RequestBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming(b) => b.is_end_stream(),
+            RequestBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming(b) => b.size_hint(),
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

@@ -14,7 +14,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +22,7 @@ use super::runtime::{ConfigSource, Refreshers, Runtime};
 use crate::api;
 use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
-use crate::body::{BoxBody, BoxError};
+use crate::body::{BoxBody, BoxError, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::AttemptLog;
@@ -70,7 +69,7 @@ pub struct GatewayState {
 
 pub async fn handle(
     state: Arc<GatewayState>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Result<Response<BoxBody>, Infallible> {
     let started = Instant::now();
     state.metrics.in_flight.inc();
@@ -260,7 +259,7 @@ type Failed = (Option<usize>, u32, GatewayError);
 async fn serve(
     state: &GatewayState,
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     request_id: &HeaderValue,
     consumer: Option<&Consumer>,
     log: &mut AccessLog,
@@ -400,7 +399,7 @@ async fn serve(
 }
 
 async fn read_body(
-    body: Incoming,
+    body: RequestBody,
     headers: &http::HeaderMap,
     max: usize,
 ) -> Result<Bytes, GatewayError> {
@@ -419,6 +418,13 @@ async fn read_body(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
+    let body = match body {
+        RequestBody::Full(b) => {
+            let b = b.unwrap_or_default();
+            return if b.len() > max { Err(too_large()) } else { Ok(b) };
+        }
+        RequestBody::Streaming(b) => b,
+    };
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
@@ -741,8 +747,10 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         // hyper stops polling a body once its content-length is written, so the end is often
         // seen here: settle with whatever usage the tap read.
-        let usage = self.tap.as_ref().and_then(Tap::usage);
-        self.finish(usage);
+        if !self.finished {
+            let usage = self.tap.as_ref().and_then(Tap::usage);
+            self.finish(usage);
+        }
         self.metrics.in_flight.dec();
         // Empty when the client left before any answer: nothing was served, nothing to time.
         if let Some(s) = &self.stats {

@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -22,7 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::BoxBody;
+use super::h1;
+use crate::body::{BoxBody, RequestBody};
 
 /// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
 /// are a few kilobytes.
@@ -91,10 +91,9 @@ pub async fn serve<F, Fut>(
     shutdown: CancellationToken,
     options: ListenOptions,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -143,17 +142,21 @@ pub async fn serve<F, Fut>(
                 let slot = Slot::new(permit, options.metrics.open.clone());
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
-                let watcher = graceful.watcher();
+                let stop = shutdown.clone();
                 let builder = builder.clone();
                 let tls = options.tls.clone();
-                let handshake_timeout = options.header_read_timeout;
+                let header_timeout = options.header_read_timeout;
                 connections.spawn(async move {
                     let _slot = slot;
                     match tls {
-                        None => connection(&builder, stream, handler, watcher).await,
+                        // Plain HTTP/1.1 takes the fast path; hyper gets what it hands over.
+                        None => match h1::serve(stream, &handler, &stop, header_timeout, MAX_REQUEST_HEAD).await {
+                            h1::Ended::Closed => {}
+                            h1::Ended::Handover(io) => connection(&builder, io, handler, &stop).await,
+                        },
                         Some(acceptor) => {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => connection(&builder, tls, handler, watcher).await,
+                            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => connection(&builder, tls, handler, &stop).await,
                                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -164,11 +167,13 @@ pub async fn serve<F, Fut>(
         }
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(options.grace) => {
-            tracing::warn!(remaining = connections.len(), "grace period over; closing connections");
-        }
+    // Every connection sees the same token: idle ones close, busy ones finish their request.
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(options.grace, drain).await.is_err() {
+        tracing::warn!(
+            remaining = connections.len(),
+            "grace period over; closing connections"
+        );
     }
     connections.shutdown().await;
 }
@@ -195,16 +200,24 @@ impl Drop for Slot {
     }
 }
 
+/// Serves a connection with hyper (HTTP/2, TLS, and what the fast path hands over) until it
+/// closes; on shutdown, the request in flight is finished and the connection closed.
 async fn connection<I, F, Fut>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     handler: F,
-    watcher: Watcher,
+    shutdown: &CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(handler));
-    let _ = watcher.watch(conn).await;
+    let service = service_fn(move |req: Request<Incoming>| handler(req.map(RequestBody::Streaming)));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
 }

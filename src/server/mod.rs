@@ -1,6 +1,7 @@
 //! Listeners, connection handling and graceful shutdown. No business logic here.
 
 mod gateway;
+mod h1;
 mod listener;
 mod runtime;
 
