@@ -70,7 +70,11 @@ pub async fn handle(
 
 /// `/admin/*`: backend states, drain and enable, the running config. Behind the admin key when
 /// one is configured.
-async fn admin_api(state: &AdminState, req: &Request<RequestBody>, path: &str) -> Response<BoxBody> {
+async fn admin_api(
+    state: &AdminState,
+    req: &Request<RequestBody>,
+    path: &str,
+) -> Response<BoxBody> {
     // The running config's key: a reload can change it.
     let rt = state.gateway.runtime();
     if let Some(key) = &rt.config.server.admin_key {

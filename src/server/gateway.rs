@@ -421,7 +421,11 @@ async fn read_body(
     let body = match body {
         RequestBody::Full(b) => {
             let b = b.unwrap_or_default();
-            return if b.len() > max { Err(too_large()) } else { Ok(b) };
+            return if b.len() > max {
+                Err(too_large())
+            } else {
+                Ok(b)
+            };
         }
         RequestBody::Streaming(b) => b,
     };

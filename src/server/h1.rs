@@ -209,7 +209,9 @@ impl Conn {
             }
             Framing::Empty
         } else {
-            let declared = headers.get(header::CONTENT_LENGTH).map(|v| parse_length(v.as_bytes()));
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .map(|v| parse_length(v.as_bytes()));
             match declared {
                 Some(Some(n)) => Framing::Length(n),
                 // A length that does not parse is not passed on: the body frames itself.
@@ -411,7 +413,8 @@ enum Parse {
 
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     // Left uninitialised: zeroing 100 slots per request cost more than the parse.
-    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) if n <= max_head => n,
@@ -449,7 +452,9 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         if name.eq_ignore_ascii_case(b"content-length") {
             match parse_length(h.value) {
                 // One length, and small enough to read whole here.
-                Some(n) if body_len.is_none() && n <= MAX_BODY as u64 => body_len = Some(n as usize),
+                Some(n) if body_len.is_none() && n <= MAX_BODY as u64 => {
+                    body_len = Some(n as usize)
+                }
                 _ => return Parse::NotMine,
             }
         } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
@@ -496,8 +501,9 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 fn has_token(list: &[u8], token: &[u8]) -> bool {
@@ -515,9 +521,7 @@ struct DateCache {
 impl DateCache {
     fn now(&mut self) -> &[u8] {
         let now = SystemTime::now();
-        let second = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if second != self.second || self.text.is_empty() {
             self.second = second;
             self.text = httpdate::fmt_http_date(now).into_bytes();
@@ -578,3 +582,7 @@ impl AsyncWrite for Prefixed {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[path = "h1_tests.rs"]
+mod tests;

@@ -212,7 +212,8 @@ async fn connection<I, F, Fut>(
     F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
-    let service = service_fn(move |req: Request<Incoming>| handler(req.map(RequestBody::Streaming)));
+    let service =
+        service_fn(move |req: Request<Incoming>| handler(req.map(RequestBody::Streaming)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
