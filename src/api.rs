@@ -28,23 +28,9 @@ const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 /// - any other `/openai/...` (v1 API, files, batches, ...): verbatim;
 /// - `/v1/...` (OpenAI style): sent to the backend as `/openai/v1/...`.
 pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
-    if path.split('/').any(|seg| {
-        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
-            .iter()
-            .any(|dots| seg.eq_ignore_ascii_case(dots))
-    }) {
-        return Err(GatewayError::new(
-            ErrorKind::NotFound,
-            "path segments '.' and '..' are not allowed",
-        ));
-    }
-    if let Some(bad) = encoded_separator(path) {
-        return Err(GatewayError::new(
-            ErrorKind::BadRequest,
-            format!(
-                "the path may not contain {bad}: encoded separators and control characters are refused"
-            ),
-        ));
+    // Most paths hold neither a dot nor a percent sign: one scan clears them of both checks.
+    if memchr::memchr2(b'.', b'%', path.as_bytes()).is_some() {
+        check_segments(path)?;
     }
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
         let (deployment, operation) = rest.split_once('/').unwrap_or((rest, ""));
@@ -92,6 +78,29 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
         path,
         "Switchyard serves the Azure OpenAI API under /openai/... and the OpenAI API under /v1/...",
     ))
+}
+
+/// Dot segments and encoded separators: refused before routing.
+fn check_segments(path: &str) -> Result<(), GatewayError> {
+    if path.split('/').any(|seg| {
+        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
+            .iter()
+            .any(|dots| seg.eq_ignore_ascii_case(dots))
+    }) {
+        return Err(GatewayError::new(
+            ErrorKind::NotFound,
+            "path segments '.' and '..' are not allowed",
+        ));
+    }
+    if let Some(bad) = encoded_separator(path) {
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the path may not contain {bad}: encoded separators and control characters are refused"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Azure's own rule for deployment names, so a name that could not exist on any backend (or

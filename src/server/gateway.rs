@@ -28,8 +28,7 @@ use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::AttemptLog;
 use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
-    BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestLabels, TokenLabels,
-    status_class,
+    BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestCounters, status_class,
 };
 use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID, clean_response_headers};
 use crate::usage::{self, Tap, Usage};
@@ -81,7 +80,7 @@ pub async fn handle(
         started,
         _lease: None,
         consumer: Arc::from("-"),
-        deployment_label: String::new(),
+        counters: None,
         success: false,
         reservation: None,
         tap: None,
@@ -147,16 +146,13 @@ pub async fn handle(
         Some(d) if rt.proxy.balancer().tracks(d) => d.clone(),
         Some(_) => "other".to_string(),
     };
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            deployment: deployment_label.clone(),
-            backend: label.clone(),
-            status_class: status_class(status.as_u16()),
-            consumer: consumer_name.to_string(),
-        })
-        .inc();
+    let counters = state.metrics.request_counters(
+        &deployment_label,
+        &label,
+        status_class(status.as_u16()),
+        &consumer_name,
+    );
+    counters.requests.inc();
     guard.log.status = status.as_u16();
     guard.log.attempts = attempts;
     guard.log.first_byte = started.elapsed();
@@ -195,7 +191,7 @@ pub async fn handle(
     guard.backend = label;
     guard._lease = lease;
     guard.consumer = consumer_name;
-    guard.deployment_label = deployment_label;
+    guard.counters = Some(counters);
     guard.success = status.is_success();
     guard.reservation = limit.map(|l| l.admission);
     guard.tap = tap;
@@ -515,8 +511,8 @@ struct RequestGuard {
     /// The serving backend's in-flight slot; released when the body ends or is dropped.
     _lease: Option<Lease>,
     consumer: Arc<str>,
-    /// The deployment as a metric label (bounded, see `RequestLabels`).
-    deployment_label: String,
+    /// The request's counters, once its labels are known.
+    counters: Option<RequestCounters>,
     success: bool,
     /// Settled when the body ends; dropped unsettled (estimate kept) if it never does.
     reservation: Option<Admission>,
@@ -607,18 +603,8 @@ impl RequestGuard {
             if let Some(s) = &self.stats {
                 BackendStats::add(&s.tokens, u.total_tokens);
             }
-            let mut labels = TokenLabels {
-                deployment: self.deployment_label.clone(),
-                backend: self.backend.clone(),
-                consumer: self.consumer.to_string(),
-                kind: "prompt",
-            };
-            for (kind, n) in [
-                ("prompt", u.prompt_tokens),
-                ("completion", u.completion_tokens),
-            ] {
-                labels.kind = kind;
-                self.metrics.tokens.get_or_create(&labels).inc_by(n);
+            if let Some(c) = &self.counters {
+                c.add_tokens(&self.metrics, u.prompt_tokens, u.completion_tokens);
             }
         }
         if let Some(tracer) = self.tracer.take() {

@@ -173,6 +173,56 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Cooldowns learned from other replicas through the shared store.
     pub remote_cooldowns: Counter,
+    /// The per-request counters of each label set seen, found in the families once.
+    request_counters: std::sync::RwLock<std::collections::HashMap<u64, Vec<CachedCounters>>>,
+}
+
+/// The counters every answered request touches, for one label set.
+#[derive(Clone)]
+pub struct RequestCounters {
+    pub requests: Counter,
+    tokens: std::sync::Arc<TokenCounters>,
+}
+
+/// Token counters are created with the first usage reported, so label sets that never carry
+/// usage (the gateway's own errors) add no token series.
+struct TokenCounters {
+    labels: TokenLabels,
+    counters: std::sync::OnceLock<[Counter; 2]>,
+}
+
+impl RequestCounters {
+    pub fn add_tokens(&self, metrics: &Metrics, prompt: u64, completion: u64) {
+        let [p, c] = self.tokens.counters.get_or_init(|| {
+            let mut labels = self.tokens.labels.clone();
+            let prompt = metrics.tokens.get_or_create(&labels).clone();
+            labels.kind = "completion";
+            [prompt, metrics.tokens.get_or_create(&labels).clone()]
+        });
+        p.inc_by(prompt);
+        c.inc_by(completion);
+    }
+}
+
+struct CachedCounters {
+    deployment: Box<str>,
+    backend: Box<str>,
+    status_class: &'static str,
+    consumer: Box<str>,
+    counters: RequestCounters,
+}
+
+/// FNV-1a over the label values, with a separator so that ("ab", "c") and ("a", "bc") differ.
+/// Collisions only cost a longer scan: entries are compared whole.
+fn label_hash(parts: [&str; 4]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 fn latency_histogram() -> Histogram {
@@ -354,7 +404,71 @@ impl Metrics {
             duration,
             in_flight,
             stream_errors,
+            request_counters: Default::default(),
         }
+    }
+
+    /// The request and token counters for one label set. Looking them up in their families
+    /// takes a `String` per label and a SipHash per lookup, three times per request; the label
+    /// sets are few (all bounded, see `RequestLabels`), so each is looked up there once.
+    pub fn request_counters(
+        &self,
+        deployment: &str,
+        backend: &str,
+        status_class: &'static str,
+        consumer: &str,
+    ) -> RequestCounters {
+        let key = label_hash([deployment, backend, status_class, consumer]);
+        let matches = |c: &&CachedCounters| {
+            &*c.deployment == deployment
+                && &*c.backend == backend
+                && c.status_class == status_class
+                && &*c.consumer == consumer
+        };
+        // A poisoned lock only means a panic elsewhere mid-insert: the map is still whole.
+        let cache = self
+            .request_counters
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&key).and_then(|v| v.iter().find(matches)) {
+            return c.counters.clone();
+        }
+        drop(cache);
+        let counters = RequestCounters {
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    deployment: deployment.to_string(),
+                    backend: backend.to_string(),
+                    status_class,
+                    consumer: consumer.to_string(),
+                })
+                .clone(),
+            tokens: std::sync::Arc::new(TokenCounters {
+                labels: TokenLabels {
+                    deployment: deployment.to_string(),
+                    backend: backend.to_string(),
+                    consumer: consumer.to_string(),
+                    kind: "prompt",
+                },
+                counters: std::sync::OnceLock::new(),
+            }),
+        };
+        let mut cache = self
+            .request_counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let entries = cache.entry(key).or_default();
+        if !entries.iter().any(|c| matches(&c)) {
+            entries.push(CachedCounters {
+                deployment: deployment.into(),
+                backend: backend.into(),
+                status_class,
+                consumer: consumer.into(),
+                counters: counters.clone(),
+            });
+        }
+        counters
     }
 
     /// Prometheus text exposition.
@@ -404,4 +518,39 @@ pub fn init_logging(default_filter: &str, json: bool) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_request_counters_are_the_families_own() {
+        let m = Metrics::new();
+        let a = m.request_counters("gpt-4o", "east", "2xx", "-");
+        a.requests.inc();
+        // Found again from the cache: the same counter.
+        m.request_counters("gpt-4o", "east", "2xx", "-")
+            .requests
+            .inc();
+        // Label values that concatenate alike are still different sets.
+        m.request_counters("gpt-4", "oeast", "2xx", "-")
+            .requests
+            .inc();
+        m.request_counters("gpt-4o", "east", "5xx", "-")
+            .requests
+            .inc();
+        let text = m.render();
+        assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4o",backend="east",status_class="2xx",consumer="-"} 2"#), "{text}");
+        assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4",backend="oeast",status_class="2xx",consumer="-"} 1"#), "{text}");
+        assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4o",backend="east",status_class="5xx",consumer="-"} 1"#), "{text}");
+        // No token series until usage is reported, then both kinds.
+        assert!(!text.contains("switchyard_tokens_total{"), "{text}");
+        a.add_tokens(&m, 10, 3);
+        m.request_counters("gpt-4o", "east", "2xx", "-")
+            .add_tokens(&m, 1, 1);
+        let text = m.render();
+        assert!(text.contains(r#"switchyard_tokens_total{deployment="gpt-4o",backend="east",consumer="-",kind="prompt"} 11"#), "{text}");
+        assert!(text.contains(r#"switchyard_tokens_total{deployment="gpt-4o",backend="east",consumer="-",kind="completion"} 4"#), "{text}");
+    }
 }
