@@ -34,7 +34,7 @@ B=target/release/switchyard
 C=target/release/examples/compare
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; { [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; }; rm -rf "$work"' EXIT
 
 . bench/lib.sh
 start_side_by_side

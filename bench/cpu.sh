@@ -23,7 +23,7 @@ B=${BIN:-target/release/switchyard}
 ROUNDS=${ROUNDS:-2}
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; { [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; }; rm -rf "$work"' EXIT
 . bench/lib.sh
 NGINX=${NGINX:-/usr/sbin/nginx}
 start_side_by_side
