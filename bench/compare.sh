@@ -2,6 +2,7 @@
 # Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the build).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
+#   BIN=/path/to/switchyard bash bench/compare.sh   # another build (the simulators stay this one)
 #
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
@@ -30,7 +31,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -q --bin switchyard --example compare
-B=target/release/switchyard
+B=${BIN:-target/release/switchyard}
 C=target/release/examples/compare
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
