@@ -172,6 +172,13 @@ async fn read_response(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Strin
     Some((head, body))
 }
 
+/// A connection to `addr` with `bytes` already sent.
+async fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(bytes).await.unwrap();
+    sock
+}
+
 async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
     let mut chunk = [0u8; 4096];
     match sock.read(&mut chunk).await {
@@ -242,10 +249,7 @@ async fn a_head_sent_a_byte_at_a_time_is_still_served() {
 #[tokio::test]
 async fn a_body_of_unknown_length_is_chunked_and_each_chunk_goes_out_as_it_comes() {
     let gw = start(Duration::from_secs(30)).await;
-    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send(gw.addr, b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n").await;
     // The first chunk arrives while the body is still open (the rest is 40 ms away).
     let mut buf = Vec::new();
     while !buf.windows(4).any(|w| w == b"one;") {
@@ -266,20 +270,18 @@ async fn a_body_of_unknown_length_is_chunked_and_each_chunk_goes_out_as_it_comes
 #[tokio::test]
 async fn connection_close_from_either_side_closes_after_the_answer() {
     let gw = start(Duration::from_secs(30)).await;
-    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send(
+        gw.addr,
+        b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     let mut buf = Vec::new();
     let (head, body) = read_response(&mut sock, &mut buf).await.unwrap();
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(body, b"GET /a");
     assert!(closed(&mut sock).await);
 
-    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /close HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send(gw.addr, b"GET /close HTTP/1.1\r\nhost: x\r\n\r\n").await;
     let (head, body) = read_response(&mut sock, &mut Vec::new()).await.unwrap();
     assert_eq!(head.matches("connection: close").count(), 1, "{head}");
     assert_eq!(body, b"bye");
@@ -289,10 +291,7 @@ async fn connection_close_from_either_side_closes_after_the_answer() {
 #[tokio::test]
 async fn a_body_shorter_than_its_length_is_cut_not_passed_off_as_whole() {
     let gw = start(Duration::from_secs(30)).await;
-    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /short HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send(gw.addr, b"GET /short HTTP/1.1\r\nhost: x\r\n\r\n").await;
     // Three of the ten bytes, then the connection ends: the client cannot take it as whole.
     assert!(read_response(&mut sock, &mut Vec::new()).await.is_none());
 }
@@ -320,8 +319,7 @@ async fn what_the_fast_path_does_not_serve_goes_to_hyper_with_the_bytes_read() {
         ),
     ];
     for (what, raw) in cases {
-        let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-        sock.write_all(raw.as_bytes()).await.unwrap();
+        let mut sock = send(gw.addr, raw.as_bytes()).await;
         let mut buf = Vec::new();
         // hyper reads the rest; an interim 100 Continue may come first.
         let (mut head, mut body) = read_response(&mut sock, &mut buf).await.unwrap();
@@ -404,10 +402,7 @@ async fn a_request_target_the_gateway_cannot_use_gets_a_json_400() {
 #[tokio::test]
 async fn a_client_that_leaves_takes_its_request_with_it() {
     let gw = start(Duration::from_secs(30)).await;
-    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send(gw.addr, b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n").await;
     while gw.seen.requests.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
@@ -425,10 +420,7 @@ async fn a_client_that_leaves_takes_its_request_with_it() {
 async fn idle_and_half_sent_heads_time_out() {
     let gw = start(Duration::from_millis(300)).await;
     let mut idle = TcpStream::connect(gw.addr).await.unwrap();
-    let mut half = TcpStream::connect(gw.addr).await.unwrap();
-    half.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap();
+    let mut half = send(gw.addr, b"POST /echo HTTP/1.1\r\nhost: x\r\n").await;
     assert!(closed(&mut idle).await);
     assert!(closed(&mut half).await);
     assert_eq!(gw.seen.requests.load(Ordering::SeqCst), 0);
@@ -443,10 +435,7 @@ async fn shutdown_closes_idle_connections_and_lets_answers_finish() {
         .await
         .unwrap();
     read_response(&mut idle, &mut Vec::new()).await.unwrap();
-    let mut busy = TcpStream::connect(gw.addr).await.unwrap();
-    busy.write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut busy = send(gw.addr, b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n").await;
     let mut buf = Vec::new();
     while !buf.windows(4).any(|w| w == b"one;") {
         read_more(&mut busy, &mut buf).await.unwrap();
