@@ -402,7 +402,7 @@ async fn a_request_target_the_gateway_cannot_use_gets_a_json_400() {
 #[tokio::test]
 async fn a_client_that_leaves_takes_its_request_with_it() {
     let gw = start(Duration::from_secs(30)).await;
-    let mut sock = send(gw.addr, b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let sock = send(gw.addr, b"GET /hang HTTP/1.1\r\nhost: x\r\n\r\n").await;
     while gw.seen.requests.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
