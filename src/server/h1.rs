@@ -90,7 +90,7 @@ where
             Ok(Err(_)) | Err(_) => return Ended::Closed,
         };
         let close = head.close;
-        let request = match conn.read_body(head).await {
+        let request = match conn.read_body(head, header_timeout).await {
             Ok(r) => r,
             Err(_) => return Ended::Closed,
         };
@@ -170,11 +170,18 @@ impl Conn {
         }
     }
 
-    async fn read_body(&mut self, head: Head) -> io::Result<Request<RequestBody>> {
+    /// Reads the rest of the body. The buffer grows with what arrives, not with what the head
+    /// declares, and a client that goes quiet mid-body for `idle` is cut off: a body is
+    /// neither a way to make the gateway reserve memory nor to hold a connection for free.
+    async fn read_body(&mut self, head: Head, idle: Duration) -> io::Result<Request<RequestBody>> {
         while self.buf.len() < head.body_len {
-            self.buf.reserve(head.body_len - self.buf.len());
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+            self.buf
+                .reserve((head.body_len - self.buf.len()).min(64 * 1024));
+            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
             }
         }
         let body = self.buf.split_to(head.body_len).freeze();

@@ -417,12 +417,19 @@ async fn a_client_that_leaves_takes_its_request_with_it() {
 }
 
 #[tokio::test]
-async fn idle_and_half_sent_heads_time_out() {
+async fn idle_connections_and_half_sent_requests_time_out() {
     let gw = start(Duration::from_millis(300)).await;
     let mut idle = TcpStream::connect(gw.addr).await.unwrap();
     let mut half = send(gw.addr, b"POST /echo HTTP/1.1\r\nhost: x\r\n").await;
+    // A whole head, then 3 of the 10 body bytes it declares, then nothing.
+    let mut stalled = send(
+        gw.addr,
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .await;
     assert!(closed(&mut idle).await);
     assert!(closed(&mut half).await);
+    assert!(closed(&mut stalled).await);
     assert_eq!(gw.seen.requests.load(Ordering::SeqCst), 0);
 }
 
