@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
+use crate::upstream::h1::parse_length;
 
 /// hyper's own default; a head with more goes to hyper, which refuses it.
 const MAX_HEADERS: usize = 100;
@@ -500,16 +501,6 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         headers,
         body_len: body_len.unwrap_or(0),
         close,
-    })
-}
-
-/// A `content-length` value: digits only (no sign, no spaces, no list).
-fn parse_length(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
 }
 

@@ -438,6 +438,16 @@ fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
     }
 }
 
+/// A `content-length` value: digits only (no sign, no spaces, no list), within `u64`.
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
 fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
     let s = head.status.as_u16();
     if head_request || (100..200).contains(&s) || s == 204 || s == 304 {
@@ -464,10 +474,7 @@ fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
     let mut length = None;
     for v in head.headers.get_all(http::header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(part.trim_ascii())
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
+            let n = parse_length(part.trim_ascii())
                 .ok_or_else(|| "invalid content-length".to_string())?;
             if length.is_some_and(|l| l != n) {
                 return Err("conflicting content-length values".into());
