@@ -286,7 +286,15 @@ fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn last_usage_key(hay: &[u8]) -> Option<usize> {
     static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-    KEY.find_iter(hay).last()
+    // `usage` closes an answer: the tail nearly always has it, and the rest need not be read.
+    const TAIL: usize = 512;
+    let cut = hay.len().saturating_sub(TAIL);
+    if let Some(at) = KEY.find_iter(&hay[cut..]).last() {
+        return Some(cut + at);
+    }
+    // One that starts before the tail and ends inside it is found here.
+    let head = &hay[..(cut + b"\"usage\"".len() - 1).min(hay.len())];
+    KEY.find_iter(head).last()
 }
 
 /// Asks for the final usage chunk on a streamed chat request that did not, so token limits can
@@ -473,6 +481,24 @@ mod search_tests {
                 assert_eq!(memfind(h, n), naive(h, n), "{h:?} {n:?}");
             }
             assert_eq!(last_usage_key(h), naive_r(h, b"\"usage\""), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_key_is_found_wherever_it_is_against_the_tail() {
+        let naive_r = |h: &[u8]| h.windows(7).rposition(|w| w == b"\"usage\"");
+        // The key before the tail, across its start, inside it, and twice, in bodies around
+        // the tail's size.
+        for len in [500, 511, 512, 513, 600, 2000] {
+            for at in (0..len - 7).filter(|a| a % 97 == 0 || len - a < 530) {
+                let mut h = vec![b'x'; len];
+                h[at..at + 7].copy_from_slice(b"\"usage\"");
+                assert_eq!(last_usage_key(&h), naive_r(&h), "len {len} at {at}");
+                if at >= 20 {
+                    h[3..10].copy_from_slice(b"\"usage\"");
+                    assert_eq!(last_usage_key(&h), naive_r(&h), "len {len} at {at}, twice");
+                }
+            }
         }
     }
 }

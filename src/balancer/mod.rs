@@ -263,34 +263,37 @@ impl Table {
         let policy = &self.policy;
         let mut st = lock(&self.state);
         let n = st.pairs.len();
-        let avail: Vec<(usize, Availability)> = candidates
-            .iter()
-            .filter(|&&c| c < n && !policy.is_drained(c))
-            .map(|&c| (c, st.pairs[c].health.availability(now)))
-            .collect();
-        let ready = |c: &usize| {
-            avail
+        let usable = |c: usize| c < n && !policy.is_drained(c);
+        // The group to choose from is built in place, on the stack for any usual pool size:
+        // this runs for every attempt.
+        let mut stack = [0usize; SCRATCH];
+        let mut heap = Vec::new();
+        let buf = scratch(&mut stack, &mut heap, candidates.len());
+        let mut len = 0;
+        let mut untried = false;
+        for &c in candidates {
+            if usable(c) && st.pairs[c].health.availability(now) == Availability::Ready {
+                buf[len] = c;
+                len += 1;
+                untried |= !tried.get(c).copied().unwrap_or(false);
+            }
+        }
+        if untried {
+            len = retain(&mut buf[..len], |c| !tried.get(c).copied().unwrap_or(false));
+        }
+        let Some(best) = buf[..len].iter().map(|&c| policy.priority[c]).min() else {
+            // Nothing ready: what each is waiting for (asked again at the same instant, so
+            // the answers are the ones above).
+            let avail: Vec<(usize, Availability)> = candidates
                 .iter()
-                .any(|(i, a)| i == c && *a == Availability::Ready)
-        };
-        let untried: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|c| !tried.get(*c).copied().unwrap_or(false) && ready(c))
-            .collect();
-        let pool = if untried.is_empty() {
-            candidates.iter().copied().filter(|c| ready(c)).collect()
-        } else {
-            untried
-        };
-        let Some(best) = pool.iter().map(|&c| policy.priority[c]).min() else {
+                .filter(|&&c| usable(c))
+                .map(|&c| (c, st.pairs[c].health.availability(now)))
+                .collect();
             return exhausted(&avail);
         };
-        let group: Vec<usize> = pool
-            .into_iter()
-            .filter(|&c| policy.priority[c] == best)
-            .collect();
-        let idx = st.choose(policy, candidates, &group, now);
+        let len = retain(&mut buf[..len], |c| policy.priority[c] == best);
+        let group = &buf[..len];
+        let idx = st.choose(policy, candidates, group, now);
         let pair = &mut st.pairs[idx];
         pair.in_flight += 1;
         let probe = pair.health.begin();
@@ -336,6 +339,35 @@ pub struct PairStatus {
     pub room: f64,
 }
 
+/// Pools up to this size are picked from without an allocation.
+const SCRATCH: usize = 16;
+
+/// `len` slots to work in: on the stack when they fit, else in `heap`.
+fn scratch<'a>(
+    stack: &'a mut [usize; SCRATCH],
+    heap: &'a mut Vec<usize>,
+    len: usize,
+) -> &'a mut [usize] {
+    if len <= SCRATCH {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        heap
+    }
+}
+
+/// Keeps the items of `items` that pass `keep`, in order, at its front; returns how many.
+fn retain(items: &mut [usize], keep: impl Fn(usize) -> bool) -> usize {
+    let mut kept = 0;
+    for i in 0..items.len() {
+        if keep(items[i]) {
+            items[kept] = items[i];
+            kept += 1;
+        }
+    }
+    kept
+}
+
 fn exhausted(avail: &[(usize, Availability)]) -> Pick {
     let cooling = avail
         .iter()
@@ -378,10 +410,18 @@ impl TableState {
         // Group members in rotation order, starting at the group's shared position: ties in
         // every strategy go to the earliest in this order, so equal backends take turns.
         let n = candidates.len();
-        let rotation: Vec<usize> = (0..n)
-            .map(|k| candidates[(rr + k) % n])
-            .filter(|c| group.contains(c))
-            .collect();
+        let mut stack = [0usize; SCRATCH];
+        let mut heap = Vec::new();
+        let buf = scratch(&mut stack, &mut heap, n);
+        let mut len = 0;
+        for k in 0..n {
+            let c = candidates[(rr + k) % n];
+            if group.contains(&c) {
+                buf[len] = c;
+                len += 1;
+            }
+        }
+        let rotation = &buf[..len];
         let chosen = match policy.strategy {
             Strategy::RoundRobin => rotation[0],
             Strategy::Weighted => {

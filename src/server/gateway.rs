@@ -30,7 +30,7 @@ use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
     BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestCounters, status_class,
 };
-use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID, clean_response_headers};
+use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID};
 use crate::usage::{self, Tap, Usage};
 
 static X_BACKEND: header::HeaderName = header::HeaderName::from_static("x-switchyard-backend");
@@ -76,10 +76,10 @@ pub async fn handle(
     // this future and the guard still ends the request's accounting.
     let mut guard = RequestGuard {
         metrics: state.metrics.clone(),
-        backend: String::new(),
+        backend: None,
         started,
         _lease: None,
-        consumer: Arc::from("-"),
+        consumer: anonymous(),
         counters: None,
         success: false,
         reservation: None,
@@ -93,9 +93,9 @@ pub async fn handle(
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    guard.log.request_id = request_id.to_str().unwrap_or("").to_string();
-    guard.log.method = req.method().to_string();
-    guard.log.path = first_chars(req.uri().path(), 256).to_string();
+    guard.log.request_id = request_id.clone();
+    guard.log.method = req.method().clone();
+    guard.log.uri = req.uri().clone();
     if let Some(t) = &state.tracer {
         guard.log.wall_start = SystemTime::now();
         let ctx = t.start(req.headers());
@@ -111,7 +111,7 @@ pub async fn handle(
     let consumer = rt.auth.authenticate(req.headers()).await;
     let consumer_name = match &consumer {
         Ok(Some(c)) => c.name.clone(),
-        _ => Arc::from("-"),
+        _ => anonymous(),
     };
     let outcome = match consumer {
         Ok(c) => serve(&state, &rt, req, &request_id, c.as_ref(), &mut guard.log).await,
@@ -140,15 +140,14 @@ pub async fn handle(
     if attempts > 0 {
         h.insert(X_ATTEMPTS.clone(), HeaderValue::from(attempts));
     }
-    let label = backend_name.as_deref().unwrap_or("none").to_string();
     let deployment_label = match &guard.log.deployment {
-        None => "-".to_string(),
-        Some(d) if rt.proxy.balancer().tracks(d) => d.clone(),
-        Some(_) => "other".to_string(),
+        None => "-",
+        Some(d) if rt.proxy.balancer().tracks(d) => d.as_str(),
+        Some(_) => "other",
     };
     let counters = state.metrics.request_counters(
-        &deployment_label,
-        &label,
+        deployment_label,
+        backend_name.as_deref().unwrap_or("none"),
         status_class(status.as_u16()),
         &consumer_name,
     );
@@ -188,7 +187,7 @@ pub async fn handle(
         .as_ref()
         .and_then(|_| Tap::new(content_type, strip));
     let (parts, body) = resp.into_parts();
-    guard.backend = label;
+    guard.backend = Some(backend_name.unwrap_or_else(|| Arc::from("none")));
     guard._lease = lease;
     guard.consumer = consumer_name;
     guard.counters = Some(counters);
@@ -364,7 +363,6 @@ async fn serve(
         .await;
     match answer.result {
         Ok(mut resp) => {
-            clean_response_headers(resp.headers_mut(), upgrade);
             if let Some(l) = &limit {
                 // The consumer's own headroom replaces the backend's.
                 let h = resp.headers_mut();
@@ -506,7 +504,8 @@ fn tunnel(state: &GatewayState, client: hyper::upgrade::OnUpgrade, resp: &mut Re
 /// client went away. A stream counts as in flight until then.
 struct RequestGuard {
     metrics: Arc<Metrics>,
-    backend: String,
+    /// The serving backend's name (`none` when none answered), once the answer is known.
+    backend: Option<Arc<str>>,
     started: Instant,
     /// The serving backend's in-flight slot; released when the body ends or is dropped.
     _lease: Option<Lease>,
@@ -530,10 +529,10 @@ struct RequestGuard {
 
 /// What the access log line says of a request, written when its response ends.
 struct AccessLog {
-    request_id: String,
-    method: String,
-    /// The path only: a query string may carry a key (`subscription-key=`).
-    path: String,
+    request_id: HeaderValue,
+    method: http::Method,
+    /// Only its path is written: a query string may carry a key (`subscription-key=`).
+    uri: http::Uri,
     deployment: Option<String>,
     status: u16,
     attempts: u32,
@@ -551,9 +550,9 @@ struct AccessLog {
 impl Default for AccessLog {
     fn default() -> Self {
         Self {
-            request_id: String::new(),
-            method: String::new(),
-            path: String::new(),
+            request_id: HeaderValue::from_static(""),
+            method: http::Method::GET,
+            uri: http::Uri::default(),
             deployment: None,
             status: 0,
             attempts: 0,
@@ -584,13 +583,13 @@ impl RequestGuard {
         let l = &self.log;
         tracing::info!(
             target: "switchyard::access",
-            request_id = %l.request_id,
+            request_id = l.request_id.to_str().unwrap_or(""),
             method = %l.method,
-            path = %l.path,
+            path = first_chars(l.uri.path(), 256),
             deployment = l.deployment.as_deref().unwrap_or("-"),
             consumer = %self.consumer,
             status = l.status,
-            backend = if self.backend.is_empty() { "none" } else { self.backend.as_str() },
+            backend = self.backend.as_deref().unwrap_or("none"),
             attempts = l.attempts,
             tried = %l.attempts_log.tried,
             prompt_tokens = usage.map(|u| u.prompt_tokens),
@@ -639,7 +638,7 @@ impl RequestGuard {
         let name = |model: Option<&str>| match (l.operation, model) {
             (Some(op), Some(m)) => format!("{op} {m}"),
             (Some(op), None) => op.to_string(),
-            (None, _) => l.method.clone(),
+            (None, _) => l.method.to_string(),
         };
         let mut attrs: Vec<(&'static str, Attr)> = Vec::with_capacity(20);
         if let Some(op) = l.operation {
@@ -664,13 +663,19 @@ impl RequestGuard {
             attrs.push(("gen_ai.usage.input_tokens", u.prompt_tokens.into()));
             attrs.push(("gen_ai.usage.output_tokens", u.completion_tokens.into()));
         }
-        attrs.push(("http.request.method", l.method.clone().into()));
-        attrs.push(("url.path", l.path.clone().into()));
+        attrs.push(("http.request.method", l.method.to_string().into()));
+        attrs.push((
+            "url.path",
+            first_chars(l.uri.path(), 256).to_string().into(),
+        ));
         attrs.push(("http.response.status_code", u64::from(l.status).into()));
-        attrs.push(("switchyard.request_id", l.request_id.clone().into()));
+        attrs.push((
+            "switchyard.request_id",
+            l.request_id.to_str().unwrap_or("").to_string().into(),
+        ));
         attrs.push(("switchyard.consumer", self.consumer.to_string().into()));
-        if !self.backend.is_empty() {
-            attrs.push(("switchyard.backend", self.backend.clone().into()));
+        if let Some(b) = &self.backend {
+            attrs.push(("switchyard.backend", b.to_string().into()));
         }
         attrs.push(("switchyard.attempts", u64::from(l.attempts).into()));
         let error = if self.stream_failed {
@@ -809,12 +814,13 @@ impl Body for TrackedBody {
                 }
                 Some(Err(e)) => {
                     this.guard.stream_failed = true;
-                    tracing::warn!(backend = %this.guard.backend, error = %e, "response body failed mid-stream");
+                    let backend = this.guard.backend.as_deref().unwrap_or("none");
+                    tracing::warn!(backend, error = %e, "response body failed mid-stream");
                     this.guard
                         .metrics
                         .stream_errors
                         .get_or_create(&BackendLabels {
-                            backend: this.guard.backend.clone(),
+                            backend: backend.to_string(),
                         })
                         .inc();
                     if !*this.sse {
@@ -845,6 +851,12 @@ impl Body for TrackedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The consumer of a request no key or token named: one shared name, not one per request.
+fn anonymous() -> Arc<str> {
+    static DASH: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
+    DASH.clone()
 }
 
 /// The first `n` characters of `s` (a bound for what logs repeat of the client's input).

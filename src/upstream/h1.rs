@@ -312,8 +312,12 @@ impl Failure {
 struct Head {
     status: StatusCode,
     version: Version,
+    /// Without the hop-by-hop headers.
     headers: HeaderMap,
     keep_alive: bool,
+    /// Whether `transfer-encoding`'s final coding is chunked; `None` without one.
+    chunked: Option<bool>,
+    length: Length,
 }
 
 enum Framing {
@@ -389,13 +393,16 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
+    let mut transfer_coding = None;
+    let mut length = Length::Absent;
     for (n, nl, v, vl) in spans {
-        let name = header_name(&raw[n..n + nl])
-            .map_err(|_| "invalid header name in the response".to_string())?;
-        let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
-            .map_err(|_| format!("invalid value for response header {name}"))?;
-        if name == http::header::CONNECTION {
-            for token in value.as_bytes().split(|b| *b == b',') {
+        let name_bytes = &raw[n..n + nl];
+        let value = &raw[v..v + vl];
+        // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and never
+        // reach the map: a client's connection is not this one. (Upgrades, which keep them,
+        // go through hyper's client.)
+        if name_bytes.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
@@ -403,15 +410,79 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
                     keep_alive = true;
                 }
             }
+            continue;
         }
+        if name_bytes.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_coding = Some(value);
+            continue;
+        }
+        if is_hop_by_hop(name_bytes) {
+            continue;
+        }
+        if name_bytes.eq_ignore_ascii_case(b"content-length") {
+            length = length.and(value);
+        }
+        let name = header_name(name_bytes)
+            .map_err(|_| "invalid header name in the response".to_string())?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+            .map_err(|_| format!("invalid value for response header {name}"))?;
         headers.append(name, value);
     }
+    // Chunked only when it is the final coding; any other is read until close.
+    let chunked = transfer_coding.map(|last| {
+        last.rsplit(|b| *b == b',')
+            .next()
+            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    });
     Ok(Some(Head {
         status,
         version,
         headers,
         keep_alive,
+        chunked,
+        length,
     }))
+}
+
+/// Hop-by-hop names other than `connection` and `transfer-encoding`, which are read.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 7] = [
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// What a response's `content-length` headers say, all of them taken together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Length {
+    Absent,
+    Is(u64),
+    /// Not a number.
+    Invalid,
+    /// Two that disagree.
+    Conflicting,
+}
+
+impl Length {
+    /// With one more header's value, which may itself be a list.
+    fn and(self, value: &[u8]) -> Length {
+        let mut at = self;
+        for part in value.split(|b| *b == b',') {
+            at = match (at, parse_length(part.trim_ascii())) {
+                (Length::Invalid | Length::Conflicting, _) => return at,
+                (_, None) => return Length::Invalid,
+                (Length::Is(l), Some(n)) if l != n => return Length::Conflicting,
+                (_, Some(n)) => Length::Is(n),
+            };
+        }
+        at
+    }
 }
 
 /// Response header names Azure OpenAI sends on every answer. `HeaderName::from_bytes` copies
@@ -453,39 +524,14 @@ fn framing(head: &Head, head_request: bool) -> Result<Framing, String> {
     if head_request || (100..200).contains(&s) || s == 204 || s == 304 {
         return Ok(Framing::Empty);
     }
-    if let Some(last) = head
-        .headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        // Chunked only when it is the final coding; anything else is read until close.
-        let chunked = last
-            .as_bytes()
-            .rsplit(|b| *b == b',')
-            .next()
-            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        return Ok(if chunked {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        });
+    match (head.chunked, head.length) {
+        (Some(true), _) => Ok(Framing::Chunked),
+        (Some(false), _) => Ok(Framing::UntilClose),
+        (None, Length::Is(n)) => Ok(Framing::Length(n)),
+        (None, Length::Absent) => Ok(Framing::UntilClose),
+        (None, Length::Invalid) => Err("invalid content-length".into()),
+        (None, Length::Conflicting) => Err("conflicting content-length values".into()),
     }
-    let mut length = None;
-    for v in head.headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_length(part.trim_ascii())
-                .ok_or_else(|| "invalid content-length".to_string())?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length values".into());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(n) => Framing::Length(n),
-        None => Framing::UntilClose,
-    })
 }
 
 /// A connection to a backend and the bytes read from it but not yet used.

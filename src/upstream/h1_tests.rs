@@ -488,3 +488,33 @@ async fn large_bodies_arrive_whole() {
     assert_eq!(get(&pool, "/").await.unwrap().2, big);
     assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn hop_by_hop_headers_frame_the_answer_and_are_left_out_of_it() {
+    let b = backend(vec![
+        reply(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: gzip, chunked\r\nTE: trailers\r\nTrailer: x-t\r\n\
+             Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nProxy-Connection: close\r\n\
+             x-end: 1\r\ncontent-type: text/plain\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        ),
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\nCONNECTION: Close\r\n\r\nok"),
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let (status, headers, body) = get(&pool, "/").await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "hi"));
+    let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["content-type", "x-end"]);
+    assert_eq!(pools.idle_count(), 1, "chunked and keep-alive: reused");
+
+    // A repeated equal length is one length; `connection: close` in any case is honoured.
+    let (_, headers, body) = get(&pool, "/").await.unwrap();
+    assert_eq!(body, "ok");
+    assert_eq!(headers["content-length"], "2, 2");
+    assert!(headers.get("connection").is_none());
+    assert_eq!(pools.idle_count(), 0, "closed by the backend: not kept");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+}

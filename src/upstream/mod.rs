@@ -29,23 +29,6 @@ use crate::telemetry::BackendStats;
 /// the trace collector.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `host`, which the
-/// client sets from the backend URL.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// The client's credentials for the gateway; a backend must never see them.
-const CLIENT_CREDENTIALS: [&str; 3] = ["api-key", "authorization", "ocp-apim-subscription-key"];
-
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
@@ -191,7 +174,11 @@ impl Upstream {
                     .upgrade_client
                     .request(request)
                     .await
-                    .map(|r| r.map(boxed))
+                    .map(|mut r| {
+                        // The backend client of our own leaves these out as it reads them.
+                        clean_response_headers(r.headers_mut(), true);
+                        r.map(boxed)
+                    })
                     .map_err(|e| {
                         let kind = if e.is_connect() {
                             ErrorKind::UpstreamConnect
@@ -467,19 +454,26 @@ fn forwarded<'a>(
     };
     let upgrade = req.upgrade;
     req.headers.iter().filter(move |(name, _)| {
-        let n = name.as_str();
-        let keep_for_upgrade = upgrade && (n == "upgrade" || n == "connection");
-        if !keep_for_upgrade
-            && (HOP_BY_HOP.contains(&n)
-                || connection_listed(n)
-                || n == "host"
-                || n == "content-length"
-                // The gateway already holds the whole body; a backend's 100-continue is moot.
-                || n == "expect")
-        {
-            return false;
+        // One `match`: the compiler sorts the names by length, where a list of names to test
+        // in turn cost hundreds of instructions per header.
+        match name.as_str() {
+            // Hop-by-hop (RFC 9110 §7.6.1), except what a WebSocket upgrade carries on.
+            "connection" | "upgrade" => upgrade,
+            "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding" => false,
+            // The client's credentials for the gateway: a backend must never see them.
+            "api-key" | "authorization" | "ocp-apim-subscription-key" => false,
+            // The gateway sets its own from the backend URL and the body it holds; a
+            // backend's 100-continue is moot once the whole body is here.
+            "host" | "content-length" | "expect" => false,
+            "x-request-id" => false,
+            n => !connection_listed(n),
         }
-        !(CLIENT_CREDENTIALS.contains(&n) || n == X_REQUEST_ID.as_str())
     })
 }
 
@@ -556,7 +550,7 @@ fn boxed(b: hyper::body::Incoming) -> BoxBody {
 }
 
 /// Drops hop-by-hop headers from a backend's response before it goes to the client.
-pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     // Prepared names: removing by `&str` parses each name again for every response.
     static NAMES: [HeaderName; 9] = [
         header::CONNECTION,
