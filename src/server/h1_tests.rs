@@ -431,6 +431,22 @@ async fn idle_connections_and_half_sent_requests_time_out() {
     assert!(closed(&mut half).await);
     assert!(closed(&mut stalled).await);
     assert_eq!(gw.seen.requests.load(Ordering::SeqCst), 0);
+
+    // The connection's one timer starts over for each head: served twice, slower in all than
+    // the timeout, then closed once idle for it.
+    let mut served = TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        served
+            .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, body) = read_response(&mut served, &mut buf).await.unwrap();
+        assert_eq!(body, b"GET /a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(closed(&mut served).await);
+    assert_eq!(gw.seen.requests.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

@@ -58,6 +58,8 @@ pub enum SendError {
     Connect(String),
     /// The connection broke or the backend's answer was not valid HTTP/1.1.
     Protocol(String),
+    /// The deadline passed before the response head came.
+    TimedOut,
 }
 
 /// Every backend's idle connections, shared by all configs a reload produces, and the TLS
@@ -214,6 +216,7 @@ impl HostPool {
                 io,
                 buf: BytesMut::new(),
                 read_size: READ_MIN,
+                timer: None,
             })
         };
         match tokio::time::timeout(timeout, connecting).await {
@@ -235,6 +238,7 @@ impl HostPool {
         body: &Bytes,
         head_request: bool,
         connect_timeout: Duration,
+        deadline: Instant,
     ) -> Result<Response<H1Body>, SendError> {
         // A small body goes in the head's buffer: one write, one segment on the wire, and no
         // Nagle interplay between the two.
@@ -248,18 +252,39 @@ impl HostPool {
         let mut retry = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => self.connect(connect_timeout).await?,
+            None => self.connect_by(connect_timeout, deadline).await?,
         };
         loop {
-            match exchange(&mut conn, &head, rest).await {
+            // The connection's own timer, moved on to this deadline: moving a registered timer
+            // later is an atomic store, where a new timer per request took the timer wheel's
+            // lock to register and again to cancel.
+            let mut timer = conn
+                .timer
+                .take()
+                .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
+            let exchanged = tokio::select! {
+                biased;
+                r = exchange(&mut conn, &head, rest) => r,
+                _ = timer.as_mut() => return Err(SendError::TimedOut),
+            };
+            conn.timer = Some(timer);
+            match exchanged {
                 Ok(h) => return self.respond(conn, h, head_request),
                 Err(Failure::Unanswered(_)) if retry => {
                     retry = false;
-                    conn = self.connect(connect_timeout).await?;
+                    conn = self.connect_by(connect_timeout, deadline).await?;
                 }
                 Err(f) => return Err(SendError::Protocol(f.describe(&self.authority))),
             }
         }
+    }
+
+    /// [`Self::connect`], given up at `deadline` too.
+    async fn connect_by(&self, timeout: Duration, deadline: Instant) -> Result<Conn, SendError> {
+        tokio::time::timeout_at(deadline, self.connect(timeout))
+            .await
+            .unwrap_or(Err(SendError::TimedOut))
     }
 
     fn respond(
@@ -540,6 +565,10 @@ struct Conn {
     buf: BytesMut,
     /// Room the next read asks for, when the buffer is nearly full.
     read_size: usize,
+    /// Bounds the wait for a response head; kept with the connection from one exchange to
+    /// the next. A timer that fires while the connection idles only wakes the task that last
+    /// waited on it, for nothing.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {

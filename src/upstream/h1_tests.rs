@@ -117,7 +117,13 @@ const T: Duration = Duration::from_secs(5);
 async fn get(pool: &Arc<HostPool>, path: &str) -> Result<(StatusCode, HeaderMap, String), String> {
     let head = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
     let resp = pool
-        .send(head.into_bytes(), &Bytes::new(), false, T)
+        .send(
+            head.into_bytes(),
+            &Bytes::new(),
+            false,
+            T,
+            Instant::now() + T,
+        )
         .await
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
@@ -140,7 +146,10 @@ async fn sequential_requests_share_one_connection() {
     let pool = pools.host(false, &b.authority);
     let body = Bytes::from_static(b"{\"x\":1}");
     let head = b"POST /p?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 7\r\n\r\n";
-    let resp = pool.send(head.to_vec(), &body, false, T).await.unwrap();
+    let resp = pool
+        .send(head.to_vec(), &body, false, T, Instant::now() + T)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-a"], "1");
     assert_eq!(resp.body().size_hint().exact(), Some(5));
@@ -253,6 +262,7 @@ async fn a_dead_pooled_connection_is_retried_after_the_write_fails_to_get_an_ans
             io: Stream::Tcp(c),
             buf: BytesMut::new(),
             read_size: READ_MIN,
+            timer: None,
         });
         s
     };
@@ -296,6 +306,7 @@ async fn head_204_and_304_have_no_body_whatever_they_announce() {
             &Bytes::new(),
             true,
             T,
+            Instant::now() + T,
         )
         .await
         .unwrap();
@@ -516,5 +527,34 @@ async fn hop_by_hop_headers_frame_the_answer_and_are_left_out_of_it() {
     assert_eq!(headers["content-length"], "2, 2");
     assert!(headers.get("connection").is_none());
     assert_eq!(pools.idle_count(), 0, "closed by the backend: not kept");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_the_wait_for_a_head_on_a_reused_connection() {
+    let b = backend(vec![
+        reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        reply(""), // never answers
+    ])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    // A far deadline, met: the connection keeps its timer, set for then.
+    assert_eq!(get(&pool, "/").await.unwrap().2, "ok");
+    // On the same connection, a deadline earlier than the one its timer holds.
+    let started = Instant::now();
+    let wait = Duration::from_millis(200);
+    let r = pool
+        .send(
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+            &Bytes::new(),
+            false,
+            T,
+            started + wait,
+        )
+        .await;
+    assert!(matches!(r, Err(SendError::TimedOut)), "{:?}", r.err());
+    let took = started.elapsed();
+    assert!(took >= wait && took < T / 2, "{took:?}");
     assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
 }

@@ -165,32 +165,37 @@ impl Upstream {
         traceparent: Option<HeaderValue>,
     ) -> Result<Response<BoxBody>, GatewayError> {
         let wait = budget.min(self.first_byte_timeout);
-        let attempt = async {
-            // Inside the timeout: waiting for a token is part of the attempt.
-            let auth = backend.credential.header(&backend.name).await?;
-            if req.upgrade {
-                let request = build_request(backend, req, rename, auth, traceparent)?;
-                return self
-                    .upgrade_client
-                    .request(request)
-                    .await
-                    .map(|mut r| {
-                        // The backend client of our own leaves these out as it reads them.
-                        clean_response_headers(r.headers_mut(), true);
-                        r.map(boxed)
-                    })
-                    .map_err(|e| {
-                        let kind = if e.is_connect() {
-                            ErrorKind::UpstreamConnect
-                        } else {
-                            ErrorKind::UpstreamProtocol
-                        };
-                        GatewayError::new(
-                            kind,
-                            format!("backend {}: {}", backend.name, describe(&e)),
-                        )
-                    });
-            }
+        let deadline = tokio::time::Instant::now() + wait;
+        let timed_out = || {
+            GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                format!("backend {} sent no response within {wait:?}", backend.name),
+            )
+        };
+        // Waiting for a token is part of the attempt. (A timer is only set if it has to wait.)
+        let auth = tokio::time::timeout_at(deadline, backend.credential.header(&backend.name))
+            .await
+            .map_err(|_| timed_out())??;
+        let resp = if req.upgrade {
+            let request = build_request(backend, req, rename, auth, traceparent)?;
+            let sent = tokio::time::timeout_at(deadline, self.upgrade_client.request(request));
+            sent.await
+                .map_err(|_| timed_out())?
+                .map(|r| {
+                    let mut r = r.map(boxed);
+                    // The backend client of our own leaves these out as it reads them.
+                    clean_response_headers(r.headers_mut(), true);
+                    r
+                })
+                .map_err(|e| {
+                    let kind = if e.is_connect() {
+                        ErrorKind::UpstreamConnect
+                    } else {
+                        ErrorKind::UpstreamProtocol
+                    };
+                    GatewayError::new(kind, format!("backend {}: {}", backend.name, describe(&e)))
+                })?
+        } else {
             let body = req.body_for(rename);
             let head = encode_head(backend, req, rename, body.len(), auth, traceparent)?;
             let host = backend.pool.get_or_init(|| {
@@ -199,36 +204,30 @@ impl Upstream {
                     &backend.url.authority,
                 )
             });
-            host.send(
+            // The deadline is kept by the connection's own timer (see `h1::HostPool::send`).
+            let sent = host.send(
                 head,
                 &body,
                 req.method == Method::HEAD,
                 self.connect_timeout,
-            )
-            .await
-            .map(|r| r.map(|b| b.boxed()))
-            .map_err(|e| match e {
-                h1::SendError::Connect(m) => GatewayError::new(
-                    ErrorKind::UpstreamConnect,
-                    format!("backend {}: {m}", backend.name),
-                ),
-                h1::SendError::Protocol(m) => GatewayError::new(
-                    ErrorKind::UpstreamProtocol,
-                    format!("backend {}: {m}", backend.name),
-                ),
-            })
+                deadline,
+            );
+            sent.await
+                .map(|r| r.map(|b| b.boxed()))
+                .map_err(|e| match e {
+                    h1::SendError::Connect(m) => GatewayError::new(
+                        ErrorKind::UpstreamConnect,
+                        format!("backend {}: {m}", backend.name),
+                    ),
+                    h1::SendError::Protocol(m) => GatewayError::new(
+                        ErrorKind::UpstreamProtocol,
+                        format!("backend {}: {m}", backend.name),
+                    ),
+                    h1::SendError::TimedOut => timed_out(),
+                })?
         };
-        match tokio::time::timeout(wait, attempt).await {
-            Err(_) => Err(GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                format!("backend {} sent no response within {wait:?}", backend.name),
-            )),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(resp)) => {
-                let idle = self.idle_timeout;
-                Ok(resp.map(|inner| IdleTimeout::new(inner, idle).boxed()))
-            }
-        }
+        let idle = self.idle_timeout;
+        Ok(resp.map(|inner| IdleTimeout::new(inner, idle).boxed()))
     }
 }
 
