@@ -33,7 +33,10 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
         check_segments(path)?;
     }
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
-        let (deployment, operation) = rest.split_once('/').unwrap_or((rest, ""));
+        let (deployment, operation) = match memchr::memchr(b'/', rest.as_bytes()) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
         if deployment.is_empty() || operation.is_empty() {
             return Err(not_found(
                 path,

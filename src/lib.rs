@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fnv;
 pub mod ids;
 pub mod limits;
 pub mod probe;

@@ -21,6 +21,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
 use crate::config::{CircuitBreakerConfig, Config, Strategy};
+use crate::fnv::FnvBuild;
 use crate::rng::SplitMix64;
 use crate::sync::{lock, read, write};
 use health::Health;
@@ -69,7 +70,7 @@ impl Policy {
 
 pub struct Balancer {
     policy: Arc<Policy>,
-    tables: RwLock<HashMap<Arc<str>, Arc<Table>>>,
+    tables: RwLock<HashMap<Arc<str>, Arc<Table>, FnvBuild>>,
     overflow: Arc<Table>,
 }
 
@@ -156,7 +157,7 @@ impl Balancer {
         Self {
             overflow: Arc::new(Table::new(Arc::from("*"), policy.clone())),
             policy,
-            tables: RwLock::new(HashMap::new()),
+            tables: RwLock::new(HashMap::default()),
         }
     }
 

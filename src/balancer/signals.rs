@@ -104,15 +104,24 @@ static REMAINING_TOKENS: http::HeaderName =
 static REMAINING_REQUESTS: http::HeaderName =
     http::HeaderName::from_static("x-ratelimit-remaining-requests");
 
+/// A remaining count: a whole number as Azure sends it, or any finite non-negative number.
+fn reading(value: &[u8]) -> Option<f64> {
+    let v = value.trim_ascii();
+    // Digits alone (the usual case) without the general float parser; 15 digits stay exact.
+    if !v.is_empty() && v.len() <= 15 && v.iter().all(u8::is_ascii_digit) {
+        let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        return Some(n as f64);
+    }
+    std::str::from_utf8(v)
+        .ok()?
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+}
+
 impl Headroom {
     pub fn observe(&mut self, headers: &HeaderMap, now: Instant) {
-        let num = |name: &http::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|n| n.is_finite() && *n >= 0.0)
-        };
+        let num = |name: &http::HeaderName| headers.get(name).and_then(|v| reading(v.as_bytes()));
         if let Some(t) = num(&REMAINING_TOKENS) {
             self.tokens = Some(Reading::update(self.tokens, t, now));
         }
@@ -142,6 +151,22 @@ impl Headroom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readings_parse_as_numbers_or_not_at_all() {
+        assert_eq!(reading(b"4294967295"), Some(4_294_967_295.0));
+        assert_eq!(reading(b" 12 "), Some(12.0));
+        assert_eq!(reading(b"0"), Some(0.0));
+        assert_eq!(reading(b"1.5"), Some(1.5));
+        assert_eq!(reading(b"1e3"), Some(1000.0));
+        assert_eq!(
+            reading(b"123456789012345678901"),
+            Some(1.2345678901234568e20)
+        );
+        for bad in [&b""[..], b" ", b"-1", b"inf", b"NaN", b"12a", b"\xff"] {
+            assert_eq!(reading(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {

@@ -435,13 +435,13 @@ async fn read_body(
 
 /// Whether the body is declared as JSON (`application/json`, parameters aside).
 fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/json")
-        })
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let ct = v.as_bytes();
+        let essence = memchr::memchr(b';', ct).map_or(ct, |i| &ct[..i]);
+        essence
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"application/json")
+    })
 }
 
 /// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.

@@ -174,7 +174,9 @@ pub struct Metrics {
     /// Cooldowns learned from other replicas through the shared store.
     pub remote_cooldowns: Counter,
     /// The per-request counters of each label set seen, found in the families once.
-    request_counters: std::sync::RwLock<std::collections::HashMap<u64, Vec<CachedCounters>>>,
+    request_counters: std::sync::RwLock<
+        std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
+    >,
 }
 
 /// The counters every answered request touches, for one label set.
