@@ -178,19 +178,40 @@ impl Proxy {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
         };
-        let backends: Vec<usize> = candidates.iter().map(|c| c.backend).collect();
+        // On the stack for the usual pool sizes: this runs for every request.
+        let mut on_stack = [0usize; 16];
+        let on_heap: Vec<usize>;
+        let backends: &[usize] = if candidates.len() <= on_stack.len() {
+            for (slot, c) in on_stack.iter_mut().zip(candidates.iter()) {
+                *slot = c.backend;
+            }
+            &on_stack[..candidates.len()]
+        } else {
+            on_heap = candidates.iter().map(|c| c.backend).collect();
+            &on_heap
+        };
         let table = self.balancer.table(deployment.unwrap_or(""));
         let shown = deployment.unwrap_or("(none)");
-        let deadline = Instant::now() + self.routing.request_timeout;
-        let mut tried = vec![false; self.backends.len()];
+        let mut now = Instant::now();
+        let deadline = now + self.routing.request_timeout;
+        let mut tried_on_stack = [false; 16];
+        let mut tried_on_heap: Vec<bool>;
+        let tried: &mut [bool] = if self.backends.len() <= tried_on_stack.len() {
+            &mut tried_on_stack[..self.backends.len()]
+        } else {
+            tried_on_heap = vec![false; self.backends.len()];
+            &mut tried_on_heap
+        };
         let mut kept: Option<(usize, Response<Bytes>)> = None;
         let mut last_error: Option<GatewayError> = None;
         let mut attempts = 0;
 
         for attempt in 1..=self.routing.max_attempts {
-            let now = Instant::now();
+            if attempt > 1 {
+                now = Instant::now();
+            }
             let remaining = deadline.saturating_duration_since(now);
-            let mut lease = match table.pick(&backends, &tried, now) {
+            let mut lease = match table.pick(backends, tried, now) {
                 Pick::Chosen(lease) => lease,
                 Pick::Throttled { retry_after } => {
                     self.metrics
@@ -241,7 +262,7 @@ impl Proxy {
                 .iter()
                 .find(|c| c.backend == idx)
                 .and_then(|c| c.rename.as_deref());
-            let sent = Instant::now();
+            let sent = now;
             let is_last = attempt == self.routing.max_attempts;
             let span = log
                 .trace
@@ -256,7 +277,9 @@ impl Proxy {
                     span.map(|(t, id, _)| t.traceparent(id)),
                 )
                 .await;
-            log.upstream += sent.elapsed();
+            let answered = Instant::now();
+            let waited = answered.saturating_duration_since(sent);
+            log.upstream += waited;
             if let Some((t, span_id, start)) = span
                 && t.sampled
             {
@@ -274,7 +297,7 @@ impl Proxy {
                     ),
                     model: rename.map(str::to_string),
                     start,
-                    duration: sent.elapsed(),
+                    duration: waited,
                     outcome: match &sent_result {
                         Ok(r) => Ok(r.status().as_u16()),
                         Err(e) => Err(e.kind.label()),
@@ -290,9 +313,9 @@ impl Proxy {
                             status,
                             headers: resp.headers(),
                             retryable,
-                            ttfb: sent.elapsed(),
+                            ttfb: waited,
                         },
-                        Instant::now(),
+                        answered,
                     );
                     self.note(
                         backend,
@@ -324,12 +347,7 @@ impl Proxy {
                     let verdict = if e.kind == ErrorKind::CredentialUnavailable {
                         Verdict::Healthy
                     } else {
-                        lease.report(
-                            Outcome::Failure {
-                                elapsed: sent.elapsed(),
-                            },
-                            Instant::now(),
-                        )
+                        lease.report(Outcome::Failure { elapsed: waited }, answered)
                     };
                     let retry = e.kind.retryable() && !is_last;
                     self.note(backend, shown, e.kind.label(), verdict, retry);

@@ -22,7 +22,7 @@ pub struct Candidate {
 
 #[derive(Debug)]
 pub struct Router {
-    by_name: HashMap<String, Arc<[Candidate]>>,
+    by_name: HashMap<String, Arc<[Candidate]>, crate::fnv::FnvBuild>,
     all: Arc<[Candidate]>,
     reject_unknown: bool,
 }

@@ -138,7 +138,7 @@ pub async fn handle(
         h.insert(X_BACKEND.clone(), v);
     }
     if attempts > 0 {
-        h.insert(X_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        h.insert(X_ATTEMPTS.clone(), attempts_value(attempts));
     }
     let deployment_label = match &guard.log.deployment {
         None => "-",
@@ -850,6 +850,20 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// `x-switchyard-attempts`: the usual counts shared, not formatted into an allocation each time.
+fn attempts_value(n: u32) -> HeaderValue {
+    static SMALL: [HeaderValue; 4] = [
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+    ];
+    match n.checked_sub(1).and_then(|i| SMALL.get(i as usize)) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
     }
 }
 

@@ -409,18 +409,19 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     };
     // Positions in `buf`, so that values can share one frozen copy of the head.
     let base = buf.as_ptr() as usize;
-    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = parsed.headers.len();
+    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        spans.push((name, h.name.len(), value, h.value.len()));
+        *span = (name, h.name.len(), value, h.value.len());
     }
     let raw = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = HeaderMap::with_capacity(count);
     let mut keep_alive = version == Version::HTTP_11;
     let mut transfer_coding = None;
     let mut length = Length::Absent;
-    for (n, nl, v, vl) in spans {
+    for &(n, nl, v, vl) in &spans[..count] {
         let name_bytes = &raw[n..n + nl];
         let value = &raw[v..v + vl];
         // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and never

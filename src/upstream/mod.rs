@@ -537,11 +537,25 @@ pub fn encode_head(
     );
     if body_len > 0 || !bodiless {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        out.extend_from_slice(decimal(body_len as u64, &mut digits));
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     Ok(out)
+}
+
+/// `n` in decimal, written into the end of `buf`.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
 }
 
 fn boxed(b: hyper::body::Incoming) -> BoxBody {
@@ -574,6 +588,14 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
 mod tests {
     use super::*;
     use crate::config::{BackendAuth, Secret};
+
+    #[test]
+    fn decimal_matches_display() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 99, 100, 65_536, 1 << 20, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
 
     fn backend() -> Backend {
         Backend::new(
