@@ -442,7 +442,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
             transfer_coding = Some(value);
             continue;
         }
-        if is_hop_by_hop(name_bytes) {
+        // Neither is a client's: the gateway answers with its own request id.
+        if is_hop_by_hop(name_bytes) || name_bytes.eq_ignore_ascii_case(b"x-request-id") {
             continue;
         }
         if name_bytes.eq_ignore_ascii_case(b"content-length") {
@@ -513,7 +514,7 @@ impl Length {
 
 /// Response header names Azure OpenAI sends on every answer. `HeaderName::from_bytes` copies
 /// a name it does not know into an allocation of its own; these are matched and shared.
-static KNOWN_NAMES: [HeaderName; 12] = [
+static KNOWN_NAMES: [HeaderName; 11] = [
     HeaderName::from_static("x-ratelimit-remaining-tokens"),
     HeaderName::from_static("x-ratelimit-remaining-requests"),
     HeaderName::from_static("x-ratelimit-limit-tokens"),
@@ -523,7 +524,6 @@ static KNOWN_NAMES: [HeaderName; 12] = [
     HeaderName::from_static("retry-after-ms"),
     HeaderName::from_static("x-ms-region"),
     HeaderName::from_static("apim-request-id"),
-    HeaderName::from_static("x-request-id"),
     HeaderName::from_static("x-ms-client-request-id"),
     HeaderName::from_static("azureml-model-session"),
 ];

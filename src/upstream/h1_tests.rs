@@ -502,12 +502,14 @@ async fn large_bodies_arrive_whole() {
 
 #[tokio::test]
 async fn hop_by_hop_headers_frame_the_answer_and_are_left_out_of_it() {
+    // So is the backend's request id: the gateway answers with its own.
     let b = backend(vec![
         reply(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
              Transfer-Encoding: gzip, chunked\r\nTE: trailers\r\nTrailer: x-t\r\n\
              Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nProxy-Connection: close\r\n\
-             x-end: 1\r\ncontent-type: text/plain\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+             x-end: 1\r\nX-Request-Id: theirs\r\ncontent-type: text/plain\r\n\r\n\
+             2\r\nhi\r\n0\r\n\r\n",
         ),
         reply("HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\nCONNECTION: Close\r\n\r\nok"),
     ])

@@ -176,13 +176,14 @@ impl Upstream {
         let auth = tokio::time::timeout_at(deadline, backend.credential.header(&backend.name))
             .await
             .map_err(|_| timed_out())??;
-        let resp = if req.upgrade {
+        let idle = self.idle_timeout;
+        if req.upgrade {
             let request = build_request(backend, req, rename, auth, traceparent)?;
             let sent = tokio::time::timeout_at(deadline, self.upgrade_client.request(request));
             sent.await
                 .map_err(|_| timed_out())?
                 .map(|r| {
-                    let mut r = r.map(boxed);
+                    let mut r = r.map(|b| IdleTimeout::new(boxed(b), idle).boxed());
                     // The backend client of our own leaves these out as it reads them.
                     clean_response_headers(r.headers_mut(), true);
                     r
@@ -194,7 +195,7 @@ impl Upstream {
                         ErrorKind::UpstreamProtocol
                     };
                     GatewayError::new(kind, format!("backend {}: {}", backend.name, describe(&e)))
-                })?
+                })
         } else {
             let body = req.body_for(rename);
             let head = encode_head(backend, req, rename, body.len(), auth, traceparent)?;
@@ -212,8 +213,9 @@ impl Upstream {
                 self.connect_timeout,
                 deadline,
             );
+            // Boxed once, with the idle timeout inside the box.
             sent.await
-                .map(|r| r.map(|b| b.boxed()))
+                .map(|r| r.map(|b| IdleTimeout::new(b, idle).boxed()))
                 .map_err(|e| match e {
                     h1::SendError::Connect(m) => GatewayError::new(
                         ErrorKind::UpstreamConnect,
@@ -224,19 +226,17 @@ impl Upstream {
                         format!("backend {}: {m}", backend.name),
                     ),
                     h1::SendError::TimedOut => timed_out(),
-                })?
-        };
-        let idle = self.idle_timeout;
-        Ok(resp.map(|inner| IdleTimeout::new(inner, idle).boxed()))
+                })
+        }
     }
 }
 
 pin_project_lite::pin_project! {
     /// Fails a response body that goes quiet for longer than the idle timeout, so a stalled
     /// stream ends (with an error event, see `server::gateway`) instead of hanging forever.
-    pub struct IdleTimeout {
+    pub struct IdleTimeout<B> {
         #[pin]
-        inner: BoxBody,
+        inner: B,
         // Armed for `idle` after the latest frame at the earliest; moved on only when it fires,
         // so a body that keeps flowing costs no timer work per frame.
         #[pin]
@@ -246,8 +246,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl IdleTimeout {
-    pub fn new(inner: BoxBody, idle: Duration) -> Self {
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             inner,
@@ -258,7 +258,11 @@ impl IdleTimeout {
     }
 }
 
-impl Body for IdleTimeout {
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -270,7 +274,7 @@ impl Body for IdleTimeout {
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.last = tokio::time::Instant::now();
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => loop {
                 if this.sleep.as_mut().poll(cx).is_pending() {
