@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame};
 use memchr::memmem;
@@ -496,7 +496,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     };
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (n, nl, v, vl) in spans {
-        let Ok(name) = HeaderName::from_bytes(&raw[n..n + nl]) else {
+        let Ok(name) = crate::upstream::h1::header_name(&raw[n..n + nl]) else {
             return invalid("a header name is not a token");
         };
         let Ok(value) = HeaderValue::from_maybe_shared(raw.slice(v..v + vl)) else {

@@ -512,27 +512,55 @@ impl Length {
     }
 }
 
-/// Response header names Azure OpenAI sends on every answer. `HeaderName::from_bytes` copies
-/// a name it does not know into an allocation of its own; these are matched and shared.
-static KNOWN_NAMES: [HeaderName; 11] = [
-    HeaderName::from_static("x-ratelimit-remaining-tokens"),
-    HeaderName::from_static("x-ratelimit-remaining-requests"),
-    HeaderName::from_static("x-ratelimit-limit-tokens"),
-    HeaderName::from_static("x-ratelimit-limit-requests"),
-    HeaderName::from_static("x-ratelimit-reset-tokens"),
-    HeaderName::from_static("x-ratelimit-reset-requests"),
-    HeaderName::from_static("retry-after-ms"),
-    HeaderName::from_static("x-ms-region"),
-    HeaderName::from_static("apim-request-id"),
-    HeaderName::from_static("x-ms-client-request-id"),
-    HeaderName::from_static("azureml-model-session"),
-];
-
-fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-    match KNOWN_NAMES.iter().find(|k| k.as_str().as_bytes() == raw) {
-        Some(k) => Ok(k.clone()),
-        None => HeaderName::from_bytes(raw),
-    }
+/// A header name as `http` holds it. `HeaderName::from_bytes` copies a name it does not know
+/// into an allocation of its own, and looks standard ones up at some length; the names Azure
+/// OpenAI, SDKs and the gateway exchange on every request are matched here first (as sent:
+/// lowercase) and shared.
+pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    use http::header;
+    static CUSTOM: [HeaderName; 14] = [
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+        HeaderName::from_static("retry-after-ms"),
+        HeaderName::from_static("x-ms-region"),
+        HeaderName::from_static("apim-request-id"),
+        HeaderName::from_static("x-ms-client-request-id"),
+        HeaderName::from_static("azureml-model-session"),
+        HeaderName::from_static("api-key"),
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("openai-organization"),
+    ];
+    let known = match raw {
+        b"content-type" => header::CONTENT_TYPE,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"date" => header::DATE,
+        b"host" => header::HOST,
+        b"accept" => header::ACCEPT,
+        b"accept-encoding" => header::ACCEPT_ENCODING,
+        b"user-agent" => header::USER_AGENT,
+        b"authorization" => header::AUTHORIZATION,
+        b"retry-after" => header::RETRY_AFTER,
+        b"x-ratelimit-remaining-tokens" => CUSTOM[0].clone(),
+        b"x-ratelimit-remaining-requests" => CUSTOM[1].clone(),
+        b"x-ratelimit-limit-tokens" => CUSTOM[2].clone(),
+        b"x-ratelimit-limit-requests" => CUSTOM[3].clone(),
+        b"x-ratelimit-reset-tokens" => CUSTOM[4].clone(),
+        b"x-ratelimit-reset-requests" => CUSTOM[5].clone(),
+        b"retry-after-ms" => CUSTOM[6].clone(),
+        b"x-ms-region" => CUSTOM[7].clone(),
+        b"apim-request-id" => CUSTOM[8].clone(),
+        b"x-ms-client-request-id" => CUSTOM[9].clone(),
+        b"azureml-model-session" => CUSTOM[10].clone(),
+        b"api-key" => CUSTOM[11].clone(),
+        b"x-request-id" => CUSTOM[12].clone(),
+        b"openai-organization" => CUSTOM[13].clone(),
+        _ => return HeaderName::from_bytes(raw),
+    };
+    Ok(known)
 }
 
 /// A `content-length` value: digits only (no sign, no spaces, no list), within `u64`.

@@ -560,3 +560,39 @@ async fn the_deadline_bounds_the_wait_for_a_head_on_a_reused_connection() {
     assert!(took >= wait && took < T / 2, "{took:?}");
     assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn header_names_matched_in_the_table_are_the_ones_http_would_make() {
+    for raw in [
+        "content-type",
+        "content-length",
+        "date",
+        "host",
+        "accept",
+        "accept-encoding",
+        "user-agent",
+        "authorization",
+        "retry-after",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-reset-requests",
+        "retry-after-ms",
+        "x-ms-region",
+        "apim-request-id",
+        "x-ms-client-request-id",
+        "azureml-model-session",
+        "api-key",
+        "x-request-id",
+        "openai-organization",
+        "Content-Type",
+        "X-Custom",
+    ] {
+        let ours = header_name(raw.as_bytes()).unwrap();
+        assert_eq!(ours, HeaderName::from_bytes(raw.as_bytes()).unwrap());
+        assert_eq!(ours.as_str(), raw.to_ascii_lowercase());
+    }
+    assert!(header_name(b"bad name").is_err());
+}
