@@ -108,9 +108,18 @@ static REMAINING_REQUESTS: http::HeaderName =
 fn reading(value: &[u8]) -> Option<f64> {
     let v = value.trim_ascii();
     // Digits alone (the usual case) without the general float parser; 15 digits stay exact.
-    if !v.is_empty() && v.len() <= 15 && v.iter().all(u8::is_ascii_digit) {
-        let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-        return Some(n as f64);
+    if !v.is_empty() && v.len() <= 15 {
+        let mut n = 0u64;
+        for &d in v {
+            if !d.is_ascii_digit() {
+                n = u64::MAX;
+                break;
+            }
+            n = n * 10 + u64::from(d - b'0');
+        }
+        if n != u64::MAX {
+            return Some(n as f64);
+        }
     }
     std::str::from_utf8(v)
         .ok()?
