@@ -132,9 +132,7 @@ pub async fn handle(
     let status = resp.status();
     let h = resp.headers_mut();
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(name) = &backend_name
-        && let Ok(v) = HeaderValue::from_str(name)
-    {
+    if let Some(v) = answer_backend.and_then(|i| rt.proxy.backends[i].name_header.clone()) {
         h.insert(X_BACKEND.clone(), v);
     }
     if attempts > 0 {

@@ -35,6 +35,8 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// A backend as the request path needs it: name, URL, and its credential.
 pub struct Backend {
     pub name: Arc<str>,
+    /// The name as `x-switchyard-backend` carries it, made once (`None` if it cannot be).
+    pub name_header: Option<HeaderValue>,
     pub url: BackendUrl,
     pub credential: Credential,
     /// Totals for the status page.
@@ -54,6 +56,7 @@ impl Backend {
     ) -> Result<Self, String> {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
+            name_header: HeaderValue::from_str(&cfg.name).ok(),
             url: cfg.url.clone(),
             credential: Credential::new(&cfg.name, &cfg.auth, providers)?,
             stats: stats.unwrap_or_else(|| Arc::new(BackendStats::new(&cfg.name, metrics))),
