@@ -7,6 +7,7 @@
 #
 #   bash bench/callgrind.sh                 # the binary in target/release
 #   BIN=/path/to/switchyard bash bench/callgrind.sh   # another build, e.g. an older commit
+#   TARGET=nginx bash bench/callgrind.sh    # nginx (one worker, no master) over the same three
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
@@ -25,7 +26,14 @@ S=($(port) $(port) $(port)); PG=$(port)
   done
 } > "$work/gw.toml"
 for p in "${S[@]}"; do RUST_LOG=warn $B simulate --listen 127.0.0.1:$p >/dev/null 2>&1 & done
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GW" serve --config "$work/gw.toml" >/dev/null 2>"$work/vg.log" &
+if [ "${TARGET:-switchyard}" = nginx ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+  GW=${NGINX:-/usr/sbin/nginx}
+  nginx_conf "$work/nginx.conf" "$PG" "worker_processes 1; master_process off;" "${S[@]}"
+  valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GW" -c "$work/nginx.conf" -p "$work" >/dev/null 2>"$work/vg.log" &
+else
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GW" serve --config "$work/gw.toml" >/dev/null 2>"$work/vg.log" &
+fi
 VG=$!
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$PG) 2>/dev/null && break; sleep 0.2; done
 $B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json >/dev/null 2>&1

@@ -13,6 +13,24 @@ wait_port() {
 # The process and its children (nginx's workers).
 pids_of() { echo "$1"; pgrep -P "$1" || true; }
 
+# nginx as a round-robin reverse proxy (keep-alive upstream pool, no buffering, no access log):
+# the config file $1, listening on port $2, with the main-context directives $3, over the
+# backends on the ports after them; its other files in $work.
+nginx_conf() {
+  local out=$1 listen=$2 main=$3
+  shift 3
+  {
+    printf '%s\npid %s/nginx.pid;\nerror_log %s/nginx-error.log warn;\ndaemon off;\n' "$main" "$work" "$work"
+    printf 'worker_rlimit_nofile 16384;\nevents { worker_connections 16384; }\nhttp {\n  access_log off;\n'
+    for t in client_body proxy fastcgi uwsgi scgi; do printf '  %s_temp_path %s/%s;\n' "$t" "$work" "$t"; done
+    printf '  upstream sims {\n'
+    for p in "$@"; do printf '    server 127.0.0.1:%s;\n' "$p"; done
+    printf '    keepalive 256;\n  }\n  server {\n    listen 127.0.0.1:%s;\n    location / {\n' "$listen"
+    printf '      proxy_pass http://sims;\n      proxy_http_version 1.1;\n      proxy_set_header Connection "";\n'
+    printf '      proxy_buffering off;\n      proxy_read_timeout 300s;\n    }\n  }\n}\n'
+  } > "$out"
+}
+
 # Three instant simulators ($SIM, default the release build), nginx ($NGINX) as a round-robin
 # reverse proxy over them and Switchyard ($B) over the same three, with their files in $work.
 # Sets S1 S2 S3, PN and NG_MASTER (nginx), PS and SY_PID (Switchyard); returns once all listen.
@@ -21,38 +39,7 @@ start_side_by_side() {
   for p in $S1 $S2 $S3; do
     RUST_LOG=warn "${SIM:-target/release/switchyard}" simulate --listen 127.0.0.1:$p --name "s$p" >/dev/null 2>&1 &
   done
-  cat > "$work/nginx.conf" <<CONF
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-daemon off;
-worker_rlimit_nofile 16384;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $work/body;
-  proxy_temp_path $work/proxy;
-  fastcgi_temp_path $work/fastcgi;
-  uwsgi_temp_path $work/uwsgi;
-  scgi_temp_path $work/scgi;
-  upstream sims {
-    server 127.0.0.1:$S1;
-    server 127.0.0.1:$S2;
-    server 127.0.0.1:$S3;
-    keepalive 256;
-  }
-  server {
-    listen 127.0.0.1:$PN;
-    location / {
-      proxy_pass http://sims;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 300s;
-    }
-  }
-}
-CONF
+  nginx_conf "$work/nginx.conf" "$PN" "worker_processes auto;" $S1 $S2 $S3
   "$NGINX" -c "$work/nginx.conf" -p "$work" &
   {
     printf '[server]\nlisten = "127.0.0.1:%s"\n[routing]\nstrategy = "round_robin"\n' "$PS"
