@@ -514,9 +514,26 @@ impl Length {
 
 /// A header name as `http` holds it. `HeaderName::from_bytes` copies a name it does not know
 /// into an allocation of its own, and looks standard ones up at some length; the names Azure
-/// OpenAI, SDKs and the gateway exchange on every request are matched here first (as sent:
-/// lowercase) and shared.
+/// OpenAI, SDKs and the gateway exchange on every request are matched here first and shared.
+/// A name sent with capitals (`Content-Type`, as curl and wrk write it) is matched lowercased.
 pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    if let Some(known) = known_name(raw) {
+        return Ok(known);
+    }
+    let mut lower = [0u8; 32];
+    if raw.len() <= lower.len() && raw.iter().any(u8::is_ascii_uppercase) {
+        let lower = &mut lower[..raw.len()];
+        lower.copy_from_slice(raw);
+        lower.make_ascii_lowercase();
+        if let Some(known) = known_name(lower) {
+            return Ok(known);
+        }
+    }
+    HeaderName::from_bytes(raw)
+}
+
+/// The shared name for `raw` when it is one of the frequent ones, as sent in lowercase.
+fn known_name(raw: &[u8]) -> Option<HeaderName> {
     use http::header;
     static CUSTOM: [HeaderName; 14] = [
         HeaderName::from_static("x-ratelimit-remaining-tokens"),
@@ -558,9 +575,9 @@ pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, http::header::Invali
         b"api-key" => CUSTOM[11].clone(),
         b"x-request-id" => CUSTOM[12].clone(),
         b"openai-organization" => CUSTOM[13].clone(),
-        _ => return HeaderName::from_bytes(raw),
+        _ => return None,
     };
-    Ok(known)
+    Some(known)
 }
 
 /// A `content-length` value: digits only (no sign, no spaces, no list), within `u64`.
