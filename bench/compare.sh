@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the build).
+# Switchyard against nginx, side by side, in one run, on loopback (about 9 minutes after the build).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #   BIN=/path/to/switchyard bash bench/compare.sh   # another build (the simulators stay this one)
