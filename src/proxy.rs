@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
-use crate::balancer::{Balancer, Lease, Outcome, Pick, Verdict};
+use crate::balancer::{Balancer, Lease, Outcome, Pick, SCRATCH, Verdict, scratch};
 use crate::body::{BoxBody, full};
 use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
@@ -179,29 +179,18 @@ impl Proxy {
             Err(e) => return Answer::error(e, 0),
         };
         // On the stack for the usual pool sizes: this runs for every request.
-        let mut on_stack = [0usize; 16];
-        let on_heap: Vec<usize>;
-        let backends: &[usize] = if candidates.len() <= on_stack.len() {
-            for (slot, c) in on_stack.iter_mut().zip(candidates.iter()) {
-                *slot = c.backend;
-            }
-            &on_stack[..candidates.len()]
-        } else {
-            on_heap = candidates.iter().map(|c| c.backend).collect();
-            &on_heap
-        };
+        let (mut backends_stack, mut backends_heap) = ([0usize; SCRATCH], Vec::new());
+        let backends = scratch(&mut backends_stack, &mut backends_heap, candidates.len());
+        for (slot, c) in backends.iter_mut().zip(candidates.iter()) {
+            *slot = c.backend;
+        }
+        let backends: &[usize] = backends;
         let table = self.balancer.table(deployment.unwrap_or(""));
         let shown = deployment.unwrap_or("(none)");
         let mut now = Instant::now();
         let deadline = now + self.routing.request_timeout;
-        let mut tried_on_stack = [false; 16];
-        let mut tried_on_heap: Vec<bool>;
-        let tried: &mut [bool] = if self.backends.len() <= tried_on_stack.len() {
-            &mut tried_on_stack[..self.backends.len()]
-        } else {
-            tried_on_heap = vec![false; self.backends.len()];
-            &mut tried_on_heap
-        };
+        let (mut tried_stack, mut tried_heap) = ([false; SCRATCH], Vec::new());
+        let tried = scratch(&mut tried_stack, &mut tried_heap, self.backends.len());
         let mut kept: Option<(usize, Response<Bytes>)> = None;
         let mut last_error: Option<GatewayError> = None;
         let mut attempts = 0;

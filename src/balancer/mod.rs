@@ -341,18 +341,19 @@ pub struct PairStatus {
 }
 
 /// Pools up to this size are picked from without an allocation.
-const SCRATCH: usize = 16;
+pub const SCRATCH: usize = 16;
 
-/// `len` slots to work in: on the stack when they fit, else in `heap`.
-fn scratch<'a>(
-    stack: &'a mut [usize; SCRATCH],
-    heap: &'a mut Vec<usize>,
+/// `len` slots to work in, each `T::default()` at first: on the stack when they fit, else in
+/// `heap`. For per-request lists sized by the backends, which rarely exceed a few.
+pub fn scratch<'a, T: Copy + Default>(
+    stack: &'a mut [T; SCRATCH],
+    heap: &'a mut Vec<T>,
     len: usize,
-) -> &'a mut [usize] {
+) -> &'a mut [T] {
     if len <= SCRATCH {
         &mut stack[..len]
     } else {
-        heap.resize(len, 0);
+        heap.resize(len, T::default());
         heap
     }
 }
