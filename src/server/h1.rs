@@ -40,6 +40,9 @@ const MAX_BODY: usize = 1 << 20;
 const FLUSH_AT: usize = 64 * 1024;
 /// Buffers that grew past this for one large exchange are not kept for the next.
 const KEEP_BUFFER: usize = 64 * 1024;
+/// The write buffer's first size: a response head and a stream's event fit; a larger answer
+/// grows it once for the connection. Each open stream holds one, so it starts small.
+const OUT_START: usize = 1024;
 
 /// How a connection left the fast path.
 pub enum Ended {
@@ -67,7 +70,7 @@ where
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(4096),
-        out: Vec::with_capacity(4096),
+        out: Vec::with_capacity(OUT_START),
         date: DateCache::default(),
     };
     // One timer for the connection's life, moved on for each head. Moving a registered timer
@@ -107,6 +110,8 @@ where
         // The handler runs while the connection is watched: a client that goes away takes
         // its request with it, as under hyper (the attempts stop, the accounting ends).
         let response = {
+            // Inline, not boxed: a box would give back about 5 KB per open stream once the
+            // answer is made, but moving the future into it cost 840 instructions a request.
             let served = handler(request);
             tokio::pin!(served);
             tokio::select! {
@@ -264,6 +269,9 @@ impl Conn {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
+        // The map is written: a stream that runs for minutes should not hold it, nor the
+        // backend's read buffer its values point into.
+        drop(headers);
 
         let mut written: u64 = 0;
         let ended_cleanly = loop {
@@ -355,7 +363,7 @@ impl Conn {
     /// Drops buffers a large exchange grew, so an idle keep-alive connection stays small.
     fn trim(&mut self) {
         if self.out.capacity() > KEEP_BUFFER {
-            self.out = Vec::with_capacity(4096);
+            self.out = Vec::with_capacity(OUT_START);
         }
         if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER {
             self.buf = BytesMut::with_capacity(4096);

@@ -148,19 +148,23 @@ pub async fn serve<F, Fut>(
                 let header_timeout = options.header_read_timeout;
                 connections.spawn(async move {
                     let _slot = slot;
+                    // The TLS handshake and hyper's connection futures are boxed: inline, they
+                    // would set the size of every connection's task, fast path included, for
+                    // as long as it is open.
                     match tls {
                         // Plain HTTP/1.1 takes the fast path; hyper gets what it hands over.
                         None => match h1::serve(stream, &handler, &stop, header_timeout, MAX_REQUEST_HEAD).await {
                             h1::Ended::Closed => {}
-                            h1::Ended::Handover(io) => connection(&builder, io, handler, &stop).await,
+                            h1::Ended::Handover(io) => Box::pin(connection(&builder, io, handler, &stop)).await,
                         },
-                        Some(acceptor) => {
+                        Some(acceptor) => Box::pin(async move {
                             match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(tls)) => connection(&builder, tls, handler, &stop).await,
                                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
-                        }
+                        })
+                        .await,
                     }
                 });
             }
