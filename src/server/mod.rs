@@ -51,6 +51,25 @@ impl Gateway {
     }
 }
 
+/// Connections the kernel queues for a listener before the accept loop takes them. tokio's
+/// `TcpListener::bind` listened with 128 (as `ss -ltn` showed): a burst of 2,000 connects
+/// overflowed it, and each dropped SYN cost its client a second, the retransmit timer.
+/// Linux caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` (port 0 for any), with room for a burst of connections.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does: a restarted process takes its port back while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Binds the listeners and starts serving; returns once both are accepting.
 /// Cancelling `shutdown` stops accepting, lets in-flight requests and streams finish within
 /// `server.shutdown_grace`, then ends every connection that is left.
@@ -81,10 +100,10 @@ pub async fn start_with(
         }
     };
 
-    let listener = TcpListener::bind(config.server.listen).await?;
+    let listener = bind(config.server.listen)?;
     let addr = listener.local_addr()?;
     let admin = match config.server.admin_listen {
-        Some(a) => Some(TcpListener::bind(a).await?),
+        Some(a) => Some(bind(a)?),
         None => None,
     };
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -220,4 +239,24 @@ pub async fn start_with(
         state,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// Connects the listener has not accepted yet complete in the kernel while they fit in
+    /// the backlog; past it the SYN is dropped and the connect waits on retransmits.
+    #[tokio::test]
+    async fn a_burst_of_connects_fits_the_backlog() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..300).map(|_| {
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        });
+        let results = futures_util::future::join_all(connects).await;
+        let done = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(done, 300, "connects left waiting on a full backlog");
+        drop(listener);
+    }
 }

@@ -159,7 +159,7 @@ pub struct Simulator {
 impl Simulator {
     /// Binds `listen` (port 0 for any) and starts serving.
     pub async fn start(cfg: SimConfig, listen: SocketAddr) -> std::io::Result<Simulator> {
-        let listener = TcpListener::bind(listen).await?;
+        let listener = crate::server::bind(listen)?;
         let addr = listener.local_addr()?;
         let now = tokio::time::Instant::now();
         let limits = Limits {
@@ -265,7 +265,7 @@ async fn accept_loop(
             // Closing the socket makes connects fail with "connection refused".
             listener = None;
         } else if listener.is_none() {
-            match TcpListener::bind(addr).await {
+            match crate::server::bind(addr) {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "simulator could not re-bind");
