@@ -8,15 +8,80 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
+use crate::upstream::h1::RawHeaders;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The one response body type: whatever is inside, it is boxed to this.
-pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+///
+/// It also carries the header lines of a backend's response that the gateway passes on
+/// unread ([`RawHeaders`]). They travel with the body rather than in the response's
+/// extensions, where an entry costs a hash map and three allocations per response; whoever
+/// takes the body apart to wrap it moves them to the new box. They sit in the box's one
+/// allocation, so that a `Response<BoxBody>` stays 128 bytes: responses move through several
+/// futures, and a larger one is moved with calls to `memcpy` instead of a few instructions.
+pub struct BoxBody(Pin<Box<Boxed<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>>);
+
+pin_project_lite::pin_project! {
+    struct Boxed<B: ?Sized> {
+        passthrough: Option<RawHeaders>,
+        #[pin]
+        body: B,
+    }
+}
+
+impl BoxBody {
+    pub fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        BoxBody(Box::pin(Boxed {
+            passthrough: None,
+            body,
+        }))
+    }
+
+    pub fn with_passthrough(mut self, raw: Option<RawHeaders>) -> Self {
+        *self.0.as_mut().project().passthrough = raw;
+        self
+    }
+
+    pub fn take_passthrough(&mut self) -> Option<RawHeaders> {
+        self.0.as_mut().project().passthrough.take()
+    }
+}
+
+impl Body for BoxBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.as_mut().project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.body.size_hint()
+    }
+}
+
+impl std::fmt::Debug for BoxBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoxBody")
+            .field("passthrough", &self.0.passthrough)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    BoxBody::new(http_body_util::Full::new(bytes.into()).map_err(|never| match never {}))
 }
 
 /// A body fed chunk by chunk through a bounded channel; an `Err` item aborts the body

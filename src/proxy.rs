@@ -27,6 +27,7 @@ use crate::limits::Shared;
 use crate::routing::Router;
 use crate::telemetry::trace::{AttemptRecord, TraceContext};
 use crate::telemetry::{AttemptLabels, BackendLabels, BackendStats, Metrics};
+use crate::upstream::h1::RawHeaders;
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
 /// A retried response is kept (up to this size) in case every later attempt fails without one:
@@ -191,7 +192,7 @@ impl Proxy {
         let deadline = now + self.routing.request_timeout;
         let (mut tried_stack, mut tried_heap) = ([false; SCRATCH], Vec::new());
         let tried = scratch(&mut tried_stack, &mut tried_heap, self.backends.len());
-        let mut kept: Option<(usize, Response<Bytes>)> = None;
+        let mut kept: Option<Kept> = None;
         let mut last_error: Option<GatewayError> = None;
         let mut attempts = 0;
 
@@ -323,11 +324,12 @@ impl Proxy {
                         };
                     }
                     tracing::debug!(backend = %backend.name, %status, attempt, "retrying on another backend");
-                    let (parts, body) = resp.into_parts();
+                    let (parts, mut body) = resp.into_parts();
+                    let raw = body.take_passthrough();
                     let collected =
                         tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_capped(body)).await;
                     if let Ok(Some(bytes)) = collected {
-                        kept = Some((idx, Response::from_parts(parts, bytes)));
+                        kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
                     }
                 }
                 Err(e) => {
@@ -359,15 +361,10 @@ impl Proxy {
 
     /// No attempt produced an answer to pass on: the last real backend response if one was
     /// kept, else the gateway's own error.
-    fn give_up(
-        &self,
-        kept: Option<(usize, Response<Bytes>)>,
-        error: Option<GatewayError>,
-        attempts: u32,
-    ) -> Answer {
+    fn give_up(&self, kept: Option<Kept>, error: Option<GatewayError>, attempts: u32) -> Answer {
         match kept {
             Some((idx, resp)) => Answer {
-                result: Ok(resp.map(full)),
+                result: Ok(resp.map(|(bytes, raw)| full(bytes).with_passthrough(raw))),
                 backend: Some(idx),
                 attempts,
                 lease: None,
@@ -444,6 +441,10 @@ impl Proxy {
         }
     }
 }
+
+/// A retried backend's answer, kept whole (its passed-through header lines too) in case no
+/// later attempt answers.
+type Kept = (usize, Response<(Bytes, Option<RawHeaders>)>);
 
 /// The whole body if it ends within `KEEP_FAILED_BODY_BYTES`.
 async fn collect_capped(mut body: BoxBody) -> Option<Bytes> {

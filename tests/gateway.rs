@@ -228,6 +228,9 @@ async fn when_the_last_attempt_cannot_connect_the_last_real_response_is_returned
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "x-switchyard-backend"), "throttled");
     assert_eq!(header(&r, "retry-after"), "1");
+    // Kept whole while the next attempt ran: the headers passed on unread came along.
+    assert_eq!(header(&r, "x-ms-region"), "throttled");
+    assert!(!header(&r, "apim-request-id").is_empty());
     gw.stop().await;
 
     // Nothing answered at all: a gateway error in the OpenAI shape.

@@ -184,7 +184,8 @@ pub async fn handle(
     let tap = backend_name
         .as_ref()
         .and_then(|_| Tap::new(content_type, strip));
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
+    let passthrough = body.take_passthrough();
     guard.backend = Some(backend_name.unwrap_or_else(|| Arc::from("none")));
     guard._lease = lease;
     guard.consumer = consumer_name;
@@ -199,7 +200,10 @@ pub async fn handle(
         ended: false,
         guard,
     };
-    Ok(Response::from_parts(parts, tracked.boxed()))
+    Ok(Response::from_parts(
+        parts,
+        BoxBody::new(tracked).with_passthrough(passthrough),
+    ))
 }
 
 struct Served {

@@ -218,6 +218,7 @@ impl Conn {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
         let mut headers = parts.headers;
+        let passthrough = body.take_passthrough();
         if let Some(c) = headers.remove(header::CONNECTION) {
             close |= has_token(c.as_bytes(), b"close");
         }
@@ -257,7 +258,12 @@ impl Conn {
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        if !headers.contains_key(header::DATE) {
+        if let Some(raw) = &passthrough {
+            out.extend_from_slice(raw.lines());
+        }
+        if !headers.contains_key(header::DATE)
+            && !passthrough.as_ref().is_some_and(|r| r.has_date())
+        {
             out.extend_from_slice(b"date: ");
             out.extend_from_slice(self.date.now());
             out.extend_from_slice(b"\r\n");
@@ -272,6 +278,7 @@ impl Conn {
         // The map is written: a stream that runs for minutes should not hold it, nor the
         // backend's read buffer its values point into.
         drop(headers);
+        drop(passthrough);
 
         let mut written: u64 = 0;
         let ended_cleanly = loop {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, ChannelBody, RequestBody, full};
 use crate::server::listener::{ConnMetrics, ListenOptions, serve};
+use crate::upstream::h1::RawHeaders;
 
 /// What the test handler was given, for the test to look at.
 #[derive(Default)]
@@ -46,6 +47,7 @@ impl Drop for Unanswered {
 /// - `/stream`: three chunks from a channel, 20 ms apart (no known length);
 /// - `/short`: declares 10 bytes and sends 3;
 /// - `/close`: answers with `connection: close`;
+/// - `/raw`: a backend's headers passed on as raw lines, a `date` among them;
 /// - `/hang`: never answers.
 async fn start(header_timeout: Duration) -> Gateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -78,12 +80,12 @@ async fn start(header_timeout: Duration) -> Gateway {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                     });
-                    Response::new(body.boxed())
+                    Response::new(BoxBody::new(body))
                 }
                 "/short" => {
-                    let mut r = Response::new(
-                        http_body_util::StreamBody::new(futures_stream(b"abc")).boxed(),
-                    );
+                    let mut r = Response::new(BoxBody::new(http_body_util::StreamBody::new(
+                        futures_stream(b"abc"),
+                    )));
                     r.headers_mut()
                         .insert("content-length", "10".parse().unwrap());
                     r
@@ -92,6 +94,17 @@ async fn start(header_timeout: Duration) -> Gateway {
                     let mut r = Response::new(full("bye"));
                     r.headers_mut()
                         .insert("connection", "close".parse().unwrap());
+                    r
+                }
+                "/raw" => {
+                    let raw = RawHeaders {
+                        lines: Bytes::from_static(
+                            b"X-Raw: 2\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\nx-raw: 3\r\n",
+                        ),
+                        date: true,
+                    };
+                    let mut r = Response::new(full("raw").with_passthrough(Some(raw)));
+                    r.headers_mut().insert("x-map", "1".parse().unwrap());
                     r
                 }
                 "/hang" => std::future::pending().await,
@@ -473,4 +486,25 @@ async fn shutdown_closes_idle_connections_and_lets_answers_finish() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn raw_header_lines_are_written_once_on_either_path_and_a_backend_date_is_kept() {
+    let gw = start(Duration::from_secs(30)).await;
+    for (what, req) in [
+        ("fast path", "GET /raw HTTP/1.1\r\nhost: x\r\n\r\n"),
+        ("hyper", "GET /raw HTTP/1.0\r\nhost: x\r\n\r\n"),
+    ] {
+        let mut sock = send(gw.addr, req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let (head, body) = read_response(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(body, b"raw", "{what}");
+        let lines: Vec<&str> = head.lines().skip(1).collect();
+        let count = |prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(count("x-map: 1"), 1, "{what}: {head}");
+        assert_eq!(count("x-raw: 2"), 1, "{what}: {head}");
+        assert_eq!(count("x-raw: 3"), 1, "{what}: {head}");
+        assert_eq!(count("date: "), 1, "{what}: {head}");
+        assert_eq!(count("date: thu, 01 jan 2026"), 1, "{what}: {head}");
+    }
 }

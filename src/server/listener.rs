@@ -216,8 +216,17 @@ async fn connection<I, F, Fut>(
     F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
-    let service =
-        service_fn(move |req: Request<Incoming>| handler(req.map(RequestBody::Streaming)));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let answer = handler(req.map(RequestBody::Streaming));
+        async move {
+            let mut resp = answer.await?;
+            // hyper writes only the map.
+            if let Some(raw) = resp.body_mut().take_passthrough() {
+                raw.append_to(resp.headers_mut());
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {

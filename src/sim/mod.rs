@@ -572,7 +572,7 @@ async fn stream_or_plain(
         // Headers go out when the first token is ready, as Azure's do.
         pause(cfg.ttft).await;
         let body = PacedBody::new(events, Duration::ZERO, token_interval, fail_after);
-        let mut r = Response::new(body.boxed());
+        let mut r = Response::new(BoxBody::new(body));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

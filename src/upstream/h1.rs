@@ -306,6 +306,7 @@ impl HostPool {
             },
             reusable,
             pool: self.clone(),
+            passthrough: head.passthrough,
         };
         if matches!(body.state, State::Done) {
             body.release();
@@ -337,8 +338,10 @@ impl Failure {
 struct Head {
     status: StatusCode,
     version: Version,
-    /// Without the hop-by-hop headers.
+    /// The headers the gateway reads or sets, without the hop-by-hop ones.
     headers: HeaderMap,
+    /// The rest, passed on as they came.
+    passthrough: Option<RawHeaders>,
     keep_alive: bool,
     /// Whether `transfer-encoding`'s final coding is chunked; `None` without one.
     chunked: Option<bool>,
@@ -391,9 +394,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialised, and the spans below kept small: zeroing 4 KB per response was a
+    // tenth of the parse.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parsing = httparse::ParserConfig::default();
+    let len = match parsing.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Complete(_)) => {
             return Err(format!("response head larger than {MAX_HEAD} bytes"));
@@ -409,80 +416,226 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     };
     // Positions in `buf`, so that values can share one frozen copy of the head.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // (A head is at most `MAX_HEAD`, so every offset and length fits in a `u16`.)
+    const _: () = assert!(MAX_HEAD <= u16::MAX as usize + 1);
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
     let count = parsed.headers.len();
+    let at = |p: *const u8| (p as usize - base) as u16;
     for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name, h.name.len(), value, h.value.len());
+        let name = at(h.name.as_ptr());
+        let value = at(h.value.as_ptr());
+        *span = (name, h.name.len() as u16, value, h.value.len() as u16);
     }
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut passthrough = BytesMut::new();
+    let mut date = false;
     let mut keep_alive = version == Version::HTTP_11;
     let mut transfer_coding = None;
     let mut length = Length::Absent;
+    // Lines passed on are copied in runs: a line that starts where the last one ended, in
+    // the form `name: value\r\n`, joins its run.
+    let mut run = 0..0;
     for &(n, nl, v, vl) in &spans[..count] {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
         let name_bytes = &raw[n..n + nl];
         let value = &raw[v..v + vl];
-        // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and never
-        // reach the map: a client's connection is not this one. (Upgrades, which keep them,
-        // go through hyper's client.)
-        if name_bytes.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
+        match role(name_bytes) {
+            // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and
+            // never reach the client: its connection is not this one. (Upgrades, which keep
+            // them, go through hyper's client.)
+            Role::Connection => {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive")
+                        && version == Version::HTTP_10
+                    {
+                        keep_alive = true;
+                    }
                 }
             }
-            continue;
+            Role::TransferEncoding => transfer_coding = Some(value),
+            Role::Dropped => {}
+            r @ (Role::Read | Role::ContentLength) => {
+                if matches!(r, Role::ContentLength) {
+                    length = length.and(value);
+                }
+                let name = header_name(name_bytes)
+                    .map_err(|_| "invalid header name in the response".to_string())?;
+                let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+                    .map_err(|_| format!("invalid value for response header {name}"))?;
+                headers.append(name, value);
+            }
+            Role::Passed { date: is_date } => {
+                // httparse has checked the name and the value: they go on as they came.
+                date |= is_date;
+                if passthrough.capacity() == 0 {
+                    // The head's length: room for all of them but in odd cases.
+                    passthrough.reserve(len);
+                }
+                let end = v + vl;
+                let canonical = raw.get(n + nl..v) == Some(b": ");
+                if canonical && raw.get(end..end + 2) == Some(b"\r\n") {
+                    if run.end != n {
+                        passthrough.extend_from_slice(&raw[run]);
+                        run = n..n;
+                    }
+                    run.end = end + 2;
+                } else {
+                    passthrough.extend_from_slice(&raw[run]);
+                    run = 0..0;
+                    passthrough.extend_from_slice(name_bytes);
+                    passthrough.extend_from_slice(b": ");
+                    passthrough.extend_from_slice(value);
+                    passthrough.extend_from_slice(b"\r\n");
+                }
+            }
         }
-        if name_bytes.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_coding = Some(value);
-            continue;
-        }
-        // Neither is a client's: the gateway answers with its own request id.
-        if is_hop_by_hop(name_bytes) || name_bytes.eq_ignore_ascii_case(b"x-request-id") {
-            continue;
-        }
-        if name_bytes.eq_ignore_ascii_case(b"content-length") {
-            length = length.and(value);
-        }
-        let name = header_name(name_bytes)
-            .map_err(|_| "invalid header name in the response".to_string())?;
-        let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
-            .map_err(|_| format!("invalid value for response header {name}"))?;
-        headers.append(name, value);
     }
+    passthrough.extend_from_slice(&raw[run]);
     // Chunked only when it is the final coding; any other is read until close.
     let chunked = transfer_coding.map(|last| {
         last.rsplit(|b| *b == b',')
             .next()
             .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     });
+    let passthrough = (!passthrough.is_empty()).then(|| RawHeaders {
+        lines: passthrough.freeze(),
+        date,
+    });
     Ok(Some(Head {
         status,
         version,
         headers,
+        passthrough,
         keep_alive,
         chunked,
         length,
     }))
 }
 
-/// Hop-by-hop names other than `connection` and `transfer-encoding`, which are read.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 7] = [
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+/// A response head read as the backend client reads it, for the fuzz target: the map the
+/// gateway gets, how many entries it had before the passed-on lines were added back, and how
+/// many lines there were (`None` while the head is incomplete).
+#[doc(hidden)]
+pub fn parse_response_head(bytes: &[u8]) -> Result<Option<(HeaderMap, usize, usize)>, String> {
+    let mut buf = BytesMut::from(bytes);
+    let Some(head) = parse_head(&mut buf)? else {
+        return Ok(None);
+    };
+    let mut headers = head.headers;
+    let read = headers.len();
+    let lines = head.passthrough.map_or(0, |raw| {
+        let lines = memchr::memmem::find_iter(raw.lines(), b"\r\n").count();
+        raw.append_to(&mut headers);
+        lines
+    });
+    Ok(Some((headers, read, lines)))
+}
+
+/// What [`parse_head`] does with a response header.
+#[derive(Clone, Copy)]
+enum Role {
+    Connection,
+    TransferEncoding,
+    /// Hop-by-hop, or the backend's `x-request-id` (the gateway answers with its own).
+    Dropped,
+    ContentLength,
+    /// Read by the gateway (`balancer::hints`, `balancer::signals`, the handler) or set by
+    /// it: into the response's map.
+    Read,
+    /// Neither: passed on as a raw line.
+    Passed {
+        date: bool,
+    },
+}
+
+/// The names [`parse_head`] does not pass on as they came.
+const ROLES: [(&[u8], Role); 16] = [
+    (b"content-type", Role::Read),
+    (b"content-length", Role::ContentLength),
+    (b"date", Role::Passed { date: true }),
+    (b"retry-after", Role::Read),
+    (b"retry-after-ms", Role::Read),
+    (b"x-ms-retry-after-ms", Role::Read),
+    (b"x-request-id", Role::Dropped),
+    (b"connection", Role::Connection),
+    (b"transfer-encoding", Role::TransferEncoding),
+    (b"keep-alive", Role::Dropped),
+    (b"proxy-connection", Role::Dropped),
+    (b"proxy-authenticate", Role::Dropped),
+    (b"proxy-authorization", Role::Dropped),
+    (b"te", Role::Dropped),
+    (b"trailer", Role::Dropped),
+    (b"upgrade", Role::Dropped),
+];
+
+/// The role of a header by its name, in any case. Names are matched as sent first (Azure and
+/// most servers send them in lowercase), and only a name that matched nothing and has
+/// capitals is compared again ignoring case.
+fn role(name: &[u8]) -> Role {
+    if let Some(r) = role_by(name, |a, b| a == b) {
+        return r;
+    }
+    if name.iter().any(u8::is_ascii_uppercase) {
+        if let Some(r) = role_by(name, <[u8]>::eq_ignore_ascii_case) {
+            return r;
+        }
+    }
+    Role::Passed { date: false }
+}
+
+fn role_by(name: &[u8], eq: impl Fn(&[u8], &[u8]) -> bool) -> Option<Role> {
+    if let Some(&(_, r)) = ROLES.iter().find(|(n, _)| eq(n, name)) {
+        return Some(r);
+    }
+    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
+    let read = |prefix: &[u8]| name.get(..prefix.len()).is_some_and(|n| eq(n, prefix));
+    (read(b"x-ratelimit-") || read(b"x-switchyard-")).then_some(Role::Read)
+}
+
+/// Response header lines a backend sent that the gateway neither reads nor sets, kept as bytes
+/// (`name: value\r\n` each). Filling a `HeaderMap` with them only to write them out again cost
+/// about 450 instructions a header, and Azure answers with a dozen such headers
+/// (`apim-request-id`, `x-ms-region`, `azureml-model-session`, ...). They travel with the
+/// response's body ([`crate::body::BoxBody`]); the HTTP/1.1 server writes them after the map,
+/// and anything else puts them in the map first ([`RawHeaders::append_to`]).
+#[derive(Clone, Debug)]
+pub struct RawHeaders {
+    pub(crate) lines: Bytes,
+    /// Whether one of them is `date`, which the server would otherwise add.
+    pub(crate) date: bool,
+}
+
+impl RawHeaders {
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// Adds the lines to `headers`, for hyper and for anything that reads a response's
+    /// headers as a whole.
+    pub fn append_to(self, headers: &mut HeaderMap) {
+        let mut at = 0;
+        while let Some(end) = memchr::memmem::find(&self.lines[at..], b"\r\n") {
+            let line = at..at + end;
+            at += end + 2;
+            let Some(colon) = memchr::memchr(b':', &self.lines[line.clone()]) else {
+                continue;
+            };
+            let name = header_name(&self.lines[line.start..line.start + colon]);
+            let value =
+                HeaderValue::from_maybe_shared(self.lines.slice(line.start + colon + 2..line.end));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                headers.append(name, value);
+            }
+        }
+    }
 }
 
 /// What a response's `content-length` headers say, all of them taken together.
@@ -721,9 +874,16 @@ pub struct H1Body {
     state: State,
     reusable: bool,
     pool: Arc<HostPool>,
+    /// The response's headers that go on as they came, until the caller takes them.
+    passthrough: Option<RawHeaders>,
 }
 
 impl H1Body {
+    /// The response's header lines the gateway passes on unread (see [`RawHeaders`]).
+    pub fn take_passthrough(&mut self) -> Option<RawHeaders> {
+        self.passthrough.take()
+    }
+
     /// The body ended: the connection goes back to the pool if it can carry another exchange.
     fn release(&mut self) {
         if let Some(conn) = self.conn.take()

@@ -126,7 +126,10 @@ async fn get(pool: &Arc<HostPool>, path: &str) -> Result<(StatusCode, HeaderMap,
         )
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let (parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
+    if let Some(raw) = body.take_passthrough() {
+        raw.append_to(&mut parts.headers);
+    }
     let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((
         parts.status,
@@ -151,7 +154,9 @@ async fn sequential_requests_share_one_connection() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-a"], "1");
+    let mut resp = resp;
+    let raw = resp.body_mut().take_passthrough().unwrap();
+    assert_eq!(raw.lines(), b"x-a: 1\r\n");
     assert_eq!(resp.body().size_hint().exact(), Some(5));
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got, "hello");
@@ -599,4 +604,56 @@ fn header_names_matched_in_the_table_are_the_ones_http_would_make() {
         assert_eq!(ours.as_str(), raw.to_ascii_lowercase());
     }
     assert!(header_name(b"bad name").is_err());
+}
+
+#[tokio::test]
+async fn headers_the_gateway_does_not_read_pass_on_as_sent() {
+    let b = backend(vec![reply(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-ms-region: east\r\n\
+         X-RateLimit-Remaining-Tokens: 7\r\napim-request-id:abc\r\nretry-after-ms: 5\r\n\
+         Date: Thu, 26 Nov 2026 22:00:00 GMT\r\nx-ms-region: west\r\nx-empty:\r\n\
+         x-padded:   v  \r\ncontent-length: 2\r\n\r\nok",
+    )])
+    .await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let mut resp = pool
+        .send(
+            b"GET / HTTP/1.1\r\nhost: h\r\n\r\n".to_vec(),
+            &Bytes::new(),
+            false,
+            T,
+            Instant::now() + T,
+        )
+        .await
+        .unwrap();
+    // What the balancer, the handler and the server read is in the map...
+    let mut names: Vec<&str> = resp.headers().keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "content-length",
+            "content-type",
+            "retry-after-ms",
+            "x-ratelimit-remaining-tokens"
+        ]
+    );
+    // ...and the rest is kept as lines, in order, names as sent.
+    let raw = resp.body_mut().take_passthrough().unwrap();
+    assert_eq!(
+        raw.lines(),
+        b"x-ms-region: east\r\napim-request-id: abc\r\nDate: Thu, 26 Nov 2026 22:00:00 GMT\r\n\
+          x-ms-region: west\r\nx-empty: \r\nx-padded: v\r\n"
+    );
+    assert!(raw.has_date());
+    raw.append_to(resp.headers_mut());
+    let h = resp.headers();
+    let regions: Vec<_> = h.get_all("x-ms-region").iter().collect();
+    assert_eq!(regions, ["east", "west"]);
+    assert_eq!(h["apim-request-id"], "abc");
+    assert_eq!(h["date"], "Thu, 26 Nov 2026 22:00:00 GMT");
+    assert_eq!(h["x-empty"], "");
+    assert_eq!(h["x-padded"], "v");
+    assert_eq!(h.len(), 10);
 }

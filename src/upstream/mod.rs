@@ -186,7 +186,7 @@ impl Upstream {
             sent.await
                 .map_err(|_| timed_out())?
                 .map(|r| {
-                    let mut r = r.map(|b| IdleTimeout::new(boxed(b), idle).boxed());
+                    let mut r = r.map(|b| BoxBody::new(IdleTimeout::new(boxed(b), idle)));
                     // The backend client of our own leaves these out as it reads them.
                     clean_response_headers(r.headers_mut(), true);
                     r
@@ -218,7 +218,12 @@ impl Upstream {
             );
             // Boxed once, with the idle timeout inside the box.
             sent.await
-                .map(|r| r.map(|b| IdleTimeout::new(b, idle).boxed()))
+                .map(|r| {
+                    r.map(|mut b| {
+                        let raw = b.take_passthrough();
+                        BoxBody::new(IdleTimeout::new(b, idle)).with_passthrough(raw)
+                    })
+                })
                 .map_err(|e| match e {
                     h1::SendError::Connect(m) => GatewayError::new(
                         ErrorKind::UpstreamConnect,
@@ -566,7 +571,7 @@ pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 fn boxed(b: hyper::body::Incoming) -> BoxBody {
-    b.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+    BoxBody::new(b.map_err(|e| -> BoxError { Box::new(e) }))
 }
 
 /// Drops hop-by-hop headers from a backend's response before it goes to the client.
