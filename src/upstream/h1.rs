@@ -239,7 +239,7 @@ impl HostPool {
         head_request: bool,
         connect_timeout: Duration,
         deadline: Instant,
-    ) -> Result<Response<H1Body>, SendError> {
+    ) -> Result<(Response<H1Body>, Option<RawHeaders>), SendError> {
         // A small body goes in the head's buffer: one write, one segment on the wire, and no
         // Nagle interplay between the two.
         let rest: &[u8] = if body.len() <= INLINE_BODY {
@@ -292,7 +292,7 @@ impl HostPool {
         conn: Conn,
         head: Head,
         head_request: bool,
-    ) -> Result<Response<H1Body>, SendError> {
+    ) -> Result<(Response<H1Body>, Option<RawHeaders>), SendError> {
         let framing = framing(&head, head_request)
             .map_err(|e| SendError::Protocol(format!("backend {}: {e}", self.authority)))?;
         let reusable = head.keep_alive && !matches!(framing, Framing::UntilClose);
@@ -306,7 +306,6 @@ impl HostPool {
             },
             reusable,
             pool: self.clone(),
-            passthrough: head.passthrough,
         };
         if matches!(body.state, State::Done) {
             body.release();
@@ -315,7 +314,8 @@ impl HostPool {
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
-        Ok(resp)
+        // Returned beside the body, not in it: the body is moved several times more.
+        Ok((resp, head.passthrough))
     }
 }
 
@@ -874,16 +874,9 @@ pub struct H1Body {
     state: State,
     reusable: bool,
     pool: Arc<HostPool>,
-    /// The response's headers that go on as they came, until the caller takes them.
-    passthrough: Option<RawHeaders>,
 }
 
 impl H1Body {
-    /// The response's header lines the gateway passes on unread (see [`RawHeaders`]).
-    pub fn take_passthrough(&mut self) -> Option<RawHeaders> {
-        self.passthrough.take()
-    }
-
     /// The body ended: the connection goes back to the pool if it can carry another exchange.
     fn release(&mut self) {
         if let Some(conn) = self.conn.take()

@@ -218,11 +218,8 @@ impl Upstream {
             );
             // Boxed once, with the idle timeout inside the box.
             sent.await
-                .map(|r| {
-                    r.map(|mut b| {
-                        let raw = b.take_passthrough();
-                        BoxBody::new(IdleTimeout::new(b, idle)).with_passthrough(raw)
-                    })
+                .map(|(r, raw)| {
+                    r.map(|b| BoxBody::new(IdleTimeout::new(b, idle)).with_passthrough(raw))
                 })
                 .map_err(|e| match e {
                     h1::SendError::Connect(m) => GatewayError::new(
