@@ -8,6 +8,8 @@
 #   bash bench/callgrind.sh                 # the binary in target/release
 #   BIN=/path/to/switchyard bash bench/callgrind.sh   # another build, e.g. an older commit
 #   TARGET=nginx bash bench/callgrind.sh    # nginx (one worker, no master) over the same three
+#   SDK=1 bash bench/callgrind.sh           # requests with the headers the OpenAI Python SDK adds
+#                                           # (user-agent, accept, accept-encoding, x-stainless-*)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
@@ -35,10 +37,20 @@ else
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$GW" serve --config "$work/gw.toml" >/dev/null 2>"$work/vg.log" &
 fi
 VG=$!
+extra=()
+if [ -n "${SDK:-}" ]; then
+  for h in 'Accept: application/json' 'Accept-Encoding: gzip, deflate' \
+    'User-Agent: AzureOpenAI/Python 1.54.0' 'X-Stainless-Lang: python' \
+    'X-Stainless-Package-Version: 1.54.0' 'X-Stainless-OS: Linux' 'X-Stainless-Arch: x64' \
+    'X-Stainless-Runtime: CPython' 'X-Stainless-Runtime-Version: 3.12.3' \
+    'X-Stainless-Async: false' 'x-stainless-retry-count: 0' 'x-stainless-read-timeout: 600'; do
+    extra+=(--header "$h")
+  done
+fi
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$PG) 2>/dev/null && break; sleep 0.2; done
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json >/dev/null 2>&1
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json "${extra[@]}" >/dev/null 2>&1
 callgrind_control -z $VG >/dev/null
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json 2>/dev/null >"$work/probe.json"
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json "${extra[@]}" 2>/dev/null >"$work/probe.json"
 callgrind_control -d $VG >/dev/null
 sleep 1
 kill -INT $VG; wait $VG 2>/dev/null || true

@@ -105,6 +105,7 @@ fn header_rewrite(c: &mut Criterion) {
         deployment_span: Some(20..26),
         model_in_body: false,
         headers: &headers,
+        passthrough: Bytes::new(),
         body: Bytes::from_static(
             br#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8}"#,
         ),

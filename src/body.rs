@@ -119,16 +119,39 @@ impl Body for ChannelBody {
 }
 
 /// A client's request body as the gateway's handlers get it: streamed by hyper (HTTP/2, TLS,
-/// chunked uploads, anything unusual) or already read whole by the fast HTTP/1.1 path.
+/// chunked uploads, anything unusual) or already read whole by the fast HTTP/1.1 path, which
+/// also hands over the header lines it passes on to backends unread (see `server::h1`).
 pub enum RequestBody {
     Streaming(hyper::body::Incoming),
-    Full(Option<Bytes>),
+    Full {
+        body: Option<Bytes>,
+        /// `name: value\r\n` lines; empty when there are none.
+        passthrough: Bytes,
+    },
 }
 
 impl RequestBody {
     /// The whole body, when the listener read it already.
     pub fn full(bytes: Bytes) -> RequestBody {
-        RequestBody::Full((!bytes.is_empty()).then_some(bytes))
+        RequestBody::Full {
+            body: (!bytes.is_empty()).then_some(bytes),
+            passthrough: Bytes::new(),
+        }
+    }
+
+    pub fn with_passthrough(mut self, lines: Bytes) -> RequestBody {
+        if let RequestBody::Full { passthrough, .. } = &mut self {
+            *passthrough = lines;
+        }
+        self
+    }
+
+    /// The request's header lines for backends that are not in its map (empty if none).
+    pub fn take_passthrough(&mut self) -> Bytes {
+        match self {
+            RequestBody::Full { passthrough, .. } => std::mem::take(passthrough),
+            RequestBody::Streaming(_) => Bytes::new(),
+        }
     }
 }
 
@@ -142,21 +165,23 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx),
-            RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Full { body, .. } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Streaming(b) => b.is_end_stream(),
-            RequestBody::Full(b) => b.is_none(),
+            RequestBody::Full { body, .. } => body.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Streaming(b) => b.size_hint(),
-            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Full { body, .. } => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

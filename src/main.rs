@@ -67,6 +67,10 @@ enum Command {
         json: bool,
         #[arg(long, default_value = "2024-10-21")]
         api_version: String,
+        /// Sent with every request too, as `name: value` (repeatable), e.g. the headers an
+        /// SDK adds.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
     },
     /// Exit 0 when URL answers 2xx within 3 s, else 1: a health check for container images
     /// without curl (Docker's HEALTHCHECK).
@@ -254,7 +258,19 @@ async fn run(command: Command) -> ExitCode {
             stream,
             json,
             api_version,
+            headers,
         } => {
+            let headers = match headers
+                .iter()
+                .map(|h| switchyard::probe::Target::header(h))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let client = match switchyard::upstream::system_client(Duration::from_secs(10), true) {
                 Ok(c) => c,
                 Err(e) => {
@@ -266,6 +282,7 @@ async fn run(command: Command) -> ExitCode {
                 url: switchyard::probe::Target::azure(&url, &deployment, &api_version),
                 key,
                 stream_every: usize::from(stream),
+                headers,
             };
             let stop = stop_on_signal();
             let outcomes =

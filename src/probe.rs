@@ -26,9 +26,21 @@ pub struct Target {
     pub key: Option<String>,
     /// Stream every n-th request (0: never, 1: always).
     pub stream_every: usize,
+    /// Sent with every request too (`--header`), e.g. the ones an SDK adds.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Target {
+    /// A `--header` argument, `name: value`.
+    pub fn header(arg: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+        let bad =
+            || format!("--header {arg:?}: expected `name: value` with a valid name and value");
+        let (name, value) = arg.split_once(':').ok_or_else(bad)?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+        let value = http::HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        Ok((name, value))
+    }
+
     /// `{base}/openai/deployments/{deployment}/chat/completions?api-version=...`.
     pub fn azure(base: &str, deployment: &str, api_version: &str) -> String {
         format!(
@@ -110,6 +122,9 @@ async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usi
     let mut req = Request::post(&target.url).header("content-type", "application/json");
     if let Some(k) = &target.key {
         req = req.header("api-key", k);
+    }
+    for (name, value) in &target.headers {
+        req = req.header(name, value);
     }
     let Ok(req) = req.body(Full::new(Bytes::from(body.to_string()))) else {
         return failed(StatusCode::BAD_REQUEST);

@@ -344,3 +344,48 @@ async fn wait_for(cond: impl Fn() -> bool) {
     .await;
     assert!(done.is_ok(), "condition never held");
 }
+
+#[tokio::test]
+async fn headers_passed_on_unread_reach_the_backend_and_connection_listed_ones_do_not() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let addr = gw.gateway.addr;
+    let body = chat_body(false);
+    let send = |extra: &str| {
+        format!(
+            "{HEAD}{extra}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // What an SDK sends besides its key: passed on as it came, credentials still replaced.
+    let r = raw(
+        addr,
+        send("User-Agent: OpenAI/Python 1.54.0\r\nx-stainless-lang: python\r\nAccept: application/json\r\nApi-Key: client-key\r\nX-Request-Id: theirs\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    let seen = s.requests().pop().unwrap();
+    assert_eq!(seen.headers["user-agent"], "OpenAI/Python 1.54.0");
+    assert_eq!(seen.headers["x-stainless-lang"], "python");
+    assert_eq!(seen.headers["accept"], "application/json");
+    assert_eq!(seen.headers["api-key"], "key-east");
+    assert_eq!(seen.headers.get_all("api-key").iter().count(), 1);
+    // The client's request id is the gateway's too; it goes on once.
+    assert_eq!(seen.headers.get_all("x-request-id").iter().count(), 1);
+
+    // A header the client names in `Connection` is hop-by-hop: it stops here.
+    let r = raw(
+        addr,
+        format!(
+            "{HEAD}Connection: close, X-Hop\r\nX-Hop: 1\r\nx-kept: 2\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    let seen = s.requests().pop().unwrap();
+    assert!(seen.headers.get("x-hop").is_none(), "{:?}", seen.headers);
+    assert_eq!(seen.headers["x-kept"], "2");
+    gw.stop().await;
+}

@@ -268,7 +268,8 @@ async fn serve(
             GatewayError::new(ErrorKind::ShuttingDown, "the gateway is shutting down"),
         ));
     }
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
+    let passthrough = body.take_passthrough();
     let path = parts.uri.path();
     let pq = parts
         .uri
@@ -355,6 +356,7 @@ async fn serve(
         deployment_span: route.deployment_span.clone(),
         model_in_body: route.model_in_body && model.is_some(),
         headers: &parts.headers,
+        passthrough,
         body,
         request_id,
         upgrade,
@@ -415,7 +417,7 @@ async fn read_body(
         return Err(too_large());
     }
     let body = match body {
-        RequestBody::Full(b) => {
+        RequestBody::Full { body: b, .. } => {
             let b = b.unwrap_or_default();
             return if b.len() > max {
                 Err(too_large())

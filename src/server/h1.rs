@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::h1::parse_length;
+use crate::upstream::h1::{lookup, parse_length};
 
 /// hyper's own default; a head with more goes to hyper, which refuses it.
 const MAX_HEADERS: usize = 100;
@@ -143,12 +143,17 @@ struct Conn {
 struct Head {
     method: Method,
     uri: Uri,
+    /// The headers the gateway reads, or that must not reach a backend as they came.
     headers: HeaderMap,
+    /// The rest, as `name: value\r\n` lines (see [`PASSED_ON`]).
+    passthrough: Bytes,
     body_len: usize,
     /// `Connection: close`: answer, then close.
     close: bool,
 }
 
+// Boxing the head would cost an allocation per request to shrink a value that lives briefly.
+#[allow(clippy::large_enum_variant)]
 enum ReadHead {
     Head(Head),
     /// Well-formed for HTTP but not for the gateway (a request target `Uri` refuses).
@@ -200,7 +205,7 @@ impl Conn {
             }
         }
         let body = self.buf.split_to(head.body_len).freeze();
-        let mut req = Request::new(RequestBody::full(body));
+        let mut req = Request::new(RequestBody::full(body).with_passthrough(head.passthrough));
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
         *req.version_mut() = Version::HTTP_11;
@@ -436,6 +441,7 @@ fn hex(mut n: usize, digits: &mut [u8; 16]) -> &[u8] {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // as `ReadHead`
 enum Parse {
     Partial,
     Head(Head),
@@ -473,6 +479,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     let mut spans = Vec::with_capacity(req.headers.len());
     let mut body_len = None;
     let mut close = false;
+    let mut pass_on = true;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"transfer-encoding")
@@ -489,8 +496,17 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
                 }
                 _ => return Parse::NotMine,
             }
-        } else if name.eq_ignore_ascii_case(b"connection") && has_token(h.value, b"close") {
-            close = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= has_token(h.value, b"close");
+            // Names listed in `connection` are hop-by-hop and must stay out of the lines
+            // passed on; rare enough to keep every header in the map then.
+            let listed = |t: &[u8]| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+            };
+            pass_on &= !h.value.split(|b| *b == b',').any(listed);
         }
         spans.push((
             h.name.as_ptr() as usize - base,
@@ -510,8 +526,21 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         return invalid("the request target is not a valid path");
     };
     let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut lines = BytesMut::new();
     for (n, nl, v, vl) in spans {
-        let Ok(name) = crate::upstream::h1::header_name(&raw[n..n + nl]) else {
+        let name = &raw[n..n + nl];
+        if pass_on && lookup(&KEPT, &[], name).is_none() {
+            // httparse has checked the name and the value: they go on as they came.
+            if lines.capacity() == 0 {
+                lines.reserve(len);
+            }
+            lines.extend_from_slice(name);
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(&raw[v..v + vl]);
+            lines.extend_from_slice(b"\r\n");
+            continue;
+        }
+        let Ok(name) = crate::upstream::h1::header_name(name) else {
             return invalid("a header name is not a token");
         };
         let Ok(value) = HeaderValue::from_maybe_shared(raw.slice(v..v + vl)) else {
@@ -523,10 +552,43 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         method,
         uri,
         headers,
+        passthrough: if lines.is_empty() {
+            Bytes::new()
+        } else {
+            lines.freeze()
+        },
         body_len: body_len.unwrap_or(0),
         close,
     })
 }
+
+/// The request headers read by the gateway (routing, auth, limits, tracing, framing) or by
+/// the admin API, and those that must not reach a backend as they came (hop-by-hop ones,
+/// credentials, `host`, `content-length`, `x-request-id`): these go in the request's map.
+/// Any other (`user-agent`, `accept`, an SDK's `x-stainless-*` ...) is passed on to the
+/// backend as a raw line: filling a `HeaderMap` with it and writing it out again cost about
+/// 600 instructions a header, and an SDK sends a dozen.
+const KEPT: [(&[u8], ()); 19] = [
+    (b"host", ()),
+    (b"content-type", ()),
+    (b"content-length", ()),
+    (b"api-key", ()),
+    (b"authorization", ()),
+    (b"ocp-apim-subscription-key", ()),
+    (b"x-admin-key", ()),
+    (b"x-request-id", ()),
+    (b"traceparent", ()),
+    (b"connection", ()),
+    (b"keep-alive", ()),
+    (b"proxy-connection", ()),
+    (b"proxy-authenticate", ()),
+    (b"proxy-authorization", ()),
+    (b"te", ()),
+    (b"trailer", ()),
+    (b"transfer-encoding", ()),
+    (b"upgrade", ()),
+    (b"expect", ()),
+];
 
 fn has_token(list: &[u8], token: &[u8]) -> bool {
     list.split(|b| *b == b',')

@@ -62,7 +62,7 @@ async fn start(header_timeout: Duration) -> Gateway {
             let mut mark = Unanswered(seen.clone(), false);
             let (parts, body) = req.into_parts();
             let how = match body {
-                RequestBody::Full(_) => "full",
+                RequestBody::Full { .. } => "full",
                 RequestBody::Streaming(_) => "streaming",
             };
             let resp: Response<BoxBody> = match parts.uri.path() {

@@ -552,7 +552,7 @@ enum Role {
     },
 }
 
-/// The names [`parse_head`] does not pass on as they came.
+/// The response headers [`parse_head`] does not pass on as they came.
 const ROLES: [(&[u8], Role); 16] = [
     (b"content-type", Role::Read),
     (b"content-length", Role::ContentLength),
@@ -572,28 +572,61 @@ const ROLES: [(&[u8], Role); 16] = [
     (b"upgrade", Role::Dropped),
 ];
 
-/// The role of a header by its name, in any case. Names are matched as sent first (Azure and
-/// most servers send them in lowercase), and only a name that matched nothing and has
-/// capitals is compared again ignoring case.
+/// The role of a response header by its name.
 fn role(name: &[u8]) -> Role {
-    if let Some(r) = role_by(name, |a, b| a == b) {
-        return r;
-    }
-    if name.iter().any(u8::is_ascii_uppercase) {
-        if let Some(r) = role_by(name, <[u8]>::eq_ignore_ascii_case) {
-            return r;
-        }
-    }
-    Role::Passed { date: false }
+    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
+    const PREFIXES: [(&[u8], Role); 2] = [
+        (b"x-ratelimit-", Role::Read),
+        (b"x-switchyard-", Role::Read),
+    ];
+    lookup(&ROLES, &PREFIXES, name).unwrap_or(Role::Passed { date: false })
 }
 
-fn role_by(name: &[u8], eq: impl Fn(&[u8], &[u8]) -> bool) -> Option<Role> {
-    if let Some(&(_, r)) = ROLES.iter().find(|(n, _)| eq(n, name)) {
-        return Some(r);
+/// What `table` says of `name` (or of a name `prefixes` start), in any case. Names are matched
+/// as sent first (Azure, SDKs and most servers send them in lowercase), and only a name that
+/// matched nothing and has capitals is compared again ignoring case.
+pub(crate) fn lookup<T: Copy>(
+    table: &[(&[u8], T)],
+    prefixes: &[(&[u8], T)],
+    name: &[u8],
+) -> Option<T> {
+    find(table, prefixes, name, |a, b| a == b).or_else(|| {
+        name.iter()
+            .any(u8::is_ascii_uppercase)
+            .then(|| find(table, prefixes, name, <[u8]>::eq_ignore_ascii_case))
+            .flatten()
+    })
+}
+
+// Generic over `eq` (not a function pointer) so that each comparison is inlined.
+fn find<T: Copy>(
+    table: &[(&[u8], T)],
+    prefixes: &[(&[u8], T)],
+    name: &[u8],
+    eq: impl Fn(&[u8], &[u8]) -> bool,
+) -> Option<T> {
+    if let Some(&(_, t)) = table.iter().find(|(n, _)| eq(n, name)) {
+        return Some(t);
     }
-    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
-    let read = |prefix: &[u8]| name.get(..prefix.len()).is_some_and(|n| eq(n, prefix));
-    (read(b"x-ratelimit-") || read(b"x-switchyard-")).then_some(Role::Read)
+    let starts = |p: &[u8]| name.get(..p.len()).is_some_and(|n| eq(n, p));
+    prefixes.iter().find(|(p, _)| starts(p)).map(|&(_, t)| t)
+}
+
+/// Adds `name: value\r\n` lines to `headers`, values sharing `lines`' bytes.
+pub(crate) fn append_lines(lines: &Bytes, headers: &mut HeaderMap) {
+    let mut at = 0;
+    while let Some(end) = memchr::memmem::find(&lines[at..], b"\r\n") {
+        let line = at..at + end;
+        at += end + 2;
+        let Some(colon) = memchr::memchr(b':', &lines[line.clone()]) else {
+            continue;
+        };
+        let name = header_name(&lines[line.start..line.start + colon]);
+        let value = HeaderValue::from_maybe_shared(lines.slice(line.start + colon + 2..line.end));
+        if let (Ok(name), Ok(value)) = (name, value) {
+            headers.append(name, value);
+        }
+    }
 }
 
 /// Response header lines a backend sent that the gateway neither reads nor sets, kept as bytes
@@ -621,20 +654,7 @@ impl RawHeaders {
     /// Adds the lines to `headers`, for hyper and for anything that reads a response's
     /// headers as a whole.
     pub fn append_to(self, headers: &mut HeaderMap) {
-        let mut at = 0;
-        while let Some(end) = memchr::memmem::find(&self.lines[at..], b"\r\n") {
-            let line = at..at + end;
-            at += end + 2;
-            let Some(colon) = memchr::memchr(b':', &self.lines[line.clone()]) else {
-                continue;
-            };
-            let name = header_name(&self.lines[line.start..line.start + colon]);
-            let value =
-                HeaderValue::from_maybe_shared(self.lines.slice(line.start + colon + 2..line.end));
-            if let (Ok(name), Ok(value)) = (name, value) {
-                headers.append(name, value);
-            }
-        }
+        append_lines(&self.lines, headers);
     }
 }
 

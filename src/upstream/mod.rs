@@ -84,6 +84,8 @@ pub struct OutboundRequest<'a> {
     /// The deployment travels in the JSON body's `model` (the v1 API).
     pub model_in_body: bool,
     pub headers: &'a HeaderMap,
+    /// Header lines (`name: value\r\n`) passed on as the client sent them, after `headers`.
+    pub passthrough: Bytes,
     pub body: Bytes,
     pub request_id: &'a HeaderValue,
     /// A WebSocket upgrade: the `Upgrade`/`Connection` pair is kept and HTTP/1.1 is used.
@@ -427,6 +429,7 @@ pub fn build_request(
     for (name, value) in forwarded(req) {
         headers.append(name.clone(), value.clone());
     }
+    h1::append_lines(&req.passthrough, &mut headers);
     if let Some((name, value)) = auth {
         headers.insert(name, value);
     }
@@ -510,7 +513,7 @@ pub fn encode_head(
     } else {
         0
     };
-    let mut out = Vec::with_capacity(512 + req.headers.len() * 48 + inline);
+    let mut out = Vec::with_capacity(512 + req.headers.len() * 48 + req.passthrough.len() + inline);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(url.base_path.as_bytes());
@@ -540,6 +543,7 @@ pub fn encode_head(
         line(&TRACEPARENT, tp);
     }
     line(&X_REQUEST_ID, req.request_id);
+    out.extend_from_slice(&req.passthrough);
     let bodiless = matches!(
         *req.method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
@@ -645,6 +649,7 @@ mod tests {
             deployment_span: Some(20..21),
             model_in_body: false,
             headers,
+            passthrough: Bytes::new(),
             body: Bytes::from_static(b"{}"),
             request_id,
             upgrade: false,
@@ -726,12 +731,28 @@ mod tests {
             deployment_span: None,
             model_in_body: false,
             headers: &h,
+            passthrough: Bytes::new(),
             body: Bytes::new(),
             request_id: &rid,
             upgrade: false,
         };
         let head = String::from_utf8(encode_head(&b, &get, None, 0, None, None).unwrap()).unwrap();
         assert!(!head.contains("content-length"), "{head}");
+        // Lines the listener passed on unread go out as they came, on either client.
+        let sdk = OutboundRequest {
+            passthrough: Bytes::from_static(
+                b"User-Agent: OpenAI/Python 1.54.0\r\nx-stainless-lang: python\r\n",
+            ),
+            ..get
+        };
+        let head = String::from_utf8(encode_head(&b, &sdk, None, 0, None, None).unwrap()).unwrap();
+        assert!(
+            head.ends_with("User-Agent: OpenAI/Python 1.54.0\r\nx-stainless-lang: python\r\n\r\n"),
+            "{head}"
+        );
+        let built = build_request(&b, &sdk, None, None, None).unwrap();
+        assert_eq!(built.headers()["user-agent"], "OpenAI/Python 1.54.0");
+        assert_eq!(built.headers()["x-stainless-lang"], "python");
         // A renamed deployment that would break the request line is refused, not sent.
         let err = encode_head(&b, &req, Some("a b\r\nx: y"), 2, None, None).unwrap_err();
         assert_eq!(err.kind, ErrorKind::BadRequest);
@@ -748,6 +769,7 @@ mod tests {
             deployment_span: None,
             model_in_body: true,
             headers: &h,
+            passthrough: Bytes::new(),
             body: body.clone(),
             request_id: &rid,
             upgrade: false,
