@@ -8,6 +8,7 @@
 #   ROUNDS=3 DUR=6 bash bench/cpu.sh
 #   BIN=/path/to/switchyard bash bench/cpu.sh   # another build
 #   BASE=/path/to/switchyard ROUNDS=6 bash bench/cpu.sh   # and a second build, in the same turns
+#   SDK=1 bash bench/cpu.sh          # requests with the headers the OpenAI Python SDK adds
 #
 # Rounds on this shared machine move by ±10-15 %: the targets take turns (their order rotating
 # each round) and the medians over all rounds are printed at the end.

@@ -56,10 +56,27 @@ start_side_by_side() {
 }
 
 # The chat completion the load runs send, as a wrk script in $1.
+# With SDK=1, each request also carries the headers the OpenAI Python SDK adds.
 chat_lua() {
   cat > "$1" <<'LUA'
 wrk.method = "POST"
 wrk.body   = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":8}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
+  if [ -n "${SDK:-}" ]; then
+    cat >> "$1" <<'LUA'
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["User-Agent"] = "AzureOpenAI/Python 1.54.0"
+wrk.headers["X-Stainless-Lang"] = "python"
+wrk.headers["X-Stainless-Package-Version"] = "1.54.0"
+wrk.headers["X-Stainless-OS"] = "Linux"
+wrk.headers["X-Stainless-Arch"] = "x64"
+wrk.headers["X-Stainless-Runtime"] = "CPython"
+wrk.headers["X-Stainless-Runtime-Version"] = "3.12.3"
+wrk.headers["X-Stainless-Async"] = "false"
+wrk.headers["x-stainless-retry-count"] = "0"
+wrk.headers["x-stainless-read-timeout"] = "600"
+LUA
+  fi
 }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::h1::{lookup, parse_length};
+use crate::upstream::h1::parse_length;
 
 /// hyper's own default; a head with more goes to hyper, which refuses it.
 const MAX_HEADERS: usize = 100;
@@ -482,37 +482,36 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     let mut pass_on = true;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Parse::NotMine;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            match parse_length(h.value) {
+        let role = request_role(name);
+        match role {
+            Role::NotMine => return Parse::NotMine,
+            Role::ContentLength => match parse_length(h.value) {
                 // One length, and small enough to read whole here.
                 Some(n) if body_len.is_none() && n <= MAX_BODY as u64 => {
                     body_len = Some(n as usize)
                 }
                 _ => return Parse::NotMine,
+            },
+            Role::Connection => {
+                close |= has_token(h.value, b"close");
+                // Names listed in `connection` are hop-by-hop and must stay out of the lines
+                // passed on; rare enough to keep every header in the map then.
+                let listed = |t: &[u8]| {
+                    let t = t.trim_ascii();
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"close")
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                };
+                pass_on &= !h.value.split(|b| *b == b',').any(listed);
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= has_token(h.value, b"close");
-            // Names listed in `connection` are hop-by-hop and must stay out of the lines
-            // passed on; rare enough to keep every header in the map then.
-            let listed = |t: &[u8]| {
-                let t = t.trim_ascii();
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case(b"close")
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-            };
-            pass_on &= !h.value.split(|b| *b == b',').any(listed);
+            Role::Kept | Role::Passed => {}
         }
         spans.push((
             h.name.as_ptr() as usize - base,
             name.len(),
             h.value.as_ptr() as usize - base,
             h.value.len(),
+            role == Role::Passed,
         ));
     }
     let raw = buf.split_to(len).freeze();
@@ -527,17 +526,32 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     };
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut lines = BytesMut::new();
-    for (n, nl, v, vl) in spans {
+    // Lines passed on are copied in runs: a line that starts where the last one ended, in
+    // the form `name: value\r\n`, joins its run.
+    let mut run = 0..0;
+    for (n, nl, v, vl, passed) in spans {
         let name = &raw[n..n + nl];
-        if pass_on && lookup(&KEPT, &[], name).is_none() {
+        if pass_on && passed {
             // httparse has checked the name and the value: they go on as they came.
             if lines.capacity() == 0 {
                 lines.reserve(len);
             }
-            lines.extend_from_slice(name);
-            lines.extend_from_slice(b": ");
-            lines.extend_from_slice(&raw[v..v + vl]);
-            lines.extend_from_slice(b"\r\n");
+            let end = v + vl;
+            let canonical = raw.get(n + nl..v) == Some(b": ");
+            if canonical && raw.get(end..end + 2) == Some(b"\r\n") {
+                if run.end != n {
+                    lines.extend_from_slice(&raw[run]);
+                    run = n..n;
+                }
+                run.end = end + 2;
+            } else {
+                lines.extend_from_slice(&raw[run]);
+                run = 0..0;
+                lines.extend_from_slice(name);
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(&raw[v..end]);
+                lines.extend_from_slice(b"\r\n");
+            }
             continue;
         }
         let Ok(name) = crate::upstream::h1::header_name(name) else {
@@ -548,6 +562,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         };
         headers.append(name, value);
     }
+    lines.extend_from_slice(&raw[run]);
     Parse::Head(Head {
         method,
         uri,
@@ -562,33 +577,58 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     })
 }
 
-/// The request headers read by the gateway (routing, auth, limits, tracing, framing) or by
-/// the admin API, and those that must not reach a backend as they came (hop-by-hop ones,
-/// credentials, `host`, `content-length`, `x-request-id`): these go in the request's map.
-/// Any other (`user-agent`, `accept`, an SDK's `x-stainless-*` ...) is passed on to the
-/// backend as a raw line: filling a `HeaderMap` with it and writing it out again cost about
-/// 600 instructions a header, and an SDK sends a dozen.
-const KEPT: [(&[u8], ()); 19] = [
-    (b"host", ()),
-    (b"content-type", ()),
-    (b"content-length", ()),
-    (b"api-key", ()),
-    (b"authorization", ()),
-    (b"ocp-apim-subscription-key", ()),
-    (b"x-admin-key", ()),
-    (b"x-request-id", ()),
-    (b"traceparent", ()),
-    (b"connection", ()),
-    (b"keep-alive", ()),
-    (b"proxy-connection", ()),
-    (b"proxy-authenticate", ()),
-    (b"proxy-authorization", ()),
-    (b"te", ()),
-    (b"trailer", ()),
-    (b"transfer-encoding", ()),
-    (b"upgrade", ()),
-    (b"expect", ()),
-];
+/// What the fast path does with a request header.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// Framing or protocol switches this path leaves to hyper.
+    NotMine,
+    ContentLength,
+    Connection,
+    /// Read by the gateway (routing, auth, limits, tracing) or by the admin API, or not to
+    /// reach a backend as it came (hop-by-hop, credentials, `host`, `x-request-id`): into the
+    /// request's map.
+    Kept,
+    /// Any other (`user-agent`, `accept`, an SDK's `x-stainless-*` ...): passed on to the
+    /// backend as a raw line. Filling a `HeaderMap` with it and writing it out again cost
+    /// about 600 instructions a header, and an SDK sends a dozen.
+    Passed,
+}
+
+/// The role of a request header by its name, in any case.
+fn request_role(name: &[u8]) -> Role {
+    // Lowercased on the stack for one `match`, which the compiler sorts by length. (Matching
+    // as sent first, then lowercasing names with capitals, cost more: most names pass on, and
+    // looking for capitals in them took longer than the copy.) No name below is longer than
+    // the buffer, so a longer one is passed on.
+    let mut lower = [0u8; 32];
+    let Some(name) = lower.get_mut(..name.len()).map(|l| {
+        l.copy_from_slice(name);
+        l.make_ascii_lowercase();
+        &*l
+    }) else {
+        return Role::Passed;
+    };
+    match name {
+        b"transfer-encoding" | b"upgrade" | b"expect" => Role::NotMine,
+        b"content-length" => Role::ContentLength,
+        b"connection" => Role::Connection,
+        b"host"
+        | b"content-type"
+        | b"api-key"
+        | b"authorization"
+        | b"ocp-apim-subscription-key"
+        | b"x-admin-key"
+        | b"x-request-id"
+        | b"traceparent"
+        | b"keep-alive"
+        | b"proxy-connection"
+        | b"proxy-authenticate"
+        | b"proxy-authorization"
+        | b"te"
+        | b"trailer" => Role::Kept,
+        _ => Role::Passed,
+    }
+}
 
 fn has_token(list: &[u8], token: &[u8]) -> bool {
     list.split(|b| *b == b',')

@@ -585,11 +585,7 @@ fn role(name: &[u8]) -> Role {
 /// What `table` says of `name` (or of a name `prefixes` start), in any case. Names are matched
 /// as sent first (Azure, SDKs and most servers send them in lowercase), and only a name that
 /// matched nothing and has capitals is compared again ignoring case.
-pub(crate) fn lookup<T: Copy>(
-    table: &[(&[u8], T)],
-    prefixes: &[(&[u8], T)],
-    name: &[u8],
-) -> Option<T> {
+fn lookup<T: Copy>(table: &[(&[u8], T)], prefixes: &[(&[u8], T)], name: &[u8]) -> Option<T> {
     find(table, prefixes, name, |a, b| a == b).or_else(|| {
         name.iter()
             .any(u8::is_ascii_uppercase)
