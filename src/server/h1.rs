@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::h1::parse_length;
+use crate::upstream::h1::{Lines, parse_length};
 
 /// hyper's own default; a head with more goes to hyper, which refuses it.
 const MAX_HEADERS: usize = 100;
@@ -525,35 +525,13 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         return invalid("the request target is not a valid path");
     };
     let mut headers = HeaderMap::with_capacity(spans.len());
-    let mut lines = BytesMut::new();
-    // Lines passed on are copied in runs: a line that starts where the last one ended, in
-    // the form `name: value\r\n`, joins its run.
-    let mut run = 0..0;
+    let mut lines = Lines::new(len);
     for (n, nl, v, vl, passed) in spans {
-        let name = &raw[n..n + nl];
         if pass_on && passed {
-            // httparse has checked the name and the value: they go on as they came.
-            if lines.capacity() == 0 {
-                lines.reserve(len);
-            }
-            let end = v + vl;
-            let canonical = raw.get(n + nl..v) == Some(b": ");
-            if canonical && raw.get(end..end + 2) == Some(b"\r\n") {
-                if run.end != n {
-                    lines.extend_from_slice(&raw[run]);
-                    run = n..n;
-                }
-                run.end = end + 2;
-            } else {
-                lines.extend_from_slice(&raw[run]);
-                run = 0..0;
-                lines.extend_from_slice(name);
-                lines.extend_from_slice(b": ");
-                lines.extend_from_slice(&raw[v..end]);
-                lines.extend_from_slice(b"\r\n");
-            }
+            lines.push(&raw, n..n + nl, v..v + vl);
             continue;
         }
+        let name = &raw[n..n + nl];
         let Ok(name) = crate::upstream::h1::header_name(name) else {
             return invalid("a header name is not a token");
         };
@@ -562,16 +540,11 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         };
         headers.append(name, value);
     }
-    lines.extend_from_slice(&raw[run]);
     Parse::Head(Head {
         method,
         uri,
         headers,
-        passthrough: if lines.is_empty() {
-            Bytes::new()
-        } else {
-            lines.freeze()
-        },
+        passthrough: lines.finish(&raw),
         body_len: body_len.unwrap_or(0),
         close,
     })
@@ -596,10 +569,10 @@ enum Role {
 
 /// The role of a request header by its name, in any case.
 fn request_role(name: &[u8]) -> Role {
-    // Lowercased on the stack for one `match`, which the compiler sorts by length. (Matching
-    // as sent first, then lowercasing names with capitals, cost more: most names pass on, and
-    // looking for capitals in them took longer than the copy.) No name below is longer than
-    // the buffer, so a longer one is passed on.
+    // Lowercased on the stack for one `match`, which the compiler sorts by length. (A table
+    // scan, and matching as sent before lowercasing names with capitals, both measured
+    // costlier: most names match nothing, and looking for capitals in them took longer than
+    // the copy.) No name below is longer than the buffer, so a longer one is passed on.
     let mut lower = [0u8; 32];
     let Some(name) = lower.get_mut(..name.len()).map(|l| {
         l.copy_from_slice(name);

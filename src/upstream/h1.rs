@@ -428,14 +428,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     }
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    let mut passthrough = BytesMut::new();
+    let mut passthrough = Lines::new(len);
     let mut date = false;
     let mut keep_alive = version == Version::HTTP_11;
     let mut transfer_coding = None;
     let mut length = Length::Absent;
-    // Lines passed on are copied in runs: a line that starts where the last one ended, in
-    // the form `name: value\r\n`, joins its run.
-    let mut run = 0..0;
     for &(n, nl, v, vl) in &spans[..count] {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
         let name_bytes = &raw[n..n + nl];
@@ -469,42 +466,19 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
                 headers.append(name, value);
             }
             Role::Passed { date: is_date } => {
-                // httparse has checked the name and the value: they go on as they came.
                 date |= is_date;
-                if passthrough.capacity() == 0 {
-                    // The head's length: room for all of them but in odd cases.
-                    passthrough.reserve(len);
-                }
-                let end = v + vl;
-                let canonical = raw.get(n + nl..v) == Some(b": ");
-                if canonical && raw.get(end..end + 2) == Some(b"\r\n") {
-                    if run.end != n {
-                        passthrough.extend_from_slice(&raw[run]);
-                        run = n..n;
-                    }
-                    run.end = end + 2;
-                } else {
-                    passthrough.extend_from_slice(&raw[run]);
-                    run = 0..0;
-                    passthrough.extend_from_slice(name_bytes);
-                    passthrough.extend_from_slice(b": ");
-                    passthrough.extend_from_slice(value);
-                    passthrough.extend_from_slice(b"\r\n");
-                }
+                passthrough.push(&raw, n..n + nl, v..v + vl);
             }
         }
     }
-    passthrough.extend_from_slice(&raw[run]);
     // Chunked only when it is the final coding; any other is read until close.
     let chunked = transfer_coding.map(|last| {
         last.rsplit(|b| *b == b',')
             .next()
             .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     });
-    let passthrough = (!passthrough.is_empty()).then(|| RawHeaders {
-        lines: passthrough.freeze(),
-        date,
-    });
+    let lines = passthrough.finish(&raw);
+    let passthrough = (!lines.is_empty()).then_some(RawHeaders { lines, date });
     Ok(Some(Head {
         status,
         version,
@@ -572,40 +546,89 @@ const ROLES: [(&[u8], Role); 16] = [
     (b"upgrade", Role::Dropped),
 ];
 
-/// The role of a response header by its name.
+/// The role of a response header by its name, in any case. Names are matched as sent first
+/// (backends send them in lowercase), and only a name that matched nothing and has capitals
+/// is compared again ignoring case.
 fn role(name: &[u8]) -> Role {
-    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
-    const PREFIXES: [(&[u8], Role); 2] = [
-        (b"x-ratelimit-", Role::Read),
-        (b"x-switchyard-", Role::Read),
-    ];
-    lookup(&ROLES, &PREFIXES, name).unwrap_or(Role::Passed { date: false })
-}
-
-/// What `table` says of `name` (or of a name `prefixes` start), in any case. Names are matched
-/// as sent first (Azure, SDKs and most servers send them in lowercase), and only a name that
-/// matched nothing and has capitals is compared again ignoring case.
-fn lookup<T: Copy>(table: &[(&[u8], T)], prefixes: &[(&[u8], T)], name: &[u8]) -> Option<T> {
-    find(table, prefixes, name, |a, b| a == b).or_else(|| {
-        name.iter()
-            .any(u8::is_ascii_uppercase)
-            .then(|| find(table, prefixes, name, <[u8]>::eq_ignore_ascii_case))
-            .flatten()
-    })
+    find_role(name, |a, b| a == b)
+        .or_else(|| {
+            name.iter()
+                .any(u8::is_ascii_uppercase)
+                .then(|| find_role(name, <[u8]>::eq_ignore_ascii_case))
+                .flatten()
+        })
+        .unwrap_or(Role::Passed { date: false })
 }
 
 // Generic over `eq` (not a function pointer) so that each comparison is inlined.
-fn find<T: Copy>(
-    table: &[(&[u8], T)],
-    prefixes: &[(&[u8], T)],
-    name: &[u8],
-    eq: impl Fn(&[u8], &[u8]) -> bool,
-) -> Option<T> {
-    if let Some(&(_, t)) = table.iter().find(|(n, _)| eq(n, name)) {
-        return Some(t);
+fn find_role(name: &[u8], eq: impl Fn(&[u8], &[u8]) -> bool) -> Option<Role> {
+    if let Some(&(_, r)) = ROLES.iter().find(|(n, _)| eq(n, name)) {
+        return Some(r);
     }
+    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
     let starts = |p: &[u8]| name.get(..p.len()).is_some_and(|n| eq(n, p));
-    prefixes.iter().find(|(p, _)| starts(p)).map(|&(_, t)| t)
+    (starts(b"x-ratelimit-") || starts(b"x-switchyard-")).then_some(Role::Read)
+}
+
+/// Header lines passed on as they came, gathered into one buffer. A line already in the form
+/// `name: value\r\n` that starts where the previous one ended joins its run, and a run is
+/// copied at once.
+pub(crate) struct Lines {
+    buf: BytesMut,
+    run: std::ops::Range<usize>,
+    /// The head's length: room for every line but in odd cases.
+    room: usize,
+}
+
+impl Lines {
+    #[inline]
+    pub(crate) fn new(head_len: usize) -> Self {
+        Lines {
+            buf: BytesMut::new(),
+            run: 0..0,
+            room: head_len,
+        }
+    }
+
+    /// Adds the header whose name and value are at these positions of `raw` (which httparse
+    /// has checked).
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        raw: &[u8],
+        name: std::ops::Range<usize>,
+        value: std::ops::Range<usize>,
+    ) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(self.room);
+        }
+        let canonical = raw.get(name.end..value.start) == Some(b": ");
+        if canonical && raw.get(value.end..value.end + 2) == Some(b"\r\n") {
+            if self.run.end != name.start {
+                self.buf.extend_from_slice(&raw[self.run.clone()]);
+                self.run = name.start..name.start;
+            }
+            self.run.end = value.end + 2;
+        } else {
+            self.buf
+                .extend_from_slice(&raw[std::mem::replace(&mut self.run, 0..0)]);
+            self.buf.extend_from_slice(&raw[name]);
+            self.buf.extend_from_slice(b": ");
+            self.buf.extend_from_slice(&raw[value]);
+            self.buf.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The lines; empty, with nothing allocated, when there are none.
+    #[inline]
+    pub(crate) fn finish(mut self, raw: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(&raw[self.run]);
+        if self.buf.is_empty() {
+            Bytes::new()
+        } else {
+            self.buf.freeze()
+        }
+    }
 }
 
 /// Adds `name: value\r\n` lines to `headers`, values sharing `lines`' bytes.
