@@ -145,7 +145,7 @@ struct Head {
     uri: Uri,
     /// The headers the gateway reads, or that must not reach a backend as they came.
     headers: HeaderMap,
-    /// The rest, as `name: value\r\n` lines (see [`PASSED_ON`]).
+    /// The rest, as `name: value\r\n` lines (see [`Role::Passed`]).
     passthrough: Bytes,
     body_len: usize,
     /// `Connection: close`: answer, then close.
