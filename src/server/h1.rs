@@ -264,11 +264,9 @@ impl Conn {
             out.extend_from_slice(b"\r\n");
         }
         if let Some(raw) = &passthrough {
-            out.extend_from_slice(raw.lines());
+            out.extend_from_slice(&raw.lines);
         }
-        if !headers.contains_key(header::DATE)
-            && !passthrough.as_ref().is_some_and(|r| r.has_date())
-        {
+        if !headers.contains_key(header::DATE) && !passthrough.as_ref().is_some_and(|r| r.date) {
             out.extend_from_slice(b"date: ");
             out.extend_from_slice(self.date.now());
             out.extend_from_slice(b"\r\n");

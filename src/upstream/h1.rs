@@ -502,7 +502,7 @@ pub fn parse_response_head(bytes: &[u8]) -> Result<Option<(HeaderMap, usize, usi
     let mut headers = head.headers;
     let read = headers.len();
     let lines = head.passthrough.map_or(0, |raw| {
-        let lines = memchr::memmem::find_iter(raw.lines(), b"\r\n").count();
+        let lines = memchr::memmem::find_iter(&raw.lines, b"\r\n").count();
         raw.append_to(&mut headers);
         lines
     });
@@ -654,7 +654,7 @@ pub(crate) fn append_lines(lines: &Bytes, headers: &mut HeaderMap) {
 /// (`apim-request-id`, `x-ms-region`, `azureml-model-session`, ...). They travel with the
 /// response's body ([`crate::body::BoxBody`]); the HTTP/1.1 server writes them after the map,
 /// and anything else puts them in the map first ([`RawHeaders::append_to`]).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RawHeaders {
     pub(crate) lines: Bytes,
     /// Whether one of them is `date`, which the server would otherwise add.
@@ -662,14 +662,6 @@ pub struct RawHeaders {
 }
 
 impl RawHeaders {
-    pub fn lines(&self) -> &[u8] {
-        &self.lines
-    }
-
-    pub fn has_date(&self) -> bool {
-        self.date
-    }
-
     /// Adds the lines to `headers`, for hyper and for anything that reads a response's
     /// headers as a whole.
     pub fn append_to(self, headers: &mut HeaderMap) {
