@@ -151,25 +151,52 @@ fn main() -> ExitCode {
         .or_else(|| std::env::var("SWITCHYARD_LOG_FORMAT").ok())
         .is_some_and(|f| f == "json");
     switchyard::telemetry::init_logging(default_log, json);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("SWITCHYARD_WORKERS")
+    let threads = std::env::var("SWITCHYARD_WORKERS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-    {
-        builder.worker_threads(n);
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    if matches!(cli.command, Command::Serve { .. }) {
+        // One single-threaded runtime per core, this thread's among them (see
+        // `switchyard::server::Workers`).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let runtime = match runtime {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let workers = match switchyard::server::Workers::start(threads - 1) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: cannot start the worker threads: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let code = runtime.block_on(run(cli.command, workers.handles()));
+        workers.stop();
+        return code;
     }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(cli.command, &[]))
 }
 
-async fn run(command: Command) -> ExitCode {
+/// `workers`: runtimes that serve the gateway's client connections beside this one.
+async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
     match command {
         Command::Health { url } => {
             match switchyard::probe::health(&url, Duration::from_secs(3)).await {
@@ -200,7 +227,7 @@ async fn run(command: Command) -> ExitCode {
             };
             let shutdown = stop_on_signal();
             let source = switchyard::server::ConfigSource::file(config.clone());
-            match switchyard::server::start_with(cfg, Some(source), shutdown).await {
+            match switchyard::server::start_on(cfg, Some(source), shutdown, workers).await {
                 Ok(gw) => {
                     gw.wait().await;
                     tracing::info!("stopped");

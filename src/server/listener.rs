@@ -72,17 +72,22 @@ pub struct ConnMetrics {
 }
 
 /// How a listener serves its connections.
+#[derive(Clone)]
 pub struct ListenOptions {
     /// In-flight requests get this long to finish after shutdown.
     pub grace: Duration,
     /// Longest wait for a request head or a TLS handshake; also the keep-alive idle limit.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// `max_connections` places, shared by every accept loop on the listener (one per worker
+    /// runtime).
+    pub slots: Arc<Semaphore>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: ConnMetrics,
 }
 
-/// Accepts connections until `shutdown`, then drains them for at most `grace`.
+/// Accepts connections until `shutdown`, then drains them for at most `grace`. Several loops
+/// may accept on one socket (each worker runtime runs one on its own copy of it).
 /// Connection tasks live in a `JoinSet`, so any still running after the grace period are
 /// aborted when it drops: no task outlives the server.
 pub async fn serve<F, Fut>(
@@ -95,7 +100,6 @@ pub async fn serve<F, Fut>(
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
     let mut connections = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(options.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently drops its header read timeout: a client that sends
     // half a request head and goes quiet would hold its connection forever (slowloris).
@@ -129,7 +133,7 @@ pub async fn serve<F, Fut>(
                 };
                 // Past the cap a connection is closed at once: the process keeps the file
                 // descriptors and memory it needs for the connections it already serves.
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                let Ok(permit) = options.slots.clone().try_acquire_owned() else {
                     options.metrics.refused.inc();
                     // One line per burst of refusals, not one per connection.
                     if last_refusal_logged.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {

@@ -69,10 +69,32 @@ pub struct Pools {
     tls: TlsConnector,
     /// As given, without the ALPN setting: for the other clients built later.
     client_config: Arc<rustls::ClientConfig>,
+    /// Runtimes serving requests, each with idle lists of its own.
+    workers: usize,
+}
+
+thread_local! {
+    /// The runtime this thread drives, as an index into every backend's idle lists. Set once,
+    /// when a worker thread starts ([`enter_worker`]); 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as the one driving worker runtime `index`. A connection is registered
+/// with the reactor and timer of the runtime that opened it; used from another runtime's task,
+/// each readiness event would be a wake-up across threads, and its reads would wait on the
+/// other runtime's turn at its reactor. So each worker takes and returns connections from
+/// lists of its own.
+pub fn enter_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 impl Pools {
     pub fn new(client_config: Arc<rustls::ClientConfig>) -> Self {
+        Self::with_workers(client_config, 1)
+    }
+
+    /// Pools for `workers` runtimes, each with idle lists of its own (see [`enter_worker`]).
+    pub fn with_workers(client_config: Arc<rustls::ClientConfig>, workers: usize) -> Self {
         let mut tls = (*client_config).clone();
         // This client speaks HTTP/1.1 only; say so, so a backend never picks h2 for us.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -80,6 +102,7 @@ impl Pools {
             hosts: Mutex::new(Vec::new()),
             tls: TlsConnector::from(Arc::new(tls)),
             client_config,
+            workers: workers.max(1),
         }
     }
 
@@ -110,7 +133,7 @@ impl Pools {
             port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
             host,
             tls: self.tls.clone(),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..self.workers).map(|_| Mutex::new(Vec::new())).collect(),
         });
         hosts.push(pool.clone());
         pool
@@ -132,10 +155,10 @@ impl Pools {
     /// Closes the connections idle since before `now - IDLE_TIMEOUT`.
     fn sweep_once(&self, now: Instant) {
         let hosts = crate::sync::lock(&self.hosts).clone();
-        for h in hosts {
+        for idle in hosts.iter().flat_map(|h| h.idle.iter()) {
             // Dropped outside the lock: closing a TLS connection does some work.
             let expired: Vec<Idle> = {
-                let mut idle = crate::sync::lock(&h.idle);
+                let mut idle = crate::sync::lock(idle);
                 // Oldest first: the list is used from its end.
                 let keep = idle
                     .iter()
@@ -152,7 +175,8 @@ impl Pools {
     fn idle_count(&self) -> usize {
         crate::sync::lock(&self.hosts)
             .iter()
-            .map(|h| crate::sync::lock(&h.idle).len())
+            .flat_map(|h| h.idle.iter())
+            .map(|idle| crate::sync::lock(idle).len())
             .sum()
     }
 }
@@ -164,7 +188,8 @@ pub struct HostPool {
     host: String,
     port: u16,
     tls: TlsConnector,
-    idle: Mutex<Vec<Idle>>,
+    /// One list per worker runtime.
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 struct Idle {
@@ -175,16 +200,23 @@ struct Idle {
 impl HostPool {
     /// The most recently used idle connection that is still open.
     fn checkout(&self) -> Option<Conn> {
+        let idle = self.own_idle();
         loop {
-            let mut conn = crate::sync::lock(&self.idle).pop()?.conn;
+            let mut conn = crate::sync::lock(idle).pop()?.conn;
             if conn.is_open() {
                 return Some(conn);
             }
         }
     }
 
+    /// This thread's runtime's idle list.
+    fn own_idle(&self) -> &Mutex<Vec<Idle>> {
+        let i = WORKER.with(|w| w.get());
+        &self.idle[i % self.idle.len()]
+    }
+
     fn checkin(&self, conn: Conn) {
-        let mut idle = crate::sync::lock(&self.idle);
+        let mut idle = crate::sync::lock(self.own_idle());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 conn,

@@ -656,3 +656,48 @@ async fn headers_the_gateway_does_not_read_pass_on_as_sent() {
     assert_eq!(h["x-padded"], "v");
     assert_eq!(h.len(), 10);
 }
+
+/// A connection is registered with the reactor and timer of the runtime that opened it, so
+/// each worker runtime takes back only the connections it opened itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn each_worker_reuses_only_its_own_connections() {
+    let ok = || reply("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+    let b = backend(vec![ok(), ok(), ok(), ok()]).await;
+    let pools = Arc::new(Pools::with_workers(
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+        2,
+    ));
+    let pool = pools.host(false, &b.authority);
+    get(&pool, "/a").await.unwrap();
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+    let p = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        enter_worker(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            get(&p, "/b").await.unwrap();
+            get(&p, "/c").await.unwrap();
+        });
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        b.accepts.load(Ordering::SeqCst),
+        2,
+        "worker 1 opened one of its own and reused it"
+    );
+    get(&pool, "/d").await.unwrap();
+    assert_eq!(
+        b.accepts.load(Ordering::SeqCst),
+        2,
+        "worker 0 reused its own"
+    );
+    assert_eq!(pools.idle_count(), 2);
+}
