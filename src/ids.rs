@@ -5,10 +5,25 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Makes ids unique within one generator: SipHash of a counter under a random key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IdGen {
     counter: AtomicU64,
     key: RandomState,
+    /// A random key for request ids, drawn once from `key`.
+    id_key: u64,
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        let key = RandomState::new();
+        let mut h = key.build_hasher();
+        h.write_u64(u64::MAX);
+        IdGen {
+            counter: AtomicU64::new(0),
+            id_key: h.finish(),
+            key,
+        }
+    }
 }
 
 impl IdGen {
@@ -23,24 +38,23 @@ impl IdGen {
         h.finish()
     }
 
-    /// A version-4-shaped UUID as ASCII bytes, without allocating (one per request). One keyed
-    /// hash per id: the second half is mixed from the first (64 bits unique per generator are
-    /// plenty for request ids, and the hash was half the cost of an id).
+    /// A version-4-shaped UUID as ASCII bytes, without allocating (one per request). A request
+    /// id needs to be unique, not secret: SplitMix64 (a bijection) of the counter under a
+    /// random key, the second half mixed from the first; SipHash and a nibble at a time were
+    /// most of an id's cost. (Trace ids keep [`Self::next_u64`].)
     pub fn uuid_v4_bytes(&self) -> [u8; 36] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let h = self.next_u64();
+        // Where each byte's two hex digits go, around the dashes.
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let h = splitmix64(n ^ self.id_key);
         let a = (h & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
         let b = (splitmix64(h) & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&a.to_be_bytes());
+        bytes[8..].copy_from_slice(&b.to_be_bytes());
         let mut out = [b'-'; 36];
-        let mut pos = 0;
-        for (word, nibbles) in [(a, 16), (b, 16)] {
-            for k in (0..nibbles).rev() {
-                if matches!(pos, 8 | 13 | 18 | 23) {
-                    pos += 1;
-                }
-                out[pos] = HEX[((word >> (k * 4)) & 0xf) as usize];
-                pos += 1;
-            }
+        for (&at, &byte) in AT.iter().zip(&bytes) {
+            out[at..at + 2].copy_from_slice(&HEX_PAIRS[byte as usize]);
         }
         out
     }
@@ -59,6 +73,18 @@ impl IdGen {
         )
     }
 }
+
+/// Each byte's two lowercase hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 /// SplitMix64's output function: a bijection that spreads every input bit over the output.
 fn splitmix64(x: u64) -> u64 {
@@ -90,5 +116,16 @@ mod tests {
         assert_eq!(&c[14..15], "4");
         assert!(matches!(&c[19..20], "8" | "9" | "a" | "b"), "{c}");
         assert_ne!(c, g.uuid_v4());
+        let many: std::collections::HashSet<[u8; 36]> =
+            (0..10_000).map(|_| g.uuid_v4_bytes()).collect();
+        assert_eq!(many.len(), 10_000);
+        let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+        assert!(many.iter().all(|id| id.iter().enumerate().all(|(i, b)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                *b == b'-'
+            } else {
+                hex(b)
+            }
+        })));
     }
 }

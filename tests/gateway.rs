@@ -297,6 +297,39 @@ async fn the_backend_never_sees_the_clients_credentials() {
     gw.stop().await;
 }
 
+/// A backend's own `x-request-id` and `x-switchyard-*` answer headers are replaced by the
+/// gateway's, never sent beside them; other `x-switchyard-` names pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_headers_replace_a_backends_own() {
+    let (url, _server) = common::scripted_backend(
+        400,
+        vec![
+            ("x-request-id", "from-backend".to_string()),
+            ("x-switchyard-backend", "spoofed".to_string()),
+            ("x-switchyard-attempts", "9".to_string()),
+            ("x-switchyard-hop", "inner".to_string()),
+        ],
+    )
+    .await;
+    let gw = gateway(&[B::url("only", url)], "", "").await;
+    let r = post_chat(&client(), &gw.base).await;
+    assert_eq!(r.status(), 400);
+    let all = |name: &str| -> Vec<String> {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(all("x-switchyard-backend"), ["only"]);
+    assert_eq!(all("x-switchyard-attempts"), ["1"]);
+    assert_eq!(all("x-switchyard-hop"), ["inner"]);
+    let ids = all("x-request-id");
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_ne!(ids[0], "from-backend");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_and_request_ids_reach_the_client() {
     let s = start_sim(sim("east")).await;

@@ -546,11 +546,12 @@ pub fn parse_response_head(bytes: &[u8]) -> Result<Option<(HeaderMap, usize, usi
 enum Role {
     Connection,
     TransferEncoding,
-    /// Hop-by-hop, or the backend's `x-request-id` (the gateway answers with its own).
+    /// Hop-by-hop, or one the gateway answers with its own (`x-request-id`,
+    /// `x-switchyard-backend`, `x-switchyard-attempts`).
     Dropped,
     ContentLength,
-    /// Read by the gateway (`balancer::hints`, `balancer::signals`, the handler) or set by
-    /// it: into the response's map.
+    /// Read by the gateway (`balancer::hints`, `balancer::signals`, the handler), or set by
+    /// it for a consumer's limits (`x-ratelimit-remaining-*`): into the response's map.
     Read,
     /// Neither: passed on as a raw line.
     Passed {
@@ -559,14 +560,17 @@ enum Role {
 }
 
 /// The response headers [`parse_head`] does not pass on as they came.
-const ROLES: [(&[u8], Role); 16] = [
+const ROLES: [(&[u8], Role); 18] = [
     (b"content-type", Role::Read),
     (b"content-length", Role::ContentLength),
     (b"date", Role::Passed { date: true }),
     (b"retry-after", Role::Read),
     (b"retry-after-ms", Role::Read),
     (b"x-ms-retry-after-ms", Role::Read),
+    // The gateway sets these itself.
     (b"x-request-id", Role::Dropped),
+    (b"x-switchyard-backend", Role::Dropped),
+    (b"x-switchyard-attempts", Role::Dropped),
     (b"connection", Role::Connection),
     (b"transfer-encoding", Role::TransferEncoding),
     (b"keep-alive", Role::Dropped),
@@ -597,9 +601,9 @@ fn find_role(name: &[u8], eq: impl Fn(&[u8], &[u8]) -> bool) -> Option<Role> {
     if let Some(&(_, r)) = ROLES.iter().find(|(n, _)| eq(n, name)) {
         return Some(r);
     }
-    // Set by the gateway, or read as a family (`x-ratelimit-remaining-tokens`, ...).
+    // Read as a family (`x-ratelimit-remaining-tokens`, ...), and the gateway may set its own.
     let starts = |p: &[u8]| name.get(..p.len()).is_some_and(|n| eq(n, p));
-    (starts(b"x-ratelimit-") || starts(b"x-switchyard-")).then_some(Role::Read)
+    starts(b"x-ratelimit-").then_some(Role::Read)
 }
 
 /// Header lines passed on as they came, gathered into one buffer. A line already in the form

@@ -575,10 +575,15 @@ fn boxed(b: hyper::body::Incoming) -> BoxBody {
     BoxBody::new(b.map_err(|e| -> BoxError { Box::new(e) }))
 }
 
-/// Drops hop-by-hop headers from a backend's response before it goes to the client.
+/// Drops hop-by-hop headers, and those the gateway answers with its own, from a backend's
+/// response before it goes to the client.
 fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     // Prepared names: removing by `&str` parses each name again for every response.
-    static NAMES: [HeaderName; 9] = [
+    static NAMES: [HeaderName; 12] = [
+        // The gateway answers with its own.
+        HeaderName::from_static("x-request-id"),
+        HeaderName::from_static("x-switchyard-backend"),
+        HeaderName::from_static("x-switchyard-attempts"),
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
