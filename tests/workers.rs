@@ -1,5 +1,6 @@
-//! Worker runtimes (`server::Workers`): the client listener served by single-threaded runtimes
-//! beside the one that started the gateway, as `switchyard serve` runs it.
+//! Worker runtimes (`server::Workers`): the client listener's connections served by
+//! single-threaded runtimes beside the one that started the gateway, as `switchyard serve`
+//! runs it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -7,10 +8,56 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use switchyard::config::Config;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+const ANSWER: &str = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+
+/// A keep-alive backend that answers every request with `ANSWER`; counts its connections.
+async fn backend() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut sock = tokio::io::BufReader::new(sock);
+                loop {
+                    let mut len = 0;
+                    loop {
+                        let mut line = String::new();
+                        if sock.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            len = value.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    sock.read_exact(&mut body).await.unwrap();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+                        ANSWER.len()
+                    );
+                    sock.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
 
 /// One keep-alive chat completion over `conn`: the status line and the body.
 fn chat(conn: &mut BufReader<TcpStream>) -> (String, String) {
@@ -40,25 +87,23 @@ fn chat(conn: &mut BufReader<TcpStream>) -> (String, String) {
     }
     let mut body = vec![0; len];
     conn.read_exact(&mut body).unwrap();
-    (
-        status.trim_end().to_string(),
-        String::from_utf8(body).unwrap(),
-    )
+    (status.trim_end().to_string(), String::from_utf8(body).unwrap())
 }
 
-/// While the runtime that started the gateway is not running at all, a worker alone accepts
-/// the connections, proxies them over backend connections of its own and answers; shutdown
-/// then ends its accept loop and connections, and the worker thread stops.
+/// Two connections open at once go to two runtimes: the one that accepts keeps the first and
+/// hands the second to the worker, which has none. Each runtime then reaches the backend over
+/// a connection of its own and reuses it, so requests in turns over the two client
+/// connections open exactly two backend connections. Shutdown ends both.
 #[test]
-fn a_worker_runtime_serves_connections_on_its_own() {
+fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connections() {
     switchyard::install_crypto_provider();
     let backends_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let (sims, bs) = backends_rt.block_on(common::start_sims(&["a"]));
-    let text = common::config_text(&bs, "", "", "");
+    let (url, backend_conns) = backends_rt.block_on(backend());
+    let text = common::config_text(&[common::B::url("only", url)], "", "", "");
     let cfg = Config::parse(&text, &|_: &str| None).unwrap();
 
     let main = tokio::runtime::Builder::new_current_thread()
@@ -67,41 +112,53 @@ fn a_worker_runtime_serves_connections_on_its_own() {
         .unwrap();
     let workers = switchyard::server::Workers::start(1).unwrap();
     let shutdown = CancellationToken::new();
-    let gw = main
-        .block_on(switchyard::server::start_on(
-            cfg,
-            None,
-            shutdown.clone(),
-            workers.handles(),
-        ))
-        .unwrap();
-
-    // `main` is not driven from here on: its accept loop never runs.
-    let mut conns: Vec<_> = (0..3)
-        .map(|_| {
-            let s = TcpStream::connect(gw.addr).unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| {
+            main.block_on(async {
+                let gw = switchyard::server::start_on(
+                    cfg,
+                    None,
+                    shutdown.clone(),
+                    workers.handles(),
+                )
+                .await
+                .unwrap();
+                addr_tx.send(gw.addr).unwrap();
+                shutdown.cancelled().await;
+                gw.wait().await;
+            })
+        });
+        // Cancelled however this closure ends, a failed assertion included, so the serving
+        // thread ends and the scope can join it.
+        let _stop = shutdown.clone().drop_guard();
+        let addr = addr_rx.recv().unwrap();
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             BufReader::new(s)
-        })
-        .collect();
-    for round in 0..2 {
-        for c in &mut conns {
-            let (status, body) = chat(c);
-            assert_eq!(status, "HTTP/1.1 200 OK", "round {round}: {body}");
-            assert!(body.contains("\"usage\""), "{body}");
+        };
+        let mut first = connect();
+        assert_eq!(chat(&mut first).0, "HTTP/1.1 200 OK");
+        let mut second = connect();
+        for round in 0..3 {
+            for c in [&mut second, &mut first] {
+                let (status, body) = chat(c);
+                assert_eq!(status, "HTTP/1.1 200 OK", "round {round}: {body}");
+                assert_eq!(body, ANSWER);
+            }
         }
-    }
-    assert_eq!(sims[0].stats().ok, 6);
-
-    shutdown.cancel();
-    main.block_on(gw.wait());
-    let mut rest = Vec::new();
-    let closed = conns[0].read_to_end(&mut rest).unwrap();
-    assert_eq!(closed, 0, "idle connections are closed at shutdown");
-    workers.stop();
-    backends_rt.block_on(async {
-        for s in sims {
-            s.stop().await;
+        assert_eq!(
+            backend_conns.load(Ordering::SeqCst),
+            2,
+            "one backend connection per runtime, each reused"
+        );
+        shutdown.cancel();
+        serving.join().unwrap();
+        for c in [&mut first, &mut second] {
+            let mut rest = Vec::new();
+            assert_eq!(c.read_to_end(&mut rest).unwrap(), 0, "closed at shutdown");
         }
     });
+    workers.stop();
 }

@@ -215,7 +215,10 @@ mod tests {
         hm.append("x-ratelimit-remaining-requests", "1".parse().unwrap());
         hm.insert("x-ratelimit-remaining-tokens", "many".parse().unwrap());
         h.observe(&hm, t0);
-        assert!(h.tokens.is_none(), "a value that is no number is no reading");
+        assert!(
+            h.tokens.is_none(),
+            "a value that is no number is no reading"
+        );
         assert_eq!(h.requests.map(|r| r.remaining), Some(5.0));
         hm.insert("x-ratelimit-remaining-tokens", "900".parse().unwrap());
         h.observe(&hm, t0);

@@ -119,6 +119,7 @@ async fn start(header_timeout: Duration) -> Gateway {
         header_read_timeout: header_timeout,
         max_connections: 100,
         slots: Arc::new(tokio::sync::Semaphore::new(100)),
+        spread: None,
         tls: None,
         metrics: ConnMetrics::default(),
     };

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -16,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -72,22 +73,60 @@ pub struct ConnMetrics {
 }
 
 /// How a listener serves its connections.
-#[derive(Clone)]
 pub struct ListenOptions {
     /// In-flight requests get this long to finish after shutdown.
     pub grace: Duration,
     /// Longest wait for a request head or a TLS handshake; also the keep-alive idle limit.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
-    /// `max_connections` places, shared by every accept loop on the listener (one per worker
-    /// runtime).
     pub slots: Arc<Semaphore>,
+    /// The runtimes that serve the accepted connections, when there are several.
+    pub spread: Option<Arc<Spread>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: ConnMetrics,
 }
 
-/// Accepts connections until `shutdown`, then drains them for at most `grace`. Several loops
-/// may accept on one socket (each worker runtime runs one on its own copy of it).
+/// Runtimes that serve a listener's connections, and how many each has open. A connection is
+/// served from start to end by the runtime with the fewest: left to whichever runtime woke
+/// first to accept, one runtime could end up with all 64 connections of a benchmark run while
+/// the other idled.
+pub struct Spread {
+    /// The accepting runtime first.
+    runtimes: Vec<(tokio::runtime::Handle, AtomicUsize)>,
+}
+
+impl Spread {
+    /// `runtimes[0]` is the one that accepts.
+    pub fn new(runtimes: Vec<tokio::runtime::Handle>) -> Spread {
+        Spread {
+            runtimes: runtimes
+                .into_iter()
+                .map(|h| (h, AtomicUsize::new(0)))
+                .collect(),
+        }
+    }
+
+    /// The runtime with the fewest open connections (the accepting one on a tie), now
+    /// counting one more.
+    fn take(&self) -> usize {
+        let mut best = 0;
+        let mut fewest = usize::MAX;
+        for (i, (_, open)) in self.runtimes.iter().enumerate() {
+            let n = open.load(Ordering::Relaxed);
+            if n < fewest {
+                (best, fewest) = (i, n);
+            }
+        }
+        self.runtimes[best].1.fetch_add(1, Ordering::Relaxed);
+        best
+    }
+
+    fn release(&self, i: usize) {
+        self.runtimes[i].1.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts connections until `shutdown`, then drains them for at most `grace`.
 /// Connection tasks live in a `JoinSet`, so any still running after the grace period are
 /// aborted when it drops: no task outlives the server.
 pub async fn serve<F, Fut>(
@@ -143,34 +182,36 @@ pub async fn serve<F, Fut>(
                     drop(stream);
                     continue;
                 };
-                let slot = Slot::new(permit, options.metrics.open.clone());
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let stop = shutdown.clone();
-                let builder = builder.clone();
-                let tls = options.tls.clone();
-                let header_timeout = options.header_read_timeout;
-                connections.spawn(async move {
-                    let _slot = slot;
-                    // The TLS handshake and hyper's connection futures are boxed: inline, they
-                    // would set the size of every connection's task, fast path included, for
-                    // as long as it is open.
-                    match tls {
-                        // Plain HTTP/1.1 takes the fast path; hyper gets what it hands over.
-                        None => match h1::serve(stream, &handler, &stop, header_timeout, MAX_REQUEST_HEAD).await {
-                            h1::Ended::Closed => {}
-                            h1::Ended::Handover(io) => Box::pin(connection(&builder, io, handler, &stop)).await,
-                        },
-                        Some(acceptor) => Box::pin(async move {
-                            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => connection(&builder, tls, handler, &stop).await,
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                            }
-                        })
-                        .await,
+                let home = options.spread.as_ref().map(|s| (s.clone(), s.take()));
+                let slot = Slot::new(permit, options.metrics.open.clone(), home.clone());
+                let job = Job {
+                    handler: handler.clone(),
+                    stop: shutdown.clone(),
+                    builder: builder.clone(),
+                    tls: options.tls.clone(),
+                    header_timeout: options.header_read_timeout,
+                    peer,
+                    slot,
+                };
+                match home {
+                    Some((spread, i)) if i > 0 => {
+                        // Registered with the other runtime's reactor from there.
+                        let Ok(stream) = stream.into_std() else { continue };
+                        connections.spawn_on(
+                            async move {
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => job.run(stream).await,
+                                    Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
+                                }
+                            },
+                            &spread.runtimes[i].0,
+                        );
                     }
-                });
+                    _ => {
+                        connections.spawn(job.run(stream));
+                    }
+                }
             }
         }
     }
@@ -186,18 +227,73 @@ pub async fn serve<F, Fut>(
     connections.shutdown().await;
 }
 
-/// A connection's place under the cap, given back however its task ends (aborted included).
+/// One accepted connection and what serving it takes.
+struct Job<F> {
+    handler: F,
+    stop: CancellationToken,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    header_timeout: Duration,
+    peer: std::net::SocketAddr,
+    slot: Slot,
+}
+
+impl<F, Fut> Job<F>
+where
+    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
+{
+    async fn run(self, stream: TcpStream) {
+        let Job {
+            handler,
+            stop,
+            builder,
+            tls,
+            header_timeout,
+            peer,
+            slot: _slot,
+        } = self;
+        // The TLS handshake and hyper's connection futures are boxed: inline, they would set
+        // the size of every connection's task, fast path included, for as long as it is open.
+        match tls {
+            // Plain HTTP/1.1 takes the fast path; hyper gets what it hands over.
+            None => {
+                match h1::serve(stream, &handler, &stop, header_timeout, MAX_REQUEST_HEAD).await {
+                    h1::Ended::Closed => {}
+                    h1::Ended::Handover(io) => {
+                        Box::pin(connection(&builder, io, handler, &stop)).await
+                    }
+                }
+            }
+            Some(acceptor) => {
+                Box::pin(async move {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection(&builder, tls, handler, &stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                })
+                .await
+            }
+        }
+    }
+}
+
+/// A connection's place under the cap and on its runtime, given back however its task ends
+/// (aborted included).
 struct Slot {
     _permit: OwnedSemaphorePermit,
     open: Gauge,
+    home: Option<(Arc<Spread>, usize)>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Slot {
+    fn new(permit: OwnedSemaphorePermit, open: Gauge, home: Option<(Arc<Spread>, usize)>) -> Slot {
         open.inc();
         Slot {
             _permit: permit,
             open,
+            home,
         }
     }
 }
@@ -205,6 +301,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.dec();
+        if let Some((spread, i)) = &self.home {
+            spread.release(*i);
+        }
     }
 }
 

@@ -87,9 +87,10 @@ pub async fn start_with(
     start_on(config, source, shutdown, &[]).await
 }
 
-/// [`start_with`], with the client listener served by `workers` too (see [`Workers`]): each
-/// accepts on the same socket and serves the connections it accepted; the caller's runtime
-/// accepts as well and runs everything else (admin listener, refreshers, sweeps).
+/// [`start_with`], with the client listener's connections served by `workers` too (see
+/// [`Workers`]): the caller's runtime accepts them and hands each to the runtime, itself
+/// included, with the fewest open; it also runs everything else (admin listener, refreshers,
+/// sweeps).
 pub async fn start_on(
     config: Config,
     source: Option<ConfigSource>,
@@ -202,37 +203,21 @@ pub async fn start_on(
             header_read_timeout,
             max_connections,
             slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            spread: (!workers.is_empty()).then(|| {
+                let here = tokio::runtime::Handle::current();
+                let all = std::iter::once(here).chain(workers.iter().cloned());
+                Arc::new(listener::Spread::new(all.collect()))
+            }),
             tls: cert_swap.clone().map(listener::tls_acceptor),
             metrics: ConnMetrics {
                 open: metrics.open_connections.clone(),
                 refused: metrics.connections_refused.clone(),
             },
         };
-        let handler = {
-            let state = state.clone();
-            move |req| gateway::handle(state.clone(), req)
-        };
-        // Each worker registers its own copy of the socket with its own reactor. All are told
-        // of a new connection; the first to accept it serves it, which is the least busy.
-        let listener = listener.into_std()?;
-        for (i, worker) in workers.iter().enumerate() {
-            let copy = listener.try_clone()?;
-            let (handler, shutdown, options) = (handler.clone(), shutdown.clone(), options.clone());
-            tasks.spawn_on(
-                async move {
-                    match TcpListener::from_std(copy) {
-                        Ok(l) => listener::serve(l, handler, shutdown, options).await,
-                        Err(e) => {
-                            tracing::error!(worker = i + 1, error = %e, "worker cannot listen")
-                        }
-                    }
-                },
-                worker,
-            );
-        }
+        let state = state.clone();
         tasks.spawn(listener::serve(
-            TcpListener::from_std(listener)?,
-            handler,
+            listener,
+            move |req| gateway::handle(state.clone(), req),
             shutdown.clone(),
             options,
         ));
@@ -259,6 +244,7 @@ pub async fn start_on(
             header_read_timeout,
             max_connections: ADMIN_MAX_CONNECTIONS,
             slots: Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS)),
+            spread: None,
             tls: None,
             metrics: ConnMetrics::default(),
         };
@@ -280,7 +266,7 @@ pub async fn start_on(
 }
 
 /// Runtimes of one thread each, beside the caller's, for [`start_on`]: like nginx's worker
-/// processes, each serves the connections it accepted from start to end, with its own timers,
+/// processes, each serves the connections it is given from start to end, with its own timers,
 /// reactor and backend connections. Against one multi-threaded runtime this saves the work
 /// stealing's bookkeeping and atomics (about 1,100 instructions a request by callgrind) and
 /// keeps a connection's work on one core.
