@@ -16,7 +16,8 @@ use switchyard::config::Config;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-const ANSWER: &str = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+const ANSWER: &str =
+    r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
 
 /// A keep-alive backend that answers every request with `ANSWER`; counts its connections.
 async fn backend() -> (String, Arc<AtomicUsize>) {
@@ -87,7 +88,10 @@ fn chat(conn: &mut BufReader<TcpStream>) -> (String, String) {
     }
     let mut body = vec![0; len];
     conn.read_exact(&mut body).unwrap();
-    (status.trim_end().to_string(), String::from_utf8(body).unwrap())
+    (
+        status.trim_end().to_string(),
+        String::from_utf8(body).unwrap(),
+    )
 }
 
 /// Two connections open at once go to two runtimes: the one that accepts keeps the first and
@@ -116,14 +120,10 @@ fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connectio
     std::thread::scope(|s| {
         let serving = s.spawn(|| {
             main.block_on(async {
-                let gw = switchyard::server::start_on(
-                    cfg,
-                    None,
-                    shutdown.clone(),
-                    workers.handles(),
-                )
-                .await
-                .unwrap();
+                let gw =
+                    switchyard::server::start_on(cfg, None, shutdown.clone(), workers.handles())
+                        .await
+                        .unwrap();
                 addr_tx.send(gw.addr).unwrap();
                 shutdown.cancelled().await;
                 gw.wait().await;

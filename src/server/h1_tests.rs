@@ -118,7 +118,6 @@ async fn start(header_timeout: Duration) -> Gateway {
         grace: Duration::from_secs(5),
         header_read_timeout: header_timeout,
         max_connections: 100,
-        slots: Arc::new(tokio::sync::Semaphore::new(100)),
         spread: None,
         tls: None,
         metrics: ConnMetrics::default(),

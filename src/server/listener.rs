@@ -79,7 +79,6 @@ pub struct ListenOptions {
     /// Longest wait for a request head or a TLS handshake; also the keep-alive idle limit.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
-    pub slots: Arc<Semaphore>,
     /// The runtimes that serve the accepted connections, when there are several.
     pub spread: Option<Arc<Spread>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -139,6 +138,7 @@ pub async fn serve<F, Fut>(
     Fut: Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
     let mut connections = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(options.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently drops its header read timeout: a client that sends
     // half a request head and goes quiet would hold its connection forever (slowloris).
@@ -172,7 +172,7 @@ pub async fn serve<F, Fut>(
                 };
                 // Past the cap a connection is closed at once: the process keeps the file
                 // descriptors and memory it needs for the connections it already serves.
-                let Ok(permit) = options.slots.clone().try_acquire_owned() else {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
                     options.metrics.refused.inc();
                     // One line per burst of refusals, not one per connection.
                     if last_refusal_logged.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {

@@ -202,7 +202,6 @@ pub async fn start_on(
             grace,
             header_read_timeout,
             max_connections,
-            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             spread: (!workers.is_empty()).then(|| {
                 let here = tokio::runtime::Handle::current();
                 let all = std::iter::once(here).chain(workers.iter().cloned());
@@ -243,7 +242,6 @@ pub async fn start_on(
             grace,
             header_read_timeout,
             max_connections: ADMIN_MAX_CONNECTIONS,
-            slots: Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS)),
             spread: None,
             tls: None,
             metrics: ConnMetrics::default(),
