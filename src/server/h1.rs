@@ -565,8 +565,56 @@ enum Role {
     Passed,
 }
 
+/// Every name [`request_role`] gives a role other than [`Role::Passed`].
+const NOT_PASSED: [&[u8]; 19] = [
+    b"transfer-encoding",
+    b"upgrade",
+    b"expect",
+    b"content-length",
+    b"connection",
+    b"host",
+    b"content-type",
+    b"api-key",
+    b"authorization",
+    b"ocp-apim-subscription-key",
+    b"x-admin-key",
+    b"x-request-id",
+    b"traceparent",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+];
+
+/// For each first letter, the lengths of the names in [`NOT_PASSED`] that start with it, as
+/// bits.
+static FIRST_AND_LENGTH: [u32; 26] = {
+    let mut t = [0u32; 26];
+    let mut i = 0;
+    while i < NOT_PASSED.len() {
+        let n = NOT_PASSED[i];
+        assert!(n.len() < 32);
+        t[(n[0] - b'a') as usize] |= 1 << n.len();
+        i += 1;
+    }
+    t
+};
+
 /// The role of a request header by its name, in any case.
 fn request_role(name: &[u8]) -> Role {
+    // Most names an SDK sends (`User-Agent`, `X-Stainless-*` ...) share no first letter and
+    // length with any name below: passed on without the copy and the `match` (about 100
+    // instructions a header). `| 0x20` lowercases a letter; what it makes of other bytes is
+    // at worst a false "maybe", which the `match` settles.
+    let maybe = name.first().is_some_and(|&c| {
+        let letter = usize::from((c | 0x20).wrapping_sub(b'a'));
+        letter < 26 && name.len() < 32 && FIRST_AND_LENGTH[letter] & (1 << name.len()) != 0
+    });
+    if !maybe {
+        return Role::Passed;
+    }
     // Lowercased on the stack for one `match`, which the compiler sorts by length. (A table
     // scan, and matching as sent before lowercasing names with capitals, both measured
     // costlier: most names match nothing, and looking for capitals in them took longer than
@@ -579,6 +627,7 @@ fn request_role(name: &[u8]) -> Role {
     }) else {
         return Role::Passed;
     };
+    // Every name here is in `NOT_PASSED`.
     match name {
         b"transfer-encoding" | b"upgrade" | b"expect" => Role::NotMine,
         b"content-length" => Role::ContentLength,

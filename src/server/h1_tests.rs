@@ -509,3 +509,60 @@ async fn raw_header_lines_are_written_once_on_either_path_and_a_backend_date_is_
         assert_eq!(count("date: thu, 01 jan 2026"), 1, "{what}: {head}");
     }
 }
+
+#[test]
+fn request_roles_are_found_in_any_case_and_every_other_name_passes_on() {
+    use super::{NOT_PASSED, Role, request_role};
+    for name in NOT_PASSED {
+        let upper = name.to_ascii_uppercase();
+        let mut mixed = name.to_vec();
+        mixed[0] = mixed[0].to_ascii_uppercase();
+        for n in [name, &upper[..], &mixed[..]] {
+            assert!(
+                request_role(n) != Role::Passed,
+                "{}",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+    assert!(request_role(b"Content-Length") == Role::ContentLength);
+    assert!(request_role(b"CONNECTION") == Role::Connection);
+    assert!(request_role(b"Transfer-Encoding") == Role::NotMine);
+    // Whatever the match knows is in the list the first-letter-and-length filter is made of.
+    let others: [&[u8]; 27] = [
+        b"accept",
+        b"Accept-Encoding",
+        b"accept-language",
+        b"User-Agent",
+        b"cache-control",
+        b"cookie",
+        b"date",
+        b"origin",
+        b"referer",
+        b"via",
+        b"x-forwarded-for",
+        b"x-ms-client-request-id",
+        b"openai-organization",
+        b"X-Stainless-Lang",
+        b"X-Stainless-Package-Version",
+        b"X-Stainless-OS",
+        b"x-stainless-retry-count",
+        b"hose",
+        b"hosts",
+        b"x-request-ix",
+        b"tE-",
+        b"",
+        b"1host",
+        b"@ost",
+        b"[ost",
+        b"a",
+        b"ocp-apim-subscription-key-and-then-some",
+    ];
+    for n in others {
+        assert!(
+            request_role(n) == Role::Passed,
+            "{}",
+            String::from_utf8_lossy(n)
+        );
+    }
+}
