@@ -40,11 +40,7 @@ async fn backend() -> (String, Arc<AtomicUsize>) {
                         if line == "\r\n" {
                             break;
                         }
-                        if let Some((name, value)) = line.split_once(':')
-                            && name.eq_ignore_ascii_case("content-length")
-                        {
-                            len = value.trim().parse().unwrap();
-                        }
+                        len = content_length(&line).unwrap_or(len);
                     }
                     let mut body = vec![0; len];
                     sock.read_exact(&mut body).await.unwrap();
@@ -58,6 +54,13 @@ async fn backend() -> (String, Arc<AtomicUsize>) {
         }
     });
     (url, accepted)
+}
+
+/// The length a `content-length` header line gives; `None` for any other line.
+fn content_length(line: &str) -> Option<usize> {
+    let (name, value) = line.split_once(':')?;
+    name.eq_ignore_ascii_case("content-length")
+        .then(|| value.trim().parse().unwrap())
 }
 
 /// One keep-alive chat completion over `conn`: the status line and the body.
@@ -80,11 +83,7 @@ fn chat(conn: &mut BufReader<TcpStream>) -> (String, String) {
         if line == "\r\n" {
             break;
         }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            len = value.trim().parse().unwrap();
-        }
+        len = content_length(&line).unwrap_or(len);
     }
     let mut body = vec![0; len];
     conn.read_exact(&mut body).unwrap();
