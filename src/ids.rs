@@ -4,7 +4,8 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Makes ids unique within one generator: SipHash of a counter under a random key.
+/// Makes ids unique within one generator: a counter under a random key (SipHash for trace ids,
+/// SplitMix64 for request ids).
 #[derive(Debug)]
 pub struct IdGen {
     counter: AtomicU64,
