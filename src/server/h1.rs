@@ -565,87 +565,58 @@ enum Role {
     Passed,
 }
 
-/// Every name [`request_role`] gives a role other than [`Role::Passed`].
-const NOT_PASSED: [&[u8]; 19] = [
-    b"transfer-encoding",
-    b"upgrade",
-    b"expect",
-    b"content-length",
-    b"connection",
-    b"host",
-    b"content-type",
-    b"api-key",
-    b"authorization",
-    b"ocp-apim-subscription-key",
-    b"x-admin-key",
-    b"x-request-id",
-    b"traceparent",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
+/// The request headers that do not pass on as lines, and what the fast path does with them.
+const ROLES: [(&[u8], Role); 19] = [
+    (b"transfer-encoding", Role::NotMine),
+    (b"upgrade", Role::NotMine),
+    (b"expect", Role::NotMine),
+    (b"content-length", Role::ContentLength),
+    (b"connection", Role::Connection),
+    (b"host", Role::Kept),
+    (b"content-type", Role::Kept),
+    (b"api-key", Role::Kept),
+    (b"authorization", Role::Kept),
+    (b"ocp-apim-subscription-key", Role::Kept),
+    (b"x-admin-key", Role::Kept),
+    (b"x-request-id", Role::Kept),
+    (b"traceparent", Role::Kept),
+    (b"keep-alive", Role::Kept),
+    (b"proxy-connection", Role::Kept),
+    (b"proxy-authenticate", Role::Kept),
+    (b"proxy-authorization", Role::Kept),
+    (b"te", Role::Kept),
+    (b"trailer", Role::Kept),
 ];
 
-/// For each first letter, the lengths of the names in [`NOT_PASSED`] that start with it, as
-/// bits.
-static FIRST_AND_LENGTH: [u32; 26] = {
-    let mut t = [0u32; 26];
+/// For each first letter and length, which name of [`ROLES`] has them (its index plus one; 0
+/// for none). No two names share both, which the build checks.
+static BY_FIRST_AND_LENGTH: [[u8; 32]; 26] = {
+    let mut t = [[0u8; 32]; 26];
     let mut i = 0;
-    while i < NOT_PASSED.len() {
-        let n = NOT_PASSED[i];
-        assert!(n.len() < 32);
-        t[(n[0] - b'a') as usize] |= 1 << n.len();
+    while i < ROLES.len() {
+        let n = ROLES[i].0;
+        let slot = &mut t[(n[0] - b'a') as usize][n.len()];
+        assert!(*slot == 0, "two names share a first letter and a length");
+        *slot = i as u8 + 1;
         i += 1;
     }
     t
 };
 
-/// The role of a request header by its name, in any case.
+/// The role of a request header by its name, in any case: the one name of [`ROLES`] with its
+/// first letter and length, if any, compared ignoring case. Most names an SDK sends
+/// (`User-Agent`, `X-Stainless-*` ...) have none, and pass on after a table read. (Lowercasing
+/// each name on the stack for a `match` cost about 100 instructions a header.) `| 0x20`
+/// lowercases a letter; what it makes of other bytes is at worst a candidate that the
+/// comparison turns down.
 fn request_role(name: &[u8]) -> Role {
-    // Most names an SDK sends (`User-Agent`, `X-Stainless-*` ...) share no first letter and
-    // length with any name below: passed on without the copy and the `match` (about 100
-    // instructions a header). `| 0x20` lowercases a letter; what it makes of other bytes is
-    // at worst a false "maybe", which the `match` settles.
-    let maybe = name.first().is_some_and(|&c| {
+    let candidate = name.first().and_then(|&c| {
         let letter = usize::from((c | 0x20).wrapping_sub(b'a'));
-        letter < 26 && name.len() < 32 && FIRST_AND_LENGTH[letter] & (1 << name.len()) != 0
+        let i = *BY_FIRST_AND_LENGTH.get(letter)?.get(name.len())?;
+        ROLES.get(usize::from(i).checked_sub(1)?)
     });
-    if !maybe {
-        return Role::Passed;
-    }
-    // Lowercased on the stack for one `match`, which the compiler sorts by length. (A table
-    // scan, and matching as sent before lowercasing names with capitals, both measured
-    // costlier: most names match nothing, and looking for capitals in them took longer than
-    // the copy.) No name below is longer than the buffer, so a longer one is passed on.
-    let mut lower = [0u8; 32];
-    let Some(name) = lower.get_mut(..name.len()).map(|l| {
-        l.copy_from_slice(name);
-        l.make_ascii_lowercase();
-        &*l
-    }) else {
-        return Role::Passed;
-    };
-    // Every name here is in `NOT_PASSED`.
-    match name {
-        b"transfer-encoding" | b"upgrade" | b"expect" => Role::NotMine,
-        b"content-length" => Role::ContentLength,
-        b"connection" => Role::Connection,
-        b"host"
-        | b"content-type"
-        | b"api-key"
-        | b"authorization"
-        | b"ocp-apim-subscription-key"
-        | b"x-admin-key"
-        | b"x-request-id"
-        | b"traceparent"
-        | b"keep-alive"
-        | b"proxy-connection"
-        | b"proxy-authenticate"
-        | b"proxy-authorization"
-        | b"te"
-        | b"trailer" => Role::Kept,
+    match candidate {
+        Some(&(known, role)) if known.eq_ignore_ascii_case(name) => role,
         _ => Role::Passed,
     }
 }
