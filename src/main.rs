@@ -16,6 +16,22 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// How often each of `serve`'s runtime threads gives back its allocator cache.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Hands what jemalloc keeps cached for this thread back to its arena. A thread cache holds
+/// freed blocks for the thread's next allocations, and an idle thread never empties it: after
+/// a burst (2,000 streams) that kept about 0.7 MB resident for good, the regions holding
+/// partly used pages in place. Turning the cache off flushes it; back on, it starts empty and
+/// refills within a few requests under load. Safe mallctl names only (the crate forbids
+/// `unsafe`).
+fn trim_thread_cache() -> tikv_jemalloc_ctl::Result<()> {
+    use tikv_jemalloc_ctl::{Access, AsName};
+    let enabled = b"thread.tcache.enabled\0".name();
+    enabled.write(false)?;
+    enabled.write(true)
+}
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",
@@ -170,14 +186,27 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let workers = match switchyard::server::Workers::start(threads - 1) {
+        let chore = switchyard::server::ThreadChore {
+            every: TRIM_EVERY,
+            run: std::sync::Arc::new(|| {
+                if let Err(e) = trim_thread_cache() {
+                    tracing::warn!(error = %e, "cannot flush the thread's allocator cache");
+                }
+            }),
+        };
+        let workers = match switchyard::server::Workers::start(threads - 1, Some(chore.clone())) {
             Ok(w) => w,
             Err(e) => {
                 eprintln!("error: cannot start the worker threads: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let code = runtime.block_on(run(cli.command, workers.handles()));
+        let code = runtime.block_on(async {
+            tokio::select! {
+                code = run(cli.command, workers.handles()) => code,
+                never = chore.repeat() => match never {},
+            }
+        });
         workers.stop();
         return code;
     }
@@ -381,4 +410,23 @@ fn stop_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use tikv_jemalloc_ctl::{Access, AsName};
+
+    /// The names and value types are right (jemalloc answers them) and the cache is on after.
+    #[test]
+    fn trimming_leaves_the_thread_cache_on() {
+        let enabled = b"thread.tcache.enabled\0".name();
+        let before: bool = enabled.read().unwrap();
+        assert!(before);
+        let big: Vec<Vec<u8>> = (0..1000).map(|i| vec![0; 64 + i % 512]).collect();
+        drop(big);
+        super::trim_thread_cache().unwrap();
+        let after: bool = enabled.read().unwrap();
+        assert!(after);
+    }
 }

@@ -113,7 +113,7 @@ fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connectio
         .enable_all()
         .build()
         .unwrap();
-    let workers = switchyard::server::Workers::start(1).unwrap();
+    let workers = switchyard::server::Workers::start(1, None).unwrap();
     let shutdown = CancellationToken::new();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
@@ -160,4 +160,37 @@ fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connectio
         }
     });
     workers.stop();
+}
+
+/// A thread's allocator cache can only be flushed by the thread itself, so the chore must run
+/// on every worker's own thread, again and again, and stop with the workers.
+#[test]
+fn the_thread_chore_runs_on_each_workers_own_thread_until_they_stop() {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let chore = switchyard::server::ThreadChore {
+        every: Duration::from_millis(10),
+        run: Arc::new(move || {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string();
+            let _ = tx.send(name);
+        }),
+    };
+    let workers = switchyard::server::Workers::start(2, Some(chore)).unwrap();
+    let mut runs = std::collections::HashMap::<String, usize>::new();
+    while runs.len() < 2 || runs.values().any(|n| *n < 3) {
+        let name = rx.recv_timeout(Duration::from_secs(10)).expect("chore ran");
+        *runs.entry(name).or_default() += 1;
+    }
+    let mut names: Vec<_> = runs.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["switchyard-worker-1", "switchyard-worker-2"]);
+    workers.stop();
+    // The threads are joined and the chore (with its sender) dropped: the channel ends.
+    while rx.recv_timeout(Duration::from_secs(10)).is_ok() {}
+    assert!(matches!(
+        rx.try_recv(),
+        Err(std::sync::mpsc::TryRecvError::Disconnected)
+    ));
 }

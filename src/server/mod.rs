@@ -274,9 +274,33 @@ pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// Something every runtime's thread does for itself at a steady pace, whatever it is serving:
+/// `serve` gives back the memory its allocator keeps cached for the thread (see `main.rs`),
+/// which only the thread itself can do.
+#[derive(Clone)]
+pub struct ThreadChore {
+    pub every: Duration,
+    pub run: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl ThreadChore {
+    /// Runs the chore on the polling thread every `every`, the first time one period from now;
+    /// it never ends, so race it against what ends the thread's work.
+    pub async fn repeat(self) -> std::convert::Infallible {
+        let start = tokio::time::Instant::now() + self.every;
+        let mut tick = tokio::time::interval_at(start, self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            (self.run)();
+        }
+    }
+}
+
 impl Workers {
-    /// Starts `count` worker runtimes, numbered 1 to `count` (the caller's thread is 0).
-    pub fn start(count: usize) -> std::io::Result<Workers> {
+    /// Starts `count` worker runtimes, numbered 1 to `count` (the caller's thread is 0), each
+    /// thread doing `chore` besides.
+    pub fn start(count: usize, chore: Option<ThreadChore>) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut workers = Workers {
             handles: Vec::with_capacity(count),
@@ -286,6 +310,7 @@ impl Workers {
         for index in 1..=count {
             let (tx, rx) = std::sync::mpsc::channel();
             let stop = stop.clone();
+            let chore = chore.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("switchyard-worker-{index}"))
                 .spawn(move || {
@@ -303,7 +328,15 @@ impl Workers {
                         }
                     };
                     crate::upstream::h1::enter_worker(index);
-                    rt.block_on(stop.cancelled());
+                    rt.block_on(async move {
+                        match chore {
+                            Some(chore) => tokio::select! {
+                                _ = stop.cancelled() => {}
+                                never = chore.repeat() => match never {},
+                            },
+                            None => stop.cancelled().await,
+                        }
+                    });
                 })?;
             workers.threads.push(thread);
             match rx.recv() {
