@@ -48,9 +48,9 @@ if [ -n "${SDK:-}" ]; then
   done
 fi
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$PG) 2>/dev/null && break; sleep 0.2; done
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json "${extra[@]}" >/dev/null 2>&1
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json ${STREAM:+--stream} "${extra[@]}" >/dev/null 2>&1
 callgrind_control -z $VG >/dev/null
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json "${extra[@]}" 2>/dev/null >"$work/probe.json"
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json ${STREAM:+--stream} "${extra[@]}" 2>/dev/null >"$work/probe.json"
 callgrind_control -d $VG >/dev/null
 sleep 1
 kill -INT $VG; wait $VG 2>/dev/null || true

@@ -156,9 +156,31 @@ impl SseTap {
     }
 }
 
-/// Byte offset just past the last complete event (`\n\n`) in `buf`.
+/// Byte offset just past the last complete event (`\n\n`) in `buf`. Found through its
+/// newlines: the JSON of an event has none, so this is one vector scan, where comparing
+/// every pair of bytes was half of all the work a streamed answer cost the gateway.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2)
+    let mut to = buf.len();
+    while let Some(i) = memchr::memrchr(b'\n', &buf[..to]) {
+        if i > 0 && buf[i - 1] == b'\n' {
+            return Some(i + 1);
+        }
+        to = i;
+    }
+    None
+}
+
+/// Byte offset just past the first `\n\n` in `buf`.
+fn first_event_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let at = from + i;
+        if buf.get(at + 1) == Some(&b'\n') {
+            return Some(at + 2);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 /// Whole events, each with its trailing blank line.
@@ -168,10 +190,7 @@ fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\n\n")
-            .map_or(rest.len(), |i| i + 2);
+        let end = first_event_end(rest).unwrap_or(rest.len());
         let (event, tail) = rest.split_at(end);
         rest = tail;
         Some(event)
@@ -461,7 +480,7 @@ mod tests {
 
 #[cfg(test)]
 mod search_tests {
-    use super::{last_usage_key, memfind};
+    use super::{first_event_end, last_event_end, last_usage_key, memfind};
 
     #[test]
     fn searches_agree_with_the_naive_ones() {
@@ -481,6 +500,23 @@ mod search_tests {
                 assert_eq!(memfind(h, n), naive(h, n), "{h:?} {n:?}");
             }
             assert_eq!(last_usage_key(h), naive_r(h, b"\"usage\""), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn event_ends_agree_with_the_pairwise_search() {
+        let first = |h: &[u8]| h.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+        let last = |h: &[u8]| h.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+        // Every string of up to 10 bytes of `\n` and `x`: runs of newlines of every length,
+        // at the start, the end and in between.
+        for len in 0..=10 {
+            for bits in 0u32..1 << len {
+                let h: Vec<u8> = (0..len)
+                    .map(|i| if bits >> i & 1 == 1 { b'\n' } else { b'x' })
+                    .collect();
+                assert_eq!(first_event_end(&h), first(&h), "{h:?}");
+                assert_eq!(last_event_end(&h), last(&h), "{h:?}");
+            }
         }
     }
 
