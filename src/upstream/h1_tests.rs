@@ -701,3 +701,21 @@ async fn each_worker_reuses_only_its_own_connections() {
     );
     assert_eq!(pools.idle_count(), 2);
 }
+
+#[test]
+fn chunk_sizes_are_hex_digits_only_and_lines_end_at_lf_with_or_without_cr() {
+    assert_eq!(chunk_size(b"a"), Ok(10));
+    assert_eq!(chunk_size(b"FF"), Ok(255));
+    assert_eq!(chunk_size(b"1f ; name=value"), Ok(31));
+    assert_eq!(chunk_size(b" 0 "), Ok(0));
+    assert_eq!(chunk_size(b"fffffffffffffff"), Ok(0xfff_ffff_ffff_ffff));
+    for bad in [&b""[..], b";x", b"+5", b"-1", b"0x5", b"g", b"1 2", b"1000000000000000"] {
+        assert!(chunk_size(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(front_line(b"5\r\nhello"), Ok(Some((1, 3))));
+    assert_eq!(front_line(b"5\nhello"), Ok(Some((1, 2))));
+    assert_eq!(front_line(b"\r\n"), Ok(Some((0, 2))));
+    assert_eq!(front_line(b"\n"), Ok(Some((0, 1))));
+    assert_eq!(front_line(b"5\r"), Ok(None));
+    assert!(front_line(&vec![b'1'; MAX_LINE + 1]).is_err());
+}
