@@ -10,6 +10,9 @@
 #   TARGET=nginx bash bench/callgrind.sh    # nginx (one worker, no master) over the same three
 #   SDK=1 bash bench/callgrind.sh           # requests with the headers the OpenAI Python SDK adds
 #                                           # (user-agent, accept, accept-encoding, x-stainless-*)
+#   N=1000 STREAM=1 bash bench/callgrind.sh # streamed answers, the client asking for usage
+#   N=1000 SDK_STREAM=1 bash bench/callgrind.sh  # streamed, not asking (the SDKs' default): the
+#                                           # gateway asks for the usage chunk and strips it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
@@ -48,9 +51,9 @@ if [ -n "${SDK:-}" ]; then
   done
 fi
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$PG) 2>/dev/null && break; sleep 0.2; done
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json ${STREAM:+--stream} "${extra[@]}" >/dev/null 2>&1
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests 200 --concurrency 4 --json ${STREAM:+--stream} ${SDK_STREAM:+--without-include-usage} "${extra[@]}" >/dev/null 2>&1
 callgrind_control -z $VG >/dev/null
-$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json ${STREAM:+--stream} "${extra[@]}" 2>/dev/null >"$work/probe.json"
+$B probe --url "http://127.0.0.1:$PG" --deployment gpt-4o --requests "$N" --concurrency 4 --json ${STREAM:+--stream} ${SDK_STREAM:+--without-include-usage} "${extra[@]}" 2>/dev/null >"$work/probe.json"
 callgrind_control -d $VG >/dev/null
 sleep 1
 kill -INT $VG; wait $VG 2>/dev/null || true

@@ -76,6 +76,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         url: Target::azure(&base, "gpt-4o", "2024-10-21"),
         key: Some("demo-client".into()),
         stream_every: 3,
+        include_usage: true,
         headers: Vec::new(),
     };
     let outcomes = drive(

@@ -78,6 +78,11 @@ enum Command {
         /// Stream every answer.
         #[arg(long)]
         stream: bool,
+        /// Stream without asking for the usage chunk (`stream_options.include_usage`), as the
+        /// OpenAI SDKs do by default; a Switchyard asks for it itself and strips it, so no
+        /// tokens are reported for such streams.
+        #[arg(long)]
+        without_include_usage: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -312,6 +317,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
             requests,
             concurrency,
             stream,
+            without_include_usage,
             json,
             api_version,
             headers,
@@ -337,7 +343,8 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
             let target = switchyard::probe::Target {
                 url: switchyard::probe::Target::azure(&url, &deployment, &api_version),
                 key,
-                stream_every: usize::from(stream),
+                stream_every: usize::from(stream || without_include_usage),
+                include_usage: !without_include_usage,
                 headers,
             };
             let stop = stop_on_signal();

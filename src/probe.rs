@@ -26,6 +26,8 @@ pub struct Target {
     pub key: Option<String>,
     /// Stream every n-th request (0: never, 1: always).
     pub stream_every: usize,
+    /// Streams ask for the usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
     /// Sent with every request too (`--header`), e.g. the ones an SDK adds.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
@@ -108,7 +110,9 @@ async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usi
     });
     if stream {
         body["stream"] = serde_json::json!(true);
-        body["stream_options"] = serde_json::json!({"include_usage": true});
+        if target.include_usage {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
     }
     let started = Instant::now();
     let failed = |status| Outcome {

@@ -104,18 +104,26 @@ pub struct SseTap {
     overflow: bool,
 }
 
+/// What one event says about usage.
+enum Seen {
+    /// No usage, or none the gateway would remove.
+    Nothing,
+    /// `"usage":null` and its comma, at these bytes of the event: what asking for usage adds to
+    /// every chunk.
+    Null(std::ops::Range<usize>),
+    /// Counts; `only` when the event carries nothing else (an empty `choices`).
+    Counts { only: bool },
+}
+
 impl SseTap {
     fn feed(&mut self, chunk: Bytes) -> Bytes {
         if self.overflow {
             return chunk;
         }
         // Fast path: nothing held and the chunk is whole events (the usual case, one event per
-        // chunk) with nothing to strip: look, and pass the very same bytes on.
-        if self.pending.is_empty() && chunk.ends_with(b"\n\n") && !self.strip {
-            for event in split_events(&chunk) {
-                self.look(event);
-            }
-            return chunk;
+        // chunk): no copy into `pending`.
+        if self.pending.is_empty() && chunk.ends_with(b"\n\n") {
+            return self.pass(chunk);
         }
         self.pending.extend_from_slice(&chunk);
         let Some(end) = last_event_end(&self.pending) else {
@@ -126,33 +134,58 @@ impl SseTap {
             return Bytes::new();
         };
         let complete = self.pending.split_to(end).freeze();
+        self.pass(complete)
+    }
+
+    /// Whole events: looked at, and passed on, without what the gateway asked for when
+    /// `strip`.
+    fn pass(&mut self, events: Bytes) -> Bytes {
         if !self.strip {
-            for event in split_events(&complete) {
+            for event in split_events(&events) {
                 self.look(event);
             }
-            return complete;
+            return events;
         }
-        let mut out = BytesMut::with_capacity(complete.len());
-        for event in split_events(&complete) {
-            if self.look(event) {
-                continue; // the usage chunk the client did not ask for
+        let mut out = BytesMut::with_capacity(events.len());
+        for event in split_events(&events) {
+            match self.look(event) {
+                Seen::Counts { only: true } => {} // the usage chunk the client did not ask for
+                Seen::Null(r) => {
+                    out.extend_from_slice(&event[..r.start]);
+                    out.extend_from_slice(&event[r.end..]);
+                }
+                Seen::Nothing | Seen::Counts { only: false } => out.extend_from_slice(event),
             }
-            out.extend_from_slice(&remove_usage_null(event));
         }
         out.freeze()
     }
 
-    /// Records usage from an event; true if the event is a usage-only chunk.
-    fn look(&mut self, event: &[u8]) -> bool {
-        let Some(data) = event_data(event) else {
-            return false;
+    /// Records usage from an event.
+    fn look(&mut self, event: &[u8]) -> Seen {
+        let Some((offset, data)) = event_data(event) else {
+            return Seen::Nothing;
         };
-        let Some(found) = usage_in(data) else {
-            return false;
+        let Some((key, value)) = usage_value(data) else {
+            return Seen::Nothing;
+        };
+        if value.starts_with(b"null") {
+            let key = offset + key;
+            let end = offset + (data.len() - value.len()) + b"null".len();
+            return if event[..key].ends_with(b",") {
+                Seen::Null(key - 1..end)
+            } else if event[end..].starts_with(b",") {
+                Seen::Null(key..end + 1)
+            } else {
+                Seen::Nothing
+            };
+        }
+        let Some(found) = counts(value) else {
+            return Seen::Nothing;
         };
         self.usage = Some(found);
-        // A usage-only chunk has an empty `choices`.
-        memfind(data, b"\"choices\":[]").is_some()
+        Seen::Counts {
+            only: memfind(data, b"\"choices\":[]").is_some(),
+        }
     }
 }
 
@@ -197,25 +230,37 @@ fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The `data:` payload of a one-line event (the shape Azure and OpenAI send).
-fn event_data(event: &[u8]) -> Option<&[u8]> {
+/// The `data:` payload of a one-line event (the shape Azure and OpenAI send), and where in the
+/// event it starts.
+fn event_data(event: &[u8]) -> Option<(usize, &[u8])> {
     let line = event.strip_prefix(b"data:")?;
     let line = line.strip_prefix(b" ").unwrap_or(line);
-    Some(line.strip_suffix(b"\n\n").unwrap_or(line))
+    let offset = event.len() - line.len();
+    Some((offset, line.strip_suffix(b"\n\n").unwrap_or(line)))
 }
 
 /// The `usage` object in a JSON text, if one is there and not null.
 fn usage_in(json: &[u8]) -> Option<Usage> {
+    counts(usage_value(json)?.1)
+}
+
+/// The last `"usage"` key in a JSON text: where it starts, and the text from its value on.
+fn usage_value(json: &[u8]) -> Option<(usize, &[u8])> {
     let at = last_usage_key(json)?;
     let rest = &json[at + b"\"usage\"".len()..];
     let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
     let rest = rest[colon..].strip_prefix(b":")?;
     let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-    let rest = &rest[start..];
-    if !rest.starts_with(b"{") {
+    Some((at, &rest[start..]))
+}
+
+/// The counts of the usage object `value` starts with; `None` for any other value, or one
+/// that counts nothing.
+fn counts(value: &[u8]) -> Option<Usage> {
+    if !value.starts_with(b"{") {
         return None;
     }
-    let u = usage_object(rest)?;
+    let u = usage_object(value)?;
     (u.total_tokens > 0 || u.prompt_tokens > 0).then_some(Usage {
         total_tokens: u.total_tokens.max(u.prompt_tokens + u.completion_tokens),
         ..u
@@ -282,18 +327,6 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
     None
 }
 
-/// Drops the `"usage":null` that asking for usage adds to every chunk.
-fn remove_usage_null(event: &[u8]) -> Vec<u8> {
-    let mut out = event.to_vec();
-    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
-        if let Some(i) = memfind(&out, pat) {
-            out.drain(i..i + pat.len());
-            break;
-        }
-    }
-    out
-}
-
 // memchr's searches: comparing a window at every position cost more than the rest of reading
 // a response's usage.
 fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -320,6 +353,41 @@ fn last_usage_key(hay: &[u8]) -> Option<usize> {
 /// be settled on real counts. Returns the rewritten body, or `None` when nothing needs to change
 /// (not a stream, not JSON, or the client asked already).
 pub fn request_usage_chunk(body: &[u8]) -> Option<Bytes> {
+    /// The two fields that matter, the rest skipped unread: a fraction of a whole parse.
+    #[derive(Deserialize)]
+    struct Fields {
+        stream: Option<bool>,
+        #[serde(default, deserialize_with = "present")]
+        stream_options: bool,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| true)
+    }
+    match serde_json::from_slice::<Fields>(body) {
+        Ok(f) if f.stream != Some(true) => None,
+        Ok(Fields {
+            stream_options: false,
+            ..
+        }) => {
+            // Added before the closing brace; the client's own bytes are passed on as sent.
+            let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+            if body[close] != b'}' {
+                return usage_chunk_by_value(body);
+            }
+            let mut out = Vec::with_capacity(body.len() + 40);
+            out.extend_from_slice(&body[..close]);
+            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+            out.extend_from_slice(&body[close..]);
+            Some(out.into())
+        }
+        // Options of its own, or what the typed read refuses (a repeated key, an array): the
+        // whole parse decides.
+        _ => usage_chunk_by_value(body),
+    }
+}
+
+/// [`request_usage_chunk`] through a whole parse, for bodies with `stream_options` already.
+fn usage_chunk_by_value(body: &[u8]) -> Option<Bytes> {
     let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let obj = v.as_object_mut()?;
     if obj.get("stream").and_then(|s| s.as_bool()) != Some(true) {
@@ -407,6 +475,39 @@ mod tests {
     }
 
     #[test]
+    fn the_stripped_stream_is_the_same_however_it_is_cut() {
+        let stream = concat!(
+            "data: {\"usage\":null,\"id\":\"a\",\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n",
+            "data:{\"id\":\"b\",\"choices\":[{\"delta\":{\"content\":\"y\"}}],\"usage\": null}\n\n",
+            "data: {\"id\":\"c\",\"usage\":null}\n\n",
+            "data: {\"id\":\"d\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let stripped = concat!(
+            "data: {\"id\":\"a\",\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n",
+            "data:{\"id\":\"b\",\"choices\":[{\"delta\":{\"content\":\"y\"}}]}\n\n",
+            "data: {\"id\":\"c\"}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for step in [1, 2, 7, 64, stream.len()] {
+            let pieces: Vec<&[u8]> = stream.as_bytes().chunks(step).collect();
+            let mut tap = Tap::new(Some("text/event-stream"), true).unwrap();
+            let (out, usage) = run(&mut tap, &pieces);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                stripped,
+                "pieces of {step}"
+            );
+            assert_eq!(usage, want());
+            // Not stripping, the same pieces pass on as they came.
+            let mut tap = Tap::new(Some("text/event-stream"), false).unwrap();
+            let (out, usage) = run(&mut tap, &pieces);
+            assert_eq!(String::from_utf8(out).unwrap(), stream, "pieces of {step}");
+            assert_eq!(usage, want());
+        }
+    }
+
+    #[test]
     fn reads_usage_from_json_bodies_of_any_size() {
         let mut big = String::from("{\"object\":\"list\",\"data\":[");
         for i in 0..20_000 {
@@ -441,6 +542,36 @@ mod tests {
         );
         assert!(request_usage_chunk(br#"{"messages":[]}"#).is_none());
         assert!(request_usage_chunk(b"not json").is_none());
+        // The client's bytes stay as sent, the option added before the closing brace.
+        let b = request_usage_chunk(b"{\"stream\": true, \"n\": 1.50}\n").unwrap();
+        assert_eq!(
+            &b[..],
+            b"{\"stream\": true, \"n\": 1.50,\"stream_options\":{\"include_usage\":true}}\n"
+        );
+        // Options of the client's own keep theirs.
+        let b = request_usage_chunk(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+        for unchanged in [
+            &br#"{"stream":true,"stream_options":null}"#[..],
+            br#"{"stream":"true"}"#,
+            br#"{"stream":false}"#,
+            br#"[true]"#,
+            br#"{"stream":true} {}"#,
+            br#"{"stream":true"#,
+        ] {
+            assert!(
+                request_usage_chunk(unchanged).is_none(),
+                "{}",
+                String::from_utf8_lossy(unchanged)
+            );
+        }
+        // A repeated key: the last one counts, as in a whole parse.
+        assert!(request_usage_chunk(br#"{"stream":false,"stream":true}"#).is_some());
+        assert!(request_usage_chunk(br#"{"stream":true,"stream":false}"#).is_none());
     }
 
     #[test]

@@ -709,8 +709,21 @@ fn chunk_sizes_are_hex_digits_only_and_lines_end_at_lf_with_or_without_cr() {
     assert_eq!(chunk_size(b"1f ; name=value"), Ok(31));
     assert_eq!(chunk_size(b" 0 "), Ok(0));
     assert_eq!(chunk_size(b"fffffffffffffff"), Ok(0xfff_ffff_ffff_ffff));
-    for bad in [&b""[..], b";x", b"+5", b"-1", b"0x5", b"g", b"1 2", b"1000000000000000"] {
-        assert!(chunk_size(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+    for bad in [
+        &b""[..],
+        b";x",
+        b"+5",
+        b"-1",
+        b"0x5",
+        b"g",
+        b"1 2",
+        b"1000000000000000",
+    ] {
+        assert!(
+            chunk_size(bad).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
     }
     assert_eq!(front_line(b"5\r\nhello"), Ok(Some((1, 3))));
     assert_eq!(front_line(b"5\nhello"), Ok(Some((1, 2))));
