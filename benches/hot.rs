@@ -172,6 +172,12 @@ fn sse_usage(c: &mut Criterion) {
             },
         );
     }
+    // A streamed chat request without `stream_options`, as the SDKs send it: the gateway asks
+    // for the usage chunk when the consumer has token limits.
+    let request = br#"{"messages":[{"role":"system","content":"You are a concise assistant."},{"role":"user","content":"Say something about load balancing across regions."}],"model":"gpt-4o","max_tokens":256,"temperature":0.7,"stream":true}"#;
+    c.bench_function("usage/request_usage_chunk", |b| {
+        b.iter(|| black_box(switchyard::usage::request_usage_chunk(black_box(request))).unwrap())
+    });
     let plain = Bytes::from_static(br#"{"id":"chatcmpl-abc","object":"chat.completion","created":1732600000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#);
     c.bench_function("usage/plain_json", |b| {
         b.iter(|| {
