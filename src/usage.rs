@@ -336,8 +336,8 @@ fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Where the last `"usage"` is: found from the end through its `g`, the rarest of its letters
 /// in these answers (the content filter's keys and values have none), with one vector scan per
 /// `g`. `usage` closes an answer, so the search nearly always stops in its last few hundred
-/// bytes. A substring searcher, forward or reverse, cost more than twice as much here: JSON is full
-/// of the `"` it pairs with a letter as its prefilter.
+/// bytes. A substring searcher, forward or reverse, cost more than twice as much here: JSON is
+/// full of the `"` it pairs with a letter as its prefilter.
 fn last_usage_key(hay: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"usage\"";
     const G: usize = 4;
