@@ -337,12 +337,14 @@ fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// in these answers (the content filter's keys and values have none), with one vector scan per
 /// `g`. `usage` closes an answer, so the search nearly always stops in its last few hundred
 /// bytes. A substring searcher, forward or reverse, cost more than twice as much here: JSON is
-/// full of the `"` it pairs with a letter as its prefilter.
+/// full of the `"` it pairs with a letter as its prefilter. It still takes over after many `g`s
+/// without the key, so a body of them costs one linear pass, not one scan per `g`.
 fn last_usage_key(hay: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"usage\"";
     const G: usize = 4;
     let mut end = hay.len();
-    while let Some(g) = memchr::memrchr(b'g', &hay[..end]) {
+    for _ in 0..64 {
+        let g = memchr::memrchr(b'g', &hay[..end])?;
         if let Some(start) = g.checked_sub(G)
             && hay[start..].starts_with(KEY)
         {
@@ -350,7 +352,8 @@ fn last_usage_key(hay: &[u8]) -> Option<usize> {
         }
         end = g;
     }
-    None
+    // A key whose `g` is before `end` ends by `end + 2`.
+    memchr::memmem::rfind(&hay[..(end + KEY.len() - G - 1).min(hay.len())], KEY)
 }
 
 /// Asks for the final usage chunk on a streamed chat request that did not, so token limits can
@@ -652,6 +655,25 @@ mod search_tests {
                 assert_eq!(first_event_end(&h), first(&h), "{h:?}");
                 assert_eq!(last_event_end(&h), last(&h), "{h:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_last_key_is_found_among_many_gs() {
+        let naive_r = |h: &[u8]| h.windows(7).rposition(|w| w == b"\"usage\"");
+        for gs in [0, 1, 63, 64, 65, 200] {
+            for at in [0, 1, gs / 2, gs].into_iter().filter(|a| *a <= gs) {
+                let mut h = vec![b'g'; gs];
+                h.splice(at..at, b"\"usage\"".iter().copied());
+                assert_eq!(last_usage_key(&h), naive_r(&h), "{gs} g, key at {at}");
+                h.extend_from_slice(b"\"usage");
+                assert_eq!(
+                    last_usage_key(&h),
+                    naive_r(&h),
+                    "{gs} g, key at {at}, cut one"
+                );
+            }
+            assert_eq!(last_usage_key(&vec![b'g'; gs]), None);
         }
     }
 
