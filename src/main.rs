@@ -24,10 +24,13 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// a burst (2,000 streams) that kept about 0.7 MB resident for good, the regions holding
 /// partly used pages in place. Turning the cache off flushes it; back on, it starts empty and
 /// refills within a few requests under load. Safe mallctl names only (the crate forbids
-/// `unsafe`).
+/// `unsafe`). A cache turned off (`_RJEM_MALLOC_CONF=tcache:false`) stays off.
 fn trim_thread_cache() -> tikv_jemalloc_ctl::Result<()> {
     use tikv_jemalloc_ctl::{Access, AsName};
     let enabled = b"thread.tcache.enabled\0".name();
+    if !enabled.read()? {
+        return Ok(());
+    }
     enabled.write(false)?;
     enabled.write(true)
 }
@@ -435,5 +438,11 @@ mod tests {
         super::trim_thread_cache().unwrap();
         let after: bool = enabled.read().unwrap();
         assert!(after);
+        // Off stays off.
+        enabled.write(false).unwrap();
+        super::trim_thread_cache().unwrap();
+        let off: bool = enabled.read().unwrap();
+        assert!(!off);
+        enabled.write(true).unwrap();
     }
 }
