@@ -23,7 +23,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// freed blocks for the thread's next allocations, and an idle thread never empties it: after
 /// a burst (2,000 streams) that kept about 0.7 MB resident for good, the regions holding
 /// partly used pages in place. Turning the cache off flushes it; back on, it starts empty and
-/// refills within a few requests under load. Safe mallctl names only (the crate forbids
+/// refills as the thread allocates. Safe mallctl names only (the crate forbids
 /// `unsafe`). A cache turned off (`_RJEM_MALLOC_CONF=tcache:false`) stays off.
 fn trim_thread_cache() -> tikv_jemalloc_ctl::Result<()> {
     use tikv_jemalloc_ctl::{Access, AsName};
