@@ -220,9 +220,12 @@ async fn status_page_shows_live_backend_data_in_chromium() {
     let Some(driver) = driver().await else {
         return;
     };
-    // PTU first; it runs out of requests and cools down, pay-as-you-go takes the rest.
+    // PTU first; it runs out of requests and cools down, pay-as-you-go takes the rest. One
+    // request a minute makes the simulator ask for 60 s, the longest cooldown the gateway keeps,
+    // so the page still shows it however slowly the browser starts (4 a minute gave 15 s, and a
+    // slow CI machine's browser took longer than that).
     let ptu = start_sim(switchyard::sim::SimConfig {
-        requests_per_minute: Some(4),
+        requests_per_minute: Some(1),
         ..sim("ptu")
     })
     .await;
