@@ -13,7 +13,8 @@
 #     run; the median);
 #   - latency at one request at a time: 10,000 plain requests per target, one at a time, the
 #     three targets taking turns 250 requests at a time (so a noisy moment hits all alike),
-#     p50 and p99 of the whole exchange, and the added part against the backend direct;
+#     p50 and p99 of the whole exchange, and the added part against the backend direct (the
+#     client, bench/compare/main.rs, runs on one thread for this and for the streams);
 #   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
 #     byte and the gap between chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,

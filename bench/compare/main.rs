@@ -81,9 +81,24 @@ async fn one(c: &HttpClient, req: http::Request<Full<Bytes>>) -> Option<(Duratio
     complete.then(|| (first.unwrap_or_default(), gaps))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // One request at a time, the client runs on one thread: on a multi-threaded runtime each
+    // answer also woke the client's second thread, whose turn on these two shared cores landed
+    // in every measurement, and most in the proxied ones (two more wake-ups per request). The
+    // 2,000 held streams keep both threads.
+    let runtime = match args.get(1).map(String::as_str) {
+        Some("hold") => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    runtime.unwrap().block_on(run(args));
+}
+
+async fn run(args: Vec<String>) {
     let usage = "usage: compare latency ROUNDS PER_ROUND URL... | stream URL REQUESTS TOKENS TOKEN_MS | hold URL STREAMS TOKENS TOKEN_MS READY_FILE";
     let arg = |i: usize| args.get(i).expect(usage).clone();
     let c = client();
