@@ -159,9 +159,9 @@ text = f"""# Switchyard against nginx
 `bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
 three simulated backends share the machine. Plain requests: chat completions with wrk
 (throughput: 2 threads, 64 connections, median of three 6 s rounds taken in turns); latency one
-request at a time, 10,000 per
-target, the targets taking turns. Streams: 500
-sequential streamed chat completions of 10 chunks 2 ms apart.
+request at a time, 10,000 per target, the targets taking turns. Streams: 500 sequential
+streamed chat completions of 10 chunks 2 ms apart. The latency and stream client runs on one
+thread.
 
 | target | req/s | CPU / req | p50 / p99 (1 conn) | added | stream TTFB p50 / p99 | added | added chunk gap p99 | non-2xx |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
