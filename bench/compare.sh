@@ -2,7 +2,11 @@
 # Switchyard against nginx, side by side, in one run, on loopback (about 9 minutes after the build).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
+#   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
 #   BIN=/path/to/switchyard bash bench/compare.sh   # another build (the simulators stay this one)
+#
+# Switchyard is measured as built for production: profile-guided, by bench/pgo.sh (about 8
+# more minutes of building first). The simulators and the client are the plain release build.
 #
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
@@ -32,7 +36,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release -q --bin switchyard --example compare
-B=${BIN:-target/release/switchyard}
+if [ -n "${BIN:-}" ]; then
+  B=$BIN BUILD="the build at \`$BIN\`"
+elif [ "${PGO:-1}" = 0 ]; then
+  B=target/release/switchyard BUILD="the plain release build"
+else
+  B=$(bash bench/pgo.sh) BUILD="the profile-guided release build (\`bench/pgo.sh\`)"
+fi
+export BUILD
 C=target/release/examples/compare
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d)
@@ -48,8 +59,11 @@ TCK=$(getconf CLK_TCK)
 path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 chat_lua "$work/chat.lua"
 
-# Warm-up: connections, pools and caches on every path.
-for p in $S1 $PN $PS; do wrk -t1 -c8 -d2s -s "$work/chat.lua" "http://127.0.0.1:$p$path" >/dev/null; done
+# Warm-up: connections, pools and caches on every path, with as many connections as the
+# throughput rounds, so that the idle RSS is that of a proxy which has served this load. With 8,
+# what 64 connections add (buffers, pooled backend connections, allocator caches) showed in
+# "RSS after" as if the burst of streams had left it: see the profile notes, session 11.
+for p in $S1 $PN $PS; do wrk -t2 -c64 -d2s -s "$work/chat.lua" "http://127.0.0.1:$p$path" >/dev/null; done
 sleep 1
 IDLE_SY=$(rss_kb $SY_PID); IDLE_NG=$(rss_kb $NG_MASTER)
 
@@ -161,7 +175,7 @@ three simulated backends share the machine. Plain requests: chat completions wit
 (throughput: 2 threads, 64 connections, median of three 6 s rounds taken in turns); latency one
 request at a time, 10,000 per target, the targets taking turns. Streams: 500 sequential
 streamed chat completions of 10 chunks 2 ms apart. The latency and stream client runs on one
-thread.
+thread. Switchyard: {os.environ['BUILD']}.
 
 | target | req/s | CPU / req | p50 / p99 (1 conn) | added | stream TTFB p50 / p99 | added | added chunk gap p99 | non-2xx |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
