@@ -41,24 +41,12 @@ sim "${S[0]}"
 sim "${S[1]}"
 sim "${S[2]}" --error-rate 0.05 --error-status 429 --drop-rate 0.01
 KEY=pgo-training-key-0123456789
-cat > "$work/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PG"
-[routing]
-strategy = "round_robin"
-[[backends]]
-name = "s0"
-url = "http://127.0.0.1:${S[0]}"
-auth = { type = "none" }
-[[backends]]
-name = "s1"
-url = "http://127.0.0.1:${S[1]}"
-auth = { type = "none" }
-[[backends]]
-name = "s2"
-url = "http://127.0.0.1:${S[2]}"
-auth = { type = "none" }
-TOML
+{
+  printf '[server]\nlisten = "127.0.0.1:%s"\n[routing]\nstrategy = "round_robin"\n' "$PG"
+  for i in 0 1 2; do
+    printf '[[backends]]\nname = "s%s"\nurl = "http://127.0.0.1:%s"\nauth = { type = "none" }\n' "$i" "${S[$i]}"
+  done
+} > "$work/gw.toml"
 # The same gateway once more with a consumer key and token limits, on its own port.
 PK=$(port)
 sed "s/127.0.0.1:$PG/127.0.0.1:$PK/" "$work/gw.toml" > "$work/keyed.toml"
