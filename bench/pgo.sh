@@ -6,15 +6,17 @@
 # instructions to 27,300 (see bench/results/profile-2026-11-26.md, session 11).
 #
 #   bash bench/pgo.sh           # prints the binary's path: target/pgo/release/switchyard
+#   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of this commit
 #
-# About 8 minutes on 2 cores (two builds of the whole tree, 40 s of training). Needs rustup's
-# llvm-tools for llvm-profdata (added if missing). The build trees are target/pgo-gen
+# About 8 minutes on 2 cores (two builds of the whole tree, 40 s of training); a binary built
+# from the same commit with a clean tree is reused, so reruns of bench/compare.sh skip it.
+# Needs rustup's llvm-tools for llvm-profdata (added if missing). The build trees are target/pgo-gen
 # (instrumented) and target/pgo, so the plain `cargo build --release` tree is left alone.
 #
 # The training covers what production traffic does, not only the benchmark: plain and streamed
 # chat completions, with and without the usage chunk, the headers the OpenAI SDKs send, a
-# consumer key and token limits, and backends answering 429 (retries, cooldown), 500 and
-# cut-off connections. A path the training never takes is treated as cold, not left out.
+# consumer key and token limits, a wrong key, and a backend answering 429s (retries, cooldown)
+# and cutting connections. A path the training never takes is treated as cold, not left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -24,6 +26,19 @@ profdata="$sysroot/lib/rustlib/$host/bin/llvm-profdata"
 if [ ! -x "$profdata" ]; then
   rustup component add llvm-tools >&2
 fi
+out=$root/target/pgo/release/switchyard
+stamp=$root/target/pgo/built-from
+# What the binary is built from: the commit, when nothing the build reads is changed or added.
+from=$(git rev-parse HEAD 2>/dev/null || true)
+if [ -n "$from" ] && [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock bench/pgo.sh)" ]; then
+  from=
+fi
+if [ -z "${PGO_REBUILD:-}" ] && [ -n "$from" ] && [ -x "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$from" ]; then
+  echo "pgo: reusing the build of $from" >&2
+  echo "$out"
+  exit 0
+fi
+rm -f "$stamp"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 . bench/lib.sh
@@ -85,4 +100,5 @@ ls "$work"/gw/*.profraw >/dev/null
 echo "pgo: optimised build" >&2
 RUSTFLAGS="-Cprofile-use=$work/switchyard.profdata" \
   cargo build --release --locked -q --bin switchyard --target-dir "$root/target/pgo"
-echo "$root/target/pgo/release/switchyard"
+[ -n "$from" ] && echo "$from" > "$stamp"
+echo "$out"
