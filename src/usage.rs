@@ -393,7 +393,8 @@ pub fn request_usage_chunk(body: &[u8]) -> Option<Bytes> {
     }
 }
 
-/// [`request_usage_chunk`] through a whole parse, for bodies with `stream_options` already.
+/// [`request_usage_chunk`] through a whole parse, for the bodies its typed read cannot settle
+/// (`stream_options` of the client's own, repeated keys, anything but an object).
 fn usage_chunk_by_value(body: &[u8]) -> Option<Bytes> {
     let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let obj = v.as_object_mut()?;
