@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 6 minutes after the builds).
+# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the builds).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
@@ -11,16 +11,18 @@
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
 # over the same three (round_robin). Both with their access logs off. Measured per target:
-#   - throughput: wrk, 2 threads, 64 keep-alive connections, plain chat completions; three 6 s
-#     rounds with the targets taking turns, the median reported;
+#   - throughput: wrk, 2 threads, 64 keep-alive connections, plain chat completions; five 6 s
+#     rounds with the targets taking turns (the order rotating each round), the median reported,
+#     and each round's Switchyard / nginx ratio beside it;
 #   - CPU per request of the proxy's processes (utime + stime from /proc over each throughput
 #     run; the median);
 #   - latency at one request at a time: 10,000 plain requests per target, one at a time, the
 #     three targets taking turns 250 requests at a time (so a noisy moment hits all alike),
 #     p50 and p99 of the whole exchange, and the added part against the backend direct (the
 #     client, bench/compare/main.rs, runs on one thread for this and for the streams);
-#   - streaming: 500 sequential streamed chat completions (10 chunks, 2 ms apart): time to first
-#     byte and the gap between chunks, p50 and p99, and the added part against direct;
+#   - streaming: 1,000 streamed chat completions per target, one at a time (10 chunks, 2 ms
+#     apart), the targets taking turns 100 at a time: time to first byte and the gap between
+#     chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
 #     and 90 s after they ended (past the 30 s idle timeout of Switchyard's backend connections
 #     and the pool's eviction round).
@@ -79,23 +81,34 @@ throughput() { # name port pid(or -): one 6 s wrk run; appends "req/s cpu_us non
   [ "$pid" != - ] && cpu=$(python3 -c "print(f'{($after-$before)/$TCK*1e6/$n:.1f}')")
   echo "$rps $cpu ${bad:-0}" >> "$work/tp-$name"
 }
-# Three rounds with the targets taking turns, so a noisy stretch on a shared machine does not
-# land on one target only; the medians are reported.
-for round in 1 2 3; do
-  echo "throughput, round $round of 3" >&2
-  throughput direct $S1 -
-  throughput nginx $PN $NG_MASTER
-  throughput switchyard $PS $SY_PID
+# Five rounds with the targets taking turns, so a noisy stretch on a shared machine does not
+# land on one target only: each round starts one target later than the one before, so none
+# always runs right after another. Rounds on this machine move by up to ±8 %; the medians are
+# reported.
+ROUNDS=5
+TARGETS=("direct $S1 -" "nginx $PN $NG_MASTER" "switchyard $PS $SY_PID")
+for round in $(seq $ROUNDS); do
+  echo "throughput, round $round of $ROUNDS" >&2
+  for i in 0 1 2; do
+    # shellcheck disable=SC2086
+    throughput ${TARGETS[$(( (i + round - 1) % 3 ))]}
+  done
 done
+mid=$(( (ROUNDS + 1) / 2 ))
 for name in direct nginx switchyard; do
-  R[$name.rps]=$(sort -n -k1 "$work/tp-$name" | awk 'NR==2 {print $1}')
+  R[$name.rps]=$(sort -n -k1 "$work/tp-$name" | awk -v m=$mid 'NR==m {print $1}')
   R[$name.non2xx]=$(awk '{s+=$3} END {print s}' "$work/tp-$name")
-  [ $name != direct ] && R[$name.cpu_us]=$(sort -n -k2 "$work/tp-$name" | awk 'NR==2 {print $2}')
+  [ $name != direct ] && R[$name.cpu_us]=$(sort -n -k2 "$work/tp-$name" | awk -v m=$mid 'NR==m {print $2}')
 done
-echo "streams" >&2
-R[direct.stream]=$($C stream "http://127.0.0.1:$S1" 500 10 2)
-R[nginx.stream]=$($C stream "http://127.0.0.1:$PN" 500 10 2)
-R[switchyard.stream]=$($C stream "http://127.0.0.1:$PS" 500 10 2)
+# Each round's ratios, in round order (the files are appended to in round order).
+R[rounds]=$(paste -d' ' "$work/tp-nginx" "$work/tp-switchyard" | awk '{printf "%s%.2f/%.2f", (NR>1?",":""), $4/$1, $5/$2}')
+echo "streams, targets in turns" >&2
+$C stream 10 100 10 2 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/stream.json"
+i=0
+for name in direct nginx switchyard; do
+  R[$name.stream]=$(python3 -c "import json; print(json.dumps(json.load(open('$work/stream.json'))[$i]))")
+  i=$((i + 1))
+done
 echo "latency, one request at a time, targets in turns" >&2
 $C latency 40 250 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/latency.json"
 i=0
@@ -146,10 +159,10 @@ rows = []
 def row(name, *cells):
     rows.append(f"| {name} | " + " | ".join(cells) + " |")
 for n in st:
-    added = "–" if n == "direct" else f"+{lat[n][0] - lat['direct'][0]:.0f} / +{lat[n][1] - lat['direct'][1]:.0f} µs"
+    added = "–" if n == "direct" else f"{lat[n][0] - lat['direct'][0]:+.0f} / {lat[n][1] - lat['direct'][1]:+.0f} µs"
     s, d = st[n], st["direct"]
-    sadded = "–" if n == "direct" else f"+{s['ttfb_p50_us'] - d['ttfb_p50_us']:.0f} / +{s['ttfb_p99_us'] - d['ttfb_p99_us']:.0f} µs"
-    gadded = "–" if n == "direct" else f"+{s['gap_p99_us'] - d['gap_p99_us']:.0f} µs"
+    sadded = "–" if n == "direct" else f"{s['ttfb_p50_us'] - d['ttfb_p50_us']:+.0f} / {s['ttfb_p99_us'] - d['ttfb_p99_us']:+.0f} µs"
+    gadded = "–" if n == "direct" else f"{s['gap_p99_us'] - d['gap_p99_us']:+.0f} µs"
     row(n, f"{rps[n]:,.0f}", r.get(f"{n}.cpu_us", "–") + (" µs" if f"{n}.cpu_us" in r else ""),
         f"{lat[n][0]:.0f} / {lat[n][1]:.0f} µs", added,
         f"{s['ttfb_p50_us']:.0f} / {s['ttfb_p99_us']:.0f} µs", sadded, gadded,
@@ -172,9 +185,10 @@ text = f"""# Switchyard against nginx
 
 `bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
 three simulated backends share the machine. Plain requests: chat completions with wrk
-(throughput: 2 threads, 64 connections, median of three 6 s rounds taken in turns); latency one
-request at a time, 10,000 per target, the targets taking turns. Streams: 500 sequential
-streamed chat completions of 10 chunks 2 ms apart. The latency and stream client runs on one
+(throughput: 2 threads, 64 connections, median of five 6 s rounds taken in turns); latency one
+request at a time, 10,000 per target, the targets taking turns. Streams: 1,000 streamed chat
+completions per target of 10 chunks 2 ms apart, one at a time, the targets taking turns 100 at
+a time. The latency and stream client runs on one
 thread. Switchyard: {os.environ['BUILD']}.
 
 | target | req/s | CPU / req | p50 / p99 (1 conn) | added | stream TTFB p50 / p99 | added | added chunk gap p99 | non-2xx |
@@ -187,7 +201,10 @@ thread. Switchyard: {os.environ['BUILD']}.
 
 | target | this run |
 |---|---:|
-""" + "\n".join(f"| {k} | {v} |" for k, v in ratios) + "\n"
+""" + "\n".join(f"| {k} | {v} |" for k, v in ratios) + "\n" + f"""
+The throughput rounds one by one, Switchyard / nginx (throughput, then CPU per request):
+{", ".join(f"{t}× / {c}×" for t, c in (x.split("/") for x in r["rounds"].split(",")))}.
+"""
 open(out, "w").write(text)
 print(text)
 PY

@@ -2,12 +2,13 @@
 //! streamed chat completions, and many streams held open at once. Prints one JSON object.
 //!
 //!   cargo run --release --example compare -- latency ROUNDS PER_ROUND URL...
-//!   cargo run --release --example compare -- stream URL REQUESTS TOKENS TOKEN_MS
+//!   cargo run --release --example compare -- stream ROUNDS PER_ROUND TOKENS TOKEN_MS URL...
 //!   cargo run --release --example compare -- hold URL STREAMS TOKENS TOKEN_MS READY_FILE
 //!
 //! `latency` sends plain chat completions one at a time, taking the targets in turns (PER_ROUND
 //! requests each, ROUNDS times), so a noisy moment on a shared machine hits every target alike;
-//! it reports p50 and p99 of the time to the whole response per target.
+//! it reports p50 and p99 of the time to the whole response per target. `stream` takes the
+//! targets in turns the same way.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: fail loudly
 
@@ -99,7 +100,7 @@ fn main() {
 }
 
 async fn run(args: Vec<String>) {
-    let usage = "usage: compare latency ROUNDS PER_ROUND URL... | stream URL REQUESTS TOKENS TOKEN_MS | hold URL STREAMS TOKENS TOKEN_MS READY_FILE";
+    let usage = "usage: compare latency ROUNDS PER_ROUND URL... | stream ROUNDS PER_ROUND TOKENS TOKEN_MS URL... | hold URL STREAMS TOKENS TOKEN_MS READY_FILE";
     let arg = |i: usize| args.get(i).expect(usage).clone();
     let c = client();
     match arg(1).as_str() {
@@ -152,36 +153,45 @@ async fn run(args: Vec<String>) {
             println!("{}", serde_json::Value::from(out));
         }
         "stream" => {
-            let (url, n, tokens, ms) = (
-                arg(2),
+            let (rounds, per, tokens, ms) = (
+                arg(2).parse::<usize>().unwrap(),
                 arg(3).parse::<usize>().unwrap(),
                 arg(4).parse().unwrap(),
                 arg(5).parse().unwrap(),
             );
-            // Warm the connection and both ends.
-            for _ in 0..20 {
-                one(&c, request(&url, tokens, ms)).await;
-            }
-            let mut ttfb = Vec::with_capacity(n);
-            let mut gaps = Vec::new();
-            let mut failed = 0;
-            for _ in 0..n {
-                match one(&c, request(&url, tokens, ms)).await {
-                    Some((t, g)) => {
-                        ttfb.push(t.as_secs_f64() * 1e6);
-                        gaps.extend(g.iter().map(|d| d.as_secs_f64() * 1e6));
-                    }
-                    None => failed += 1,
+            let urls: Vec<String> = args[6..].to_vec();
+            // Warm every connection and both ends.
+            for u in &urls {
+                for _ in 0..20 {
+                    one(&c, request(u, tokens, ms)).await;
                 }
             }
-            println!(
-                "{}",
-                serde_json::json!({
-                    "streams": n, "failed": failed,
-                    "ttfb_p50_us": pct(&mut ttfb, 0.5), "ttfb_p99_us": pct(&mut ttfb, 0.99),
-                    "gap_p50_us": pct(&mut gaps, 0.5), "gap_p99_us": pct(&mut gaps, 0.99),
+            let mut ttfb = vec![Vec::with_capacity(rounds * per); urls.len()];
+            let mut gaps = vec![Vec::new(); urls.len()];
+            let mut failed = vec![0usize; urls.len()];
+            for _ in 0..rounds {
+                for (i, u) in urls.iter().enumerate() {
+                    for _ in 0..per {
+                        match one(&c, request(u, tokens, ms)).await {
+                            Some((t, g)) => {
+                                ttfb[i].push(t.as_secs_f64() * 1e6);
+                                gaps[i].extend(g.iter().map(|d| d.as_secs_f64() * 1e6));
+                            }
+                            None => failed[i] += 1,
+                        }
+                    }
+                }
+            }
+            let out: Vec<serde_json::Value> = (0..urls.len())
+                .map(|i| {
+                    serde_json::json!({
+                        "url": urls[i], "streams": rounds * per, "failed": failed[i],
+                        "ttfb_p50_us": pct(&mut ttfb[i], 0.5), "ttfb_p99_us": pct(&mut ttfb[i], 0.99),
+                        "gap_p50_us": pct(&mut gaps[i], 0.5), "gap_p99_us": pct(&mut gaps[i], 0.99),
+                    })
                 })
-            );
+                .collect();
+            println!("{}", serde_json::Value::from(out));
         }
         "hold" => {
             let (url, n, tokens, ms, ready) = (
