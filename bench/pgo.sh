@@ -8,7 +8,7 @@
 #   bash bench/pgo.sh           # prints the binary's path: target/pgo/release/switchyard
 #   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of this commit
 #
-# About 8 minutes on 2 cores (two builds of the whole tree, 40 s of training); a binary built
+# 5 to 8 minutes on 2 cores (two builds of the whole tree, 40 s of training); a binary built
 # from the same commit with a clean tree is reused, so reruns of bench/compare.sh skip it.
 # Needs rustup's llvm-tools for llvm-profdata (added if missing). The build trees are target/pgo-gen
 # (instrumented) and target/pgo, so the plain `cargo build --release` tree is left alone.
