@@ -6,10 +6,10 @@
 # instructions to 27,300 (see bench/results/profile-2026-11-26.md, session 11).
 #
 #   bash bench/pgo.sh           # prints the binary's path: target/pgo/release/switchyard
-#   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of this commit
+#   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of these sources
 #
 # 5 to 8 minutes on 2 cores (two builds of the whole tree, 40 s of training); a binary built
-# from the same commit with a clean tree is reused, so reruns of bench/compare.sh skip it.
+# from the same sources and compiler (see `from` below) is reused, so reruns of bench/compare.sh skip it.
 # Needs rustup's llvm-tools for llvm-profdata (added if missing). The build trees are target/pgo-gen
 # (instrumented) and target/pgo, so the plain `cargo build --release` tree is left alone.
 #
@@ -28,9 +28,11 @@ if [ ! -x "$profdata" ]; then
 fi
 out=$root/target/pgo/release/switchyard
 stamp=$root/target/pgo/built-from
-# What the binary is built from: the commit, when nothing the build reads is changed or added.
-from=$(git rev-parse HEAD 2>/dev/null || true)
-if [ -n "$from" ] && [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock bench/pgo.sh)" ]; then
+# What the binary is built from: the committed sources, manifest, lock file and this script (by
+# their git hashes) and the compiler, when none of them is changed or added in the work tree. A
+# commit that changes only docs or other benchmarks reuses the build.
+from=$( { git rev-parse HEAD:src HEAD:Cargo.toml HEAD:Cargo.lock HEAD:bench/pgo.sh && rustc -V; } 2>/dev/null | sha1sum | cut -c1-40 || true)
+if ! git rev-parse HEAD:src >/dev/null 2>&1 || [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock bench/pgo.sh)" ]; then
   from=
 fi
 if [ -z "${PGO_REBUILD:-}" ] && [ -n "$from" ] && [ -x "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$from" ]; then
