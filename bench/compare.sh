@@ -5,8 +5,8 @@
 #   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
 #   BIN=/path/to/switchyard bash bench/compare.sh   # another build (the simulators stay this one)
 #
-# Switchyard is measured as built for production: profile-guided, by bench/pgo.sh (about 8
-# more minutes of building first). The simulators and the client are the plain release build.
+# Switchyard is measured as built for production: profile-guided, by bench/pgo.sh (5 to 8 more
+# minutes of building first, once for the same sources). The simulators and the client are the plain release build.
 #
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
@@ -25,7 +25,7 @@
 #     chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
 #     and 90 s after they ended (past the 30 s idle timeout of Switchyard's backend connections
-#     and the pool's eviction round).
+#     and the pool's eviction round; for nginx, whose streams are held first, about 100 s).
 # Everything shares this machine's cores: load generator, proxies and backends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,13 +130,16 @@ hold() { # name port pid
   wait $hp
   R[$name.hold]=$(cat "$work/hold-$name.json")
   R[$name.peak]=$peak
-  # Past Switchyard's 30 s idle timeout for pooled backend connections and the pool's 30 s
-  # eviction round (nginx keeps its 256 connections).
-  sleep 90
-  R[$name.after]=$(rss_kb "$pid")
 }
 echo "holding 2,000 streams: nginx" >&2; hold nginx $PN $NG_MASTER
 echo "holding 2,000 streams: switchyard" >&2; hold switchyard $PS $SY_PID
+# Past Switchyard's 30 s idle timeout for pooled backend connections and the pool's 30 s
+# eviction round (nginx keeps its 256 connections): 90 s after Switchyard's streams ended, and
+# the length of one hold (about 10 s) more after nginx's. One wait for both saves 90 s.
+echo "90 s after the streams" >&2
+sleep 90
+R[nginx.after]=$(rss_kb $NG_MASTER)
+R[switchyard.after]=$(rss_kb $SY_PID)
 
 date=$(date -u +%Y-%m-%d)
 out="bench/results/compare-$date.md"
@@ -198,6 +201,9 @@ thread. Switchyard: {os.environ['BUILD']}.
 | proxy | RSS idle | RSS, 2,000 open streams | RSS 90 s after | streams |
 |---|---:|---:|---:|---|
 """ + "\n".join(mem) + """
+
+RSS after: 90 s after Switchyard's 2,000 streams ended; nginx's were held first, about 100 s
+before.
 
 | target | this run |
 |---|---:|
