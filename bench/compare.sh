@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the builds).
+# Switchyard against nginx, side by side, in one run, on loopback (about 6 minutes after the builds).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
 #   BIN=/path/to/switchyard bash bench/compare.sh   # another build (the simulators stay this one)
 #
 # Switchyard is measured as built for production: profile-guided, by bench/pgo.sh (5 to 8 more
-# minutes of building first, once for the same sources). The simulators and the client are the plain release build.
+# minutes of building first, once for the same sources). The simulators and the client are the
+# plain release build.
 #
 # Three simulated Azure OpenAI backends in instant mode; nginx as a round-robin reverse proxy over
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
@@ -83,8 +84,8 @@ throughput() { # name port pid(or -): one 6 s wrk run; appends "req/s cpu_us non
 }
 # Five rounds with the targets taking turns, so a noisy stretch on a shared machine does not
 # land on one target only: each round starts one target later than the one before, so none
-# always runs right after another. Rounds on this machine move by up to ±8 %; the medians are
-# reported.
+# always runs right after another. Single rounds on this machine move by up to ±15 %; the
+# medians are reported.
 ROUNDS=5
 TARGETS=("direct $S1 -" "nginx $PN $NG_MASTER" "switchyard $PS $SY_PID")
 for round in $(seq $ROUNDS); do

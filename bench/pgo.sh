@@ -9,7 +9,8 @@
 #   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of these sources
 #
 # 5 to 8 minutes on 2 cores (two builds of the whole tree, 40 s of training); a binary built
-# from the same sources and compiler (see `from` below) is reused, so reruns of bench/compare.sh skip it.
+# from the same sources and compiler (see `from` below) is reused, so reruns of bench/compare.sh
+# skip it.
 # Needs rustup's llvm-tools for llvm-profdata (added if missing). The build trees are target/pgo-gen
 # (instrumented) and target/pgo, so the plain `cargo build --release` tree is left alone.
 #

@@ -1,5 +1,5 @@
 //! The streaming half of `bench/compare.sh`: time to first byte and the gaps between chunks of
-//! streamed chat completions, and many streams held open at once. Prints one JSON object.
+//! streamed chat completions, and many streams held open at once. Prints its figures as JSON.
 //!
 //!   cargo run --release --example compare -- latency ROUNDS PER_ROUND URL...
 //!   cargo run --release --example compare -- stream ROUNDS PER_ROUND TOKENS TOKEN_MS URL...
