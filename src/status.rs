@@ -64,6 +64,29 @@ struct Series {
     points: VecDeque<Point>,
 }
 
+impl Series {
+    /// Adds the point for what the totals gained since the previous one.
+    fn add(&mut self, now: Totals, t: u64, in_flight: u32) {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let count = d(now.ttfb_count, self.last.ttfb_count);
+        let point = Point {
+            t,
+            requests: d(now.served, self.last.served),
+            throttled: d(now.throttled, self.last.throttled),
+            failed: d(now.failed, self.last.failed),
+            tokens: d(now.tokens, self.last.tokens),
+            latency_ms: (count > 0)
+                .then(|| d(now.ttfb_us, self.last.ttfb_us) as f64 / count as f64 / 1000.0),
+            in_flight,
+        };
+        self.last = now;
+        if self.points.len() == KEEP {
+            self.points.pop_front();
+        }
+        self.points.push_back(point);
+    }
+}
+
 /// Every backend's recent history, by name.
 #[derive(Default)]
 pub struct History {
@@ -85,32 +108,18 @@ impl History {
         // Backends a reload removed leave the page with their history.
         series.retain(|name, _| rt.proxy.backends.iter().any(|b| b.name == *name));
         for (idx, b) in rt.proxy.backends.iter().enumerate() {
-            let now_totals = Totals::read(&b.stats);
-            let s = series.entry(b.name.clone()).or_insert_with(|| Series {
-                last: now_totals,
-                points: VecDeque::new(),
-            });
-            let d = |a: u64, b: u64| a.saturating_sub(b);
-            let count = d(now_totals.ttfb_count, s.last.ttfb_count);
-            let point = Point {
-                t,
-                requests: d(now_totals.served, s.last.served),
-                throttled: d(now_totals.throttled, s.last.throttled),
-                failed: d(now_totals.failed, s.last.failed),
-                tokens: d(now_totals.tokens, s.last.tokens),
-                latency_ms: (count > 0)
-                    .then(|| d(now_totals.ttfb_us, s.last.ttfb_us) as f64 / count as f64 / 1000.0),
-                in_flight: tables
-                    .iter()
-                    .filter_map(|tb| tb.status(idx, clock))
-                    .map(|st| st.in_flight)
-                    .sum(),
-            };
-            s.last = now_totals;
-            if s.points.len() == KEEP {
-                s.points.pop_front();
-            }
-            s.points.push_back(point);
+            let in_flight = tables
+                .iter()
+                .filter_map(|tb| tb.status(idx, clock))
+                .map(|st| st.in_flight)
+                .sum();
+            // A new series starts from zero, not from the totals as they are now: the first
+            // tick can come after the first requests (on a busy machine, the sampler's task
+            // started after the listener had served some), and those belong in the first point.
+            series
+                .entry(b.name.clone())
+                .or_default()
+                .add(Totals::read(&b.stats), t, in_flight);
         }
     }
 
@@ -159,5 +168,40 @@ pub async fn run(history: Arc<History>, state: Arc<GatewayState>, shutdown: Canc
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => history.sample(&state.runtime(), SystemTime::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(n: u64) -> Totals {
+        Totals {
+            served: n,
+            ttfb_us: n * 2_000,
+            ttfb_count: n,
+            ..Totals::default()
+        }
+    }
+
+    #[test]
+    fn a_new_series_counts_what_was_served_before_its_first_point() {
+        let mut s = Series::default();
+        s.add(served(3), 1, 0);
+        s.add(served(5), 2, 1);
+        let requests: Vec<u64> = s.points.iter().map(|p| p.requests).collect();
+        assert_eq!(requests, [3, 2]);
+        assert_eq!(s.points[1].latency_ms, Some(2.0));
+        assert_eq!(s.points[1].in_flight, 1);
+    }
+
+    #[test]
+    fn a_series_keeps_ten_minutes() {
+        let mut s = Series::default();
+        for i in 0..KEEP as u64 + 5 {
+            s.add(served(i), i, 0);
+        }
+        assert_eq!(s.points.len(), KEEP);
+        assert_eq!(s.points.front().map(|p| p.t), Some(5));
     }
 }
