@@ -101,25 +101,29 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl History {
     /// Adds a point per backend of `rt`: what happened since the previous sample.
     pub fn sample(&self, rt: &Runtime, now: SystemTime) {
-        let t = unix_ms(now);
         let tables = rt.proxy.balancer().tables();
         let clock = tokio::time::Instant::now();
-        let mut series = lock(&self.series);
-        // Backends a reload removed leave the page with their history.
-        series.retain(|name, _| rt.proxy.backends.iter().any(|b| b.name == *name));
-        for (idx, b) in rt.proxy.backends.iter().enumerate() {
+        let backends = rt.proxy.backends.iter().enumerate().map(|(idx, b)| {
             let in_flight = tables
                 .iter()
                 .filter_map(|tb| tb.status(idx, clock))
                 .map(|st| st.in_flight)
                 .sum();
+            (b.name.clone(), Totals::read(&b.stats), in_flight)
+        });
+        self.record(unix_ms(now), backends.collect());
+    }
+
+    /// Adds a point per backend, from its totals now and its requests in flight, at `t`.
+    fn record(&self, t: u64, backends: Vec<(Arc<str>, Totals, u32)>) {
+        let mut series = lock(&self.series);
+        // Backends a reload removed leave the page with their history.
+        series.retain(|name, _| backends.iter().any(|(n, ..)| n == name));
+        for (name, totals, in_flight) in backends {
             // A new series starts from zero, not from the totals as they are now: the first
             // tick can come after the first requests (on a busy machine, the sampler's task
             // started after the listener had served some), and those belong in the first point.
-            series
-                .entry(b.name.clone())
-                .or_default()
-                .add(Totals::read(&b.stats), t, in_flight);
+            series.entry(name).or_default().add(totals, t, in_flight);
         }
     }
 
@@ -184,15 +188,38 @@ mod tests {
         }
     }
 
+    fn requests(h: &History, name: &str) -> Vec<u64> {
+        lock(&h.series)
+            .get(name)
+            .map(|s| s.points.iter().map(|p| p.requests).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn a_new_series_counts_what_was_served_before_its_first_point() {
-        let mut s = Series::default();
-        s.add(served(3), 1, 0);
-        s.add(served(5), 2, 1);
-        let requests: Vec<u64> = s.points.iter().map(|p| p.requests).collect();
-        assert_eq!(requests, [3, 2]);
-        assert_eq!(s.points[1].latency_ms, Some(2.0));
-        assert_eq!(s.points[1].in_flight, 1);
+    fn the_first_point_counts_what_was_served_before_the_first_sample() {
+        let h = History::default();
+        let a: Arc<str> = Arc::from("a");
+        // The sampler's first tick came after three requests had been served.
+        h.record(1, vec![(a.clone(), served(3), 0)]);
+        h.record(2, vec![(a.clone(), served(5), 1)]);
+        assert_eq!(requests(&h, "a"), [3, 2]);
+        let series = lock(&h.series);
+        let second = series["a"].points[1];
+        assert_eq!(second.latency_ms, Some(2.0));
+        assert_eq!(second.in_flight, 1);
+    }
+
+    #[test]
+    fn a_backend_a_reload_removed_leaves_with_its_history() {
+        let h = History::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        h.record(
+            1,
+            vec![(a.clone(), served(1), 0), (b.clone(), served(2), 0)],
+        );
+        h.record(2, vec![(b.clone(), served(4), 0)]);
+        assert_eq!(requests(&h, "a"), Vec::<u64>::new());
+        assert_eq!(requests(&h, "b"), [2, 2]);
     }
 
     #[test]
