@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 6 minutes after the builds).
+# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the builds).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
@@ -13,15 +13,17 @@
 # them (keep-alive upstream pool, no buffering: the practical limit for a proxy here); Switchyard
 # over the same three (round_robin). Both with their access logs off. Measured per target:
 #   - throughput: wrk, 2 threads, 64 keep-alive connections, plain chat completions; five 6 s
-#     rounds with the targets taking turns (the order rotating each round), the median reported,
-#     and each round's Switchyard / nginx ratio beside it;
+#     rounds with the targets taking turns (the order rotating each round); each target's median
+#     req/s, and against nginx the median of the five rounds' Switchyard / nginx ratios (each
+#     round measures both within seconds of each other, so a slow stretch of the machine that
+#     lasts longer than a round moves both sides of its ratio), with each round's ratio beside it;
 #   - CPU per request of the proxy's processes (utime + stime from /proc over each throughput
-#     run; the median);
-#   - latency at one request at a time: 10,000 plain requests per target, one at a time, the
+#     run; the median, and the median of the rounds' ratios against nginx);
+#   - latency at one request at a time: 40,000 plain requests per target, one at a time, the
 #     three targets taking turns 250 requests at a time (so a noisy moment hits all alike),
 #     p50 and p99 of the whole exchange, and the added part against the backend direct (the
 #     client, bench/compare/main.rs, runs on one thread for this and for the streams);
-#   - streaming: 1,000 streamed chat completions per target, one at a time (10 chunks, 2 ms
+#   - streaming: 2,000 streamed chat completions per target, one at a time (10 chunks, 2 ms
 #     apart), the targets taking turns 100 at a time: time to first byte and the gap between
 #     chunks, p50 and p99, and the added part against direct;
 #   - memory: RSS idle (after start and warm-up), at the peak of 2,000 concurrent open streams,
@@ -104,14 +106,14 @@ done
 # Each round's ratios, in round order (the files are appended to in round order).
 R[rounds]=$(paste -d' ' "$work/tp-nginx" "$work/tp-switchyard" | awk '{printf "%s%.2f/%.2f", (NR>1?",":""), $4/$1, $5/$2}')
 echo "streams, targets in turns" >&2
-$C stream 10 100 10 2 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/stream.json"
+$C stream 20 100 10 2 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/stream.json"
 i=0
 for name in direct nginx switchyard; do
   R[$name.stream]=$(python3 -c "import json; print(json.dumps(json.load(open('$work/stream.json'))[$i]))")
   i=$((i + 1))
 done
 echo "latency, one request at a time, targets in turns" >&2
-$C latency 40 250 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/latency.json"
+$C latency 160 250 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/latency.json"
 i=0
 for name in direct nginx switchyard; do
   R[$name.p50]=$(python3 -c "import json; print(json.load(open('$work/latency.json'))[$i]['p50_us'])")
@@ -176,9 +178,15 @@ for n, idle in (("nginx", os.environ["IDLE_NG"]), ("switchyard", os.environ["IDL
     h = json.loads(r[f"{n}.hold"])
     mem.append(f"| {n} | {mb(idle)} | {mb(r[f'{n}.peak'])} | {mb(r[f'{n}.after'])} | {h['complete']}/{h['streams']} complete, all open after {h['all_open_after_ms']} ms |")
 sy, ng = "switchyard", "nginx"
+rounds = [tuple(float(v) for v in x.split("/")) for x in r["rounds"].split(",")]
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 ratios = [
-    ("throughput, Switchyard / nginx (≥ 1.0)", f"{rps[sy] / rps[ng]:.2f}×"),
-    ("CPU per request, Switchyard / nginx (≤ 1.0)", f"{float(r[sy + '.cpu_us']) / float(r[ng + '.cpu_us']):.2f}×"),
+    ("throughput, Switchyard / nginx (≥ 1.0): median of the rounds' ratios",
+     f"{median(t for t, _ in rounds):.2f}× (of the medians: {rps[sy] / rps[ng]:.2f}×)"),
+    ("CPU per request, Switchyard / nginx (≤ 1.0): median of the rounds' ratios",
+     f"{median(c for _, c in rounds):.2f}× (of the medians: {float(r[sy + '.cpu_us']) / float(r[ng + '.cpu_us']):.2f}×)"),
     ("added p99 at one request at a time (≤ 100 µs)", f"{lat[sy][1] - lat['direct'][1]:.0f} µs"),
     ("added stream time to first byte p99 (≤ 300 µs)", f"{st[sy]['ttfb_p99_us'] - st['direct']['ttfb_p99_us']:.0f} µs"),
     ("RSS idle (≤ 15 MB)", mb(os.environ["IDLE_SY"])),
@@ -190,7 +198,7 @@ text = f"""# Switchyard against nginx
 `bash bench/compare.sh`, {cores} cores, Linux {kernel}, {ngv}. Load generator, proxies and the
 three simulated backends share the machine. Plain requests: chat completions with wrk
 (throughput: 2 threads, 64 connections, median of five 6 s rounds taken in turns); latency one
-request at a time, 10,000 per target, the targets taking turns. Streams: 1,000 streamed chat
+request at a time, 40,000 per target, the targets taking turns. Streams: 2,000 streamed chat
 completions per target of 10 chunks 2 ms apart, one at a time, the targets taking turns 100 at
 a time. The latency and stream client runs on one
 thread. Switchyard: {os.environ['BUILD']}.
@@ -210,7 +218,8 @@ before.
 |---|---:|
 """ + "\n".join(f"| {k} | {v} |" for k, v in ratios) + "\n" + f"""
 The throughput rounds one by one, Switchyard / nginx (throughput, then CPU per request):
-{", ".join(f"{t}× / {c}×" for t, c in (x.split("/") for x in r["rounds"].split(",")))}.
+{", ".join(f"{t:.2f}× / {c:.2f}×" for t, c in rounds)}. Each round measures the targets within
+seconds of each other; the medians of each target's rounds can come from different rounds.
 """
 open(out, "w").write(text)
 print(text)
