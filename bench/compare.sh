@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switchyard against nginx, side by side, in one run, on loopback (about 7 minutes after the builds).
+# Switchyard against nginx, side by side, in one run, on loopback (about 8 minutes after the builds).
 #
 #   bash bench/compare.sh            # writes bench/results/compare-<date>.md and prints it
 #   PGO=0 bash bench/compare.sh      # the plain `cargo build --release` instead of the PGO build
