@@ -104,7 +104,7 @@ for name in direct nginx switchyard; do
   [ $name != direct ] && R[$name.cpu_us]=$(sort -n -k2 "$work/tp-$name" | awk -v m=$mid 'NR==m {print $2}')
 done
 # Each round's ratios, in round order (the files are appended to in round order).
-R[rounds]=$(paste -d' ' "$work/tp-nginx" "$work/tp-switchyard" | awk '{printf "%s%.2f/%.2f", (NR>1?",":""), $4/$1, $5/$2}')
+R[rounds]=$(paste -d' ' "$work/tp-nginx" "$work/tp-switchyard" | awk '{printf "%s%.4f/%.4f", (NR>1?",":""), $4/$1, $5/$2}')
 echo "streams, targets in turns" >&2
 $C stream 20 100 10 2 "http://127.0.0.1:$S1" "http://127.0.0.1:$PN" "http://127.0.0.1:$PS" > "$work/stream.json"
 i=0
