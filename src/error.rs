@@ -41,13 +41,29 @@ pub enum ErrorKind {
     ConsumerRateLimited,
     /// The caller's token quota for the period is spent.
     QuotaExceeded,
+    /// No backend holds the stored object the request names (or it is another consumer's).
+    ObjectNotFound,
+    /// The request names stored objects held by different backends.
+    ObjectsSplit,
+    /// The backend holding the object the request names is cooling down after a 429.
+    OwnerThrottled,
+    /// The backend holding the object the request names is down or drained.
+    OwnerUnavailable,
+    /// The backend holding the object the request names is no longer configured.
+    OwnerGone,
 }
 
 impl ErrorKind {
     /// HTTP status the client receives.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::NotFound | ErrorKind::UnknownDeployment => StatusCode::NOT_FOUND,
+            ErrorKind::NotFound
+            | ErrorKind::UnknownDeployment
+            | ErrorKind::ObjectNotFound
+            | ErrorKind::OwnerGone => StatusCode::NOT_FOUND,
+            ErrorKind::ObjectsSplit => StatusCode::BAD_REQUEST,
+            ErrorKind::OwnerThrottled => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::ConsumerRateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -93,6 +109,11 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
+            ErrorKind::ObjectNotFound => "not_found",
+            ErrorKind::ObjectsSplit => "objects_on_different_backends",
+            ErrorKind::OwnerThrottled => "owner_rate_limited",
+            ErrorKind::OwnerUnavailable => "owner_unavailable",
+            ErrorKind::OwnerGone => "owner_not_configured",
         }
     }
 
@@ -102,10 +123,14 @@ impl ErrorKind {
             | ErrorKind::BodyTooLarge
             | ErrorKind::BadRequest
             | ErrorKind::UnknownDeployment
-            | ErrorKind::Unauthorized => "invalid_request_error",
-            ErrorKind::AllThrottled | ErrorKind::ConsumerRateLimited | ErrorKind::QuotaExceeded => {
-                "rate_limit_error"
-            }
+            | ErrorKind::Unauthorized
+            | ErrorKind::ObjectNotFound
+            | ErrorKind::ObjectsSplit
+            | ErrorKind::OwnerGone => "invalid_request_error",
+            ErrorKind::AllThrottled
+            | ErrorKind::ConsumerRateLimited
+            | ErrorKind::QuotaExceeded
+            | ErrorKind::OwnerThrottled => "rate_limit_error",
             _ => "gateway_error",
         }
     }

@@ -6,6 +6,7 @@
 //! wrapper that ends the request's accounting in `telemetry`.
 
 pub mod admin;
+pub mod affinity;
 pub mod api;
 pub mod auth;
 pub mod balancer;

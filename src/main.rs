@@ -290,6 +290,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                 seed: a.seed,
                 record: false,
                 tls: None,
+                object_delay: Duration::from_secs(2),
                 faults: Faults {
                     error_rate: a.error_rate,
                     error_status: a.error_status,

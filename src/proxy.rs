@@ -89,6 +89,20 @@ impl Answer {
     }
 }
 
+/// Where a request may go, as the objects it names decide (see `affinity`).
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// Any backend serving the deployment: the balancer chooses.
+    Any,
+    /// Only the backend holding `id` (and every other object the request names).
+    Owner { backend: usize, id: &'a str },
+    /// Objects no owner is known for: asked of the candidates in turn until one holds them.
+    Search { ids: &'a [String] },
+}
+
+/// How much of a 400 is read to see whether it says an object is missing.
+const NOT_FOUND_BODY_BYTES: usize = 64 * 1024;
+
 pub struct Proxy {
     pub backends: Vec<Backend>,
     balancer: Balancer,
@@ -172,20 +186,36 @@ impl Proxy {
         &self,
         req: &OutboundRequest<'_>,
         deployment: Option<&str>,
+        target: Target<'_>,
         log: &mut AttemptLog,
     ) -> Answer {
-        let trail = &mut log.tried;
         let candidates = match self.router.resolve(deployment) {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
         };
+        let owner = match target {
+            Target::Any => None,
+            Target::Owner { backend, id } => Some((backend, id)),
+            Target::Search { ids } => {
+                return self.search(req, deployment, &candidates, ids, log).await;
+            }
+        };
         // On the stack for the usual pool sizes: this runs for every request.
         let (mut backends_stack, mut backends_heap) = ([0usize; SCRATCH], Vec::new());
-        let backends = scratch(&mut backends_stack, &mut backends_heap, candidates.len());
-        for (slot, c) in backends.iter_mut().zip(candidates.iter()) {
-            *slot = c.backend;
-        }
-        let backends: &[usize] = backends;
+        let backends: &[usize] = match owner {
+            // The object is there and nowhere else, whatever the deployment's pool.
+            Some((backend, _)) => {
+                backends_stack[0] = backend;
+                &backends_stack[..1]
+            }
+            None => {
+                let backends = scratch(&mut backends_stack, &mut backends_heap, candidates.len());
+                for (slot, c) in backends.iter_mut().zip(candidates.iter()) {
+                    *slot = c.backend;
+                }
+                backends
+            }
+        };
         let table = self.balancer.table(deployment.unwrap_or(""));
         let shown = deployment.unwrap_or("(none)");
         let mut now = Instant::now();
@@ -203,6 +233,13 @@ impl Proxy {
             let remaining = deadline.saturating_duration_since(now);
             let mut lease = match table.pick(backends, tried, now) {
                 Pick::Chosen(lease) => lease,
+                Pick::Throttled { retry_after } if owner.is_some() => {
+                    return Answer::error(self.owner_busy(owner, Some(retry_after)), attempts);
+                }
+                Pick::Unavailable { retry_after } if owner.is_some() => {
+                    let e = self.owner_busy(owner, None).with_retry_after(retry_after);
+                    return self.give_up(kept, Some(e), attempts);
+                }
                 Pick::Throttled { retry_after } => {
                     self.metrics
                         .rejections
@@ -252,48 +289,11 @@ impl Proxy {
                 .iter()
                 .find(|c| c.backend == idx)
                 .and_then(|c| c.rename.as_deref());
-            let sent = now;
             let is_last = attempt == self.routing.max_attempts;
-            let span = log
-                .trace
-                .map(|t| (t, t.attempt_span(attempt), SystemTime::now()));
-            let sent_result = self
-                .upstream
-                .send(
-                    backend,
-                    req,
-                    rename,
-                    remaining,
-                    span.map(|(t, id, _)| t.traceparent(id)),
-                )
+            let (sent_result, waited, answered) = self
+                .send_attempt(idx, rename, req, remaining, attempt, now, log)
                 .await;
-            let answered = Instant::now();
-            let waited = answered.saturating_duration_since(sent);
-            log.upstream += waited;
-            if let Some((t, span_id, start)) = span
-                && t.sampled
-            {
-                log.spans.push(AttemptRecord {
-                    span_id,
-                    attempt,
-                    backend: backend.name.clone(),
-                    host: backend.url.authority.host().to_string(),
-                    port: backend.url.authority.port_u16().unwrap_or(
-                        if backend.url.scheme == http::uri::Scheme::HTTPS {
-                            443
-                        } else {
-                            80
-                        },
-                    ),
-                    model: rename.map(str::to_string),
-                    start,
-                    duration: waited,
-                    outcome: match &sent_result {
-                        Ok(r) => Ok(r.status().as_u16()),
-                        Err(e) => Err(e.kind.label()),
-                    },
-                });
-            }
+            let trail = &mut log.tried;
             match sent_result {
                 Ok(resp) => {
                     let status = resp.status();
@@ -357,6 +357,278 @@ impl Proxy {
             }
         }
         self.give_up(kept, last_error, attempts)
+    }
+
+    /// The owner of a named object cannot take the request now: it is not sent anywhere else,
+    /// where the object does not exist. `retry_after` is set when it is cooling down.
+    fn owner_busy(
+        &self,
+        owner: Option<(usize, &str)>,
+        retry_after: Option<Duration>,
+    ) -> GatewayError {
+        let (idx, id) = owner.unwrap_or((0, ""));
+        let name = self.backends.get(idx).map_or("?", |b| &*b.name);
+        match retry_after {
+            Some(wait) => GatewayError::new(
+                ErrorKind::OwnerThrottled,
+                format!(
+                    "Backend '{name}' holds '{id}', which this request names, and is rate limited; it is available again in {:.1} s.",
+                    wait.as_secs_f64()
+                ),
+            )
+            .with_retry_after(Some(wait)),
+            None => GatewayError::new(
+                ErrorKind::OwnerUnavailable,
+                format!(
+                    "Backend '{name}' holds '{id}', which this request names, and is not available (circuit open or drained)."
+                ),
+            ),
+        }
+    }
+
+    /// Asks the candidates in turn for objects no owner is known for, until one answers other
+    /// than "not found". A "not found" (a 404, or a 400 naming one of `ids`) is neither a
+    /// failure of that backend nor the client's answer while another may hold the object; only
+    /// when none does is the client told it does not exist. A backend that could not be asked
+    /// (throttled, down) might hold it: then the client is told to come back, not that it is
+    /// missing.
+    async fn search(
+        &self,
+        req: &OutboundRequest<'_>,
+        deployment: Option<&str>,
+        candidates: &[crate::routing::Candidate],
+        ids: &[String],
+        log: &mut AttemptLog,
+    ) -> Answer {
+        let backends: Vec<usize> = candidates.iter().map(|c| c.backend).collect();
+        let table = self.balancer.table(deployment.unwrap_or(""));
+        let shown = deployment.unwrap_or("(none)");
+        let deadline = Instant::now() + self.routing.request_timeout;
+        let mut tried = vec![false; self.backends.len()];
+        let (mut kept, mut last_error, mut blocked) = (None::<Kept>, None, None);
+        let (mut attempts, mut failures) = (0u32, 0u32);
+        let id_list = ids
+            .iter()
+            .map(|i| format!("'{i}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        loop {
+            let untried: Vec<usize> = backends.iter().copied().filter(|&b| !tried[b]).collect();
+            if untried.is_empty() || failures >= self.routing.max_attempts {
+                break;
+            }
+            let now = Instant::now();
+            let remaining = deadline.saturating_duration_since(now);
+            let mut lease = match table.pick(&untried, &tried, now) {
+                Pick::Chosen(lease) => lease,
+                Pick::Throttled { retry_after } => {
+                    blocked = Some(GatewayError::new(
+                        ErrorKind::AllThrottled,
+                        format!("The backends not yet asked for {id_list} are rate limited; the soonest is available in {:.1} s.", retry_after.as_secs_f64()),
+                    ).with_retry_after(Some(retry_after)));
+                    break;
+                }
+                Pick::Unavailable { retry_after } => {
+                    blocked = Some(GatewayError::new(
+                        ErrorKind::NoBackendAvailable,
+                        format!("The backends not yet asked for {id_list} are not available (circuits open or drained)."),
+                    ).with_retry_after(retry_after));
+                    break;
+                }
+            };
+            if remaining.is_zero() {
+                drop(lease);
+                last_error = Some(GatewayError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "routing.request_timeout ({:?}) ran out while looking for {id_list}",
+                        self.routing.request_timeout
+                    ),
+                ));
+                break;
+            }
+            let idx = lease.backend();
+            tried[idx] = true;
+            attempts += 1;
+            let backend = &self.backends[idx];
+            let rename = candidates
+                .iter()
+                .find(|c| c.backend == idx)
+                .and_then(|c| c.rename.as_deref());
+            let (sent, waited, answered) = self
+                .send_attempt(idx, rename, req, remaining, attempts, now, log)
+                .await;
+            match sent {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retryable = self.routing.retries_status(status);
+                    let verdict = lease.report(
+                        Outcome::Response {
+                            status,
+                            headers: resp.headers(),
+                            retryable,
+                            ttfb: waited,
+                        },
+                        answered,
+                    );
+                    self.note(backend, shown, status.as_str(), verdict, retryable);
+                    log.tried
+                        .0
+                        .push((backend.name.clone(), Ok(status.as_u16())));
+                    let resp = if status == http::StatusCode::BAD_REQUEST {
+                        // Whether it names a missing object is in the body: read it, and keep
+                        // it to pass on if it is about something else.
+                        let (parts, mut body) = resp.into_parts();
+                        let raw = body.take_passthrough();
+                        let bytes = tokio::time::timeout(
+                            KEEP_FAILED_BODY_TIMEOUT,
+                            collect_limited(body, NOT_FOUND_BODY_BYTES),
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                        if ids
+                            .iter()
+                            .any(|id| memchr::memmem::find(&bytes, id.as_bytes()).is_some())
+                        {
+                            continue;
+                        }
+                        Response::from_parts(parts, full(bytes).with_passthrough(raw))
+                    } else {
+                        resp
+                    };
+                    if status == http::StatusCode::NOT_FOUND {
+                        continue;
+                    }
+                    if retryable {
+                        failures += 1;
+                        let (parts, mut body) = resp.into_parts();
+                        let raw = body.take_passthrough();
+                        let collected =
+                            tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_capped(body))
+                                .await;
+                        if let Ok(Some(bytes)) = collected {
+                            kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
+                        }
+                        continue;
+                    }
+                    let found = if status.is_success() {
+                        "found"
+                    } else {
+                        "answered"
+                    };
+                    self.metrics
+                        .owner_searches
+                        .get_or_create(&reason(found))
+                        .inc();
+                    return Answer {
+                        result: Ok(resp),
+                        backend: Some(idx),
+                        attempts,
+                        lease: Some(lease),
+                    };
+                }
+                Err(e) => {
+                    let verdict = if e.kind == ErrorKind::CredentialUnavailable {
+                        Verdict::Healthy
+                    } else {
+                        lease.report(Outcome::Failure { elapsed: waited }, answered)
+                    };
+                    self.note(backend, shown, e.kind.label(), verdict, e.kind.retryable());
+                    log.tried
+                        .0
+                        .push((backend.name.clone(), Err(e.kind.label())));
+                    if !e.kind.retryable() {
+                        return Answer {
+                            result: Err(e),
+                            backend: Some(idx),
+                            attempts,
+                            lease: None,
+                        };
+                    }
+                    failures += 1;
+                    last_error = Some(e);
+                }
+            }
+        }
+        // No backend said it holds them. One that failed or could not be asked might.
+        if kept.is_some() || last_error.is_some() {
+            self.metrics
+                .owner_searches
+                .get_or_create(&reason("unavailable"))
+                .inc();
+            return self.give_up(kept, last_error, attempts);
+        }
+        if let Some(e) = blocked {
+            self.metrics
+                .owner_searches
+                .get_or_create(&reason("unavailable"))
+                .inc();
+            return Answer::error(e, attempts);
+        }
+        self.metrics
+            .owner_searches
+            .get_or_create(&reason("not_found"))
+            .inc();
+        Answer::error(not_found(ids), attempts)
+    }
+
+    /// Sends one attempt to backend `idx` and records it: the time spent waiting, and the
+    /// attempt's span when the trace is sampled. Returns the result, the wait and its end.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_attempt(
+        &self,
+        idx: usize,
+        rename: Option<&str>,
+        req: &OutboundRequest<'_>,
+        remaining: Duration,
+        attempt: u32,
+        sent: Instant,
+        log: &mut AttemptLog,
+    ) -> (Result<Response<BoxBody>, GatewayError>, Duration, Instant) {
+        let backend = &self.backends[idx];
+        let span = log
+            .trace
+            .map(|t| (t, t.attempt_span(attempt), SystemTime::now()));
+        let sent_result = self
+            .upstream
+            .send(
+                backend,
+                req,
+                rename,
+                remaining,
+                span.map(|(t, id, _)| t.traceparent(id)),
+            )
+            .await;
+        let answered = Instant::now();
+        let waited = answered.saturating_duration_since(sent);
+        log.upstream += waited;
+        if let Some((t, span_id, start)) = span
+            && t.sampled
+        {
+            log.spans.push(AttemptRecord {
+                span_id,
+                attempt,
+                backend: backend.name.clone(),
+                host: backend.url.authority.host().to_string(),
+                port: backend.url.authority.port_u16().unwrap_or(
+                    if backend.url.scheme == http::uri::Scheme::HTTPS {
+                        443
+                    } else {
+                        80
+                    },
+                ),
+                model: rename.map(str::to_string),
+                start,
+                duration: waited,
+                outcome: match &sent_result {
+                    Ok(r) => Ok(r.status().as_u16()),
+                    Err(e) => Err(e.kind.label()),
+                },
+            });
+        }
+        (sent_result, waited, answered)
     }
 
     /// No attempt produced an answer to pass on: the last real backend response if one was
@@ -446,12 +718,30 @@ impl Proxy {
 /// later attempt answers.
 type Kept = (usize, Response<(Bytes, Option<RawHeaders>)>);
 
+/// The gateway's answer for objects that no backend holds (or that belong to another
+/// consumer: the same answer, so one cannot tell the two apart).
+pub fn not_found(ids: &[String]) -> GatewayError {
+    let shown: Vec<String> = ids
+        .iter()
+        .map(|i| format!("'{}'", i.chars().take(128).collect::<String>()))
+        .collect();
+    GatewayError::new(
+        ErrorKind::ObjectNotFound,
+        format!("No object with id {} was found.", shown.join(", ")),
+    )
+}
+
 /// The whole body if it ends within `KEEP_FAILED_BODY_BYTES`.
-async fn collect_capped(mut body: BoxBody) -> Option<Bytes> {
+async fn collect_capped(body: BoxBody) -> Option<Bytes> {
+    collect_limited(body, KEEP_FAILED_BODY_BYTES).await
+}
+
+/// The whole body if it ends within `max` bytes.
+async fn collect_limited(mut body: BoxBody, max: usize) -> Option<Bytes> {
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.ok()?.into_data() {
-            if buf.len() + data.len() > KEEP_FAILED_BODY_BYTES {
+            if buf.len() + data.len() > max {
                 return None;
             }
             buf.extend_from_slice(&data);

@@ -7,15 +7,17 @@
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-/// What a response says it used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// What a response says it used. The Responses API's `input_tokens` and `output_tokens` are
+/// read as prompt and completion tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
-    #[serde(default)]
     pub total_tokens: u64,
+    /// Of the prompt tokens, those served from the backend's prompt cache.
+    pub cached_tokens: u64,
+    /// Of the completion tokens, those spent on reasoning.
+    pub reasoning_tokens: u64,
 }
 
 /// How much of a JSON body's end is kept to find `usage` in (it comes last in Azure's answers).
@@ -233,7 +235,12 @@ fn split_events(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The `data:` payload of a one-line event (the shape Azure and OpenAI send), and where in the
 /// event it starts.
 fn event_data(event: &[u8]) -> Option<(usize, &[u8])> {
-    let line = event.strip_prefix(b"data:")?;
+    // The Responses API names each event in a line of its own before its data.
+    let named = match event.strip_prefix(b"event:") {
+        Some(_) => event.get(memchr::memchr(b'\n', event)? + 1..)?,
+        None => event,
+    };
+    let line = named.strip_prefix(b"data:")?;
     let line = line.strip_prefix(b" ").unwrap_or(line);
     let offset = event.len() - line.len();
     Some((offset, line.strip_suffix(b"\n\n").unwrap_or(line)))
@@ -267,14 +274,17 @@ fn counts(value: &[u8]) -> Option<Usage> {
     })
 }
 
-/// The three counts from the JSON object `obj` starts with (nested objects such as
-/// `prompt_tokens_details` skipped); `None` if the object is cut off. A scan rather than a
-/// serde parse: this runs on every response, and the generic parse cost several times more.
+/// The counts from the JSON object `obj` starts with: the totals at its top level, cached and
+/// reasoning tokens from its `*_details` objects; `None` if the object is cut off. A scan
+/// rather than a serde parse: this runs on every response, and the generic parse cost several
+/// times more.
 fn usage_object(obj: &[u8]) -> Option<Usage> {
     let mut u = Usage::default();
     let mut depth = 0usize;
-    // At depth 1, after `{` or `,`: the next string is a key.
+    // After `{` or `,`: the next string is a key.
     let mut key_next = false;
+    // The last key at the top level: the details object being read, at depth 2.
+    let mut parent: &[u8] = b"";
     let mut i = 0;
     while i < obj.len() {
         match obj[i] {
@@ -289,12 +299,33 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
                     j += 2; // an escaped character
                 }
                 i = j + 1;
-                if depth == 1 && key_next {
+                if key_next && (depth == 1 || depth == 2) {
                     key_next = false;
-                    let slot = match &obj[start..j] {
-                        b"prompt_tokens" => &mut u.prompt_tokens,
-                        b"completion_tokens" => &mut u.completion_tokens,
-                        b"total_tokens" => &mut u.total_tokens,
+                    let key = &obj[start..j];
+                    let slot = match (depth, key) {
+                        (1, b"prompt_tokens" | b"input_tokens") => &mut u.prompt_tokens,
+                        (1, b"completion_tokens" | b"output_tokens") => &mut u.completion_tokens,
+                        (1, b"total_tokens") => &mut u.total_tokens,
+                        (2, b"cached_tokens")
+                            if matches!(
+                                parent,
+                                b"prompt_tokens_details" | b"input_tokens_details"
+                            ) =>
+                        {
+                            &mut u.cached_tokens
+                        }
+                        (2, b"reasoning_tokens")
+                            if matches!(
+                                parent,
+                                b"completion_tokens_details" | b"output_tokens_details"
+                            ) =>
+                        {
+                            &mut u.reasoning_tokens
+                        }
+                        (1, _) => {
+                            parent = key;
+                            continue;
+                        }
                         _ => continue,
                     };
                     while i < obj.len() && (obj[i].is_ascii_whitespace() || obj[i] == b':') {
@@ -309,9 +340,13 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
                 }
                 continue;
             }
-            b'{' | b'[' => {
+            b'{' => {
                 depth += 1;
-                key_next = depth == 1;
+                key_next = true;
+            }
+            b'[' => {
+                depth += 1;
+                key_next = false;
             }
             b'}' | b']' => {
                 depth = depth.checked_sub(1)?;
@@ -319,7 +354,9 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
                     return Some(u);
                 }
             }
-            b',' => key_next = depth == 1,
+            // Inside an array, commas separate values, not keys; a key only follows within an
+            // object, which at depths 1 and 2 of a usage object is all there is.
+            b',' => key_next = true,
             _ => {}
         }
         i += 1;
@@ -439,6 +476,7 @@ mod tests {
             prompt_tokens: 9,
             completion_tokens: 2,
             total_tokens: 11,
+            ..Usage::default()
         })
     }
 
@@ -531,7 +569,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 9,
                 completion_tokens: 0,
-                total_tokens: 9
+                total_tokens: 9,
+                ..Usage::default()
             })
         );
         let mut tap = Tap::new(Some("application/json"), false).unwrap();
@@ -583,6 +622,32 @@ mod tests {
     }
 
     #[test]
+    fn reads_responses_usage_from_bodies_and_named_events() {
+        let body = br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":1200,
+            "input_tokens_details":{"cached_tokens":1024},"output_tokens":20,
+            "output_tokens_details":{"reasoning_tokens":4},"total_tokens":1220},"user":null,"metadata":{}}"#;
+        let want = Some(Usage {
+            prompt_tokens: 1200,
+            completion_tokens: 20,
+            total_tokens: 1220,
+            cached_tokens: 1024,
+            reasoning_tokens: 4,
+        });
+        let mut tap = Tap::new(Some("application/json"), false).unwrap();
+        assert_eq!(run(&mut tap, &[body]).1, want);
+        let body = std::str::from_utf8(body).unwrap().replace('\n', "");
+        let stream = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"usage\":null}}}}\n\n\
+             event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{body}}}\n\n"
+        );
+        let mut tap = Tap::new(Some("text/event-stream"), false).unwrap();
+        let (out, usage) = run(&mut tap, &[stream.as_bytes()]);
+        assert_eq!(out, stream.as_bytes());
+        assert_eq!(usage, want);
+    }
+
+    #[test]
     fn the_usage_scan_reads_top_level_counts_only() {
         let u = |s: &str| usage_in(s.as_bytes());
         let full = r#"{"x":"a \"usage\": {","usage" : {"completion_tokens":8,
@@ -594,7 +659,9 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 8,
-                total_tokens: 18
+                total_tokens: 18,
+                cached_tokens: 0,
+                reasoning_tokens: 3,
             })
         );
         // Embeddings: no completion count; the total is made up when missing.
@@ -603,7 +670,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 5,
                 completion_tokens: 0,
-                total_tokens: 5
+                total_tokens: 5,
+                ..Usage::default()
             })
         );
         assert_eq!(u(r#"{"usage":null}"#), None);

@@ -128,6 +128,8 @@ pub struct Config {
     /// When non-empty, every request must carry one of these consumers' keys.
     pub consumers: Vec<ConsumerConfig>,
     pub limits: LimitsConfig,
+    /// How the owners of stored objects are remembered.
+    pub affinity: AffinityConfig,
     /// Entra ID (or any OIDC) tokens accepted from callers, in `Authorization: Bearer`.
     pub jwt: Option<JwtConfig>,
     /// OpenTelemetry trace export; off when absent.
@@ -154,6 +156,15 @@ pub struct JwtConfig {
     pub jwks_url: String,
     /// The claim whose value names the consumer (`azp`: the calling app's client id).
     pub claim: String,
+}
+
+/// How long, and how many, owners of stored objects (responses, files, batches, ...) are
+/// remembered. They are kept where limits are (`limits.store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AffinityConfig {
+    pub ttl: Duration,
+    /// Owners this replica keeps in memory at most; least recently used dropped first.
+    pub max_entries: usize,
 }
 
 /// How consumer limits are kept.

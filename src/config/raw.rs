@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub consumers: Vec<RawConsumer>,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub affinity: RawAffinity,
     pub jwt: Option<RawJwt>,
     pub tracing: Option<RawTracing>,
 }
@@ -88,6 +90,13 @@ pub struct RawLimits {
     pub fail_closed: Option<bool>,
     pub redis_timeout: Option<String>,
     pub completion_estimate: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAffinity {
+    pub ttl: Option<String>,
+    pub max_entries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

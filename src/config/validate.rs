@@ -73,6 +73,7 @@ pub(super) fn validate(
     let jwt = raw.jwt.map(validate_jwt).transpose()?;
     let consumers = validate_consumers(raw.consumers, jwt.is_some())?;
     let limits = validate_limits(raw.limits)?;
+    let affinity = validate_affinity(raw.affinity)?;
     let tracing = raw.tracing.map(validate_tracing).transpose()?;
     Ok(Config {
         server,
@@ -81,8 +82,23 @@ pub(super) fn validate(
         deployments,
         consumers,
         limits,
+        affinity,
         jwt,
         tracing,
+    })
+}
+
+fn validate_affinity(raw: raw::RawAffinity) -> Result<AffinityConfig, ConfigError> {
+    let max_entries = raw.max_entries.unwrap_or(200_000);
+    if max_entries == 0 || max_entries > 100_000_000 {
+        return Err(ConfigError::field(
+            "affinity.max_entries",
+            format!("{max_entries} is out of range (1 to 100000000)"),
+        ));
+    }
+    Ok(AffinityConfig {
+        ttl: opt_duration(raw.ttl, "affinity.ttl", 30 * 24 * 3600 * 1000)?,
+        max_entries: max_entries as usize,
     })
 }
 
@@ -598,7 +614,7 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` (one number, one unit).
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"30d"` (one number, one unit).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -613,7 +629,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
+        "d" => value * 86400.0,
+        _ => return Err(format!("{s:?} needs a unit: ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
 }

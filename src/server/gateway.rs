@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::runtime::{ConfigSource, Refreshers, Runtime};
+use crate::affinity::{Learner, Owner, Owners, refs};
 use crate::api;
 use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Refusal, Shared};
-use crate::proxy::AttemptLog;
+use crate::proxy::{AttemptLog, Target};
 use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
     BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestCounters, status_class,
@@ -62,6 +63,8 @@ pub struct GatewayState {
     pub(super) tracer: Option<Arc<Tracer>>,
     /// The client listener's certificate, when it serves HTTPS: replaced by a reload.
     pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
+    /// Which backend holds each stored object (response, file, batch, ...); kept across reloads.
+    pub(super) owners: Arc<Owners>,
 }
 
 pub async fn handle(
@@ -87,6 +90,7 @@ pub async fn handle(
         stats: None,
         tracer: None,
         stream_failed: false,
+        learner: None,
     };
     let request_id = request_id(req.headers(), &state.ids);
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -116,13 +120,16 @@ pub async fn handle(
         Err(e) => Err((None, 0, e)),
     };
     let (answer_backend, attempts, lease, limit, mut resp) = match outcome {
-        Ok(served) => (
-            served.backend,
-            served.attempts,
-            served.lease,
-            served.limit,
-            served.response,
-        ),
+        Ok(served) => {
+            guard.learner = served.learner;
+            (
+                served.backend,
+                served.attempts,
+                served.lease,
+                served.limit,
+                served.response,
+            )
+        }
         Err((backend, attempts, e)) => (backend, attempts, None, None, e.into_response()),
     };
     let backend_name = answer_backend.map(|i| rt.proxy.backends[i].name.clone());
@@ -207,6 +214,8 @@ struct Served {
     lease: Option<Lease>,
     limit: Option<Limit>,
     response: Response<BoxBody>,
+    /// Remembers the owner of the objects the answer makes known.
+    learner: Option<Learner>,
 }
 
 /// A request's hold on its consumer's limits.
@@ -308,6 +317,45 @@ async fn serve(
         log.params = serde_json::from_slice(&body).ok();
     }
 
+    // The stored objects the request names, and the backend that holds them.
+    let object = refs::path_object(&route.path_and_query);
+    let mut ids: Vec<String> = object
+        .as_ref()
+        .and_then(|o| o.id)
+        .map(|id| vec![id.to_string()])
+        .unwrap_or_default();
+    if !body.is_empty() {
+        let named = match form_type(&parts.headers) {
+            Some(ct) => refs::form_ids(ct, body.clone()).await,
+            None => refs::body_ids(&body),
+        };
+        for id in named {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    let isolated = !rt.config.consumers.is_empty();
+    let caller = consumer.map(|c| c.name.clone());
+    let pinned = pin(
+        &state.owners,
+        rt,
+        &ids,
+        isolated.then_some(caller.as_deref()).flatten(),
+    )
+    .map_err(|e| (None, 0, e))?;
+    let target = match &pinned {
+        Pinned::None => Target::Any,
+        Pinned::Owner(backend, id) => {
+            state.metrics.owner_routed.inc();
+            Target::Owner {
+                backend: *backend,
+                id,
+            }
+        }
+        Pinned::Search(unknown) => Target::Search { ids: unknown },
+    };
+
     // The consumer's limits: reserve the estimate now, settle with the real usage at the end.
     let mut limit = None;
     if let Some(c) = consumer {
@@ -336,6 +384,7 @@ async fn serve(
             // Settling needs a stream's usage: ask for it, and take it out again on the way back.
             let mut strip = false;
             if admission.counts_tokens
+                && takes_usage_chunk(&route.path_and_query)
                 && let Some(b) = usage::request_usage_chunk(&body)
             {
                 body = b;
@@ -358,10 +407,55 @@ async fn serve(
     };
     let answer = rt
         .proxy
-        .forward(&outbound, deployment, &mut log.attempts_log)
+        .forward(&outbound, deployment, target, &mut log.attempts_log)
         .await;
     match answer.result {
         Ok(mut resp) => {
+            let learner = match answer.backend {
+                Some(idx) if resp.status().is_success() => {
+                    let owner = Owner {
+                        backend: rt.proxy.backends[idx].name.clone(),
+                        consumer: caller.filter(|_| isolated),
+                    };
+                    let deleted = parts.method == http::Method::DELETE;
+                    match &object {
+                        Some(o) if deleted && o.exact => {
+                            if let Some(id) = o.id {
+                                state.owners.forget(id);
+                            }
+                        }
+                        // Whoever answered holds what the request named: found by a search,
+                        // or made before the gateway saw it.
+                        _ if !matches!(pinned, Pinned::Owner(..)) => state.owners.put(&ids, &owner),
+                        _ => {}
+                    }
+                    let learnable = !deleted
+                        && match &object {
+                            Some(_) => !route
+                                .path_and_query
+                                .split('?')
+                                .next()
+                                .unwrap_or("")
+                                .ends_with("/content"),
+                            None => stores_completion(&outbound.body),
+                        };
+                    learnable
+                        .then(|| {
+                            let ct = resp
+                                .headers()
+                                .get(header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok());
+                            Learner::new(
+                                state.owners.clone(),
+                                owner,
+                                ct,
+                                resp.body().size_hint().exact(),
+                            )
+                        })
+                        .flatten()
+                }
+                _ => None,
+            };
             if let Some(l) = &limit {
                 // The consumer's own headroom replaces the backend's.
                 let h = resp.headers_mut();
@@ -378,6 +472,7 @@ async fn serve(
                 lease: answer.lease,
                 limit,
                 response: resp,
+                learner,
             })
         }
         Err(e) => {
@@ -430,6 +525,94 @@ async fn read_body(
             format!("could not read the request body: {e}"),
         )),
     }
+}
+
+/// Where the objects a request names are.
+enum Pinned {
+    /// It names none: any backend.
+    None,
+    /// The backend holding them (one of the ids, for messages).
+    Owner(usize, String),
+    /// None of them has a known owner: ask the candidates.
+    Search(Vec<String>),
+}
+
+/// The backend holding the objects `ids` names. With `[[consumers]]` (`caller` set), another
+/// consumer's object is answered as one that does not exist.
+fn pin(
+    owners: &Owners,
+    rt: &Runtime,
+    ids: &[String],
+    caller: Option<&str>,
+) -> Result<Pinned, GatewayError> {
+    if ids.is_empty() {
+        return Ok(Pinned::None);
+    }
+    let mut held: Option<(Arc<str>, &String)> = None;
+    let mut unknown = Vec::new();
+    for id in ids {
+        let Some(owner) = owners.get(id) else {
+            unknown.push(id.clone());
+            continue;
+        };
+        if let Some(caller) = caller
+            && owner.consumer.as_deref() != Some(caller)
+        {
+            return Err(crate::proxy::not_found(std::slice::from_ref(id)));
+        }
+        match &held {
+            Some((backend, first)) if *backend != owner.backend => {
+                return Err(GatewayError::new(
+                    ErrorKind::ObjectsSplit,
+                    format!(
+                        "This request names objects held by different backends: '{first}' is on '{backend}', '{id}' on '{}'. Objects can only be used together where they were made.",
+                        owner.backend
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => held = Some((owner.backend, id)),
+        }
+    }
+    let Some((backend, id)) = held else {
+        return Ok(Pinned::Search(unknown));
+    };
+    match rt.proxy.backends.iter().position(|b| b.name == backend) {
+        Some(idx) => Ok(Pinned::Owner(idx, id.clone())),
+        None => Err(GatewayError::new(
+            ErrorKind::OwnerGone,
+            format!(
+                "'{id}' is held by backend '{backend}', which is no longer configured: the object cannot be reached."
+            ),
+        )),
+    }
+}
+
+/// A `multipart/form-data` body's content type.
+fn form_type(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|ct| {
+            ct.get(..19)
+                .is_some_and(|p| p.eq_ignore_ascii_case("multipart/form-data"))
+        })
+}
+
+/// Only chat completions and completions have `stream_options.include_usage`; the Responses
+/// API reports usage by itself and refuses the option.
+fn takes_usage_chunk(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    path.ends_with("/chat/completions") || path.ends_with("/completions")
+}
+
+/// A chat completion the backend keeps (`"store": true`), which can be read back later.
+fn stores_completion(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"\"store\"").is_some()
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("store").and_then(serde_json::Value::as_bool))
+            == Some(true)
 }
 
 /// Whether the body is declared as JSON (`application/json`, parameters aside).
@@ -524,6 +707,8 @@ struct RequestGuard {
     tracer: Option<Arc<Tracer>>,
     /// The backend's body failed after the headers went out.
     stream_failed: bool,
+    /// Remembers the owners of the objects the answer makes known.
+    learner: Option<Learner>,
 }
 
 /// What the access log line says of a request, written when its response ends.
@@ -579,6 +764,9 @@ impl RequestGuard {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        if let Some(l) = self.learner.as_mut() {
+            l.finish();
+        }
         let l = &self.log;
         tracing::info!(
             target: "switchyard::access",
@@ -593,6 +781,8 @@ impl RequestGuard {
             tried = %l.attempts_log.tried,
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),
+            cached_tokens = usage.map(|u| u.cached_tokens),
+            reasoning_tokens = usage.map(|u| u.reasoning_tokens),
             first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
             total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"
@@ -661,6 +851,11 @@ impl RequestGuard {
         if let Some(u) = usage {
             attrs.push(("gen_ai.usage.input_tokens", u.prompt_tokens.into()));
             attrs.push(("gen_ai.usage.output_tokens", u.completion_tokens.into()));
+            attrs.push((
+                "gen_ai.usage.cache_read.input_tokens",
+                u.cached_tokens.into(),
+            ));
+            attrs.push(("gen_ai.usage.reasoning_tokens", u.reasoning_tokens.into()));
         }
         attrs.push(("http.request.method", l.method.to_string().into()));
         attrs.push((
@@ -786,6 +981,9 @@ impl Body for TrackedBody {
             };
             match polled {
                 Some(Ok(frame)) => {
+                    if let (Some(l), Some(data)) = (this.guard.learner.as_mut(), frame.data_ref()) {
+                        l.feed(data);
+                    }
                     let frame = match (frame.into_data(), this.guard.tap.as_mut()) {
                         (Ok(data), Some(tap)) => {
                             let out = tap.feed(data);

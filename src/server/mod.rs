@@ -157,6 +157,7 @@ pub async fn start_on(
         }
         None => None,
     };
+    let config_affinity = config.affinity.clone();
     let rt = runtime::build(&parts, config, None)?;
     let state = GatewayState {
         runtime: ArcSwap::from_pointee(rt),
@@ -174,6 +175,11 @@ pub async fn start_on(
         last_text: std::sync::Mutex::new(last_text),
         tracer,
         cert_swap: cert_swap.clone(),
+        owners: Arc::new(crate::affinity::Owners::new(
+            config_affinity.ttl,
+            config_affinity.max_entries,
+            metrics.clone(),
+        )),
     };
     // Tokens are fetched from the start, so the first requests find them ready.
     state.start_refreshers(&state.runtime());

@@ -8,6 +8,7 @@
 mod limits;
 mod paced;
 mod responses;
+mod stateful;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,8 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Serve HTTPS with this config (tests of TLS to backends).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How long a batch, or a background response, takes to complete.
+    pub object_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -80,6 +83,7 @@ impl Default for SimConfig {
             record: false,
             faults: Faults::default(),
             tls: None,
+            object_delay: Duration::from_secs(2),
         }
     }
 }
@@ -143,6 +147,8 @@ struct SimState {
     recorded: Mutex<Vec<RecordedRequest>>,
     counters: Counters,
     ids: IdGen,
+    /// Files, batches and responses made on this instance, and its prompt cache.
+    objects: Mutex<stateful::Objects>,
     refuse: watch::Sender<bool>,
     /// The accept loop echoes each refuse setting here once it took effect.
     refuse_applied: watch::Sender<bool>,
@@ -179,6 +185,7 @@ impl Simulator {
             recorded: Mutex::new(Vec::new()),
             counters: Counters::default(),
             ids: IdGen::new(),
+            objects: Mutex::new(stateful::Objects::new(cfg.seed ^ addr_seed(addr))),
             refuse,
             refuse_applied,
             shutdown: CancellationToken::new(),
@@ -346,10 +353,15 @@ enum Op {
 
 async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> SimResult {
     let path = parts.uri.path();
+    let classic = path.starts_with("/openai/deployments/");
     let op_path = if let Some(rest) = path.strip_prefix("/openai/deployments/") {
         rest.split_once('/').map(|(_, op)| op)
     } else {
-        path.strip_prefix("/openai/v1/")
+        // Stored objects are also served on the preview surface (`/openai/files?api-version=`).
+        path.strip_prefix("/openai/v1/").or_else(|| {
+            path.strip_prefix("/openai/")
+                .filter(|rest| stateful::FAMILIES.iter().any(|f| rest.starts_with(f)))
+        })
     };
     let Some(op_path) = op_path else {
         return Ok(json_response(
@@ -421,6 +433,15 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
         None => {}
     }
 
+    if !classic
+        && let Some(r) =
+            stateful::handle(state, &parts.method, op_path, &parts.headers, body.clone()).await
+    {
+        if r.as_ref().is_ok_and(|r| r.status().is_success()) {
+            state.counters.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        return r;
+    }
     let op = match op_path {
         "chat/completions" => Op::Chat,
         "completions" => Op::Completions,
@@ -517,6 +538,10 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
                 words: &words,
                 finish_reason: finish,
                 prompt_tokens: ask.prompt_tokens,
+                cached_tokens: match op {
+                    Op::Chat => lock(&state.objects).cached_tokens(&responses::prompt_text(&json)),
+                    _ => 0,
+                },
             };
             // Benchmarks pace single requests with `x-sim-token-ms`, so one simulator serves
             // both instant answers and slow streams.
@@ -673,6 +698,12 @@ fn admit(state: &SimState, tokens: u32) -> Result<(u64, u64), Throttled> {
             remaining,
         }),
     }
+}
+
+/// Mixed into the instance's secret, so instances started with the same seed still seal
+/// reasoning differently.
+fn addr_seed(addr: SocketAddr) -> u64 {
+    u64::from(addr.port()) << 32 | 0x9e37
 }
 
 fn authorized(headers: &HeaderMap, cfg: &SimConfig) -> bool {

@@ -50,6 +50,28 @@ fn content_tokens(v: &Value) -> u32 {
     }
 }
 
+/// A chat request's messages as one text, the prompt whose prefix the cache keeps.
+pub fn prompt_text(body: &Value) -> String {
+    let mut out = String::new();
+    for m in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match m.get("content") {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .for_each(|t| out.push_str(t)),
+            _ => {}
+        }
+        out.push('\n');
+    }
+    out
+}
+
 pub fn parse_ask(op: &str, body: &Value) -> Ask {
     let max_tokens = body
         .get("max_tokens")
@@ -122,6 +144,8 @@ pub struct Reply<'a> {
     pub words: &'a [&'static str],
     pub finish_reason: &'a str,
     pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, those served from the instance's prompt cache.
+    pub cached_tokens: u32,
 }
 
 impl Reply<'_> {
@@ -131,7 +155,7 @@ impl Reply<'_> {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": 0}
         })
     }

@@ -173,6 +173,14 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Cooldowns learned from other replicas through the shared store.
     pub remote_cooldowns: Counter,
+    /// Stored objects whose owning backend this replica remembers.
+    pub owners: Gauge,
+    /// Owners forgotten to stay within `affinity.max_entries` (least recently used first).
+    pub owner_evictions: Counter,
+    /// Searches for the backend holding an object never seen made, by result.
+    pub owner_searches: Family<ReasonLabels, Counter>,
+    /// Requests sent to the backend holding an object they name.
+    pub owner_routed: Counter,
     /// The per-request counters of each label set seen, found in the families once.
     request_counters: std::sync::RwLock<
         std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
@@ -381,7 +389,35 @@ impl Metrics {
             "Backend cooldowns learned from other replicas through the shared store",
             remote_cooldowns.clone(),
         );
+        let owners = Gauge::default();
+        registry.register(
+            "owners",
+            "Stored objects whose owning backend this replica remembers",
+            owners.clone(),
+        );
+        let owner_evictions = Counter::default();
+        registry.register(
+            "owner_evictions",
+            "Remembered owners dropped to stay within affinity.max_entries, least recently used first",
+            owner_evictions.clone(),
+        );
+        let owner_searches = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "owner_searches",
+            "Searches of the backends for an object the gateway never saw made, by result (found, not_found, unavailable)",
+            owner_searches.clone(),
+        );
+        let owner_routed = Counter::default();
+        registry.register(
+            "owner_routed",
+            "Requests sent to the backend that holds an object they name",
+            owner_routed.clone(),
+        );
         Self {
+            owners,
+            owner_evictions,
+            owner_searches,
+            owner_routed,
             registry,
             time_to_first_byte,
             overhead,

@@ -1,0 +1,412 @@
+//! Which stored objects a request names (in its path, its JSON body or its multipart form), and
+//! which objects an answer made known. Pure functions of bytes; no I/O.
+
+use serde_json::Value;
+
+/// Collections whose next path segment is an object's id, after `/openai/`, `/openai/v1/` or
+/// `/openai/deployments/{name}/`. Two-segment collections are written with their slash.
+const COLLECTIONS: [&str; 12] = [
+    "responses",
+    "conversations",
+    "files",
+    "uploads",
+    "batches",
+    "fine_tuning/jobs",
+    "vector_stores",
+    "assistants",
+    "threads",
+    "containers",
+    "chat/completions",
+    "evals",
+];
+
+/// Body fields that hold one object's id.
+const ONE: [&str; 9] = [
+    "previous_response_id",
+    "conversation",
+    "input_file_id",
+    "training_file",
+    "validation_file",
+    "file_id",
+    "assistant_id",
+    "thread_id",
+    "container",
+];
+/// Body fields that hold a list of ids.
+const MANY: [&str; 2] = ["file_ids", "vector_store_ids"];
+
+/// How deep a body's JSON is searched; a client's documents are far shallower.
+const MAX_DEPTH: usize = 32;
+
+/// Where a path points, among the stateful families.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PathObject<'a> {
+    /// The collection (`files`, `fine_tuning/jobs`, ...).
+    pub collection: &'static str,
+    /// The id of the top-level object the path is about (a thread for
+    /// `threads/{id}/runs/{run}`), if it names one.
+    pub id: Option<&'a str>,
+    /// Whether the path is the object itself (`files/{id}`), not something under it.
+    pub exact: bool,
+}
+
+/// The stateful family a (backend-bound) path belongs to, and the object it names. The query
+/// string is ignored.
+pub fn path_object(path: &str) -> Option<PathObject<'_>> {
+    let path = path.split('?').next().unwrap_or(path);
+    let rest = path.strip_prefix("/openai/")?;
+    let rest = match rest.strip_prefix("deployments/") {
+        Some(r) => r.split_once('/')?.1,
+        None => rest.strip_prefix("v1/").unwrap_or(rest),
+    };
+    let rest = rest.trim_end_matches('/');
+    for collection in COLLECTIONS {
+        let Some(after) = rest.strip_prefix(collection) else {
+            continue;
+        };
+        if after.is_empty() {
+            return Some(PathObject {
+                collection,
+                id: None,
+                exact: false,
+            });
+        }
+        let Some(after) = after.strip_prefix('/') else {
+            continue;
+        };
+        let (id, tail) = after.split_once('/').unwrap_or((after, ""));
+        return Some(PathObject {
+            collection,
+            id: (!id.is_empty()).then_some(id),
+            exact: tail.is_empty(),
+        });
+    }
+    None
+}
+
+/// Cheap checks before a body is parsed: every field this module reads has one of these in its
+/// name, and most chat and embeddings bodies have none.
+fn may_name_objects(body: &[u8]) -> bool {
+    use std::sync::LazyLock;
+    static FINDERS: LazyLock<[memchr::memmem::Finder<'static>; 5]> = LazyLock::new(|| {
+        [
+            memchr::memmem::Finder::new(b"_id"),
+            memchr::memmem::Finder::new(b"_file\""),
+            memchr::memmem::Finder::new(b"\"conversation\""),
+            memchr::memmem::Finder::new(b"\"container\""),
+            memchr::memmem::Finder::new(b"\"encrypted_content\""),
+        ]
+    });
+    FINDERS.iter().any(|f| f.find(body).is_some())
+}
+
+/// The object ids a JSON body names: the fields in [`ONE`] and [`MANY`] at any depth, and the
+/// ids of reasoning items carrying `encrypted_content` (only their maker can read them).
+pub fn body_ids(body: &[u8]) -> Vec<String> {
+    if body.is_empty() || !may_name_objects(body) {
+        return Vec::new();
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk(&v, 0, &mut out);
+    out
+}
+
+fn push(out: &mut Vec<String>, id: &str) {
+    if !id.is_empty() && id.len() <= 256 && !out.iter().any(|x| x == id) {
+        out.push(id.to_string());
+    }
+}
+
+fn walk(v: &Value, depth: usize, out: &mut Vec<String>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            if o.get("type").and_then(Value::as_str) == Some("reasoning")
+                && o.get("encrypted_content").is_some_and(|c| !c.is_null())
+                && let Some(id) = o.get("id").and_then(Value::as_str)
+            {
+                push(out, id);
+            }
+            for (k, v) in o {
+                if ONE.contains(&k.as_str()) {
+                    match v {
+                        Value::String(s) => push(out, s),
+                        // `conversation: {"id": ...}`
+                        Value::Object(c) => {
+                            if let Some(id) = c.get("id").and_then(Value::as_str) {
+                                push(out, id);
+                            }
+                        }
+                        _ => {}
+                    }
+                } else if MANY.contains(&k.as_str()) {
+                    for s in v.as_array().into_iter().flatten().filter_map(Value::as_str) {
+                        push(out, s);
+                    }
+                }
+                if v.is_object() || v.is_array() {
+                    walk(v, depth + 1, out);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| walk(i, depth + 1, out)),
+        _ => {}
+    }
+}
+
+/// The object ids a `multipart/form-data` body's text fields name (`file_id`, ...).
+pub async fn form_ids(content_type: &str, body: bytes::Bytes) -> Vec<String> {
+    let Ok(boundary) = multer::parse_boundary(content_type) else {
+        return Vec::new();
+    };
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut out = Vec::new();
+    while let Ok(Some(field)) = form.next_field().await {
+        // `file_ids[]` is how form encoders write a list.
+        let name = field.name().unwrap_or("");
+        let name = name.strip_suffix("[]").unwrap_or(name);
+        if field.file_name().is_some() || !(ONE.contains(&name) || MANY.contains(&name)) {
+            continue;
+        }
+        if let Ok(text) = field.text().await {
+            push(&mut out, text.trim());
+        }
+    }
+    out
+}
+
+/// The ids an answer's JSON makes known: the object's own `id` (or every listed one's), the
+/// files a batch points at, a response's conversation and its reasoning items.
+pub fn answer_ids(v: &Value, out: &mut Vec<String>) {
+    let Some(o) = v.as_object() else { return };
+    if o.get("object").and_then(Value::as_str) == Some("list") {
+        for item in o
+            .get("data")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            answer_ids(item, out);
+        }
+        return;
+    }
+    if let Some(id) = o.get("id").and_then(Value::as_str) {
+        push(out, id);
+    }
+    for k in ["output_file_id", "error_file_id", "input_file_id"] {
+        if let Some(id) = o.get(k).and_then(Value::as_str) {
+            push(out, id);
+        }
+    }
+    match o.get("conversation") {
+        Some(Value::String(s)) => push(out, s),
+        Some(Value::Object(c)) => {
+            if let Some(id) = c.get("id").and_then(Value::as_str) {
+                push(out, id);
+            }
+        }
+        _ => {}
+    }
+    for item in o
+        .get("output")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if item.get("type").and_then(Value::as_str) == Some("reasoning")
+            && let Some(id) = item.get("id").and_then(Value::as_str)
+        {
+            push(out, id);
+        }
+    }
+}
+
+/// The ids one event of a streamed Responses answer makes known: the response's id from
+/// `response.created` (so a retrieve or cancel during the stream finds it), reasoning items
+/// as they are done, and the whole response at the end.
+pub fn event_ids(event: &[u8], out: &mut Vec<String>) {
+    let data = event
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"data:"))
+        .map(|d| d.strip_prefix(b" ").unwrap_or(d));
+    let Some(data) = data else { return };
+    let kind_is = |k: &[u8]| memchr::memmem::find(&data[..data.len().min(96)], k).is_some();
+    if !(kind_is(b"\"response.created\"")
+        || kind_is(b"\"response.output_item.done\"")
+        || kind_is(b"\"response.completed\""))
+    {
+        return;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    if let Some(r) = v.get("response") {
+        answer_ids(r, out);
+    }
+    if let Some(item) = v.get("item")
+        && item.get("type").and_then(Value::as_str) == Some("reasoning")
+        && let Some(id) = item.get("id").and_then(Value::as_str)
+    {
+        push(out, id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_their_top_level_object_on_every_surface() {
+        for (path, collection, id, exact) in [
+            ("/openai/files/file-1", "files", Some("file-1"), true),
+            (
+                "/openai/files/file-1/content?api-version=x",
+                "files",
+                Some("file-1"),
+                false,
+            ),
+            (
+                "/openai/v1/responses/resp_1",
+                "responses",
+                Some("resp_1"),
+                true,
+            ),
+            (
+                "/openai/v1/responses/resp_1/input_items",
+                "responses",
+                Some("resp_1"),
+                false,
+            ),
+            ("/openai/batches?api-version=x", "batches", None, false),
+            (
+                "/openai/threads/thread_1/runs/run_2",
+                "threads",
+                Some("thread_1"),
+                false,
+            ),
+            (
+                "/openai/v1/fine_tuning/jobs/ftjob-1/events",
+                "fine_tuning/jobs",
+                Some("ftjob-1"),
+                false,
+            ),
+            (
+                "/openai/v1/chat/completions/chatcmpl-1",
+                "chat/completions",
+                Some("chatcmpl-1"),
+                true,
+            ),
+            (
+                "/openai/deployments/gpt/chat/completions/chatcmpl-1",
+                "chat/completions",
+                Some("chatcmpl-1"),
+                true,
+            ),
+            (
+                "/openai/v1/vector_stores/vs_1/files",
+                "vector_stores",
+                Some("vs_1"),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                path_object(path),
+                Some(PathObject {
+                    collection,
+                    id,
+                    exact
+                }),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            path_object("/openai/v1/chat/completions").map(|p| p.id),
+            Some(None)
+        );
+        assert_eq!(path_object("/openai/deployments/gpt/embeddings"), None);
+        assert_eq!(path_object("/openai/v1/filesystem/x"), None);
+        assert_eq!(
+            path_object("/v1/files/x"),
+            None,
+            "the backend-bound path is read"
+        );
+    }
+
+    #[test]
+    fn bodies_name_objects_at_any_depth() {
+        let body = br#"{"model":"m","previous_response_id":"resp_1","conversation":{"id":"conv_1"},
+            "tools":[{"type":"file_search","vector_store_ids":["vs_1","vs_2"]}],
+            "input":[{"type":"reasoning","id":"rs_1","encrypted_content":"abc","summary":[]},
+                     {"type":"reasoning","id":"rs_2","summary":[]},
+                     {"role":"user","content":[{"type":"input_file","file_id":"file-9"}]}]}"#;
+        let mut ids = body_ids(body);
+        ids.sort();
+        assert_eq!(ids, ["conv_1", "file-9", "resp_1", "rs_1", "vs_1", "vs_2"]);
+        assert_eq!(
+            body_ids(br#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions"}"#),
+            ["file-1"]
+        );
+        let mut ids = body_ids(br#"{"validation_file":"file-b","training_file":"file-a"}"#);
+        ids.sort();
+        assert_eq!(ids, ["file-a", "file-b"]);
+        assert!(body_ids(br#"{"messages":[{"role":"user","content":"hi"}]}"#).is_empty());
+        assert!(body_ids(b"not json _id").is_empty());
+    }
+
+    #[tokio::test]
+    async fn form_fields_name_objects_too() {
+        let body = "--b\r\nContent-Disposition: form-data; name=\"file_id\"\r\n\r\nfile-7\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.txt\"\r\n\r\nfile_id\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b--\r\n";
+        let ids = form_ids("multipart/form-data; boundary=b", bytes::Bytes::from(body)).await;
+        assert_eq!(ids, ["file-7"]);
+    }
+
+    #[test]
+    fn answers_make_their_objects_known() {
+        let v: Value = serde_json::from_str(
+            r#"{"id":"batch_1","object":"batch","input_file_id":"file-1","output_file_id":"file-2","error_file_id":null}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        answer_ids(&v, &mut out);
+        assert_eq!(out, ["batch_1", "file-2", "file-1"]);
+        let v: Value = serde_json::from_str(
+            r#"{"id":"resp_1","object":"response","output":[{"type":"reasoning","id":"rs_1"},{"type":"message","id":"msg_1"}]}"#,
+        )
+        .unwrap();
+        out.clear();
+        answer_ids(&v, &mut out);
+        assert_eq!(out, ["resp_1", "rs_1"]);
+        let v: Value =
+            serde_json::from_str(r#"{"object":"list","data":[{"id":"file-1"},{"id":"file-2"}]}"#)
+                .unwrap();
+        out.clear();
+        answer_ids(&v, &mut out);
+        assert_eq!(out, ["file-1", "file-2"]);
+    }
+
+    #[test]
+    fn stream_events_make_the_response_known_from_its_first_event() {
+        let mut out = Vec::new();
+        event_ids(
+            b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"output\":[]}}\n\n",
+            &mut out,
+        );
+        event_ids(
+            b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\"}\n\n",
+            &mut out,
+        );
+        event_ids(
+            b"event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"reasoning\",\"id\":\"rs_1\"}}\n\n",
+            &mut out,
+        );
+        assert_eq!(out, ["resp_1", "rs_1"]);
+    }
+}
