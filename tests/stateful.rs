@@ -92,8 +92,15 @@ const BATCH_INPUT: &str = concat!(
     "\n"
 );
 
-async fn files_and_batch(client: &Client<OpenAIConfig>, sims: &[Simulator]) {
-    let file = client
+/// Upload, read back, batch, and the batch's output, each call through the next of `clients`
+/// (two replicas, or the same gateway twice).
+async fn files_and_batch(clients: &[Client<OpenAIConfig>], sims: &[Simulator]) {
+    let mut turn = 0;
+    let mut next = || {
+        turn += 1;
+        &clients[turn % clients.len()]
+    };
+    let file = next()
         .files()
         .create(CreateFileRequest {
             file: FileInput::from_vec_u8("requests.jsonl".into(), BATCH_INPUT.as_bytes().to_vec()),
@@ -104,12 +111,12 @@ async fn files_and_batch(client: &Client<OpenAIConfig>, sims: &[Simulator]) {
         .unwrap();
     assert_eq!(holders(sims, "files", &file.id).await.len(), 1);
     for _ in 0..4 {
-        assert_eq!(client.files().retrieve(&file.id).await.unwrap().id, file.id);
+        assert_eq!(next().files().retrieve(&file.id).await.unwrap().id, file.id);
     }
-    let content = client.files().content(&file.id).await.unwrap();
+    let content = next().files().content(&file.id).await.unwrap();
     assert_eq!(content, BATCH_INPUT.as_bytes());
 
-    let batch = client
+    let batch = next()
         .batches()
         .create(BatchRequest {
             input_file_id: file.id.clone(),
@@ -121,13 +128,13 @@ async fn files_and_batch(client: &Client<OpenAIConfig>, sims: &[Simulator]) {
         .await
         .unwrap();
     let output = loop {
-        let b = client.batches().retrieve(&batch.id).await.unwrap();
+        let b = next().batches().retrieve(&batch.id).await.unwrap();
         if let Some(out) = b.output_file_id {
             break out;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let lines = client.files().content(&output).await.unwrap();
+    let lines = next().files().content(&output).await.unwrap();
     let lines: Vec<Value> = std::str::from_utf8(&lines)
         .unwrap()
         .lines()
@@ -143,10 +150,11 @@ async fn files_and_batch(client: &Client<OpenAIConfig>, sims: &[Simulator]) {
 }
 
 /// Three turns chained by `previous_response_id`, plain or streamed; returns the first id.
-async fn chained(client: &Client<OpenAIConfig>, stream: bool) -> String {
+async fn chained(clients: &[Client<OpenAIConfig>], stream: bool) -> String {
     let mut previous: Option<String> = None;
     let mut first = None;
     for turn in 0..3 {
+        let client = &clients[turn % clients.len()];
         let mut req = json!({"model": "gpt-4o", "input": format!("turn {turn}: tell me more")});
         if let Some(p) = &previous {
             req["previous_response_id"] = json!(p);
@@ -189,9 +197,10 @@ async fn chained(client: &Client<OpenAIConfig>, stream: bool) -> String {
 
 /// A conversation that keeps no state on the server (`store: false`), sending back each
 /// answer's output, encrypted reasoning included, as Codex and the Agents SDK do.
-async fn stateless_with_reasoning(client: &Client<OpenAIConfig>) {
+async fn stateless_with_reasoning(clients: &[Client<OpenAIConfig>]) {
     let mut input: Vec<Value> = Vec::new();
     for turn in 0..3 {
+        let client = &clients[turn % clients.len()];
         input.push(json!({"role": "user", "content": format!("turn {turn}")}));
         let r = client
             .responses()
@@ -220,10 +229,11 @@ async fn stored_objects_stay_with_their_instance_under_every_strategy() {
     for strategy in STRATEGIES {
         let gw = gateway(&backends, &format!("strategy = \"{strategy}\""), "").await;
         let client = sdk(&gw, "unused");
-        files_and_batch(&client, &sims).await;
-        let first = chained(&client, false).await;
-        chained(&client, true).await;
-        stateless_with_reasoning(&client).await;
+        let clients = [client.clone()];
+        files_and_batch(&clients, &sims).await;
+        let first = chained(&clients, false).await;
+        chained(&clients, true).await;
+        stateless_with_reasoning(&clients).await;
 
         // Retrieve, list its input, delete, and it is gone, from the one instance holding it.
         assert_eq!(client.responses().retrieve(&first).await.unwrap().id, first);
@@ -501,4 +511,88 @@ async fn objects_of_two_backends_in_one_request_are_refused() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "objects_on_different_backends");
     gw.stop().await;
+}
+
+/// The value of `key` in the Redis at `port` (a `GET` over RESP), `None` when unset.
+fn redis_get(port: u16, key: &str) -> Option<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let len: i64 = line.trim()[1..].parse().unwrap();
+    if len < 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize + 2];
+    r.read_exact(&mut buf).unwrap();
+    buf.truncate(len as usize);
+    Some(String::from_utf8(buf).unwrap())
+}
+
+/// Two replicas sharing a real Redis: every call of each conversation goes to the other
+/// replica than the one before, with no failed call; an owner one replica learned is used by
+/// the other without a search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_owners_through_redis() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let (sims, backends) = three_sims().await;
+    let tail = format!(
+        "\n[limits]\nstore = \"redis\"\nredis_url = \"{}\"\n",
+        redis.url()
+    );
+    let gw1 = gateway_with(&backends, "", "", &tail).await;
+    let gw2 = gateway_with(&backends, "", "", &tail).await;
+    let clients = [sdk(&gw1, "unused"), sdk(&gw2, "unused")];
+    files_and_batch(&clients, &sims).await;
+    chained(&clients, false).await;
+    chained(&clients, true).await;
+    stateless_with_reasoning(&clients).await;
+
+    // Learned by the first replica, used straight away by the second once Redis has it.
+    let made = clients[0]
+        .responses()
+        .create(response_request(
+            json!({"model": "gpt-4o", "input": "hello"}),
+        ))
+        .await
+        .unwrap();
+    let key = format!("sy:v1:own:{}", made.id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        if let Some(v) = redis_get(redis.port, &key) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner never reached Redis"
+        );
+        tokio::task::yield_now().await;
+    };
+    let owner = holders(&sims, "responses", &made.id).await;
+    assert_eq!(record.lines().next(), Some(owner[0].as_str()));
+    let before = hits(&sims, &made.id);
+    clients[1].responses().retrieve(&made.id).await.unwrap();
+    let grew: usize = hits(&sims, &made.id)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .sum();
+    assert_eq!(grew, 1, "sent straight to the owner");
+
+    // A delete through one replica is forgotten by both.
+    clients[1].responses().delete(&made.id).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while redis_get(redis.port, &key).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner was never forgotten"
+        );
+        tokio::task::yield_now().await;
+    }
+    gw1.stop().await;
+    gw2.stop().await;
 }

@@ -2,7 +2,9 @@
 //! rest exist only on the Azure OpenAI instance that made them: the gateway learns each one's
 //! owner from the answer that made it known, and sends every later request naming it there.
 //! Owners are kept by object id, with the backend's name (so they survive reloads that keep the
-//! backend) and, with `[[consumers]]`, the consumer whose request made it.
+//! backend) and, with `[[consumers]]`, the consumer whose request made it: in this replica's
+//! memory, and with `limits.store = "redis"` in Redis too, so every replica knows what any
+//! replica learned.
 
 pub mod refs;
 
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
+use crate::limits::Shared;
 use crate::sync::lock;
 use crate::telemetry::Metrics;
 
@@ -33,6 +36,8 @@ pub struct Owners {
     ttl: Duration,
     max_entries: usize,
     metrics: Arc<Metrics>,
+    /// Where other replicas read what this one learned, and the reverse.
+    shared: Option<Arc<Shared>>,
 }
 
 impl std::fmt::Debug for Owners {
@@ -45,8 +50,14 @@ impl std::fmt::Debug for Owners {
 }
 
 impl Owners {
-    pub fn new(ttl: Duration, max_entries: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        ttl: Duration,
+        max_entries: usize,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
+    ) -> Self {
         Self {
+            shared,
             // Unbounded here and trimmed by hand: a bounded cache allocates its whole table up
             // front, which an idle gateway would carry for nothing.
             entries: std::sync::Mutex::new(LruCache::unbounded()),
@@ -56,8 +67,24 @@ impl Owners {
         }
     }
 
-    /// The owner of `id`, if known and not expired.
-    pub fn get(&self, id: &str) -> Option<Owner> {
+    /// The owner of `id`, if known and not expired: from memory, else (with Redis) from what
+    /// any replica learned. An unreachable Redis is a miss (the owner is then searched for).
+    pub async fn get(&self, id: &str) -> Option<Owner> {
+        if let Some(o) = self.local(id) {
+            return Some(o);
+        }
+        let shared = self.shared.as_ref()?;
+        let record = shared.owner(id).await.ok()??;
+        let (backend, consumer) = record.split_once('\n').unwrap_or((&record, ""));
+        let owner = Owner {
+            backend: Arc::from(backend),
+            consumer: (!consumer.is_empty()).then(|| Arc::from(consumer)),
+        };
+        self.remember(std::slice::from_ref(&id.to_string()), &owner);
+        Some(owner)
+    }
+
+    fn local(&self, id: &str) -> Option<Owner> {
         let mut entries = lock(&self.entries);
         let entry = entries.get(id)?;
         if entry.expires <= Instant::now() {
@@ -68,8 +95,25 @@ impl Owners {
         Some(entry.owner.clone())
     }
 
-    /// Remembers `owner` for each of `ids`.
+    /// Remembers `owner` for each of `ids`, here and (with Redis) for the other replicas.
     pub fn put(&self, ids: &[String], owner: &Owner) {
+        if let Some(shared) = &self.shared {
+            let record = format!(
+                "{}\n{}",
+                owner.backend,
+                owner.consumer.as_deref().unwrap_or("")
+            );
+            for id in ids {
+                // Known already, to the same owner: nothing new to tell the others.
+                if self.local(id).as_ref() != Some(owner) {
+                    shared.publish_owner(id, record.clone(), self.ttl);
+                }
+            }
+        }
+        self.remember(ids, owner);
+    }
+
+    fn remember(&self, ids: &[String], owner: &Owner) {
         if ids.is_empty() {
             return;
         }
@@ -93,8 +137,11 @@ impl Owners {
         self.metrics.owners.set(entries.len() as i64);
     }
 
-    /// Forgets `id` (it was deleted).
+    /// Forgets `id` (it was deleted), here and for the other replicas.
     pub fn forget(&self, id: &str) {
+        if let Some(shared) = &self.shared {
+            shared.forget_owner(id);
+        }
         let mut entries = lock(&self.entries);
         entries.pop(id);
         self.metrics.owners.set(entries.len() as i64);
@@ -258,15 +305,15 @@ mod tests {
     #[test]
     fn remembers_forgets_and_drops_the_least_recently_used() {
         let metrics = Arc::new(Metrics::new());
-        let o = Owners::new(Duration::from_secs(60), 2, metrics.clone());
+        let o = Owners::new(Duration::from_secs(60), 2, metrics.clone(), None);
         o.put(&["a".into(), "b".into()], &owner("east"));
-        assert_eq!(o.get("a"), Some(owner("east")));
+        assert_eq!(o.local("a"), Some(owner("east")));
         o.put(&["c".into()], &owner("west"));
-        assert_eq!(o.get("b"), None, "b was least recently used");
-        assert_eq!(o.get("a"), Some(owner("east")));
-        assert_eq!(o.get("c"), Some(owner("west")));
+        assert_eq!(o.local("b"), None, "b was least recently used");
+        assert_eq!(o.local("a"), Some(owner("east")));
+        assert_eq!(o.local("c"), Some(owner("west")));
         o.forget("c");
-        assert_eq!(o.get("c"), None);
+        assert_eq!(o.local("c"), None);
         assert_eq!(metrics.owner_evictions.get(), 1);
         assert_eq!(metrics.owners.get(), 1);
     }
@@ -277,6 +324,7 @@ mod tests {
             Duration::from_secs(60),
             100,
             Arc::new(Metrics::new()),
+            None,
         ));
         let body = br#"{"id":"file-1","object":"file"}"#;
         let mut l = Learner::new(
@@ -287,10 +335,10 @@ mod tests {
         )
         .unwrap();
         l.feed(&body[..10]);
-        assert_eq!(owners.get("file-1"), None);
+        assert_eq!(owners.local("file-1"), None);
         l.feed(&body[10..]);
         assert_eq!(
-            owners.get("file-1"),
+            owners.local("file-1"),
             Some(owner("east")),
             "known at the last byte"
         );
@@ -304,10 +352,10 @@ mod tests {
         .unwrap();
         let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_9\"}}\n\n";
         l.feed(&created[..20]);
-        assert_eq!(owners.get("resp_9"), None);
+        assert_eq!(owners.local("resp_9"), None);
         l.feed(&created[20..]);
         assert_eq!(
-            owners.get("resp_9"),
+            owners.local("resp_9"),
             Some(owner("west")),
             "known from the first event"
         );
@@ -316,10 +364,10 @@ mod tests {
 
     #[test]
     fn entries_expire_after_the_ttl() {
-        let o = Owners::new(Duration::from_millis(1), 10, Arc::new(Metrics::new()));
+        let o = Owners::new(Duration::from_millis(1), 10, Arc::new(Metrics::new()), None);
         o.put(&["a".into()], &owner("east"));
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(o.get("a"), None);
+        assert_eq!(o.local("a"), None);
         assert!(o.is_empty());
     }
 }

@@ -136,6 +136,16 @@ enum Job {
         key: String,
         wait: Duration,
     },
+    /// Remembers which backend holds a stored object.
+    Owner {
+        key: String,
+        value: String,
+        ttl: Duration,
+    },
+    /// Forgets a deleted object's owner.
+    Forget {
+        key: String,
+    },
 }
 
 pub struct Shared {
@@ -311,6 +321,38 @@ impl Shared {
         let _ = self.jobs.try_send(Job::Cooldown { key, wait });
     }
 
+    fn owner_key(id: &str) -> String {
+        format!("{PREFIX}:own:{id}")
+    }
+
+    /// The owner record of a stored object, as another replica (or this one) wrote it.
+    /// Bounded by the store's timeout; an unreachable store is `Err`.
+    pub async fn owner(&self, id: &str) -> Result<Option<String>, String> {
+        let key = Self::owner_key(id);
+        let r = self.redis.cmd(&[b"GET", key.as_bytes()]).await;
+        self.note(&r);
+        match r? {
+            Reply::Bulk(Some(v)) => Ok(String::from_utf8(v).ok()),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes owner records for the other replicas, off the request path.
+    pub fn publish_owner(&self, id: &str, value: String, ttl: Duration) {
+        let key = Self::owner_key(id);
+        if self.jobs.try_send(Job::Owner { key, value, ttl }).is_err() {
+            self.metrics.store_errors.inc();
+        }
+    }
+
+    /// Forgets a deleted object's owner for every replica.
+    pub fn forget_owner(&self, id: &str) {
+        let key = Self::owner_key(id);
+        if self.jobs.try_send(Job::Forget { key }).is_err() {
+            self.metrics.store_errors.inc();
+        }
+    }
+
     /// Runs settlements and cooldown sharing until `shutdown`; `apply` receives cooldowns other
     /// replicas learned: (deployment, backend name, time left).
     pub async fn run(
@@ -335,6 +377,15 @@ impl Shared {
                     Some(Job::Cooldown { key, wait }) => {
                         let ms = wait.as_millis().max(1).to_string();
                         let r = self.redis.cmd(&[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes()]).await;
+                        self.note(&r);
+                    }
+                    Some(Job::Owner { key, value, ttl }) => {
+                        let secs = ttl.as_secs().max(1).to_string();
+                        let r = self.redis.cmd(&[b"SET", key.as_bytes(), value.as_bytes(), b"EX", secs.as_bytes()]).await;
+                        self.note(&r);
+                    }
+                    Some(Job::Forget { key }) => {
+                        let r = self.redis.cmd(&[b"DEL", key.as_bytes()]).await;
                         self.note(&r);
                     }
                 },

@@ -343,6 +343,7 @@ async fn serve(
         &ids,
         isolated.then_some(caller.as_deref()).flatten(),
     )
+    .await
     .map_err(|e| (None, 0, e))?;
     let target = match &pinned {
         Pinned::None => Target::Any,
@@ -539,7 +540,7 @@ enum Pinned {
 
 /// The backend holding the objects `ids` names. With `[[consumers]]` (`caller` set), another
 /// consumer's object is answered as one that does not exist.
-fn pin(
+async fn pin(
     owners: &Owners,
     rt: &Runtime,
     ids: &[String],
@@ -551,7 +552,7 @@ fn pin(
     let mut held: Option<(Arc<str>, &String)> = None;
     let mut unknown = Vec::new();
     for id in ids {
-        let Some(owner) = owners.get(id) else {
+        let Some(owner) = owners.get(id).await else {
             unknown.push(id.clone());
             continue;
         };

@@ -179,6 +179,7 @@ pub async fn start_on(
             config_affinity.ttl,
             config_affinity.max_entries,
             metrics.clone(),
+            shared.clone(),
         )),
     };
     // Tokens are fetched from the start, so the first requests find them ready.
