@@ -100,6 +100,11 @@ pub enum Target<'a> {
     Search { ids: &'a [String] },
 }
 
+/// Pages of 100 read from each backend for one merged list, at most.
+const LIST_PAGES: u32 = 50;
+/// Longest list page read from a backend.
+const LIST_PAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// How much of a 400 is read to see whether it says an object is missing.
 const NOT_FOUND_BODY_BYTES: usize = 64 * 1024;
 
@@ -572,6 +577,136 @@ impl Proxy {
             .get_or_create(&reason("not_found"))
             .inc();
         Answer::error(not_found(ids), attempts)
+    }
+
+    /// Every backend's whole list at `path_and_query` (a list endpoint: files, batches, ...),
+    /// fetched from all backends at once, each followed through its own pages (`limit=100`,
+    /// `after=`) up to `LIST_PAGES`. The client's other query parameters (`api-version`,
+    /// `purpose`, ...) go along. A backend that cannot be listed fails the whole list: a
+    /// list quietly missing one backend's objects would be wrong, not partial.
+    pub async fn list_all(
+        &self,
+        req: &OutboundRequest<'_>,
+        log: &mut AttemptLog,
+    ) -> Result<Vec<(usize, Vec<serde_json::Value>)>, Response<BoxBody>> {
+        let (path, query) = req
+            .path_and_query
+            .split_once('?')
+            .unwrap_or((req.path_and_query, ""));
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| {
+                let name = p.split('=').next().unwrap_or("");
+                !p.is_empty() && !matches!(name, "limit" | "after" | "before" | "order")
+            })
+            .collect();
+        let deadline = Instant::now() + self.routing.request_timeout;
+        let trace = log.trace;
+        let fetches = self.backends.iter().enumerate().map(|(idx, _)| {
+            let kept = &kept;
+            async move {
+                let mut own = AttemptLog {
+                    trace,
+                    ..AttemptLog::default()
+                };
+                let mut items = Vec::new();
+                let mut after: Option<String> = None;
+                for page in 1..=LIST_PAGES {
+                    let mut q = kept.clone();
+                    q.push("limit=100");
+                    let cursor = after.as_ref().map(|a| format!("after={a}"));
+                    if let Some(c) = &cursor {
+                        q.push(c);
+                    }
+                    let pq = format!("{path}?{}", q.join("&"));
+                    let page_req = OutboundRequest {
+                        path_and_query: &pq,
+                        deployment_span: None,
+                        model_in_body: false,
+                        body: Bytes::new(),
+                        passthrough: req.passthrough.clone(),
+                        ..*req
+                    };
+                    let now = Instant::now();
+                    let remaining = deadline.saturating_duration_since(now);
+                    let (sent, _, _) = self
+                        .send_attempt(idx, None, &page_req, remaining, page, now, &mut own)
+                        .await;
+                    let name = self.backends[idx].name.clone();
+                    let resp = match sent {
+                        Ok(r) => r,
+                        Err(e) => {
+                            own.tried.0.push((name, Err(e.kind.label())));
+                            return (own, Err(e.into_response()));
+                        }
+                    };
+                    let status = resp.status();
+                    own.tried.0.push((name, Ok(status.as_u16())));
+                    let (parts, mut body) = resp.into_parts();
+                    let raw = body.take_passthrough();
+                    let bytes = tokio::time::timeout(
+                        KEEP_FAILED_BODY_TIMEOUT,
+                        collect_limited(body, LIST_PAGE_BYTES),
+                    )
+                    .await
+                    .ok()
+                    .flatten();
+                    let Some(bytes) = bytes else {
+                        let e = GatewayError::new(
+                            ErrorKind::UpstreamProtocol,
+                            format!(
+                                "backend {}: its list could not be read whole",
+                                self.backends[idx].name
+                            ),
+                        );
+                        return (own, Err(e.into_response()));
+                    };
+                    if !status.is_success() {
+                        // The backend's own answer, as it gave it.
+                        return (
+                            own,
+                            Err(Response::from_parts(
+                                parts,
+                                full(bytes).with_passthrough(raw),
+                            )),
+                        );
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                    let data = v
+                        .get("data")
+                        .and_then(|d| d.as_array())
+                        .cloned()
+                        .unwrap_or_default();
+                    after = data
+                        .last()
+                        .and_then(|d| d.get("id"))
+                        .and_then(|i| i.as_str())
+                        .map(str::to_string);
+                    items.extend(data);
+                    if v.get("has_more").and_then(|h| h.as_bool()) != Some(true) || after.is_none()
+                    {
+                        break;
+                    }
+                }
+                (own, Ok((idx, items)))
+            }
+        });
+        let results = futures_util::future::join_all(fetches).await;
+        let mut out = Vec::with_capacity(results.len());
+        let mut failed = None;
+        for (own, r) in results {
+            log.tried.0.extend(own.tried.0);
+            log.upstream = log.upstream.max(own.upstream);
+            log.spans.extend(own.spans);
+            match r {
+                Ok(page) => out.push(page),
+                Err(resp) => failed = failed.or(Some(resp)),
+            }
+        }
+        match failed {
+            Some(resp) => Err(resp),
+            None => Ok(out),
+        }
     }
 
     /// Sends one attempt to backend `idx` and records it: the time spent waiting, and the

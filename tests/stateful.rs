@@ -425,6 +425,33 @@ async fn consumers_see_only_their_own_objects() {
             (r.status(), r.json::<Value>().await.unwrap())
         }
     };
+    // Lists hold every backend's objects, the caller's only.
+    let mut a_files = vec![file.id.clone()];
+    for _ in 0..2 {
+        a_files.push(upload(&a).await);
+    }
+    let b_file = upload(&sdk(&gw, "key-b-0123456789abcdef")).await;
+    let mut listed: Vec<String> = a
+        .files()
+        .list()
+        .await
+        .unwrap()
+        .data
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    listed.sort();
+    a_files.sort();
+    assert_eq!(listed, a_files);
+    let b_listed = sdk(&gw, "key-b-0123456789abcdef")
+        .files()
+        .list()
+        .await
+        .unwrap()
+        .data;
+    assert_eq!(b_listed.len(), 1);
+    assert_eq!(b_listed[0].id, b_file);
+
     let (status, theirs) = get(file.id.clone(), "key-b-0123456789abcdef").await;
     let (missing_status, missing) = get("file-nothere".into(), "key-b-0123456789abcdef").await;
     assert_eq!(status, 404);
@@ -474,6 +501,65 @@ async fn consumers_see_only_their_own_objects() {
             && !l.ends_with(" 0")
     });
     assert!(counted, "{metrics}");
+    gw.stop().await;
+}
+
+async fn upload(client: &Client<OpenAIConfig>) -> String {
+    client
+        .files()
+        .create(CreateFileRequest {
+            file: FileInput::from_vec_u8("f.jsonl".into(), BATCH_INPUT.as_bytes().to_vec()),
+            purpose: FilePurpose::Batch,
+            expires_after: None,
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+/// `GET /openai/v1/files` and `/batches` page through every backend's objects as one list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_merge_every_backend_and_page_across_them() {
+    let (sims, backends) = three_sims().await;
+    let gw = gateway(&backends, "", "").await;
+    let client = sdk(&gw, "unused");
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        made.push(upload(&client).await);
+    }
+    for s in &sims {
+        assert!(
+            s.requests().iter().any(|r| r.method == "POST"),
+            "{} holds none",
+            s.name()
+        );
+    }
+    let http = reqwest::Client::new();
+    for base in ["/openai/v1/files", "/v1/files", "/openai/files"] {
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!("{}?limit=2&api-version=2025-04-01-preview", gw.url(base));
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let page: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            let data = page["data"].as_array().unwrap();
+            assert!(data.len() <= 2, "{page}");
+            seen.extend(data.iter().map(|f| f["id"].as_str().unwrap().to_string()));
+            if page["has_more"] != true {
+                break;
+            }
+            after = page["last_id"].as_str().map(str::to_string);
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 5, "{base}: {seen:?}");
+        let mut want = made.clone();
+        want.sort();
+        assert_eq!(sorted, want);
+    }
     gw.stop().await;
 }
 

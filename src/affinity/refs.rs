@@ -84,6 +84,67 @@ pub fn path_object(path: &str) -> Option<PathObject<'_>> {
     None
 }
 
+/// The list endpoints answered with every backend's objects, merged.
+const LISTED: [&str; 5] = [
+    "files",
+    "batches",
+    "vector_stores",
+    "assistants",
+    "fine_tuning/jobs",
+];
+
+impl PathObject<'_> {
+    /// A `GET` of this path lists the collection (`GET /openai/files`).
+    pub fn is_list(&self) -> bool {
+        self.id.is_none() && LISTED.contains(&self.collection)
+    }
+}
+
+/// One page of a merged list, as the client asked for it in `query`: every backend's objects
+/// in one order (newest first, or oldest with `order=asc`; by `created_at`, then id), the
+/// ones after the `after` id, `limit` of them (default 20; files 10,000, as the API's own).
+pub fn merge_page(collection: &str, query: &str, mut items: Vec<Value>) -> Value {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    };
+    let default_limit = if collection == "files" { 10_000 } else { 20 };
+    let limit = param("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(default_limit)
+        .clamp(1, 10_000);
+    let created = |v: &Value| v.get("created_at").and_then(Value::as_u64).unwrap_or(0);
+    let id = |v: &Value| {
+        v.get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    items.sort_by(|a, b| created(b).cmp(&created(a)).then_with(|| id(b).cmp(&id(a))));
+    if param("order") == Some("asc") {
+        items.reverse();
+    }
+    let start = match param("after") {
+        Some(after) => items
+            .iter()
+            .position(|v| id(v) == after)
+            .map_or(items.len(), |i| i + 1),
+        None => 0,
+    };
+    let rest = items.len().saturating_sub(start);
+    let data: Vec<Value> = items.into_iter().skip(start).take(limit).collect();
+    serde_json::json!({
+        "object": "list",
+        "first_id": data.first().map(id),
+        "last_id": data.last().map(id),
+        "has_more": rest > data.len(),
+        "data": data,
+    })
+}
+
 /// Cheap checks before a body is parsed: every field this module reads has one of these in its
 /// name, and most chat and embeddings bodies have none.
 fn may_name_objects(body: &[u8]) -> bool {
@@ -336,6 +397,25 @@ mod tests {
             None,
             "the backend-bound path is read"
         );
+    }
+
+    #[test]
+    fn merged_lists_page_across_backends() {
+        let items: Vec<Value> = (0..5)
+            .map(|i| serde_json::json!({"id": format!("batch_{i}"), "created_at": 100 + i}))
+            .collect();
+        let page = merge_page("batches", "limit=2", items.clone());
+        assert_eq!(page["data"][0]["id"], "batch_4");
+        assert_eq!(page["last_id"], "batch_3");
+        assert_eq!(page["has_more"], true);
+        let page = merge_page("batches", "limit=2&after=batch_3", items.clone());
+        assert_eq!(page["first_id"], "batch_2");
+        assert_eq!(page["has_more"], true);
+        let page = merge_page("batches", "after=batch_1&api-version=x", items.clone());
+        assert_eq!(page["data"].as_array().unwrap().len(), 1);
+        assert_eq!(page["has_more"], false);
+        let page = merge_page("batches", "order=asc&limit=1", items);
+        assert_eq!(page["first_id"], "batch_0");
     }
 
     #[test]

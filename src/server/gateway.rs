@@ -406,6 +406,29 @@ async fn serve(
         request_id,
         upgrade,
     };
+    if parts.method == http::Method::GET && object.as_ref().is_some_and(|o| o.is_list()) {
+        let collection = object.as_ref().map_or("", |o| o.collection);
+        let result = merged_list(
+            state,
+            rt,
+            &outbound,
+            collection,
+            caller.as_deref().filter(|_| isolated),
+            &mut log.attempts_log,
+        )
+        .await;
+        if let Some(l) = limit.take() {
+            l.admission.settle(Some(0));
+        }
+        return Ok(Served {
+            backend: None,
+            attempts: 0,
+            lease: None,
+            limit: None,
+            response: result.unwrap_or_else(|failed| failed),
+            learner: None,
+        });
+    }
     let answer = rt
         .proxy
         .forward(&outbound, deployment, target, &mut log.attempts_log)
@@ -587,6 +610,51 @@ async fn pin(
             ),
         )),
     }
+}
+
+/// A list endpoint (`GET /openai/files`, ...) answered with every backend's objects, merged
+/// and paged as one list; with consumers (`caller` set), only the caller's own objects.
+async fn merged_list(
+    state: &GatewayState,
+    rt: &Runtime,
+    req: &crate::upstream::OutboundRequest<'_>,
+    collection: &str,
+    caller: Option<&str>,
+    log: &mut AttemptLog,
+) -> Result<Response<BoxBody>, Response<BoxBody>> {
+    let pages = rt.proxy.list_all(req, log).await?;
+    let mut items = Vec::new();
+    for (idx, data) in pages {
+        let backend = rt.proxy.backends[idx].name.clone();
+        for item in data {
+            let Some(id) = item.get("id").and_then(|i| i.as_str()) else {
+                continue;
+            };
+            let known = state.owners.get(id).await;
+            match (caller, known) {
+                // Objects no consumer is known to have made are nobody's to list.
+                (Some(caller), Some(o)) if o.consumer.as_deref() == Some(caller) => {}
+                (Some(_), _) => continue,
+                (None, Some(_)) => {}
+                (None, None) => state.owners.put(
+                    &[id.to_string()],
+                    &Owner {
+                        backend: backend.clone(),
+                        consumer: None,
+                    },
+                ),
+            }
+            items.push(item);
+        }
+    }
+    let query = req.path_and_query.split_once('?').map_or("", |(_, q)| q);
+    let page = refs::merge_page(collection, query, items);
+    let mut resp = Response::new(crate::body::full(Bytes::from(page.to_string())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
 }
 
 /// A `multipart/form-data` body's content type.

@@ -434,8 +434,15 @@ async fn answer(state: &SimState, parts: &http::request::Parts, body: Bytes) -> 
     }
 
     if !classic
-        && let Some(r) =
-            stateful::handle(state, &parts.method, op_path, &parts.headers, body.clone()).await
+        && let Some(r) = stateful::handle(
+            state,
+            &parts.method,
+            op_path,
+            parts.uri.query().unwrap_or(""),
+            &parts.headers,
+            body.clone(),
+        )
+        .await
     {
         if r.as_ref().is_ok_and(|r| r.status().is_success()) {
             state.counters.ok.fetch_add(1, Ordering::Relaxed);

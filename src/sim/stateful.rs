@@ -149,11 +149,36 @@ fn ok_json(v: &Value) -> SimResult {
     Ok(json_response(StatusCode::OK, Bytes::from(v.to_string())))
 }
 
-fn list(data: Vec<Value>) -> SimResult {
+/// A list page as the API pages: newest first, the ones after `after`, at most `limit`
+/// (default `default_limit`).
+fn list(mut data: Vec<Value>, query: &str, default_limit: usize) -> SimResult {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let key = |v: &Value| {
+        (
+            v["created_at"].as_u64().unwrap_or(0),
+            v["id"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    data.sort_by_key(|v| std::cmp::Reverse(key(v)));
+    if let Some(after) = param("after") {
+        let at = data.iter().position(|v| v["id"] == after.as_str());
+        data.drain(..at.map_or(data.len(), |i| i + 1));
+    }
+    let limit = param("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(default_limit);
+    let has_more = data.len() > limit;
+    data.truncate(limit);
     let first = data.first().and_then(|v| v.get("id")).cloned();
     let last = data.last().and_then(|v| v.get("id")).cloned();
     ok_json(&json!({
-        "object": "list", "data": data, "first_id": first, "last_id": last, "has_more": false
+        "object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more
     }))
 }
 
@@ -163,6 +188,7 @@ pub(super) async fn handle(
     state: &SimState,
     method: &Method,
     rest: &str,
+    query: &str,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Option<SimResult> {
@@ -170,13 +196,12 @@ pub(super) async fn handle(
     let r = match (method, segs.as_slice()) {
         (&Method::POST, ["files"]) => upload(state, headers, body).await,
         (&Method::GET, ["files"]) => {
-            let mut data: Vec<Value> = lock(&state.objects)
+            let data: Vec<Value> = lock(&state.objects)
                 .files
                 .values()
                 .map(|f| f.meta.clone())
                 .collect();
-            data.sort_by_key(|f| f["id"].as_str().map(str::to_string));
-            list(data)
+            list(data, query, 10_000)
         }
         (&Method::GET, ["files", id]) => match lock(&state.objects).files.get(*id) {
             Some(f) => ok_json(&f.meta),
@@ -200,9 +225,8 @@ pub(super) async fn handle(
         (&Method::POST, ["batches"]) => create_batch(state, &body),
         (&Method::GET, ["batches"]) => {
             let ids: Vec<String> = lock(&state.objects).batches.keys().cloned().collect();
-            let mut data: Vec<Value> = ids.iter().filter_map(|id| batch(state, id)).collect();
-            data.sort_by_key(|b| b["id"].as_str().map(str::to_string));
-            list(data)
+            let data: Vec<Value> = ids.iter().filter_map(|id| batch(state, id)).collect();
+            list(data, query, 20)
         }
         (&Method::GET, ["batches", id]) => match batch(state, id) {
             Some(b) => ok_json(&b),
@@ -232,7 +256,7 @@ pub(super) async fn handle(
                 .get(*id)
                 .map(|s| s.input_items.clone());
             match items {
-                Some(items) => list(items),
+                Some(items) => list(items, query, 20),
                 None => not_found("Response", id),
             }
         }
