@@ -60,27 +60,74 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
     }
     if path == "/openai" || path.starts_with("/openai/") {
         let upgrade_allowed = matches!(path, "/openai/realtime" | "/openai/v1/realtime");
+        let (deployment, deployment_span) = if upgrade_allowed {
+            realtime_deployment(path_and_query)?
+        } else {
+            (None, None)
+        };
         return Ok(Route {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed,
-            deployment: None,
-            deployment_span: None,
-            model_in_body: path.starts_with("/openai/v1/"),
+            deployment,
+            deployment_span,
+            model_in_body: path.starts_with("/openai/v1/") && !upgrade_allowed,
         });
     }
     if path == "/v1" || path.starts_with("/v1/") {
+        let upgrade_allowed = path == "/v1/realtime";
+        let (deployment, deployment_span) = if upgrade_allowed {
+            realtime_deployment(path_and_query)?
+        } else {
+            (None, None)
+        };
+        // The span moves with the `/openai` put in front.
+        let deployment_span = deployment_span.map(|r| r.start + 7..r.end + 7);
         return Ok(Route {
             path_and_query: Cow::Owned(format!("/openai{path_and_query}")),
-            upgrade_allowed: path == "/v1/realtime",
-            deployment: None,
-            deployment_span: None,
-            model_in_body: true,
+            upgrade_allowed,
+            deployment,
+            deployment_span,
+            model_in_body: !upgrade_allowed,
         });
     }
     Err(not_found(
         path,
         "Switchyard serves the Azure OpenAI API under /openai/... and the OpenAI API under /v1/...",
     ))
+}
+
+/// The Realtime API names its deployment in the query (`deployment=` on Azure's preview path,
+/// `model=` on the v1 path): routed through `[[deployments]]` like any other, and renamed per
+/// backend in place.
+type Named<'a> = (Option<&'a str>, Option<std::ops::Range<usize>>);
+
+fn realtime_deployment(path_and_query: &str) -> Result<Named<'_>, GatewayError> {
+    let Some(q) = path_and_query.find('?') else {
+        return Ok((None, None));
+    };
+    let mut at = q + 1;
+    let mut found = None;
+    for pair in path_and_query[q + 1..].split('&') {
+        if let Some(value) = pair
+            .strip_prefix("deployment=")
+            .or_else(|| pair.strip_prefix("model="))
+        {
+            let start = at + (pair.len() - value.len());
+            // `deployment` wins over `model` when both are there.
+            if found.is_none() || pair.starts_with("deployment=") {
+                found = Some((value, start..start + value.len()));
+            }
+        }
+        at += pair.len() + 1;
+    }
+    match found {
+        Some((name, _)) if !valid_deployment(name) => Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "invalid deployment name: use 1 to 64 letters, digits, '-', '_' or '.'",
+        )),
+        Some((name, span)) => Ok((Some(name), Some(span))),
+        None => Ok((None, None)),
+    }
 }
 
 /// Dot segments and encoded separators: refused before routing.
@@ -182,6 +229,29 @@ mod tests {
         );
         assert!(
             ok("/openai/realtime?api-version=2024-10-01-preview&deployment=rt").upgrade_allowed
+        );
+    }
+
+    #[test]
+    fn realtime_names_its_deployment_in_the_query() {
+        let r = ok("/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-rt");
+        assert_eq!(r.deployment, Some("gpt-rt"));
+        assert_eq!(
+            &r.path_and_query[r.deployment_span.clone().unwrap()],
+            "gpt-rt"
+        );
+        assert!(!r.model_in_body);
+        let r = ok("/v1/realtime?model=gpt-rt");
+        assert_eq!(r.path_and_query, "/openai/v1/realtime?model=gpt-rt");
+        assert_eq!(
+            &r.path_and_query[r.deployment_span.clone().unwrap()],
+            "gpt-rt"
+        );
+        assert_eq!(ok("/openai/realtime?api-version=x").deployment, None);
+        let bad = "/openai/realtime?deployment=a;b";
+        assert_eq!(
+            route("/openai/realtime", bad).unwrap_err().kind,
+            ErrorKind::BadRequest
         );
     }
 

@@ -98,6 +98,9 @@ pub enum Target<'a> {
     Owner { backend: usize, id: &'a str },
     /// Objects no owner is known for: asked of the candidates in turn until one holds them.
     Search { ids: &'a [String] },
+    /// A session's backend (`routing.affinity_key`): tried first while it can take the request,
+    /// else the balancer chooses.
+    Prefer { backend: usize },
 }
 
 /// Pages of 100 read from each backend for one merged list, at most.
@@ -198,9 +201,10 @@ impl Proxy {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
         };
-        let owner = match target {
-            Target::Any => None,
-            Target::Owner { backend, id } => Some((backend, id)),
+        let (owner, prefer) = match target {
+            Target::Any => (None, None),
+            Target::Prefer { backend } => (None, Some(backend)),
+            Target::Owner { backend, id } => (Some((backend, id)), None),
             Target::Search { ids } => {
                 return self.search(req, deployment, &candidates, ids, log).await;
             }
@@ -236,7 +240,17 @@ impl Proxy {
                 now = Instant::now();
             }
             let remaining = deadline.saturating_duration_since(now);
-            let mut lease = match table.pick(backends, tried, now) {
+            let picked = match prefer {
+                Some(b) if attempt == 1 && backends.contains(&b) => {
+                    match table.pick(std::slice::from_ref(&b), tried, now) {
+                        chosen @ Pick::Chosen(_) => chosen,
+                        // Throttled or down: the session moves.
+                        _ => table.pick(backends, tried, now),
+                    }
+                }
+                _ => table.pick(backends, tried, now),
+            };
+            let mut lease = match picked {
                 Pick::Chosen(lease) => lease,
                 Pick::Throttled { retry_after } if owner.is_some() => {
                     return Answer::error(self.owner_busy(owner, Some(retry_after)), attempts);
@@ -362,6 +376,24 @@ impl Proxy {
             }
         }
         self.give_up(kept, last_error, attempts)
+    }
+
+    /// The backend a session key belongs to when nothing else says: the best priority group's
+    /// highest hash of key and backend name (rendezvous hashing, so a backend added or removed
+    /// moves only its own share of sessions). Drained backends are left out.
+    pub fn rendezvous(&self, deployment: Option<&str>, key: &str) -> Option<usize> {
+        let candidates = self.router.resolve(deployment).ok()?;
+        let policy = self.balancer.policy();
+        let open = || {
+            candidates
+                .iter()
+                .map(|c| c.backend)
+                .filter(|&b| !policy.is_drained(b))
+        };
+        let best = open().map(|b| policy.priority[b]).min()?;
+        open()
+            .filter(|&b| policy.priority[b] == best)
+            .max_by_key(|&b| rendezvous_score(key, &self.backends[b].name))
     }
 
     /// The owner of a named object cannot take the request now: it is not sent anywhere else,
@@ -852,6 +884,20 @@ impl Proxy {
 /// A retried backend's answer, kept whole (its passed-through header lines too) in case no
 /// later attempt answers.
 type Kept = (usize, Response<(Bytes, Option<RawHeaders>)>);
+
+fn rendezvous_score(key: &str, backend: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = crate::fnv::Fnv::default();
+    h.write(key.as_bytes());
+    h.write(&[0xff]);
+    h.write(backend.as_bytes());
+    // FNV's low bits mix poorly: a finaliser spreads them before the comparison.
+    let mut x = h.finish();
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
 
 /// The gateway's answer for objects that no backend holds (or that belong to another
 /// consumer: the same answer, so one cannot tell the two apart).

@@ -131,8 +131,9 @@ async fn async_openai_survives_a_throttling_backend() {
     gw.stop().await;
 }
 
-/// The Realtime API: a WebSocket upgrade tunnelled to the backend, messages both ways, with the
-/// backend's key in place of the client's.
+/// The Realtime API: a WebSocket upgrade tunnelled to the backend that serves the deployment
+/// its query names, under that backend's name for it, messages both ways, with the backend's
+/// key in place of the client's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_tunnelled() {
     use tokio_tungstenite::tungstenite::Message;
@@ -163,13 +164,19 @@ async fn websocket_upgrades_are_tunnelled() {
             }
         }
     });
-    let gw = gateway(
-        &[B {
-            key: Some("backend-key".into()),
-            ..B::url("rt", url)
-        }],
+    // The deployment in the query routes through `[[deployments]]` (never to the backend
+    // without it) and is renamed to the backend's own name.
+    let gw = gateway_with(
+        &[
+            B::dead("elsewhere"),
+            B {
+                key: Some("backend-key".into()),
+                ..B::url("rt", url)
+            },
+        ],
         "",
         "",
+        "\n[[deployments]]\nname = \"gpt-4o-realtime\"\nbackends = { rt = \"gpt-realtime-eastus\" }\n",
     )
     .await;
     let ws_url = format!(
@@ -190,7 +197,7 @@ async fn websocket_upgrades_are_tunnelled() {
     let (uri, key, had_auth) = seen_rx.await.unwrap();
     assert_eq!(
         uri,
-        "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o-realtime"
+        "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-realtime-eastus"
     );
     assert_eq!(key.as_deref(), Some("backend-key"));
     assert!(!had_auth);

@@ -38,6 +38,8 @@ pub struct Owners {
     metrics: Arc<Metrics>,
     /// Where other replicas read what this one learned, and the reverse.
     shared: Option<Arc<Shared>>,
+    /// The key space in the shared store: `own` for objects, `session` for session keys.
+    namespace: &'static str,
 }
 
 impl std::fmt::Debug for Owners {
@@ -50,13 +52,35 @@ impl std::fmt::Debug for Owners {
 }
 
 impl Owners {
+    /// Owners of stored objects.
     pub fn new(
         ttl: Duration,
         max_entries: usize,
         metrics: Arc<Metrics>,
         shared: Option<Arc<Shared>>,
     ) -> Self {
+        Self::in_namespace("own", ttl, max_entries, metrics, shared)
+    }
+
+    /// Backends of session keys (`routing.affinity_key`), kept apart from objects' owners.
+    pub fn sessions(
+        ttl: Duration,
+        max_entries: usize,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
+    ) -> Self {
+        Self::in_namespace("session", ttl, max_entries, metrics, shared)
+    }
+
+    fn in_namespace(
+        namespace: &'static str,
+        ttl: Duration,
+        max_entries: usize,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
+    ) -> Self {
         Self {
+            namespace,
             shared,
             // Unbounded here and trimmed by hand: a bounded cache allocates its whole table up
             // front, which an idle gateway would carry for nothing.
@@ -74,7 +98,7 @@ impl Owners {
             return Some(o);
         }
         let shared = self.shared.as_ref()?;
-        let record = shared.owner(id).await.ok()??;
+        let record = shared.owner(self.namespace, id).await.ok()??;
         let (backend, consumer) = record.split_once('\n').unwrap_or((&record, ""));
         let owner = Owner {
             backend: Arc::from(backend),
@@ -89,7 +113,7 @@ impl Owners {
         let entry = entries.get(id)?;
         if entry.expires <= Instant::now() {
             entries.pop(id);
-            self.metrics.owners.set(entries.len() as i64);
+            self.count(entries.len(), 0);
             return None;
         }
         Some(entry.owner.clone())
@@ -106,7 +130,7 @@ impl Owners {
             for id in ids {
                 // Known already, to the same owner: nothing new to tell the others.
                 if self.local(id).as_ref() != Some(owner) {
-                    shared.publish_owner(id, record.clone(), self.ttl);
+                    shared.publish_owner(self.namespace, id, record.clone(), self.ttl);
                 }
             }
         }
@@ -133,18 +157,25 @@ impl Owners {
             entries.pop_lru();
             evicted += 1;
         }
-        self.metrics.owner_evictions.inc_by(evicted);
-        self.metrics.owners.set(entries.len() as i64);
+        self.count(entries.len(), evicted);
     }
 
     /// Forgets `id` (it was deleted), here and for the other replicas.
     pub fn forget(&self, id: &str) {
         if let Some(shared) = &self.shared {
-            shared.forget_owner(id);
+            shared.forget_owner(self.namespace, id);
         }
         let mut entries = lock(&self.entries);
         entries.pop(id);
-        self.metrics.owners.set(entries.len() as i64);
+        self.count(entries.len(), 0);
+    }
+
+    /// The owner metrics are about objects; session keys are not counted in them.
+    fn count(&self, len: usize, evicted: u64) {
+        if self.namespace == "own" {
+            self.metrics.owners.set(len as i64);
+            self.metrics.owner_evictions.inc_by(evicted);
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -282,6 +282,16 @@ pub struct RoutingConfig {
     pub max_cooldown: Duration,
     pub unknown_deployments: UnknownDeployments,
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Where a request's session key is read, first found wins: its requests go to one backend
+    /// (and that backend's prompt cache) while it can take them. Empty: no session affinity.
+    pub affinity_key: Vec<AffinityKey>,
+}
+
+/// One place a session key may be: a request header or a top-level string field of a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AffinityKey {
+    Header(http::HeaderName),
+    Body(String),
 }
 
 /// APIM's backend circuit breaker: `failures` failures within `interval` open the circuit for

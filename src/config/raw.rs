@@ -127,6 +127,7 @@ pub struct RawRouting {
     pub default_cooldown: Option<String>,
     pub max_cooldown: Option<String>,
     pub unknown_deployments: Option<super::UnknownDeployments>,
+    pub affinity_key: Option<Vec<String>>,
     #[serde(default)]
     pub circuit_breaker: RawCircuitBreaker,
 }

@@ -531,6 +531,29 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
+fn affinity_keys(raw: Vec<String>) -> Result<Vec<AffinityKey>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let at = format!("routing.affinity_key[{i}]");
+            match k.split_once(':') {
+                Some(("header", name)) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(AffinityKey::Header)
+                    .map_err(|_| ConfigError::field(at, format!("{name:?} is not a header name"))),
+                Some(("body", field)) if !field.trim().is_empty() => {
+                    Ok(AffinityKey::Body(field.trim().to_string()))
+                }
+                _ => Err(ConfigError::field(
+                    at,
+                    format!(
+                        "{k:?}: use \"header:<name>\" or \"body:<field>\" (e.g. \"header:x-session-id\", \"body:prompt_cache_key\")"
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
 fn validate_routing(raw: raw::RawRouting) -> Result<RoutingConfig, ConfigError> {
     let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
     if !(1..=20).contains(&max_attempts) {
@@ -594,6 +617,7 @@ fn validate_routing(raw: raw::RawRouting) -> Result<RoutingConfig, ConfigError> 
         default_cooldown,
         max_cooldown,
         unknown_deployments: raw.unknown_deployments.unwrap_or_default(),
+        affinity_key: affinity_keys(raw.affinity_key.unwrap_or_default())?,
         circuit_breaker,
     })
 }

@@ -321,14 +321,15 @@ impl Shared {
         let _ = self.jobs.try_send(Job::Cooldown { key, wait });
     }
 
-    fn owner_key(id: &str) -> String {
-        format!("{PREFIX}:own:{id}")
+    fn owner_key(namespace: &str, id: &str) -> String {
+        format!("{PREFIX}:{namespace}:{id}")
     }
 
-    /// The owner record of a stored object, as another replica (or this one) wrote it.
+    /// The owner record of a stored object (or a session's backend: `namespace` says which), as
+    /// another replica (or this one) wrote it.
     /// Bounded by the store's timeout; an unreachable store is `Err`.
-    pub async fn owner(&self, id: &str) -> Result<Option<String>, String> {
-        let key = Self::owner_key(id);
+    pub async fn owner(&self, namespace: &str, id: &str) -> Result<Option<String>, String> {
+        let key = Self::owner_key(namespace, id);
         let r = self.redis.cmd(&[b"GET", key.as_bytes()]).await;
         self.note(&r);
         match r? {
@@ -338,16 +339,16 @@ impl Shared {
     }
 
     /// Writes owner records for the other replicas, off the request path.
-    pub fn publish_owner(&self, id: &str, value: String, ttl: Duration) {
-        let key = Self::owner_key(id);
+    pub fn publish_owner(&self, namespace: &str, id: &str, value: String, ttl: Duration) {
+        let key = Self::owner_key(namespace, id);
         if self.jobs.try_send(Job::Owner { key, value, ttl }).is_err() {
             self.metrics.store_errors.inc();
         }
     }
 
     /// Forgets a deleted object's owner for every replica.
-    pub fn forget_owner(&self, id: &str) {
-        let key = Self::owner_key(id);
+    pub fn forget_owner(&self, namespace: &str, id: &str) {
+        let key = Self::owner_key(namespace, id);
         if self.jobs.try_send(Job::Forget { key }).is_err() {
             self.metrics.store_errors.inc();
         }

@@ -65,6 +65,8 @@ pub struct GatewayState {
     pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
     /// Which backend holds each stored object (response, file, batch, ...); kept across reloads.
     pub(super) owners: Arc<Owners>,
+    /// Which backend each session key (`routing.affinity_key`) was last served by.
+    pub(super) sessions: Arc<Owners>,
 }
 
 pub async fn handle(
@@ -345,8 +347,32 @@ async fn serve(
     )
     .await
     .map_err(|e| (None, 0, e))?;
+    // A session key keeps a conversation on one backend, and its prompt cache warm.
+    let session = match &pinned {
+        Pinned::None if !rt.config.routing.affinity_key.is_empty() => session_key(
+            &rt.config.routing.affinity_key,
+            &parts.headers,
+            &passthrough,
+            &body,
+        )
+        .map(|k| {
+            format!(
+                "{}\n{}\n{k}",
+                caller.as_deref().unwrap_or(""),
+                deployment.unwrap_or("")
+            )
+        }),
+        _ => None,
+    };
+    let preferred = match &session {
+        Some(key) => match state.sessions.get(key).await {
+            Some(o) => rt.proxy.backends.iter().position(|b| b.name == o.backend),
+            None => rt.proxy.rendezvous(deployment, key),
+        },
+        None => None,
+    };
     let target = match &pinned {
-        Pinned::None => Target::Any,
+        Pinned::None => preferred.map_or(Target::Any, |backend| Target::Prefer { backend }),
         Pinned::Owner(backend, id) => {
             state.metrics.owner_routed.inc();
             Target::Owner {
@@ -441,6 +467,16 @@ async fn serve(
                         backend: rt.proxy.backends[idx].name.clone(),
                         consumer: caller.filter(|_| isolated),
                     };
+                    if let Some(key) = &session {
+                        // Where the session was served is where it stays, moved or not.
+                        state.sessions.put(
+                            std::slice::from_ref(key),
+                            &Owner {
+                                backend: owner.backend.clone(),
+                                consumer: None,
+                            },
+                        );
+                    }
                     let deleted = parts.method == http::Method::DELETE;
                     match &object {
                         Some(o) if deleted && o.exact => {
@@ -655,6 +691,55 @@ async fn merged_list(
         HeaderValue::from_static("application/json"),
     );
     Ok(resp)
+}
+
+/// The request's session key: the first of `keys` it carries (a header, or a top-level string
+/// field of its JSON body), at most 256 characters of it.
+fn session_key(
+    keys: &[crate::config::AffinityKey],
+    headers: &http::HeaderMap,
+    passthrough: &[u8],
+    body: &[u8],
+) -> Option<String> {
+    let mut parsed: Option<Option<serde_json::Value>> = None;
+    for k in keys {
+        let found = match k {
+            // Headers the gateway has no use for stay in the raw lines passed on as sent.
+            crate::config::AffinityKey::Header(name) => headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| raw_header(passthrough, name.as_str()))
+                .map(str::to_string),
+            crate::config::AffinityKey::Body(field) => {
+                let quoted = format!("\"{field}\"");
+                if memchr::memmem::find(body, quoted.as_bytes()).is_none() {
+                    continue;
+                }
+                parsed
+                    .get_or_insert_with(|| serde_json::from_slice(body).ok())
+                    .as_ref()
+                    .and_then(|v| v.get(field))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            }
+        };
+        if let Some(v) = found.filter(|v| !v.trim().is_empty()) {
+            return Some(first_chars(&v, 256).to_string());
+        }
+    }
+    None
+}
+
+/// The value of header `name` among raw `name: value\r\n` lines.
+fn raw_header<'a>(lines: &'a [u8], name: &str) -> Option<&'a str> {
+    lines.split(|b| *b == b'\n').find_map(|line| {
+        let colon = memchr::memchr(b':', line)?;
+        line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+            .then(|| std::str::from_utf8(line[colon + 1..].trim_ascii()).ok())
+            .flatten()
+    })
 }
 
 /// A `multipart/form-data` body's content type.

@@ -70,6 +70,10 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// How long a session key stays with the backend that served it last: longer than any prompt
+/// cache lives on an idle instance (an hour at most).
+const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Binds the listeners and starts serving; returns once both are accepting.
 /// Cancelling `shutdown` stops accepting, lets in-flight requests and streams finish within
 /// `server.shutdown_grace`, then ends every connection that is left.
@@ -177,6 +181,12 @@ pub async fn start_on(
         cert_swap: cert_swap.clone(),
         owners: Arc::new(crate::affinity::Owners::new(
             config_affinity.ttl,
+            config_affinity.max_entries,
+            metrics.clone(),
+            shared.clone(),
+        )),
+        sessions: Arc::new(crate::affinity::Owners::sessions(
+            SESSION_TTL,
             config_affinity.max_entries,
             metrics.clone(),
             shared.clone(),
