@@ -13,6 +13,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
 
+#[path = "../common.rs"]
+mod common;
+use common::today;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -394,18 +398,4 @@ fn slow_row(strategy: &str, s: &[Sample]) -> String {
         p99 / fast_p99.max(1e-9),
         100.0 * slow_share
     )
-}
-
-/// `YYYY-MM-DD` (UTC) from the HTTP date, to avoid a calendar dependency.
-fn today() -> String {
-    let d = httpdate::fmt_http_date(std::time::SystemTime::now());
-    // "Thu, 26 Nov 2026 04:00:00 GMT"
-    let parts: Vec<&str> = d.split_whitespace().collect();
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])
-    .map_or(0, |i| i + 1);
-    format!("{}-{month:02}-{:0>2}", parts[3], parts[1])
 }
