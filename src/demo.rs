@@ -1,10 +1,16 @@
 //! `switchyard demo`: three simulated Azure OpenAI instances on loopback (one with a small
 //! tokens-per-minute quota, so it throttles), the gateway in front, a mix of streaming and plain
-//! chat requests, then a table of what each backend served.
+//! chat requests, then a table of what each backend served; then the stateful half of the API
+//! (a file and a batch on it, a Responses conversation of several turns), showing which
+//! instance held each object.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -38,6 +44,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
                 completion_tokens: 24,
                 tokens_per_minute: *tpm,
                 seed: 42 + i as u64,
+                object_delay: Duration::from_secs(1),
                 ..SimConfig::default()
             },
             "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
@@ -88,6 +95,9 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
     )
     .await;
     print_table(&outcomes, &sims, &gateway.metrics);
+    if !shutdown.is_cancelled() {
+        stateful(&client, &base).await?;
+    }
 
     if !opts.once && !shutdown.is_cancelled() {
         println!(
@@ -113,6 +123,176 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         sim.stop().await;
     }
     Ok(())
+}
+
+/// A request through the gateway as an SDK makes it, retried as the SDKs do when the gateway
+/// says to come back (429 with `retry-after-ms`). Returns the status, the serving backend and
+/// the body.
+async fn call(
+    client: &crate::upstream::HttpsClient,
+    method: Method,
+    url: &str,
+    content_type: &str,
+    body: Bytes,
+) -> Result<(u16, String, Bytes), String> {
+    for _ in 0..5 {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(url)
+            .header("api-key", "demo-client")
+            .header("content-type", content_type)
+            .body(Full::new(body.clone()))
+            .map_err(|e| format!("{e}"))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (backend, wait) = (header("x-switchyard-backend"), header("retry-after-ms"));
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?
+            .to_bytes();
+        if status == 429 {
+            let ms = wait.parse::<u64>().unwrap_or(1000).min(10_000);
+            println!(
+                "  (429: the instance holding it is busy; retrying in {ms} ms, as an SDK would)"
+            );
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            continue;
+        }
+        return Ok((status, backend, bytes));
+    }
+    Err(format!("{url}: still throttled after 5 tries"))
+}
+
+/// `call` with a JSON body, expecting success and a JSON answer.
+async fn call_json(
+    client: &crate::upstream::HttpsClient,
+    method: Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<(String, Value), String> {
+    let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let (status, backend, bytes) = call(client, method, url, "application/json", body).await?;
+    if !(200..300).contains(&status) {
+        return Err(format!(
+            "{url}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    let v = serde_json::from_slice(&bytes).map_err(|e| format!("{url}: {e}"))?;
+    Ok((backend, v))
+}
+
+/// Files, a batch and a Responses conversation through the gateway, each call printed with
+/// the instance that served it: the one holding the object, every time.
+async fn stateful(client: &crate::upstream::HttpsClient, base: &str) -> Result<(), String> {
+    println!(
+        "\nStateful APIs (each object lives on one instance; every call about it goes there):"
+    );
+    let v1 = format!("{base}/openai/v1");
+    let lines = (1..=3)
+        .map(|i| {
+            json!({"custom_id": format!("request-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": format!("Question {i}")}]}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let boundary = "switchyard-demo-boundary";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{lines}\n\r\n--{boundary}--\r\n"
+    );
+    let (status, holder, bytes) = call(
+        client,
+        Method::POST,
+        &format!("{v1}/files"),
+        &format!("multipart/form-data; boundary={boundary}"),
+        Bytes::from(form),
+    )
+    .await?;
+    let file: Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("upload ({status}): {e}"))?;
+    let file_id = file["id"].as_str().unwrap_or("").to_string();
+    show(&format!("file {file_id} uploaded"), &holder);
+    let (backend, batch) = call_json(
+        client,
+        Method::POST,
+        &format!("{v1}/batches"),
+        Some(json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})),
+    )
+    .await?;
+    let batch_id = batch["id"].as_str().unwrap_or("").to_string();
+    show(&format!("batch {batch_id} made on it"), &backend);
+    let started = std::time::Instant::now();
+    let output = loop {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(format!("batch {batch_id} did not complete within 30 s"));
+        }
+        let (backend, b) = call_json(
+            client,
+            Method::GET,
+            &format!("{v1}/batches/{batch_id}"),
+            None,
+        )
+        .await?;
+        if let Some(out) = b["output_file_id"].as_str() {
+            show("batch completed", &backend);
+            break out.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (_, backend, content) = call(
+        client,
+        Method::GET,
+        &format!("{v1}/files/{output}/content"),
+        "application/json",
+        Bytes::new(),
+    )
+    .await?;
+    let results = content
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    show(
+        &format!("output file {output}: {results} results"),
+        &backend,
+    );
+
+    let mut previous: Option<String> = None;
+    for turn in 1..=4 {
+        let mut req = json!({"model": "gpt-4o", "input": format!("Turn {turn}: tell me more.")});
+        if let Some(p) = &previous {
+            req["previous_response_id"] = json!(p);
+        }
+        let (backend, r) =
+            call_json(client, Method::POST, &format!("{v1}/responses"), Some(req)).await?;
+        let id = r["id"].as_str().unwrap_or("").to_string();
+        show(&format!("response turn {turn}: {id}"), &backend);
+        previous = Some(id);
+    }
+    if let Some(last) = &previous {
+        let (backend, _) =
+            call_json(client, Method::GET, &format!("{v1}/responses/{last}"), None).await?;
+        show("retrieved the last response", &backend);
+    }
+    Ok(())
+}
+
+fn show(what: &str, backend: &str) {
+    println!("  {what:<62} -> {backend}");
 }
 
 /// The requested address if it can be bound now, else any free port on the same IP, so the demo

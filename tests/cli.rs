@@ -436,3 +436,49 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
     assert!(bicep.contains("port: 9090"), "probes on the admin port");
     assert!(bicep.contains("targetPort: 8080"));
 }
+
+/// `switchyard demo --once`: the load run's table, then the stateful calls, each served by the
+/// instance holding its object, and exit 0.
+#[test]
+fn the_demo_runs_and_keeps_objects_on_their_instance() {
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--once",
+            "--requests",
+            "40",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("client-visible success: 40/40"), "{stdout}");
+    let served_by = |prefix: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(prefix))
+            .filter_map(|l| l.rsplit("-> ").next())
+            .map(|b| b.split_whitespace().next().unwrap_or("").to_string())
+            .collect()
+    };
+    let file = served_by("file ");
+    let batch = served_by("batch ");
+    assert_eq!(file.len(), 1, "{stdout}");
+    assert!(
+        batch.len() == 2 && batch.iter().all(|b| *b == file[0]),
+        "{stdout}"
+    );
+    assert_eq!(served_by("output file "), file, "{stdout}");
+    let turns = served_by("response turn ");
+    assert_eq!(turns.len(), 4, "{stdout}");
+    assert!(turns.iter().all(|b| *b == turns[0]), "{stdout}");
+    assert_eq!(served_by("retrieved the last response"), [turns[0].clone()]);
+}
