@@ -304,36 +304,22 @@ impl Proxy {
             tried[idx] = true;
             attempts = attempt;
             let backend = &self.backends[idx];
-            let rename = candidates
-                .iter()
-                .find(|c| c.backend == idx)
-                .and_then(|c| c.rename.as_deref());
+            let rename = rename_for(&candidates, idx);
             let is_last = attempt == self.routing.max_attempts;
             let (sent_result, waited, answered) = self
                 .send_attempt(idx, rename, req, remaining, attempt, now, log)
                 .await;
-            let trail = &mut log.tried;
+            let retryable = self.settle(
+                &mut lease,
+                idx,
+                shown,
+                &sent_result,
+                (waited, answered),
+                is_last,
+                &mut log.tried,
+            );
             match sent_result {
                 Ok(resp) => {
-                    let status = resp.status();
-                    let retryable = self.routing.retries_status(status);
-                    let verdict = lease.report(
-                        Outcome::Response {
-                            status,
-                            headers: resp.headers(),
-                            retryable,
-                            ttfb: waited,
-                        },
-                        answered,
-                    );
-                    self.note(
-                        backend,
-                        shown,
-                        status.as_str(),
-                        verdict,
-                        retryable && !is_last,
-                    );
-                    trail.0.push((backend.name.clone(), Ok(status.as_u16())));
                     if !retryable || is_last {
                         return Answer {
                             result: Ok(resp),
@@ -342,27 +328,15 @@ impl Proxy {
                             lease: Some(lease),
                         };
                     }
-                    tracing::debug!(backend = %backend.name, %status, attempt, "retrying on another backend");
-                    let (parts, mut body) = resp.into_parts();
-                    let raw = body.take_passthrough();
-                    let collected =
-                        tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_capped(body)).await;
-                    if let Ok(Some(bytes)) = collected {
+                    tracing::debug!(backend = %backend.name, status = %resp.status(), attempt, "retrying on another backend");
+                    if let (parts, raw, Some(bytes)) =
+                        read_whole(resp, KEEP_FAILED_BODY_BYTES).await
+                    {
                         kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
                     }
                 }
                 Err(e) => {
-                    // A missing token says nothing of the backend's health: its circuit is left
-                    // alone, and it takes traffic again as soon as the credential has a token.
-                    let verdict = if e.kind == ErrorKind::CredentialUnavailable {
-                        Verdict::Healthy
-                    } else {
-                        lease.report(Outcome::Failure { elapsed: waited }, answered)
-                    };
-                    let retry = e.kind.retryable() && !is_last;
-                    self.note(backend, shown, e.kind.label(), verdict, retry);
-                    trail.0.push((backend.name.clone(), Err(e.kind.label())));
-                    if !e.kind.retryable() {
+                    if !retryable {
                         return Answer {
                             result: Err(e),
                             backend: Some(idx),
@@ -487,44 +461,27 @@ impl Proxy {
             let idx = lease.backend();
             tried[idx] = true;
             attempts += 1;
-            let backend = &self.backends[idx];
-            let rename = candidates
-                .iter()
-                .find(|c| c.backend == idx)
-                .and_then(|c| c.rename.as_deref());
+            let rename = rename_for(candidates, idx);
             let (sent, waited, answered) = self
                 .send_attempt(idx, rename, req, remaining, attempts, now, log)
                 .await;
+            let retryable = self.settle(
+                &mut lease,
+                idx,
+                shown,
+                &sent,
+                (waited, answered),
+                false,
+                &mut log.tried,
+            );
             match sent {
                 Ok(resp) => {
                     let status = resp.status();
-                    let retryable = self.routing.retries_status(status);
-                    let verdict = lease.report(
-                        Outcome::Response {
-                            status,
-                            headers: resp.headers(),
-                            retryable,
-                            ttfb: waited,
-                        },
-                        answered,
-                    );
-                    self.note(backend, shown, status.as_str(), verdict, retryable);
-                    log.tried
-                        .0
-                        .push((backend.name.clone(), Ok(status.as_u16())));
                     let resp = if status == http::StatusCode::BAD_REQUEST {
                         // Whether it names a missing object is in the body: read it, and keep
                         // it to pass on if it is about something else.
-                        let (parts, mut body) = resp.into_parts();
-                        let raw = body.take_passthrough();
-                        let bytes = tokio::time::timeout(
-                            KEEP_FAILED_BODY_TIMEOUT,
-                            collect_limited(body, NOT_FOUND_BODY_BYTES),
-                        )
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
+                        let (parts, raw, bytes) = read_whole(resp, NOT_FOUND_BODY_BYTES).await;
+                        let bytes = bytes.unwrap_or_default();
                         if ids
                             .iter()
                             .any(|id| memchr::memmem::find(&bytes, id.as_bytes()).is_some())
@@ -540,12 +497,9 @@ impl Proxy {
                     }
                     if retryable {
                         failures += 1;
-                        let (parts, mut body) = resp.into_parts();
-                        let raw = body.take_passthrough();
-                        let collected =
-                            tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_capped(body))
-                                .await;
-                        if let Ok(Some(bytes)) = collected {
+                        if let (parts, raw, Some(bytes)) =
+                            read_whole(resp, KEEP_FAILED_BODY_BYTES).await
+                        {
                             kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
                         }
                         continue;
@@ -567,16 +521,7 @@ impl Proxy {
                     };
                 }
                 Err(e) => {
-                    let verdict = if e.kind == ErrorKind::CredentialUnavailable {
-                        Verdict::Healthy
-                    } else {
-                        lease.report(Outcome::Failure { elapsed: waited }, answered)
-                    };
-                    self.note(backend, shown, e.kind.label(), verdict, e.kind.retryable());
-                    log.tried
-                        .0
-                        .push((backend.name.clone(), Err(e.kind.label())));
-                    if !e.kind.retryable() {
+                    if !retryable {
                         return Answer {
                             result: Err(e),
                             backend: Some(idx),
@@ -674,15 +619,7 @@ impl Proxy {
                     };
                     let status = resp.status();
                     own.tried.0.push((name, Ok(status.as_u16())));
-                    let (parts, mut body) = resp.into_parts();
-                    let raw = body.take_passthrough();
-                    let bytes = tokio::time::timeout(
-                        KEEP_FAILED_BODY_TIMEOUT,
-                        collect_limited(body, LIST_PAGE_BYTES),
-                    )
-                    .await
-                    .ok()
-                    .flatten();
+                    let (parts, raw, bytes) = read_whole(resp, LIST_PAGE_BYTES).await;
                     let Some(bytes) = bytes else {
                         let e = GatewayError::new(
                             ErrorKind::UpstreamProtocol,
@@ -738,6 +675,61 @@ impl Proxy {
         match failed {
             Some(resp) => Err(resp),
             None => Ok(out),
+        }
+    }
+
+    /// Tells the balancer how an attempt went (its health verdict) and counts it: metrics, the
+    /// backend's last error, the request's trail. Returns whether the outcome is one to retry
+    /// elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        lease: &mut Lease,
+        idx: usize,
+        shown: &str,
+        sent: &Result<Response<BoxBody>, GatewayError>,
+        (waited, answered): (Duration, Instant),
+        is_last: bool,
+        trail: &mut Trail,
+    ) -> bool {
+        let backend = &self.backends[idx];
+        match sent {
+            Ok(resp) => {
+                let status = resp.status();
+                let retryable = self.routing.retries_status(status);
+                let verdict = lease.report(
+                    Outcome::Response {
+                        status,
+                        headers: resp.headers(),
+                        retryable,
+                        ttfb: waited,
+                    },
+                    answered,
+                );
+                let retried = retryable && !is_last;
+                self.note(backend, shown, status.as_str(), verdict, retried);
+                trail.0.push((backend.name.clone(), Ok(status.as_u16())));
+                retryable
+            }
+            Err(e) => {
+                // A missing token says nothing of the backend's health: its circuit is left
+                // alone, and it takes traffic again as soon as the credential has a token.
+                let verdict = if e.kind == ErrorKind::CredentialUnavailable {
+                    Verdict::Healthy
+                } else {
+                    lease.report(Outcome::Failure { elapsed: waited }, answered)
+                };
+                let retryable = e.kind.retryable();
+                self.note(
+                    backend,
+                    shown,
+                    e.kind.label(),
+                    verdict,
+                    retryable && !is_last,
+                );
+                trail.0.push((backend.name.clone(), Err(e.kind.label())));
+                retryable
+            }
         }
     }
 
@@ -912,9 +904,27 @@ pub fn not_found(ids: &[String]) -> GatewayError {
     )
 }
 
-/// The whole body if it ends within `KEEP_FAILED_BODY_BYTES`.
-async fn collect_capped(body: BoxBody) -> Option<Bytes> {
-    collect_limited(body, KEEP_FAILED_BODY_BYTES).await
+/// The backend's own name for the deployment, when it has another.
+fn rename_for(candidates: &[crate::routing::Candidate], idx: usize) -> Option<&str> {
+    candidates
+        .iter()
+        .find(|c| c.backend == idx)
+        .and_then(|c| c.rename.as_deref())
+}
+
+/// A response taken apart: its head, the header lines passed on as the backend sent them, and
+/// its whole body if that ends within `max` bytes and `KEEP_FAILED_BODY_TIMEOUT`.
+async fn read_whole(
+    resp: Response<BoxBody>,
+    max: usize,
+) -> (http::response::Parts, Option<RawHeaders>, Option<Bytes>) {
+    let (parts, mut body) = resp.into_parts();
+    let raw = body.take_passthrough();
+    let bytes = tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_limited(body, max))
+        .await
+        .ok()
+        .flatten();
+    (parts, raw, bytes)
 }
 
 /// The whole body if it ends within `max` bytes.

@@ -18,14 +18,6 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use switchyard::sim::{SimConfig, Simulator};
 
-const STRATEGIES: [&str; 5] = [
-    "round_robin",
-    "weighted",
-    "least_inflight",
-    "latency",
-    "headroom",
-];
-
 fn stateful_sim(name: &str) -> SimConfig {
     SimConfig {
         object_delay: Duration::from_millis(200),
@@ -100,26 +92,18 @@ async fn files_and_batch(clients: &[Client<OpenAIConfig>], sims: &[Simulator]) {
         turn += 1;
         &clients[turn % clients.len()]
     };
-    let file = next()
-        .files()
-        .create(CreateFileRequest {
-            file: FileInput::from_vec_u8("requests.jsonl".into(), BATCH_INPUT.as_bytes().to_vec()),
-            purpose: FilePurpose::Batch,
-            expires_after: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(holders(sims, "files", &file.id).await.len(), 1);
+    let file_id = upload(next()).await;
+    assert_eq!(holders(sims, "files", &file_id).await.len(), 1);
     for _ in 0..4 {
-        assert_eq!(next().files().retrieve(&file.id).await.unwrap().id, file.id);
+        assert_eq!(next().files().retrieve(&file_id).await.unwrap().id, file_id);
     }
-    let content = next().files().content(&file.id).await.unwrap();
+    let content = next().files().content(&file_id).await.unwrap();
     assert_eq!(content, BATCH_INPUT.as_bytes());
 
     let batch = next()
         .batches()
         .create(BatchRequest {
-            input_file_id: file.id.clone(),
+            input_file_id: file_id.clone(),
             endpoint: BatchEndpoint::V1ChatCompletions,
             completion_window: BatchCompletionWindow::W24H,
             metadata: None,
@@ -149,7 +133,7 @@ async fn files_and_batch(clients: &[Client<OpenAIConfig>], sims: &[Simulator]) {
     assert_eq!(lines[1]["custom_id"], "two");
     assert_eq!(lines[0]["response"]["status_code"], 200);
     // The file, its batch and the batch's output are all on one instance.
-    let owner = holders(sims, "files", &file.id).await;
+    let owner = holders(sims, "files", &file_id).await;
     assert_eq!(holders(sims, "batches", &batch.id).await, owner);
     assert_eq!(holders(sims, "files", &output).await, owner);
 }
@@ -231,7 +215,7 @@ async fn stateless_with_reasoning(clients: &[Client<OpenAIConfig>]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_objects_stay_with_their_instance_under_every_strategy() {
     let (sims, backends) = three_sims().await;
-    for strategy in STRATEGIES {
+    for strategy in switchyard::config::Strategy::ALL.map(|s| s.as_str()) {
         let gw = gateway(&backends, &format!("strategy = \"{strategy}\""), "").await;
         let client = sdk(&gw, "unused");
         let clients = [client.clone()];
@@ -278,15 +262,7 @@ async fn objects_made_before_a_restart_are_found_once_then_sent_straight_there()
     let (sims, backends) = three_sims().await;
     let gw = gateway(&backends, "", "").await;
     let client = sdk(&gw, "unused");
-    let file = client
-        .files()
-        .create(CreateFileRequest {
-            file: FileInput::from_vec_u8("a.jsonl".into(), BATCH_INPUT.as_bytes().to_vec()),
-            purpose: FilePurpose::Batch,
-            expires_after: None,
-        })
-        .await
-        .unwrap();
+    let file_id = upload(&client).await;
     let response = client
         .responses()
         .create(response_request(
@@ -299,19 +275,19 @@ async fn objects_made_before_a_restart_are_found_once_then_sent_straight_there()
     // A new gateway with the memory store knows no owner.
     let gw = gateway(&backends, "", "").await;
     let client = sdk(&gw, "unused");
-    let before = hits(&sims, &file.id);
-    assert_eq!(client.files().retrieve(&file.id).await.unwrap().id, file.id);
-    let searched: usize = hits(&sims, &file.id)
+    let before = hits(&sims, &file_id);
+    assert_eq!(client.files().retrieve(&file_id).await.unwrap().id, file_id);
+    let searched: usize = hits(&sims, &file_id)
         .iter()
         .zip(&before)
         .map(|(a, b)| a - b)
         .sum();
     assert!((1..=3).contains(&searched), "{searched}");
-    let before = hits(&sims, &file.id);
+    let before = hits(&sims, &file_id);
     for _ in 0..3 {
-        client.files().retrieve(&file.id).await.unwrap();
+        client.files().retrieve(&file_id).await.unwrap();
     }
-    let after = hits(&sims, &file.id);
+    let after = hits(&sims, &file_id);
     let grew: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(grew.iter().filter(|n| **n > 0).count(), 1, "{grew:?}");
     assert_eq!(grew.iter().sum::<usize>(), 3, "{grew:?}");
@@ -336,12 +312,7 @@ async fn objects_made_before_a_restart_are_found_once_then_sent_straight_there()
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
     assert_eq!(hits(&sims, "file-doesnotexist"), [1, 1, 1]);
-    let metrics = reqwest::get(format!("{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&reqwest::Client::new(), &gw.admin).await;
     assert!(
         metrics.contains("switchyard_owner_searches_total{reason=\"not_found\"} 1"),
         "{metrics}"
@@ -354,16 +325,7 @@ async fn a_busy_owner_is_waited_for_not_replaced() {
     let (sims, backends) = three_sims().await;
     let gw = gateway(&backends, "", "").await;
     let http = reqwest::Client::new();
-    let made: Value = http
-        .post(gw.url("/openai/v1/responses"))
-        .json(&json!({"model": "gpt-4o", "input": "hello"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = made["id"].as_str().unwrap().to_string();
+    let id = new_response(&http, &gw).await;
     let owner = &sims[sims
         .iter()
         .position(|s| s.requests().iter().any(|r| r.method == "POST"))
@@ -411,16 +373,8 @@ async fn consumers_see_only_their_own_objects() {
     )
     .await;
     let a = sdk(&gw, "key-a-0123456789abcdef");
-    let file = a
-        .files()
-        .create(CreateFileRequest {
-            file: FileInput::from_vec_u8("a.jsonl".into(), BATCH_INPUT.as_bytes().to_vec()),
-            purpose: FilePurpose::Batch,
-            expires_after: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(a.files().retrieve(&file.id).await.unwrap().id, file.id);
+    let file_id = upload(&a).await;
+    assert_eq!(a.files().retrieve(&file_id).await.unwrap().id, file_id);
     let http = reqwest::Client::new();
     let get = |id: String, key: &'static str| {
         let http = http.clone();
@@ -431,7 +385,7 @@ async fn consumers_see_only_their_own_objects() {
         }
     };
     // Lists hold every backend's objects, the caller's only.
-    let mut a_files = vec![file.id.clone()];
+    let mut a_files = vec![file_id.clone()];
     for _ in 0..2 {
         a_files.push(upload(&a).await);
     }
@@ -457,7 +411,7 @@ async fn consumers_see_only_their_own_objects() {
     assert_eq!(b_listed.len(), 1);
     assert_eq!(b_listed[0].id, b_file);
 
-    let (status, theirs) = get(file.id.clone(), "key-b-0123456789abcdef").await;
+    let (status, theirs) = get(file_id.clone(), "key-b-0123456789abcdef").await;
     let (missing_status, missing) = get("file-nothere".into(), "key-b-0123456789abcdef").await;
     assert_eq!(status, 404);
     assert_eq!(missing_status, 404);
@@ -468,7 +422,7 @@ async fn consumers_see_only_their_own_objects() {
     let err = b
         .batches()
         .create(BatchRequest {
-            input_file_id: file.id.clone(),
+            input_file_id: file_id.clone(),
             endpoint: BatchEndpoint::V1ChatCompletions,
             completion_window: BatchCompletionWindow::W24H,
             metadata: None,
@@ -493,12 +447,7 @@ async fn consumers_see_only_their_own_objects() {
         completed |= matches!(e.unwrap(), ResponseStreamEvent::ResponseCompleted(_));
     }
     assert!(completed);
-    let metrics = reqwest::get(format!("{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&reqwest::Client::new(), &gw.admin).await;
     let counted = metrics.lines().any(|l| {
         l.starts_with("switchyard_tokens_total{")
             && l.contains("consumer=\"team-b\"")
@@ -602,6 +551,25 @@ async fn objects_of_two_backends_in_one_request_are_refused() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "objects_on_different_backends");
     gw.stop().await;
+}
+
+/// A response made through the gateway (on whichever instance it chose); its id.
+async fn new_response(http: &reqwest::Client, gw: &Running) -> String {
+    let made: Value = http
+        .post(gw.url("/openai/v1/responses"))
+        .json(&json!({"model": "gpt-4o", "input": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    made["id"].as_str().unwrap().to_string()
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = http.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
 }
 
 /// The value of `key` in the Redis at `port` (a `GET` over RESP), `None` when unset.
@@ -815,16 +783,7 @@ async fn an_owner_drained_or_removed_is_named_not_replaced() {
     let file = ConfigFile::new(&config_text(&backends, "", "", ""));
     let gw = gateway_from_file(&file, None).await;
     let http = reqwest::Client::new();
-    let made: Value = http
-        .post(gw.url("/openai/v1/responses"))
-        .json(&json!({"model": "gpt-4o", "input": "hello"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = made["id"].as_str().unwrap().to_string();
+    let id = new_response(&http, &gw).await;
     let owner = holders(&sims, "responses", &id).await.remove(0);
     let before = hits(&sims, &id);
 
@@ -834,13 +793,8 @@ async fn an_owner_drained_or_removed_is_named_not_replaced() {
         .await
         .unwrap();
     assert_eq!(drained.status(), 200);
-    let r = http
-        .get(gw.url(&format!("/openai/v1/responses/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = get_json(&http, &gw.url(&format!("/openai/v1/responses/{id}"))).await;
+    assert_eq!(status, 503);
     assert_eq!(body["error"]["code"], "owner_unavailable");
     assert!(body["error"]["message"].as_str().unwrap().contains(&owner));
 
@@ -856,13 +810,8 @@ async fn an_owner_drained_or_removed_is_named_not_replaced() {
         .await
         .unwrap();
     assert_eq!(reload.status(), 200);
-    let r = http
-        .get(gw.url(&format!("/openai/v1/responses/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = get_json(&http, &gw.url(&format!("/openai/v1/responses/{id}"))).await;
+    assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "owner_not_configured");
     assert!(body["error"]["message"].as_str().unwrap().contains(&owner));
     assert_eq!(hits(&sims, &id), before, "no backend was asked");

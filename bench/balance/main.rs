@@ -39,13 +39,6 @@ const COMPLETION: u32 = 100;
 /// capacity, that head start is spent and the figures show the steady state.
 const FILL: f64 = 0.02;
 const WARMUP: Duration = Duration::from_secs(5);
-const STRATEGIES: [&str; 5] = [
-    "round_robin",
-    "weighted",
-    "least_inflight",
-    "latency",
-    "headroom",
-];
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -84,7 +77,7 @@ async fn main() {
         capacity_per_sec / per_request,
         WARMUP.as_secs()
     ));
-    for strategy in STRATEGIES {
+    for strategy in switchyard::config::Strategy::ALL.map(|s| s.as_str()) {
         for load in [0.8, 1.2] {
             let rate = load * capacity_per_sec / per_request;
             let samples = throttled_run(&client, strategy, rate, run).await;
@@ -100,7 +93,7 @@ async fn main() {
          | strategy | p50 ms | p99 ms | fast backends' own p99 ms | p99 / fast p99 | slow backend's share |\n\
          |---|---:|---:|---:|---:|---:|\n"
     ));
-    for strategy in STRATEGIES {
+    for strategy in switchyard::config::Strategy::ALL.map(|s| s.as_str()) {
         let samples = slow_run(&client, strategy, 40.0, run).await;
         let row = slow_row(strategy, &samples);
         eprintln!("{row}");

@@ -29,13 +29,6 @@ use tokio_util::sync::CancellationToken;
 const CONVERSATIONS: usize = 50;
 const TURNS: usize = 10;
 const AT_ONCE: usize = 10;
-const STRATEGIES: [&str; 5] = [
-    "round_robin",
-    "weighted",
-    "least_inflight",
-    "latency",
-    "headroom",
-];
 
 #[derive(Default, Clone, Copy)]
 struct Totals {
@@ -56,7 +49,7 @@ async fn main() {
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut rows = Vec::new();
-    for strategy in STRATEGIES {
+    for strategy in switchyard::config::Strategy::ALL.map(|s| s.as_str()) {
         for key in [None, Some("[\"body:prompt_cache_key\"]")] {
             rows.push((strategy.to_string(), key, 3));
         }

@@ -96,6 +96,15 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every strategy, in the order the docs list them.
+    pub const ALL: [Strategy; 5] = [
+        Strategy::RoundRobin,
+        Strategy::Weighted,
+        Strategy::LeastInflight,
+        Strategy::Latency,
+        Strategy::Headroom,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::RoundRobin => "round_robin",
