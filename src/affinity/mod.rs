@@ -137,7 +137,8 @@ impl Owners {
         self.remember(ids, owner);
     }
 
-    fn remember(&self, ids: &[String], owner: &Owner) {
+    /// Remembers `owner` for each of `ids` in this replica only.
+    pub fn remember(&self, ids: &[String], owner: &Owner) {
         if ids.is_empty() {
             return;
         }

@@ -288,9 +288,10 @@ pub fn answer_ids(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// The ids one event of a streamed Responses answer makes known: the response's id from
+/// The ids one event of a streamed answer makes known: a streamed response's id from
 /// `response.created` (so a retrieve or cancel during the stream finds it), reasoning items
-/// as they are done, and the whole response at the end.
+/// as they are done, and the whole response at the end; a stored chat completion's id from its
+/// first chunk (`out` still empty: the learner's list of what this event taught).
 pub fn event_ids(event: &[u8], out: &mut Vec<String>) {
     let data = event
         .split(|b| *b == b'\n')
@@ -298,6 +299,15 @@ pub fn event_ids(event: &[u8], out: &mut Vec<String>) {
         .map(|d| d.strip_prefix(b" ").unwrap_or(d));
     let Some(data) = data else { return };
     let kind_is = |k: &[u8]| memchr::memmem::find(&data[..data.len().min(96)], k).is_some();
+    // A stored chat completion's chunks all carry its id: the first one says it.
+    if out.is_empty() && memchr::memmem::find(data, b"\"chat.completion.chunk\"").is_some() {
+        if let Ok(v) = serde_json::from_slice::<Value>(data)
+            && let Some(id) = v.get("id").and_then(Value::as_str)
+        {
+            push(out, id);
+        }
+        return;
+    }
     if !(kind_is(b"\"response.created\"")
         || kind_is(b"\"response.output_item.done\"")
         || kind_is(b"\"response.completed\""))
@@ -488,5 +498,11 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, ["resp_1", "rs_1"]);
+        let mut out = Vec::new();
+        event_ids(
+            b"data: {\"id\":\"chatcmpl-7\",\"object\":\"chat.completion.chunk\",\"choices\":[]}\n\n",
+            &mut out,
+        );
+        assert_eq!(out, ["chatcmpl-7"]);
     }
 }

@@ -485,9 +485,8 @@ async fn serve(
                             }
                         }
                         // Whoever answered holds what the request named: found by a search,
-                        // or made before the gateway saw it.
-                        _ if !matches!(pinned, Pinned::Owner(..)) => state.owners.put(&ids, &owner),
-                        _ => {}
+                        // or made before the gateway saw it (known ones are only refreshed).
+                        _ => state.owners.put(&ids, &owner),
                     }
                     let learnable = !deleted
                         && match &object {
@@ -672,7 +671,9 @@ async fn merged_list(
                 (Some(caller), Some(o)) if o.consumer.as_deref() == Some(caller) => {}
                 (Some(_), _) => continue,
                 (None, Some(_)) => {}
-                (None, None) => state.owners.put(
+                // Remembered here only: a long list would flood the shared store's queue,
+                // and a search finds any of them again.
+                (None, None) => state.owners.remember(
                     &[id.to_string()],
                     &Owner {
                         backend: backend.clone(),
