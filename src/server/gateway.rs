@@ -461,8 +461,17 @@ async fn serve(
         .await;
     match answer.result {
         Ok(mut resp) => {
+            let deleted = parts.method == http::Method::DELETE;
+            let learnable = learns(
+                object.as_ref(),
+                &route.path_and_query,
+                deleted,
+                &outbound.body,
+            );
+            // Most answers name no object, make none known and belong to no session.
+            let remembers = !ids.is_empty() || session.is_some() || learnable || deleted;
             let learner = match answer.backend {
-                Some(idx) if resp.status().is_success() => {
+                Some(idx) if remembers && resp.status().is_success() => {
                     let owner = Owner {
                         backend: rt.proxy.backends[idx].name.clone(),
                         consumer: caller.filter(|_| isolated),
@@ -477,7 +486,6 @@ async fn serve(
                             },
                         );
                     }
-                    let deleted = parts.method == http::Method::DELETE;
                     match &object {
                         Some(o) if deleted && o.exact => {
                             if let Some(id) = o.id {
@@ -488,16 +496,6 @@ async fn serve(
                         // or made before the gateway saw it (known ones are only refreshed).
                         _ => state.owners.put(&ids, &owner),
                     }
-                    let learnable = !deleted
-                        && match &object {
-                            Some(_) => !route
-                                .path_and_query
-                                .split('?')
-                                .next()
-                                .unwrap_or("")
-                                .ends_with("/content"),
-                            None => stores_completion(&outbound.body),
-                        };
                     learnable
                         .then(|| {
                             let ct = resp
@@ -759,6 +757,18 @@ fn form_type(headers: &http::HeaderMap) -> Option<&str> {
 fn takes_usage_chunk(path_and_query: &str) -> bool {
     let path = path_and_query.split('?').next().unwrap_or("");
     path.ends_with("/chat/completions") || path.ends_with("/completions")
+}
+
+/// Whether an answer is read for the objects it makes known: answers about stored objects
+/// (not a file's raw content, not a delete), and chat completions only when the backend keeps
+/// them (`"store": true`): the rest of the traffic, most of it, passes unread.
+fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, body: &[u8]) -> bool {
+    match object {
+        _ if deleted => false,
+        Some(o) if o.collection == "chat/completions" => o.id.is_none() && stores_completion(body),
+        Some(_) => !path.split('?').next().unwrap_or("").ends_with("/content"),
+        None => false,
+    }
 }
 
 /// A chat completion the backend keeps (`"store": true`), which can be read back later.
@@ -1263,6 +1273,32 @@ fn first_chars(s: &str, n: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_answers_about_stored_objects_are_read() {
+        let learns = |path: &str, deleted: bool, body: &str| {
+            let object = super::refs::path_object(path);
+            super::learns(object.as_ref(), path, deleted, body.as_bytes())
+        };
+        let chat = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+        assert!(!learns(chat, false, r#"{"messages":[]}"#));
+        assert!(!learns(
+            "/openai/v1/chat/completions",
+            false,
+            r#"{"store":false}"#
+        ));
+        assert!(learns(
+            "/openai/v1/chat/completions",
+            false,
+            r#"{"store":true}"#
+        ));
+        assert!(!learns("/openai/v1/chat/completions/chatcmpl-1", false, ""));
+        assert!(!learns("/openai/v1/embeddings", false, r#"{"input":"x"}"#));
+        assert!(learns("/openai/v1/responses", false, r#"{"input":"x"}"#));
+        assert!(learns("/openai/files?api-version=x", false, ""));
+        assert!(!learns("/openai/files/file-1/content", false, ""));
+        assert!(!learns("/openai/v1/responses/resp_1", true, ""));
+    }
+
     #[test]
     fn first_chars_cuts_on_character_boundaries() {
         assert_eq!(super::first_chars("abc", 5), "abc");
