@@ -431,6 +431,22 @@ async fn consumers_see_only_their_own_objects() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("No object"), "{err}");
+    // Nor hidden behind escapes in the key's name, or percent-encoding in the path.
+    let escaped = format!(
+        r#"{{"input\u005ffile_id":"{file_id}","endpoint":"/v1/chat/completions","completion_window":"24h"}}"#
+    );
+    let r = http
+        .post(gw.url("/openai/v1/batches"))
+        .bearer_auth("key-b-0123456789abcdef")
+        .header("content-type", "application/json")
+        .body(escaped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let encoded = file_id.replacen("file", "%66ile", 1);
+    let (status, _) = get(encoded, "key-b-0123456789abcdef").await;
+    assert_eq!(status, 404);
 
     // A consumer with token limits streams a Responses call: the request goes out without
     // `stream_options.include_usage` (the simulator refuses it, as Azure does) and its usage

@@ -1,24 +1,27 @@
 //! Which stored objects a request names (in its path, its JSON body or its multipart form), and
 //! which objects an answer made known. Pure functions of bytes; no I/O.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 /// Collections whose next path segment is an object's id, after `/openai/`, `/openai/v1/` or
-/// `/openai/deployments/{name}/`. Two-segment collections are written with their slash.
-const COLLECTIONS: [&str; 12] = [
-    "responses",
-    "conversations",
-    "files",
-    "uploads",
-    "batches",
-    "fine_tuning/jobs",
-    "vector_stores",
-    "assistants",
-    "threads",
-    "containers",
-    "chat/completions",
-    "evals",
-];
+/// `/openai/deployments/{name}/`, by their first letter (this runs for every request: most
+/// paths are turned down on one byte). Two-segment collections are written with their slash.
+fn collections(first: u8) -> &'static [&'static str] {
+    match first {
+        b'r' => &["responses"],
+        b'c' => &["chat/completions", "conversations", "containers"],
+        b'f' => &["files", "fine_tuning/jobs"],
+        b'u' => &["uploads"],
+        b'b' => &["batches"],
+        b'v' => &["vector_stores"],
+        b'a' => &["assistants"],
+        b't' => &["threads"],
+        b'e' => &["evals"],
+        _ => &[],
+    }
+}
 
 /// Body fields that hold one object's id.
 const ONE: [&str; 9] = [
@@ -44,8 +47,9 @@ pub struct PathObject<'a> {
     /// The collection (`files`, `fine_tuning/jobs`, ...).
     pub collection: &'static str,
     /// The id of the top-level object the path is about (a thread for
-    /// `threads/{id}/runs/{run}`), if it names one.
-    pub id: Option<&'a str>,
+    /// `threads/{id}/runs/{run}`), if it names one; percent-encoding decoded, as the backend
+    /// will read it.
+    pub id: Option<Cow<'a, str>>,
     /// Whether the path is the object itself (`files/{id}`), not something under it.
     pub exact: bool,
 }
@@ -53,14 +57,14 @@ pub struct PathObject<'a> {
 /// The stateful family a (backend-bound) path belongs to, and the object it names. The query
 /// string is ignored.
 pub fn path_object(path: &str) -> Option<PathObject<'_>> {
-    let path = path.split('?').next().unwrap_or(path);
+    let path = &path[..memchr::memchr(b'?', path.as_bytes()).unwrap_or(path.len())];
     let rest = path.strip_prefix("/openai/")?;
     let rest = match rest.strip_prefix("deployments/") {
         Some(r) => r.split_once('/')?.1,
         None => rest.strip_prefix("v1/").unwrap_or(rest),
     };
     let rest = rest.trim_end_matches('/');
-    for collection in COLLECTIONS {
+    for &collection in collections(*rest.as_bytes().first()?) {
         let Some(after) = rest.strip_prefix(collection) else {
             continue;
         };
@@ -77,11 +81,40 @@ pub fn path_object(path: &str) -> Option<PathObject<'_>> {
         let (id, tail) = after.split_once('/').unwrap_or((after, ""));
         return Some(PathObject {
             collection,
-            id: (!id.is_empty()).then_some(id),
+            id: (!id.is_empty()).then(|| percent_decoded(id)),
             exact: tail.is_empty(),
         });
     }
     None
+}
+
+/// `%XX` decoded, so `/files/%66ile-1` is known as `file-1`, the object the backend will look
+/// up; left as it is when it does not decode to UTF-8.
+fn percent_decoded(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_or(Cow::Borrowed(s), Cow::Owned)
 }
 
 /// The list endpoints answered with every backend's objects, merged.
@@ -145,26 +178,47 @@ pub fn merge_page(collection: &str, query: &str, mut items: Vec<Value>) -> Value
     })
 }
 
-/// Cheap checks before a body is parsed: every field this module reads has one of these in its
-/// name, and most chat and embeddings bodies have none.
-fn may_name_objects(body: &[u8]) -> bool {
-    use std::sync::LazyLock;
-    static FINDERS: LazyLock<[memchr::memmem::Finder<'static>; 5]> = LazyLock::new(|| {
-        [
-            memchr::memmem::Finder::new(b"_id"),
-            memchr::memmem::Finder::new(b"_file\""),
-            memchr::memmem::Finder::new(b"\"conversation\""),
-            memchr::memmem::Finder::new(b"\"container\""),
-            memchr::memmem::Finder::new(b"\"encrypted_content\""),
-        ]
-    });
-    FINDERS.iter().any(|f| f.find(body).is_some())
+/// A cheap look before a body is parsed (this runs for every request with a body): every field
+/// read here has `_id"`, `_ids"`, `_file"` or `encrypted_content"` in its name, but for
+/// `conversation` and `container`, which only Responses bodies carry (`responses`). Most chat
+/// and embeddings bodies have a few underscores and none of these. A key spelled with escapes
+/// (`"file\u005fid"`) would hide from the look, so a body escaping an ASCII letter, digit or
+/// underscore, which no JSON encoder does of its own accord, is always parsed.
+fn may_name_objects(body: &[u8], responses: bool) -> bool {
+    for i in memchr::memchr_iter(b'_', body) {
+        let after = &body[i..];
+        if after.starts_with(b"_id\"")
+            || after.starts_with(b"_ids\"")
+            || after.starts_with(b"_file\"")
+            || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
+        {
+            return true;
+        }
+    }
+    if responses
+        && (memchr::memmem::find(body, b"\"conversation\"").is_some()
+            || memchr::memmem::find(body, b"\"container\"").is_some())
+    {
+        return true;
+    }
+    memchr::memmem::find_iter(body, b"\\u00").any(|i| {
+        let hex = |k: usize| body.get(i + k).and_then(|&c| (c as char).to_digit(16));
+        match (hex(4), hex(5)) {
+            (Some(h), Some(l)) => {
+                let c = (h * 16 + l) as u8;
+                c.is_ascii_alphanumeric() || c == b'_'
+            }
+            _ => false,
+        }
+    })
 }
 
 /// The object ids a JSON body names: the fields in [`ONE`] and [`MANY`] at any depth, and the
 /// ids of reasoning items carrying `encrypted_content` (only their maker can read them).
-pub fn body_ids(body: &[u8]) -> Vec<String> {
-    if body.is_empty() || !may_name_objects(body) {
+///
+/// `responses`: the request is about Responses or conversations (see [`may_name_objects`]).
+pub fn body_ids(body: &[u8], responses: bool) -> Vec<String> {
+    if body.is_empty() || !may_name_objects(body, responses) {
         return Vec::new();
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
@@ -336,6 +390,7 @@ mod tests {
     fn paths_name_their_top_level_object_on_every_surface() {
         for (path, collection, id, exact) in [
             ("/openai/files/file-1", "files", Some("file-1"), true),
+            ("/openai/files/%66ile-1", "files", Some("file-1"), true),
             (
                 "/openai/files/file-1/content?api-version=x",
                 "files",
@@ -390,7 +445,7 @@ mod tests {
                 path_object(path),
                 Some(PathObject {
                     collection,
-                    id,
+                    id: id.map(Cow::Borrowed),
                     exact
                 }),
                 "{path}"
@@ -400,6 +455,7 @@ mod tests {
             path_object("/openai/v1/chat/completions").map(|p| p.id),
             Some(None)
         );
+        assert_eq!(path_object("/openai/v1/embeddings"), None);
         assert_eq!(path_object("/openai/deployments/gpt/embeddings"), None);
         assert_eq!(path_object("/openai/v1/filesystem/x"), None);
         assert_eq!(
@@ -435,18 +491,34 @@ mod tests {
             "input":[{"type":"reasoning","id":"rs_1","encrypted_content":"abc","summary":[]},
                      {"type":"reasoning","id":"rs_2","summary":[]},
                      {"role":"user","content":[{"type":"input_file","file_id":"file-9"}]}]}"#;
-        let mut ids = body_ids(body);
+        let mut ids = body_ids(body, true);
         ids.sort();
         assert_eq!(ids, ["conv_1", "file-9", "resp_1", "rs_1", "vs_1", "vs_2"]);
         assert_eq!(
-            body_ids(br#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions"}"#),
+            body_ids(
+                br#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions"}"#,
+                false
+            ),
             ["file-1"]
         );
-        let mut ids = body_ids(br#"{"validation_file":"file-b","training_file":"file-a"}"#);
+        let mut ids = body_ids(
+            br#"{"validation_file":"file-b","training_file":"file-a"}"#,
+            false,
+        );
         ids.sort();
         assert_eq!(ids, ["file-a", "file-b"]);
-        assert!(body_ids(br#"{"messages":[{"role":"user","content":"hi"}]}"#).is_empty());
-        assert!(body_ids(b"not json _id").is_empty());
+        assert!(body_ids(br#"{"messages":[{"role":"user","content":"hi"}]}"#, false).is_empty());
+        assert!(body_ids(b"not json _id", false).is_empty());
+        // Keys written with escapes are read as what they say.
+        assert_eq!(body_ids(br#"{"file\u005fid":"file-3"}"#, false), ["file-3"]);
+        assert_eq!(
+            body_ids(br#"{"input":[],"conversation":"conv_2"}"#, true),
+            ["conv_2"]
+        );
+        assert!(!may_name_objects(
+            br#"{"max_tokens":5,"tool_choice":"auto","content":"caf\u00e9"}"#,
+            false
+        ));
     }
 
     #[tokio::test]

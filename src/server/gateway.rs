@@ -323,13 +323,18 @@ async fn serve(
     let object = refs::path_object(&route.path_and_query);
     let mut ids: Vec<String> = object
         .as_ref()
-        .and_then(|o| o.id)
+        .and_then(|o| o.id.as_deref())
         .map(|id| vec![id.to_string()])
         .unwrap_or_default();
     if !body.is_empty() {
         let named = match form_type(&parts.headers) {
             Some(ct) => refs::form_ids(ct, body.clone()).await,
-            None => refs::body_ids(&body),
+            None => refs::body_ids(
+                &body,
+                object
+                    .as_ref()
+                    .is_some_and(|o| matches!(o.collection, "responses" | "conversations")),
+            ),
         };
         for id in named {
             if !ids.contains(&id) {
@@ -488,7 +493,7 @@ async fn serve(
                     }
                     match &object {
                         Some(o) if deleted && o.exact => {
-                            if let Some(id) = o.id {
+                            if let Some(id) = &o.id {
                                 state.owners.forget(id);
                             }
                         }
