@@ -2,6 +2,7 @@
 //! which objects an answer made known. Pure functions of bytes; no I/O.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use serde_json::Value;
 
@@ -60,11 +61,12 @@ pub fn path_object(path: &str) -> Option<PathObject<'_>> {
     let path = &path[..memchr::memchr(b'?', path.as_bytes()).unwrap_or(path.len())];
     let rest = path.strip_prefix("/openai/")?;
     let rest = match rest.strip_prefix("deployments/") {
-        Some(r) => r.split_once('/')?.1,
+        Some(r) => &r[memchr::memchr(b'/', r.as_bytes())? + 1..],
         None => rest.strip_prefix("v1/").unwrap_or(rest),
     };
+    let candidates = collections(*rest.as_bytes().first()?);
     let rest = rest.trim_end_matches('/');
-    for &collection in collections(*rest.as_bytes().first()?) {
+    for &collection in candidates {
         let Some(after) = rest.strip_prefix(collection) else {
             continue;
         };
@@ -178,6 +180,14 @@ pub fn merge_page(collection: &str, query: &str, mut items: Vec<Value>) -> Value
     })
 }
 
+/// Substring searchers, made once: making one costs more than searching a chat body with it.
+static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\\u00"));
+static CONVERSATION: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"conversation\""));
+static CONTAINER: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"container\""));
+
 /// A cheap look before a body is parsed (this runs for every request with a body): every field
 /// read here has `_id"`, `_ids"`, `_file"` or `encrypted_content"` in its name, but for
 /// `conversation` and `container`, which only Responses bodies carry (`responses`). Most chat
@@ -195,13 +205,10 @@ fn may_name_objects(body: &[u8], responses: bool) -> bool {
             return true;
         }
     }
-    if responses
-        && (memchr::memmem::find(body, b"\"conversation\"").is_some()
-            || memchr::memmem::find(body, b"\"container\"").is_some())
-    {
+    if responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some()) {
         return true;
     }
-    memchr::memmem::find_iter(body, b"\\u00").any(|i| {
+    ESCAPE.find_iter(body).any(|i| {
         let hex = |k: usize| body.get(i + k).and_then(|&c| (c as char).to_digit(16));
         match (hex(4), hex(5)) {
             (Some(h), Some(l)) => {

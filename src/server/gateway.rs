@@ -748,13 +748,13 @@ fn raw_header<'a>(lines: &'a [u8], name: &str) -> Option<&'a str> {
 
 /// A `multipart/form-data` body's content type.
 fn form_type(headers: &http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|ct| {
-            ct.get(..19)
-                .is_some_and(|p| p.eq_ignore_ascii_case("multipart/form-data"))
-        })
+    let v = headers.get(header::CONTENT_TYPE)?;
+    // Checked on the bytes first: most bodies are JSON, and `to_str` reads the whole value.
+    let form = v
+        .as_bytes()
+        .get(..19)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"multipart/form-data"));
+    form.then(|| v.to_str().ok()).flatten()
 }
 
 /// Only chat completions and completions have `stream_options.include_usage`; the Responses
@@ -778,7 +778,10 @@ fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, body
 
 /// A chat completion the backend keeps (`"store": true`), which can be read back later.
 fn stores_completion(body: &[u8]) -> bool {
-    memchr::memmem::find(body, b"\"store\"").is_some()
+    // Made once: making a searcher costs more than searching a chat body with it.
+    static STORE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"store\""));
+    STORE.find(body).is_some()
         && serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("store").and_then(serde_json::Value::as_bool))
