@@ -181,8 +181,6 @@ pub fn merge_page(collection: &str, query: &str, mut items: Vec<Value>) -> Value
 }
 
 /// Substring searchers, made once: making one costs more than searching a chat body with it.
-static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
-    LazyLock::new(|| memchr::memmem::Finder::new(b"\\u00"));
 static CONVERSATION: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"conversation\""));
 static CONTAINER: LazyLock<memchr::memmem::Finder<'static>> =
@@ -195,29 +193,34 @@ static CONTAINER: LazyLock<memchr::memmem::Finder<'static>> =
 /// (`"file\u005fid"`) would hide from the look, so a body escaping an ASCII letter, digit or
 /// underscore, which no JSON encoder does of its own accord, is always parsed.
 fn may_name_objects(body: &[u8], responses: bool) -> bool {
-    for i in memchr::memchr_iter(b'_', body) {
+    // One pass over the underscores and backslashes, the only places a match can start.
+    for i in memchr::memchr2_iter(b'_', b'\\', body) {
         let after = &body[i..];
-        if after.starts_with(b"_id\"")
-            || after.starts_with(b"_ids\"")
-            || after.starts_with(b"_file\"")
-            || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
-        {
+        let hit = if after[0] == b'_' {
+            after.starts_with(b"_id\"")
+                || after.starts_with(b"_ids\"")
+                || after.starts_with(b"_file\"")
+                || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
+        } else {
+            escapes_a_name_char(after)
+        };
+        if hit {
             return true;
         }
     }
-    if responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some()) {
-        return true;
-    }
-    ESCAPE.find_iter(body).any(|i| {
-        let hex = |k: usize| body.get(i + k).and_then(|&c| (c as char).to_digit(16));
-        match (hex(4), hex(5)) {
-            (Some(h), Some(l)) => {
-                let c = (h * 16 + l) as u8;
-                c.is_ascii_alphanumeric() || c == b'_'
-            }
-            _ => false,
+    responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some())
+}
+
+/// `\u00XX` for an ASCII letter, digit or underscore, at the start of `s`.
+fn escapes_a_name_char(s: &[u8]) -> bool {
+    let hex = |k: usize| s.get(k).and_then(|&c| (c as char).to_digit(16));
+    match (s.get(1..4), hex(4), hex(5)) {
+        (Some(b"u00"), Some(h), Some(l)) => {
+            let c = (h * 16 + l) as u8;
+            c.is_ascii_alphanumeric() || c == b'_'
         }
-    })
+        _ => false,
+    }
 }
 
 /// The object ids a JSON body names: the fields in [`ONE`] and [`MANY`] at any depth, and the
