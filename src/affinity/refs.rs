@@ -186,29 +186,45 @@ static CONVERSATION: LazyLock<memchr::memmem::Finder<'static>> =
 static CONTAINER: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"container\""));
 
-/// A cheap look before a body is parsed (this runs for every request with a body): every field
-/// read here has `_id"`, `_ids"`, `_file"` or `encrypted_content"` in its name, but for
-/// `conversation` and `container`, which only Responses bodies carry (`responses`). Most chat
-/// and embeddings bodies have a few underscores and none of these. A key spelled with escapes
+/// What a request's body names: the objects, and whether the backend is to keep the answer
+/// (`"store": true`, how a chat completion becomes a stored object).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub ids: Vec<String>,
+    pub stored: bool,
+}
+
+/// A cheap look before a body is parsed (this runs for every request with a body), in one pass
+/// over the bytes where a match can start: every field read here has `_id"`, `_ids"`,
+/// `_file"` or `encrypted_content"` in its name, but for `conversation` and `container`, which
+/// only Responses bodies carry (`responses`); `"store"` is looked for on the way. Most chat and
+/// embeddings bodies have a few underscores and none of these. A key spelled with escapes
 /// (`"file\u005fid"`) would hide from the look, so a body escaping an ASCII letter, digit or
-/// underscore, which no JSON encoder does of its own accord, is always parsed.
-fn may_name_objects(body: &[u8], responses: bool) -> bool {
-    // One pass over the underscores and backslashes, the only places a match can start.
-    for i in memchr::memchr2_iter(b'_', b'\\', body) {
+/// underscore, which no JSON encoder does of its own accord, is always parsed. Returns (may name
+/// objects, has a `store` key).
+fn look(body: &[u8], responses: bool) -> (bool, bool) {
+    let mut store = false;
+    for i in memchr::memchr3_iter(b'_', b'\\', b's', body) {
         let after = &body[i..];
-        let hit = if after[0] == b'_' {
-            after.starts_with(b"_id\"")
-                || after.starts_with(b"_ids\"")
-                || after.starts_with(b"_file\"")
-                || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
-        } else {
-            escapes_a_name_char(after)
+        let names = match after[0] {
+            b'_' => {
+                after.starts_with(b"_id\"")
+                    || after.starts_with(b"_ids\"")
+                    || after.starts_with(b"_file\"")
+                    || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
+            }
+            b'\\' => escapes_a_name_char(after),
+            _ => {
+                store |= after.starts_with(b"store\"") && body[..i].ends_with(b"\"");
+                false
+            }
         };
-        if hit {
-            return true;
+        if names {
+            return (true, store);
         }
     }
-    responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some())
+    let names = responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some());
+    (names, store)
 }
 
 /// `\u00XX` for an ASCII letter, digit or underscore, at the start of `s`.
@@ -224,19 +240,28 @@ fn escapes_a_name_char(s: &[u8]) -> bool {
 }
 
 /// The object ids a JSON body names: the fields in [`ONE`] and [`MANY`] at any depth, and the
-/// ids of reasoning items carrying `encrypted_content` (only their maker can read them).
-///
-/// `responses`: the request is about Responses or conversations (see [`may_name_objects`]).
-pub fn body_ids(body: &[u8], responses: bool) -> Vec<String> {
-    if body.is_empty() || !may_name_objects(body, responses) {
-        return Vec::new();
+/// ids of reasoning items carrying `encrypted_content` (only their maker can read them); and
+/// whether it asks the backend to keep the answer. `responses`: the request is about Responses
+/// or conversations (see [`look`]).
+pub fn body_refs(body: &[u8], responses: bool) -> Named {
+    let (names, store) = look(body, responses);
+    if !(names || store) {
+        return Named::default();
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
+        return Named::default();
     };
-    let mut out = Vec::new();
-    walk(&v, 0, &mut out);
-    out
+    let mut ids = Vec::new();
+    if names {
+        walk(&v, 0, &mut ids);
+    }
+    let stored = store && v.get("store").and_then(Value::as_bool) == Some(true);
+    Named { ids, stored }
+}
+
+/// The object ids a JSON body names (see [`body_refs`]).
+pub fn body_ids(body: &[u8], responses: bool) -> Vec<String> {
+    body_refs(body, responses).ids
 }
 
 fn push(out: &mut Vec<String>, id: &str) {
@@ -525,10 +550,16 @@ mod tests {
             body_ids(br#"{"input":[],"conversation":"conv_2"}"#, true),
             ["conv_2"]
         );
-        assert!(!may_name_objects(
-            br#"{"max_tokens":5,"tool_choice":"auto","content":"caf\u00e9"}"#,
-            false
-        ));
+        assert!(body_refs(br#"{"store":true,"messages":[]}"#, false).stored);
+        assert!(!body_refs(br#"{"store":false,"messages":[]}"#, false).stored);
+        assert!(!body_refs(br#"{"messages":[{"content":"\"store\": true"}]}"#, false).stored);
+        assert_eq!(
+            look(
+                br#"{"max_tokens":5,"tool_choice":"auto","content":"caf\u00e9"}"#,
+                false
+            ),
+            (false, false)
+        );
     }
 
     #[tokio::test]

@@ -326,15 +326,19 @@ async fn serve(
         .and_then(|o| o.id.as_deref())
         .map(|id| vec![id.to_string()])
         .unwrap_or_default();
+    // Whether the backend keeps the answer (a stored chat completion).
+    let mut stored = false;
     if !body.is_empty() {
         let named = match form_type(&parts.headers) {
             Some(ct) => refs::form_ids(ct, body.clone()).await,
-            None => refs::body_ids(
-                &body,
-                object
+            None => {
+                let responses = object
                     .as_ref()
-                    .is_some_and(|o| matches!(o.collection, "responses" | "conversations")),
-            ),
+                    .is_some_and(|o| matches!(o.collection, "responses" | "conversations"));
+                let named = refs::body_refs(&body, responses);
+                stored = named.stored;
+                named.ids
+            }
         };
         for id in named {
             if !ids.contains(&id) {
@@ -467,12 +471,7 @@ async fn serve(
     match answer.result {
         Ok(mut resp) => {
             let deleted = parts.method == http::Method::DELETE;
-            let learnable = learns(
-                object.as_ref(),
-                &route.path_and_query,
-                deleted,
-                &outbound.body,
-            );
+            let learnable = learns(object.as_ref(), &route.path_and_query, deleted, stored);
             // Most answers name no object, make none known and belong to no session.
             let remembers = !ids.is_empty() || session.is_some() || learnable || deleted;
             let learner = match answer.backend {
@@ -766,26 +765,14 @@ fn takes_usage_chunk(path_and_query: &str) -> bool {
 
 /// Whether an answer is read for the objects it makes known: answers about stored objects
 /// (not a file's raw content, not a delete), and chat completions only when the backend keeps
-/// them (`"store": true`): the rest of the traffic, most of it, passes unread.
-fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, body: &[u8]) -> bool {
+/// them (`stored`: `"store": true`): the rest of the traffic, most of it, passes unread.
+fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, stored: bool) -> bool {
     match object {
         _ if deleted => false,
-        Some(o) if o.collection == "chat/completions" => o.id.is_none() && stores_completion(body),
+        Some(o) if o.collection == "chat/completions" => o.id.is_none() && stored,
         Some(_) => !path.split('?').next().unwrap_or("").ends_with("/content"),
         None => false,
     }
-}
-
-/// A chat completion the backend keeps (`"store": true`), which can be read back later.
-fn stores_completion(body: &[u8]) -> bool {
-    // Made once: making a searcher costs more than searching a chat body with it.
-    static STORE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"store\""));
-    STORE.find(body).is_some()
-        && serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("store").and_then(serde_json::Value::as_bool))
-            == Some(true)
 }
 
 /// Whether the body is declared as JSON (`application/json`, parameters aside).
@@ -1285,7 +1272,8 @@ mod tests {
     fn only_answers_about_stored_objects_are_read() {
         let learns = |path: &str, deleted: bool, body: &str| {
             let object = super::refs::path_object(path);
-            super::learns(object.as_ref(), path, deleted, body.as_bytes())
+            let stored = super::refs::body_refs(body.as_bytes(), false).stored;
+            super::learns(object.as_ref(), path, deleted, stored)
         };
         let chat = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
         assert!(!learns(chat, false, r#"{"messages":[]}"#));
