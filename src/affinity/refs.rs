@@ -185,6 +185,8 @@ static CONVERSATION: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"conversation\""));
 static CONTAINER: LazyLock<memchr::memmem::Finder<'static>> =
     LazyLock::new(|| memchr::memmem::Finder::new(b"\"container\""));
+static STORE: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"store\""));
 
 /// What a request's body names: the objects, and whether the backend is to keep the answer
 /// (`"store": true`, how a chat completion becomes a stored object).
@@ -195,36 +197,28 @@ pub struct Named {
 }
 
 /// A cheap look before a body is parsed (this runs for every request with a body), in one pass
-/// over the bytes where a match can start: every field read here has `_id"`, `_ids"`,
-/// `_file"` or `encrypted_content"` in its name, but for `conversation` and `container`, which
-/// only Responses bodies carry (`responses`); `"store"` is looked for on the way. Most chat and
-/// embeddings bodies have a few underscores and none of these. A key spelled with escapes
+/// over the underscores and backslashes, the only bytes where a match can start: every field
+/// read here has `_id"`, `_ids"`, `_file"` or `encrypted_content"` in its name, but for
+/// `conversation` and `container`, which only Responses bodies carry (`responses`). Most chat
+/// and embeddings bodies have a few underscores and none of these. A key spelled with escapes
 /// (`"file\u005fid"`) would hide from the look, so a body escaping an ASCII letter, digit or
-/// underscore, which no JSON encoder does of its own accord, is always parsed. Returns (may name
-/// objects, has a `store` key).
-fn look(body: &[u8], responses: bool) -> (bool, bool) {
-    let mut store = false;
-    for i in memchr::memchr3_iter(b'_', b'\\', b's', body) {
+/// underscore, which no JSON encoder does of its own accord, is always parsed.
+fn may_name_objects(body: &[u8], responses: bool) -> bool {
+    for i in memchr::memchr2_iter(b'_', b'\\', body) {
         let after = &body[i..];
-        let names = match after[0] {
-            b'_' => {
-                after.starts_with(b"_id\"")
-                    || after.starts_with(b"_ids\"")
-                    || after.starts_with(b"_file\"")
-                    || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
-            }
-            b'\\' => escapes_a_name_char(after),
-            _ => {
-                store |= after.starts_with(b"store\"") && body[..i].ends_with(b"\"");
-                false
-            }
+        let hit = if after[0] == b'_' {
+            after.starts_with(b"_id\"")
+                || after.starts_with(b"_ids\"")
+                || after.starts_with(b"_file\"")
+                || (after.starts_with(b"_content\"") && body[..i].ends_with(b"encrypted"))
+        } else {
+            escapes_a_name_char(after)
         };
-        if names {
-            return (true, store);
+        if hit {
+            return true;
         }
     }
-    let names = responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some());
-    (names, store)
+    responses && (CONVERSATION.find(body).is_some() || CONTAINER.find(body).is_some())
 }
 
 /// `\u00XX` for an ASCII letter, digit or underscore, at the start of `s`.
@@ -240,11 +234,13 @@ fn escapes_a_name_char(s: &[u8]) -> bool {
 }
 
 /// The object ids a JSON body names: the fields in [`ONE`] and [`MANY`] at any depth, and the
-/// ids of reasoning items carrying `encrypted_content` (only their maker can read them); and
-/// whether it asks the backend to keep the answer. `responses`: the request is about Responses
-/// or conversations (see [`look`]).
-pub fn body_refs(body: &[u8], responses: bool) -> Named {
-    let (names, store) = look(body, responses);
+/// ids of reasoning items carrying `encrypted_content` (only their maker can read them); and,
+/// when `chat` (a chat completion, which the backend keeps when asked), whether it asks the
+/// backend to keep the answer. `responses`: the request is about Responses or conversations
+/// (see [`may_name_objects`]).
+pub fn body_refs(body: &[u8], responses: bool, chat: bool) -> Named {
+    let names = may_name_objects(body, responses);
+    let store = chat && STORE.find(body).is_some();
     if !(names || store) {
         return Named::default();
     }
@@ -261,7 +257,7 @@ pub fn body_refs(body: &[u8], responses: bool) -> Named {
 
 /// The object ids a JSON body names (see [`body_refs`]).
 pub fn body_ids(body: &[u8], responses: bool) -> Vec<String> {
-    body_refs(body, responses).ids
+    body_refs(body, responses, false).ids
 }
 
 fn push(out: &mut Vec<String>, id: &str) {
@@ -550,16 +546,21 @@ mod tests {
             body_ids(br#"{"input":[],"conversation":"conv_2"}"#, true),
             ["conv_2"]
         );
-        assert!(body_refs(br#"{"store":true,"messages":[]}"#, false).stored);
-        assert!(!body_refs(br#"{"store":false,"messages":[]}"#, false).stored);
-        assert!(!body_refs(br#"{"messages":[{"content":"\"store\": true"}]}"#, false).stored);
-        assert_eq!(
-            look(
-                br#"{"max_tokens":5,"tool_choice":"auto","content":"caf\u00e9"}"#,
-                false
-            ),
-            (false, false)
+        assert!(body_refs(br#"{"store":true,"messages":[]}"#, false, true).stored);
+        assert!(!body_refs(br#"{"store":true,"input":"x"}"#, false, false).stored);
+        assert!(!body_refs(br#"{"store":false,"messages":[]}"#, false, true).stored);
+        assert!(
+            !body_refs(
+                br#"{"messages":[{"content":"\"store\": true"}]}"#,
+                false,
+                true
+            )
+            .stored
         );
+        assert!(!may_name_objects(
+            br#"{"max_tokens":5,"tool_choice":"auto","content":"caf\u00e9"}"#,
+            false
+        ));
     }
 
     #[tokio::test]

@@ -332,10 +332,12 @@ async fn serve(
         let named = match form_type(&parts.headers) {
             Some(ct) => refs::form_ids(ct, body.clone()).await,
             None => {
-                let responses = object
-                    .as_ref()
-                    .is_some_and(|o| matches!(o.collection, "responses" | "conversations"));
-                let named = refs::body_refs(&body, responses);
+                let collection = object.as_ref().map(|o| o.collection);
+                let named = refs::body_refs(
+                    &body,
+                    matches!(collection, Some("responses" | "conversations")),
+                    collection == Some("chat/completions"),
+                );
                 stored = named.stored;
                 named.ids
             }
@@ -1272,7 +1274,7 @@ mod tests {
     fn only_answers_about_stored_objects_are_read() {
         let learns = |path: &str, deleted: bool, body: &str| {
             let object = super::refs::path_object(path);
-            let stored = super::refs::body_refs(body.as_bytes(), false).stored;
+            let stored = super::refs::body_refs(body.as_bytes(), false, true).stored;
             super::learns(object.as_ref(), path, deleted, stored)
         };
         let chat = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
