@@ -194,6 +194,8 @@ static STORE: LazyLock<memchr::memmem::Finder<'static>> =
 pub struct Named {
     pub ids: Vec<String>,
     pub stored: bool,
+    /// A key some object of the body repeats: the body's meaning is not certain.
+    pub repeated: Option<String>,
 }
 
 /// A cheap look before a body is parsed (this runs for every request with a body), in one pass
@@ -252,7 +254,72 @@ pub fn body_refs(body: &[u8], responses: bool, chat: bool) -> Named {
         walk(&v, 0, &mut ids);
     }
     let stored = store && v.get("store").and_then(Value::as_bool) == Some(true);
-    Named { ids, stored }
+    // A parsed document keeps the last of a repeated key; a backend may keep the first, and be
+    // sent an object the owner check never saw.
+    let repeated = repeated_key(body);
+    Named {
+        ids,
+        stored,
+        repeated,
+    }
+}
+
+/// The first key an object of the document repeats, if any (escapes decoded, as a backend
+/// decodes them).
+fn repeated_key(body: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Walk(usize);
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut keys: Vec<String> = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if keys.contains(&key) {
+                    return Err(A::Error::custom(key));
+                }
+                map.next_value_seed(Walk(self.0 + 1))?;
+                keys.push(key);
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk(self.0 + 1))?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut d = serde_json::Deserializer::from_slice(body);
+    match Walk(0).deserialize(&mut d) {
+        // serde_json says where; the key is the message's first word.
+        Err(e) if e.is_data() => e.to_string().split(' ').next().map(str::to_string),
+        _ => None,
+    }
 }
 
 /// The object ids a JSON body names (see [`body_refs`]).
@@ -547,6 +614,26 @@ mod tests {
             ["conv_2"]
         );
         assert!(body_refs(br#"{"store":true,"messages":[]}"#, false, true).stored);
+        // A repeated key, written plainly or with escapes, is found.
+        let twice = br#"{"input":[{"file_id":"file-a","file\u005fid":"file-b"}]}"#;
+        assert_eq!(
+            body_refs(twice, false, false).repeated.as_deref(),
+            Some("file_id")
+        );
+        let twice = br#"{"previous_response_id":"a","previous_response_id":"b"}"#;
+        assert_eq!(
+            body_refs(twice, true, false).repeated.as_deref(),
+            Some("previous_response_id")
+        );
+        assert_eq!(
+            body_refs(
+                br#"{"a":{"file_id":"x"},"b":{"file_id":"y"}}"#,
+                false,
+                false
+            )
+            .repeated,
+            None
+        );
         assert!(!body_refs(br#"{"store":true,"input":"x"}"#, false, false).stored);
         assert!(!body_refs(br#"{"store":false,"messages":[]}"#, false, true).stored);
         assert!(

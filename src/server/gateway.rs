@@ -338,6 +338,19 @@ async fn serve(
                     matches!(collection, Some("responses" | "conversations")),
                     collection == Some("chat/completions"),
                 );
+                if let Some(key) = named.repeated {
+                    let shown = first_chars(&key, 64);
+                    return Err((
+                        None,
+                        0,
+                        GatewayError::new(
+                            ErrorKind::BadRequest,
+                            format!(
+                                "the request body repeats the key '{shown}' in one object: its meaning is not certain"
+                            ),
+                        ),
+                    ));
+                }
                 stored = named.stored;
                 named.ids
             }
