@@ -67,7 +67,7 @@ chat_lua "$work/chat.lua"
 # Warm-up: connections, pools and caches on every path, with as many connections as the
 # throughput rounds, so that the idle RSS is that of a proxy which has served this load. With 8,
 # what 64 connections add (buffers, pooled backend connections, allocator caches) showed in
-# "RSS after" as if the burst of streams had left it: see the profile notes, session 11.
+# "RSS after" as if the burst of streams had left it: see bench/results/profile-2026-11-26.md.
 for p in $S1 $PN $PS; do wrk -t2 -c64 -d2s -s "$work/chat.lua" "http://127.0.0.1:$p$path" >/dev/null; done
 sleep 1
 IDLE_SY=$(rss_kb $SY_PID); IDLE_NG=$(rss_kb $NG_MASTER)
