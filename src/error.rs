@@ -17,6 +17,11 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// The client's request could not be read or is malformed.
     BadRequest,
+    /// The request body did not arrive in time (`server.body_read_timeout`, or a gap longer
+    /// than `server.header_read_timeout`).
+    BodyTimeout,
+    /// A method the gateway does not forward.
+    MethodNotAllowed,
     /// The backend could not be reached (refused, DNS, TLS).
     UpstreamConnect,
     /// The backend did not answer in time.
@@ -74,6 +79,8 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -97,6 +104,8 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::BodyTimeout => "request_body_timeout",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::UpstreamConnect => "backend_connect_error",
             ErrorKind::UpstreamTimeout => "backend_timeout",
             ErrorKind::UpstreamProtocol => "backend_protocol_error",
@@ -122,6 +131,8 @@ impl ErrorKind {
             ErrorKind::NotFound
             | ErrorKind::BodyTooLarge
             | ErrorKind::BadRequest
+            | ErrorKind::BodyTimeout
+            | ErrorKind::MethodNotAllowed
             | ErrorKind::UnknownDeployment
             | ErrorKind::Unauthorized
             | ErrorKind::ObjectNotFound
@@ -180,8 +191,9 @@ impl GatewayError {
             );
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
         }
-        if self.kind == ErrorKind::BodyTooLarge {
-            // The rest of the body is not wanted: closing beats reading it only to drop it.
+        if matches!(self.kind, ErrorKind::BodyTooLarge | ErrorKind::BodyTimeout) {
+            // The rest of the body is not wanted (or not coming): closing beats reading it
+            // only to drop it, and frees the connection's slot at once.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp

@@ -389,3 +389,218 @@ async fn headers_passed_on_unread_reach_the_backend_and_connection_listed_ones_d
     assert_eq!(seen.headers["x-kept"], "2");
     gw.stop().await;
 }
+
+/// Sends `head` and then `trickle` one byte every `every` until the gateway answers or closes;
+/// returns what it sent back and how long that took.
+async fn trickled(
+    addr: SocketAddr,
+    head: &str,
+    trickle: &[u8],
+    every: Duration,
+) -> (String, Duration) {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut next = trickle.iter();
+    let done = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                r = conn.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(every) => {
+                    if let Some(b) = next.next() && conn.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "the connection stayed open (got {:?})",
+        String::from_utf8_lossy(&out)
+    );
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A body that stops, or trickles in just inside the gap limit, is cut off with a 408 and a
+/// close on the fast path (a `content-length` body) and on hyper's (chunked, HTTP/1.0,
+/// `expect`), and the connection's slot is free again at once.
+#[tokio::test]
+async fn request_bodies_that_stall_or_trickle_get_408_and_a_close() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(
+        &[B::sim(&s)],
+        "",
+        "header_read_timeout = \"400ms\"\nbody_read_timeout = \"1500ms\"\nmax_connections = 3",
+    )
+    .await;
+    let addr = gw.gateway.addr;
+    let body = chat_body(false);
+    let slow = Duration::from_millis(150);
+    let never = Duration::from_secs(3600);
+    let cases: Vec<(&str, String, &[u8], Duration, Duration)> = vec![
+        (
+            "fast path: length declared, half the body, then nothing",
+            format!(
+                "{HEAD}Content-Length: {}\r\n\r\n{}",
+                body.len(),
+                &body[..10]
+            ),
+            b"",
+            never,
+            Duration::from_millis(400),
+        ),
+        (
+            "fast path: a byte at a time inside the gap",
+            format!("{HEAD}Content-Length: {}\r\n\r\n", body.len()),
+            body.as_bytes(),
+            slow,
+            Duration::from_millis(1500),
+        ),
+        (
+            "hyper: chunked, one chunk, then nothing",
+            format!("{HEAD}Transfer-Encoding: chunked\r\n\r\n2\r\n{{\"\r\n"),
+            b"",
+            never,
+            Duration::from_millis(400),
+        ),
+        (
+            "hyper: chunked, a byte at a time inside the gap",
+            format!("{HEAD}Transfer-Encoding: chunked\r\n\r\n100\r\n"),
+            &[b'x'; 256],
+            slow,
+            Duration::from_millis(1500),
+        ),
+        (
+            "hyper: expect 100-continue, then nothing",
+            format!(
+                "{HEAD}Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            ),
+            b"",
+            never,
+            Duration::from_millis(400),
+        ),
+        (
+            "hyper: HTTP/1.0, then nothing",
+            format!(
+                "POST {CHAT} HTTP/1.0\r\nHost: gw\r\nContent-Length: {}\r\n\r\n{{",
+                body.len()
+            ),
+            b"",
+            never,
+            Duration::from_millis(400),
+        ),
+        (
+            "hyper: a body over the fast path's 1 MiB, then nothing",
+            format!("{HEAD}Content-Length: 2000000\r\n\r\n{{"),
+            b"",
+            never,
+            Duration::from_millis(400),
+        ),
+    ];
+    for (what, head, trickle, every, at_least) in cases {
+        let (response, took) = trickled(addr, &head, trickle, every).await;
+        // An `expect` request may see `100 Continue` first.
+        let last = response
+            .rfind("HTTP/1.")
+            .map_or(response.as_str(), |i| &response[i..]);
+        assert!(
+            last.starts_with("HTTP/1.1 408") || last.starts_with("HTTP/1.0 408"),
+            "{what}: {response}"
+        );
+        assert!(
+            last.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {response}"
+        );
+        assert!(last.contains("request_body_timeout"), "{what}: {response}");
+        assert!(took >= at_least, "{what}: cut after {took:?}");
+    }
+    assert!(s.requests().is_empty());
+
+    // As many stalled uploads as the listener takes connections: each is cut off, and the
+    // slots come back for the next clients.
+    let stalled: Vec<_> = (0..3)
+        .map(|_| {
+            let head = format!("{HEAD}Transfer-Encoding: chunked\r\n\r\n");
+            tokio::spawn(async move { trickled(addr, &head, b"", never).await })
+        })
+        .collect();
+    for t in stalled {
+        let (response, _) = t.await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    }
+    let metrics = gw.gateway.metrics.clone();
+    wait_for(|| metrics.open_connections.get() == 0).await;
+    assert_eq!(post_chat(&client(), &gw.base).await.status(), 200);
+    gw.stop().await;
+}
+
+/// HTTP/2 (prior knowledge on the plain listener): a stream whose body stops is answered 408
+/// and reset; the connection's other streams are served.
+#[tokio::test]
+async fn an_http2_request_body_that_stalls_gets_408() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(
+        &[B::sim(&s)],
+        "",
+        "header_read_timeout = \"400ms\"\nbody_read_timeout = \"1s\"",
+    )
+    .await;
+    let tcp = TcpStream::connect(gw.gateway.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2 = h2.ready().await.unwrap();
+    let req = || {
+        http::Request::post(format!("http://gw{CHAT}"))
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+    };
+    // Headers, two bytes of body, then nothing.
+    let (answer, mut send) = h2.send_request(req(), false).unwrap();
+    send.send_data(bytes::Bytes::from_static(b"{\""), false)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    assert_eq!(answer.status(), 408);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let mut answer_body = answer.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = answer_body.data().await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        String::from_utf8_lossy(&text).contains("request_body_timeout"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    // The connection still serves a whole request.
+    let mut h2 = h2.ready().await.unwrap();
+    let body = chat_body(false);
+    let (answer, mut send) = h2.send_request(req(), false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let answer = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(h2);
+    driver.abort();
+    assert_eq!(s.requests().len(), 1);
+    gw.stop().await;
+}

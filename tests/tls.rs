@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::*;
+use futures_util::StreamExt;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -104,7 +105,7 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
     let g = gateway(
         &backends,
         "",
-        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\""),
+        &format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\nheader_read_timeout = \"500ms\""),
     )
     .await;
     let base = https_base(&g);
@@ -112,6 +113,22 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
     let r = post_chat(&client_trusting(&p.ca_pem), &base).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ms-region"), "a");
+
+    // A body that stops arriving over HTTPS is cut off with a 408, as over plain HTTP.
+    let stalled = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"model\""))
+    })
+    .chain(futures_util::stream::pending());
+    let r = client_trusting(&p.ca_pem)
+        .post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), r)
+        .await
+        .expect("a stalled body over HTTPS was never cut off")
+        .unwrap();
+    assert_eq!(r.status(), 408);
 
     // A client that does not trust the CA refuses the certificate.
     let other = pki("other");

@@ -265,6 +265,9 @@ pub struct ServerConfig {
     /// Longest wait for a request's head (and a TLS handshake); also how long an idle
     /// keep-alive connection stays open.
     pub header_read_timeout: Duration,
+    /// Longest a request body may take to arrive whole (its gaps are bounded by
+    /// `header_read_timeout`).
+    pub body_read_timeout: Duration,
     /// Open client connections at most; more are closed as they arrive.
     pub max_connections: usize,
     /// HTTPS on the client listener when set.

@@ -488,6 +488,9 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
         "server.header_read_timeout",
         30_000,
     )?;
+    // Room for a 32 MiB upload at about 1 Mbit/s.
+    let body_read_timeout =
+        opt_duration(raw.body_read_timeout, "server.body_read_timeout", 300_000)?;
     let max_connections = match raw.max_connections {
         None => DEFAULT_MAX_CONNECTIONS,
         Some(0) => {
@@ -525,6 +528,7 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
         max_body_bytes,
         shutdown_grace,
         header_read_timeout,
+        body_read_timeout,
         max_connections,
         tls,
         ca,

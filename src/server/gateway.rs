@@ -285,7 +285,7 @@ async fn serve(
     let route = api::route(path, pq).map_err(|e| (None, 0, e))?;
     let upgrade = route.upgrade_allowed && parts.headers.contains_key(header::UPGRADE);
 
-    let mut body = read_body(body, &parts.headers, rt.config.server.max_body_bytes)
+    let mut body = read_body(body, &parts.headers, &rt.config.server)
         .await
         .map_err(|e| (None, 0, e))?;
     // Where the gateway itself reads the body (the model to route on, the tokens to count
@@ -565,8 +565,9 @@ async fn serve(
 async fn read_body(
     body: RequestBody,
     headers: &http::HeaderMap,
-    max: usize,
+    server: &crate::config::ServerConfig,
 ) -> Result<Bytes, GatewayError> {
+    let max = server.max_body_bytes;
     let too_large = || {
         GatewayError::new(
             ErrorKind::BodyTooLarge,
@@ -593,14 +594,44 @@ async fn read_body(
         }
         RequestBody::Streaming(b) => b,
     };
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(GatewayError::new(
-            ErrorKind::BadRequest,
-            format!("could not read the request body: {e}"),
-        )),
+    // Each frame within the gap limit, all of them within the body's: a client that stops
+    // sending, or trickles, must not hold its connection (and its slot) for ever.
+    let gap = server.header_read_timeout;
+    let deadline = tokio::time::Instant::now() + server.body_read_timeout;
+    let mut body = Limited::new(body, max);
+    let mut parts: Vec<Bytes> = Vec::new();
+    loop {
+        let until = deadline.min(tokio::time::Instant::now() + gap);
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(too_large());
+            }
+            Ok(Some(Err(e))) => {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    format!("could not read the request body: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(GatewayError::new(
+                    ErrorKind::BodyTimeout,
+                    super::h1::body_late_message(gap, server.body_read_timeout),
+                ));
+            }
+        };
+        if let Ok(data) = frame.into_data()
+            && !data.is_empty()
+        {
+            parts.push(data);
+        }
     }
+    Ok(match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => parts.concat().into(),
+    })
 }
 
 /// Where the objects a request names are.

@@ -55,12 +55,14 @@ pub enum Ended {
 /// Serves requests on `stream` until it closes or a request needs hyper.
 ///
 /// `header_timeout` bounds the wait for each request head, the idle time between requests
-/// included; `max_head` is the largest head accepted (hyper answers 431 beyond it).
+/// included, and each gap in a body; `body_timeout` the whole body; `max_head` is the largest
+/// head accepted (hyper answers 431 beyond it).
 pub async fn serve<F, Fut>(
     stream: TcpStream,
     handler: &F,
     shutdown: &CancellationToken,
     header_timeout: Duration,
+    body_timeout: Duration,
     max_head: usize,
 ) -> Ended
 where
@@ -103,8 +105,16 @@ where
             Ok(Err(_)) | Err(_) => return Ended::Closed,
         };
         let close = head.close;
-        let request = match conn.read_body(head, header_timeout).await {
+        let request = match conn.read_body(head, header_timeout, body_timeout).await {
             Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                let late = GatewayError::new(
+                    ErrorKind::BodyTimeout,
+                    body_late_message(header_timeout, body_timeout),
+                );
+                let _ = conn.respond(late.into_response(), true, false).await;
+                return Ended::Closed;
+            }
             Err(_) => return Ended::Closed,
         };
         // The handler runs while the connection is watched: a client that goes away takes
@@ -191,13 +201,24 @@ impl Conn {
     }
 
     /// Reads the rest of the body. The buffer grows with what arrives, not with what the head
-    /// declares, and a client that goes quiet mid-body for `idle` is cut off: a body is
-    /// neither a way to make the gateway reserve memory nor to hold a connection for free.
-    async fn read_body(&mut self, head: Head, idle: Duration) -> io::Result<Request<RequestBody>> {
+    /// declares, and a client that goes quiet mid-body for `idle`, or has not sent it all
+    /// within `whole`, is cut off (`TimedOut`): a body is neither a way to make the gateway
+    /// reserve memory nor to hold a connection for free, even trickled a byte at a time.
+    async fn read_body(
+        &mut self,
+        head: Head,
+        idle: Duration,
+        whole: Duration,
+    ) -> io::Result<Request<RequestBody>> {
+        // Most bodies came with their head: no clock is read for them.
+        let mut deadline = None;
         while self.buf.len() < head.body_len {
+            let now = tokio::time::Instant::now();
+            let end = *deadline.get_or_insert(now + whole);
             self.buf
                 .reserve((head.body_len - self.buf.len()).min(64 * 1024));
-            match tokio::time::timeout(idle, self.stream.read_buf(&mut self.buf)).await {
+            let until = end.min(now + idle);
+            match tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)).await {
                 Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
@@ -386,6 +407,15 @@ impl Conn {
             io: self.stream,
         }
     }
+}
+
+/// What a client whose body came too slowly is told.
+pub fn body_late_message(gap: Duration, whole: Duration) -> String {
+    format!(
+        "the request body did not arrive in time: no bytes for {} s (server.header_read_timeout), or not all within {} s (server.body_read_timeout)",
+        gap.as_secs_f64(),
+        whole.as_secs_f64()
+    )
 }
 
 /// Resolves when the client closes its side or the connection fails. Bytes that arrive in the

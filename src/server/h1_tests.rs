@@ -117,6 +117,7 @@ async fn start(header_timeout: Duration) -> Gateway {
     let options = ListenOptions {
         grace: Duration::from_secs(5),
         header_read_timeout: header_timeout,
+        body_read_timeout: header_timeout * 4,
         max_connections: 100,
         spread: None,
         tls: None,

@@ -78,6 +78,8 @@ pub struct ListenOptions {
     pub grace: Duration,
     /// Longest wait for a request head or a TLS handshake; also the keep-alive idle limit.
     pub header_read_timeout: Duration,
+    /// Longest a request body may take to arrive whole.
+    pub body_read_timeout: Duration,
     pub max_connections: usize,
     /// The runtimes that serve the accepted connections, when there are several.
     pub spread: Option<Arc<Spread>>,
@@ -191,6 +193,7 @@ pub async fn serve<F, Fut>(
                     builder: builder.clone(),
                     tls: options.tls.clone(),
                     header_timeout: options.header_read_timeout,
+                    body_timeout: options.body_read_timeout,
                     peer,
                     slot,
                 };
@@ -234,6 +237,7 @@ struct Job<F> {
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     header_timeout: Duration,
+    body_timeout: Duration,
     peer: std::net::SocketAddr,
     slot: Slot,
 }
@@ -250,6 +254,7 @@ where
             builder,
             tls,
             header_timeout,
+            body_timeout,
             peer,
             slot: _slot,
         } = self;
@@ -258,7 +263,15 @@ where
         match tls {
             // Plain HTTP/1.1 takes the fast path; hyper gets what it hands over.
             None => {
-                match h1::serve(stream, &handler, &stop, header_timeout, MAX_REQUEST_HEAD).await {
+                let served = h1::serve(
+                    stream,
+                    &handler,
+                    &stop,
+                    header_timeout,
+                    body_timeout,
+                    MAX_REQUEST_HEAD,
+                );
+                match served.await {
                     h1::Ended::Closed => {}
                     h1::Ended::Handover(io) => {
                         Box::pin(connection(&builder, io, handler, &stop)).await

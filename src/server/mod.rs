@@ -128,6 +128,7 @@ pub async fn start_on(
     let tasks = TaskTracker::new();
     let grace = config.server.shutdown_grace;
     let header_read_timeout = config.server.header_read_timeout;
+    let body_read_timeout = config.server.body_read_timeout;
     let max_connections = config.server.max_connections;
     let cert_swap = config
         .server
@@ -218,6 +219,7 @@ pub async fn start_on(
         let options = ListenOptions {
             grace,
             header_read_timeout,
+            body_read_timeout,
             max_connections,
             spread: (!workers.is_empty()).then(|| {
                 let here = tokio::runtime::Handle::current();
@@ -258,6 +260,7 @@ pub async fn start_on(
         let options = ListenOptions {
             grace,
             header_read_timeout,
+            body_read_timeout,
             max_connections: ADMIN_MAX_CONNECTIONS,
             spread: None,
             tls: None,
