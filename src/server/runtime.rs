@@ -159,6 +159,10 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
         changed.push("server.header_read_timeout");
         new.server.header_read_timeout = running.server.header_read_timeout;
     }
+    if new.server.body_read_timeout != running.server.body_read_timeout {
+        changed.push("server.body_read_timeout");
+        new.server.body_read_timeout = running.server.body_read_timeout;
+    }
     if new.server.max_connections != running.server.max_connections {
         changed.push("server.max_connections");
         new.server.max_connections = running.server.max_connections;
