@@ -23,12 +23,17 @@ pub struct AdminState {
     /// The backends' recent history, for the status page.
     pub history: Arc<crate::status::History>,
     pub started: std::time::SystemTime,
+    /// The admin listener's own address: a `Host` naming it is this listener's.
+    pub addr: std::net::SocketAddr,
 }
 
 pub async fn handle(
     state: Arc<AdminState>,
     req: Request<RequestBody>,
 ) -> Result<Response<BoxBody>, Infallible> {
+    if let Err(e) = same_origin(&state, &req) {
+        return Ok(e.into_response());
+    }
     let path = req.uri().path().to_string();
     if path.starts_with("/admin/") {
         return Ok(admin_api(&state, &req, &path).await);
@@ -66,6 +71,87 @@ pub async fn handle(
         .into_response(),
     };
     Ok(resp)
+}
+
+/// What a browser may not make of the admin listener, key or no key: a page on another site
+/// must not drain a backend with a form (cross-site request forgery), nor read the config
+/// through a name of its own that resolves to the listener (DNS rebinding). So every request
+/// names this listener in `Host` (its address, `localhost`, or one of `server.admin_hosts`),
+/// and one that changes state comes from no browser page or from the listener's own.
+fn same_origin(state: &AdminState, req: &Request<RequestBody>) -> Result<(), GatewayError> {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+    let Some(host) = host else {
+        // Browsers always send one; only an HTTP/1.0 client may not.
+        if req.version() == http::Version::HTTP_10 {
+            return Ok(());
+        }
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "an HTTP/1.1 request needs exactly one valid Host header",
+        ));
+    };
+    if !is_own_host(
+        host,
+        state.addr,
+        &state.gateway.runtime().config.server.admin_hosts,
+    ) {
+        let shown: String = String::from_utf8_lossy(host).chars().take(100).collect();
+        return Err(GatewayError::new(
+            ErrorKind::MisdirectedRequest,
+            format!(
+                "the admin listener does not answer for the host {shown:?}: use its address, localhost, or a name listed in server.admin_hosts"
+            ),
+        ));
+    }
+    if matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+        return Ok(());
+    }
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| !matches!(v.as_bytes(), b"same-origin" | b"none"));
+    let foreign_origin = headers.get(header::ORIGIN).is_some_and(|origin| {
+        let own = origin
+            .as_bytes()
+            .strip_prefix(b"http://")
+            .is_some_and(|o| o.eq_ignore_ascii_case(host));
+        !own
+    });
+    if cross_site || foreign_origin {
+        return Err(GatewayError::new(
+            ErrorKind::CrossOrigin,
+            "the admin API takes no state-changing request from another site's page",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `host` (`name[:port]`) names the listener at `addr`: an IP address it listens on
+/// (any, when it listens on all of them), `localhost`, or one of `names`. The port is not
+/// compared: a port forward may put the listener behind another.
+fn is_own_host(host: &[u8], addr: std::net::SocketAddr, names: &[String]) -> bool {
+    let Ok(authority) = http::uri::Authority::try_from(host) else {
+        return false;
+    };
+    if host.contains(&b'@') {
+        return false;
+    }
+    let name = authority.host();
+    let bare = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        let listens = addr.ip();
+        return ip == listens
+            || listens.is_unspecified()
+            || (ip.is_loopback() && listens.is_loopback());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost") || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// `/admin/*`: backend states, drain and enable, the running config. Behind the admin key when

@@ -8,30 +8,48 @@ use crate::error::{ErrorKind, GatewayError};
 /// A request the gateway will forward.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Route<'a> {
-    /// Path and query the backend receives.
+    /// Path and query the backend receives: the path in its canonical form (see [`canonical`]).
     pub path_and_query: Cow<'a, str>,
     /// Whether a WebSocket upgrade may be tunnelled on this path (the Realtime API).
     pub upgrade_allowed: bool,
-    /// The deployment named in the path.
-    pub deployment: Option<&'a str>,
-    /// Where that name sits in `path_and_query`, so it can be swapped per backend.
+    /// Where the deployment named in the path (or the Realtime query) sits in
+    /// `path_and_query`, so it can be swapped per backend.
     pub deployment_span: Option<std::ops::Range<usize>>,
     /// The v1 API names the deployment in the JSON body's `model` instead.
     pub model_in_body: bool,
 }
 
+impl Route<'_> {
+    /// The deployment named in the path (or the Realtime query).
+    pub fn deployment(&self) -> Option<&str> {
+        self.path_and_query.get(self.deployment_span.clone()?)
+    }
+}
+
 const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 
-/// Classifies a request path:
-/// - `/openai/deployments/{deployment}/{operation...}`: Azure's classic surface, verbatim;
+/// Classifies a request path, in its canonical form (see [`canonical`]), which is also what
+/// the backend receives:
+/// - `/openai/deployments/{deployment}/{operation...}`: Azure's classic surface;
 /// - `/openai/realtime` (and `/openai/v1/realtime`): the Realtime API, WebSocket allowed;
-/// - any other `/openai/...` (v1 API, files, batches, ...): verbatim;
+/// - any other `/openai/...` (v1 API, files, batches, ...);
 /// - `/v1/...` (OpenAI style): sent to the backend as `/openai/v1/...`.
 pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
-    // Most paths hold neither a dot nor a percent sign: one scan clears them of both checks.
-    if memchr::memchr2(b'.', b'%', path.as_bytes()).is_some() {
-        check_segments(path)?;
+    match canonical(path)? {
+        Cow::Borrowed(_) => route_canonical(path, path_and_query),
+        Cow::Owned(p) => {
+            let query = path_and_query.get(path.len()..).unwrap_or("");
+            let pq = format!("{p}{query}");
+            let r = route_canonical(&pq[..p.len()], &pq)?;
+            Ok(Route {
+                path_and_query: Cow::Owned(r.path_and_query.into_owned()),
+                ..r
+            })
+        }
     }
+}
+
+fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
         let (deployment, operation) = match memchr::memchr(b'/', rest.as_bytes()) {
             Some(i) => (&rest[..i], &rest[i + 1..]),
@@ -53,39 +71,36 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
         return Ok(Route {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed: false,
-            deployment: Some(deployment),
             deployment_span: Some(start..start + deployment.len()),
             model_in_body: false,
         });
     }
     if path == "/openai" || path.starts_with("/openai/") {
         let upgrade_allowed = matches!(path, "/openai/realtime" | "/openai/v1/realtime");
-        let (deployment, deployment_span) = if upgrade_allowed {
+        let deployment_span = if upgrade_allowed {
             realtime_deployment(path_and_query)?
         } else {
-            (None, None)
+            None
         };
         return Ok(Route {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed,
-            deployment,
             deployment_span,
             model_in_body: path.starts_with("/openai/v1/") && !upgrade_allowed,
         });
     }
     if path == "/v1" || path.starts_with("/v1/") {
         let upgrade_allowed = path == "/v1/realtime";
-        let (deployment, deployment_span) = if upgrade_allowed {
+        let deployment_span = if upgrade_allowed {
             realtime_deployment(path_and_query)?
         } else {
-            (None, None)
+            None
         };
         // The span moves with the `/openai` put in front.
         let deployment_span = deployment_span.map(|r| r.start + 7..r.end + 7);
         return Ok(Route {
             path_and_query: Cow::Owned(format!("/openai{path_and_query}")),
             upgrade_allowed,
-            deployment,
             deployment_span,
             model_in_body: !upgrade_allowed,
         });
@@ -96,61 +111,204 @@ pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, Ga
     ))
 }
 
+/// The path segments the API itself defines, in their one spelling: a backend may take
+/// `/openai/Deployments/x/Chat/Completions` for `/openai/deployments/x/chat/completions`, so
+/// the gateway reads it as that too (to route, limit and count it).
+const KNOWN_SEGMENTS: [&str; 38] = [
+    "openai",
+    "deployments",
+    "v1",
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "input_items",
+    "input_tokens",
+    "conversations",
+    "items",
+    "files",
+    "content",
+    "uploads",
+    "parts",
+    "complete",
+    "batches",
+    "cancel",
+    "fine_tuning",
+    "jobs",
+    "checkpoints",
+    "events",
+    "vector_stores",
+    "file_batches",
+    "assistants",
+    "threads",
+    "messages",
+    "runs",
+    "steps",
+    "audio",
+    "transcriptions",
+    "translations",
+    "speech",
+    "images",
+    "generations",
+    "edits",
+    "models",
+    "realtime",
+];
+
+/// The path as the gateway routes it and the backend receives it: no empty segments, the
+/// API's own segments in their canonical case, percent-encoded unreserved characters
+/// (letters, digits, `-`, `.`, `_`, `~`) decoded. A path whose meaning is not certain is a
+/// 400: a raw `\`, an encoded `/`, `\` or control character, a `.` or `..` segment however
+/// spelled. Borrowed when the path is canonical already, as an SDK's always is.
+pub fn canonical(path: &str) -> Result<Cow<'_, str>, GatewayError> {
+    // One pass over the bytes: most paths hold nothing that could make them other than
+    // canonical (a `%`, a `\`, an upper-case letter, a dot, two slashes in a row).
+    let mut prev = 0u8;
+    let plain = path.bytes().all(|b| {
+        let doubled = b == b'/' && prev == b'/';
+        let ok = !(doubled || matches!(b, b'%' | b'\\' | b'.' | b'A'..=b'Z'));
+        prev = b;
+        ok
+    });
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    if path.contains('\\') {
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "the path may not contain '\\': servers differ on what it means",
+        ));
+    }
+    let mut segments: Vec<Cow<'_, str>> = Vec::new();
+    for raw in path.split('/').filter(|s| !s.is_empty()) {
+        let seg = decode_unreserved(raw)?;
+        if seg == "." || seg == ".." {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "path segments '.' and '..' are not allowed, however encoded",
+            ));
+        }
+        segments.push(seg);
+    }
+    for i in 0..segments.len() {
+        // A deployment's name (or a model's) is the user's own, case and all.
+        let named = i > 0
+            && (segments[i - 1] == "models"
+                || (i == 2 && segments[0] == "openai" && segments[1] == "deployments"));
+        if named {
+            continue;
+        }
+        if let Some(known) = KNOWN_SEGMENTS
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(&segments[i]))
+        {
+            segments[i] = Cow::Borrowed(known);
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(if out == path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(out)
+    })
+}
+
+/// One segment with its percent-encoded unreserved characters decoded. An encoded `/`, `\` or
+/// control character is refused: a backend, or a proxy in front of it, that decodes the path
+/// would see other segments (or a cut line) than the gateway routed on. Other encodings stay
+/// as they came.
+fn decode_unreserved(seg: &str) -> Result<Cow<'_, str>, GatewayError> {
+    if !seg.contains('%') {
+        return Ok(Cow::Borrowed(seg));
+    }
+    let b = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < b.len() {
+        let decoded = match (b[i], b.get(i + 1), b.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h << 4) | l),
+            _ => None,
+        };
+        if let Some(v) = decoded {
+            if v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the path may not contain {}: encoded separators and control characters are refused",
+                        &seg[i..i + 3]
+                    ),
+                ));
+            }
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(v));
+            } else {
+                out.push_str(&seg[i..i + 3]);
+            }
+            i += 3;
+            continue;
+        }
+        // Not an encoding: copied as it is, a whole character at a time.
+        let len = seg[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&seg[i..i + len]);
+        i += len;
+    }
+    Ok(Cow::Owned(out))
+}
+
 /// The Realtime API names its deployment in the query (`deployment=` on Azure's preview path,
 /// `model=` on the v1 path): routed through `[[deployments]]` like any other, and renamed per
-/// backend in place.
-type Named<'a> = (Option<&'a str>, Option<std::ops::Range<usize>>);
-
-fn realtime_deployment(path_and_query: &str) -> Result<Named<'_>, GatewayError> {
+/// backend in place. Named twice, or differently by the two keys, it is a 400: the gateway
+/// and the backend could each take another.
+fn realtime_deployment(
+    path_and_query: &str,
+) -> Result<Option<std::ops::Range<usize>>, GatewayError> {
     let Some(q) = path_and_query.find('?') else {
-        return Ok((None, None));
+        return Ok(None);
+    };
+    let ambiguous = || {
+        GatewayError::new(
+            ErrorKind::BadRequest,
+            "the query names the deployment more than once: its meaning is not certain",
+        )
     };
     let mut at = q + 1;
-    let mut found = None;
+    let mut by_deployment: Option<(&str, std::ops::Range<usize>)> = None;
+    let mut by_model: Option<(&str, std::ops::Range<usize>)> = None;
     for pair in path_and_query[q + 1..].split('&') {
-        if let Some(value) = pair
-            .strip_prefix("deployment=")
-            .or_else(|| pair.strip_prefix("model="))
-        {
-            let start = at + (pair.len() - value.len());
-            // `deployment` wins over `model` when both are there.
-            if found.is_none() || pair.starts_with("deployment=") {
-                found = Some((value, start..start + value.len()));
+        let slot = match pair.split_once('=') {
+            Some(("deployment", v)) => Some((&mut by_deployment, v)),
+            Some(("model", v)) => Some((&mut by_model, v)),
+            _ => None,
+        };
+        if let Some((slot, value)) = slot {
+            if slot.is_some() {
+                return Err(ambiguous());
             }
+            let start = at + (pair.len() - value.len());
+            *slot = Some((value, start..start + value.len()));
         }
         at += pair.len() + 1;
     }
-    match found {
+    if let (Some((d, _)), Some((m, _))) = (&by_deployment, &by_model)
+        && d != m
+    {
+        return Err(ambiguous());
+    }
+    match by_deployment.or(by_model) {
         Some((name, _)) if !valid_deployment(name) => Err(GatewayError::new(
             ErrorKind::BadRequest,
             "invalid deployment name: use 1 to 64 letters, digits, '-', '_' or '.'",
         )),
-        Some((name, span)) => Ok((Some(name), Some(span))),
-        None => Ok((None, None)),
+        Some((_, span)) => Ok(Some(span)),
+        None => Ok(None),
     }
-}
-
-/// Dot segments and encoded separators: refused before routing.
-fn check_segments(path: &str) -> Result<(), GatewayError> {
-    if path.split('/').any(|seg| {
-        [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
-            .iter()
-            .any(|dots| seg.eq_ignore_ascii_case(dots))
-    }) {
-        return Err(GatewayError::new(
-            ErrorKind::NotFound,
-            "path segments '.' and '..' are not allowed",
-        ));
-    }
-    if let Some(bad) = encoded_separator(path) {
-        return Err(GatewayError::new(
-            ErrorKind::BadRequest,
-            format!(
-                "the path may not contain {bad}: encoded separators and control characters are refused"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Azure's own rule for deployment names, so a name that could not exist on any backend (or
@@ -160,19 +318,6 @@ fn valid_deployment(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// A percent-encoded `/`, `\` or control character: a backend, or a proxy in front of it,
-/// that decodes the path would see other segments (or a cut line) than the gateway routed on.
-fn encoded_separator(path: &str) -> Option<&str> {
-    let b = path.as_bytes();
-    (0..b.len().saturating_sub(2)).find_map(|i| {
-        if b[i] != b'%' {
-            return None;
-        }
-        let v = (hex(b[i + 1])? << 4) | hex(b[i + 2])?;
-        (v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f).then(|| &path[i..i + 3])
-    })
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -201,14 +346,14 @@ mod tests {
             r.path_and_query,
             "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(r.deployment, Some("gpt-4o"));
+        assert_eq!(r.deployment(), Some("gpt-4o"));
         assert_eq!(
             &r.path_and_query[r.deployment_span.clone().unwrap()],
             "gpt-4o"
         );
         assert!(!r.upgrade_allowed);
         assert_eq!(
-            ok("/openai/deployments/w/audio/transcriptions").deployment,
+            ok("/openai/deployments/w/audio/transcriptions").deployment(),
             Some("w")
         );
     }
@@ -235,7 +380,7 @@ mod tests {
     #[test]
     fn realtime_names_its_deployment_in_the_query() {
         let r = ok("/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-rt");
-        assert_eq!(r.deployment, Some("gpt-rt"));
+        assert_eq!(r.deployment(), Some("gpt-rt"));
         assert_eq!(
             &r.path_and_query[r.deployment_span.clone().unwrap()],
             "gpt-rt"
@@ -247,7 +392,7 @@ mod tests {
             &r.path_and_query[r.deployment_span.clone().unwrap()],
             "gpt-rt"
         );
-        assert_eq!(ok("/openai/realtime?api-version=x").deployment, None);
+        assert_eq!(ok("/openai/realtime?api-version=x").deployment(), None);
         let bad = "/openai/realtime?deployment=a;b";
         assert_eq!(
             route("/openai/realtime", bad).unwrap_err().kind,
@@ -263,13 +408,122 @@ mod tests {
             "/openai/deployments/",
             "/openai/deployments/x",
             "/openai/deployments//chat",
-            "/openai/deployments/../x/y",
-            "/openai/%2e%2e/admin",
             "/v2/chat",
         ] {
             let e = route(p, p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::NotFound, "{p}");
         }
+    }
+
+    #[test]
+    fn paths_are_read_in_their_canonical_form_and_forwarded_so() {
+        for (sent, canonical, deployment) in [
+            (
+                "/openai/Deployments/x/chat/completions",
+                "/openai/deployments/x/chat/completions",
+                Some("x"),
+            ),
+            (
+                "/openai/%64eployments/x/chat/completions",
+                "/openai/deployments/x/chat/completions",
+                Some("x"),
+            ),
+            (
+                "/openai//deployments/x/chat/completions",
+                "/openai/deployments/x/chat/completions",
+                Some("x"),
+            ),
+            (
+                "//OpenAI/DEPLOYMENTS//My-GPT//Chat/Completions/",
+                "/openai/deployments/My-GPT/chat/completions",
+                Some("My-GPT"),
+            ),
+            (
+                "/openai/deployments/gpt%2D4o/chat/completions",
+                "/openai/deployments/gpt-4o/chat/completions",
+                Some("gpt-4o"),
+            ),
+            ("/openai/V1/Files", "/openai/v1/files", None),
+            ("/openai//v1/responses", "/openai/v1/responses", None),
+            ("/V1/chat/completions", "/openai/v1/chat/completions", None),
+            // A model's name keeps its case; an id is not an API word.
+            ("/v1/Models/Chat", "/openai/v1/models/Chat", None),
+            (
+                "/openai/files/File-ABC/Content",
+                "/openai/files/File-ABC/content",
+                None,
+            ),
+            // Other encodings stay as they came.
+            ("/openai/files/a%20b", "/openai/files/a%20b", None),
+        ] {
+            let r = route(sent, sent).unwrap_or_else(|e| panic!("{sent}: {e}"));
+            assert_eq!(r.path_and_query, canonical, "{sent}");
+            assert_eq!(r.deployment(), deployment, "{sent}");
+            // The canonical form is its own.
+            assert!(
+                matches!(canonical_path(canonical), Cow::Borrowed(_)),
+                "{canonical}"
+            );
+        }
+        // The query is kept as it came, after the canonical path.
+        let r = route(
+            "/openai//Deployments/x/embeddings",
+            "/openai//Deployments/x/embeddings?api-version=A%2F",
+        )
+        .unwrap();
+        assert_eq!(
+            r.path_and_query,
+            "/openai/deployments/x/embeddings?api-version=A%2F"
+        );
+        assert_eq!(r.deployment(), Some("x"));
+        // A path an SDK sends is borrowed, not copied.
+        let sdk = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+        assert!(matches!(
+            route(sdk.split('?').next().unwrap(), sdk)
+                .unwrap()
+                .path_and_query,
+            Cow::Borrowed(_)
+        ));
+    }
+
+    fn canonical_path(p: &str) -> Cow<'_, str> {
+        canonical(p).unwrap()
+    }
+
+    #[test]
+    fn paths_whose_meaning_is_not_certain_are_400() {
+        for p in [
+            "/openai/deployments/allowed/chat\\..\\..\\secret\\chat\\completions",
+            "/openai\\deployments/x/chat/completions",
+            "/openai/deployments/../x/y",
+            "/openai/%2e%2e/admin",
+            "/openai/%2E./admin",
+            "/openai/files/./x",
+            "/openai/deployments/x/%2e/chat/completions",
+            "/openai/files/x%5C..%5Cadmin",
+            "/openai/files/x%2f..",
+        ] {
+            let e = route(p, p).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{p}");
+        }
+        // The Realtime query naming its deployment twice, or two ways differently.
+        for q in [
+            "/openai/realtime?deployment=a&deployment=b",
+            "/openai/v1/realtime?model=a&model=a",
+            "/openai/v1/realtime?model=a&deployment=b",
+        ] {
+            let path = q.split('?').next().unwrap();
+            assert_eq!(
+                route(path, q).unwrap_err().kind,
+                ErrorKind::BadRequest,
+                "{q}"
+            );
+        }
+        let same = "/openai/realtime?deployment=a&model=a";
+        assert_eq!(
+            route("/openai/realtime", same).unwrap().deployment(),
+            Some("a")
+        );
     }
 
     #[test]
@@ -294,7 +548,7 @@ mod tests {
         // Other encodings pass through untouched, as do names Azure allows.
         assert!(route("/openai/files/a%20b", "/openai/files/a%20b").is_ok());
         assert_eq!(
-            ok("/openai/deployments/My_gpt-4.1/embeddings").deployment,
+            ok("/openai/deployments/My_gpt-4.1/embeddings").deployment(),
             Some("My_gpt-4.1")
         );
         // A trailing lone percent sign is not an encoding.

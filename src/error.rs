@@ -22,6 +22,10 @@ pub enum ErrorKind {
     BodyTimeout,
     /// A method the gateway does not forward.
     MethodNotAllowed,
+    /// A state-changing admin request from another site's page.
+    CrossOrigin,
+    /// A request whose `Host` names another server than the admin listener.
+    MisdirectedRequest,
     /// The backend could not be reached (refused, DNS, TLS).
     UpstreamConnect,
     /// The backend did not answer in time.
@@ -81,6 +85,8 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::CrossOrigin => StatusCode::FORBIDDEN,
+            ErrorKind::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -106,6 +112,8 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::BodyTimeout => "request_body_timeout",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::CrossOrigin => "cross_origin_request",
+            ErrorKind::MisdirectedRequest => "misdirected_request",
             ErrorKind::UpstreamConnect => "backend_connect_error",
             ErrorKind::UpstreamTimeout => "backend_timeout",
             ErrorKind::UpstreamProtocol => "backend_protocol_error",
@@ -133,6 +141,8 @@ impl ErrorKind {
             | ErrorKind::BadRequest
             | ErrorKind::BodyTimeout
             | ErrorKind::MethodNotAllowed
+            | ErrorKind::CrossOrigin
+            | ErrorKind::MisdirectedRequest
             | ErrorKind::UnknownDeployment
             | ErrorKind::Unauthorized
             | ErrorKind::ObjectNotFound
@@ -190,6 +200,12 @@ impl GatewayError {
                 HeaderValue::from(ms.div_ceil(1000) as u64),
             );
             h.insert("retry-after-ms", HeaderValue::from(ms as u64));
+        }
+        if self.kind == ErrorKind::MethodNotAllowed {
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+            );
         }
         if matches!(self.kind, ErrorKind::BodyTooLarge | ErrorKind::BodyTimeout) {
             // The rest of the body is not wanted (or not coming): closing beats reading it

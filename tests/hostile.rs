@@ -604,3 +604,255 @@ async fn an_http2_request_body_that_stalls_gets_408() {
     assert_eq!(s.requests().len(), 1);
     gw.stop().await;
 }
+
+/// The deployment is decided on the path the backend will serve: spellings a backend may take
+/// for the same path are routed (and limited, and refused) as that path, and forwarded in its
+/// canonical form; a path whose meaning is not certain is a 400.
+#[tokio::test]
+async fn paths_are_routed_and_forwarded_in_their_canonical_form() {
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = \"gpt-4o\" }\n\n[[consumers]]\nname = \"team\"\nkey = \"team-key-0123456789\"\ndeployments = { gpt-4o = { requests_per_minute = 1 } }\n";
+    let gw = gateway_with(&[B::sim(&s)], "unknown_deployments = \"reject\"", "", tail).await;
+    let addr = gw.gateway.addr;
+    let body = chat_body(false);
+    let send = |method: &str, path: &str, extra: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: gw\r\napi-key: team-key-0123456789\r\nContent-Type: application/json\r\n{extra}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // Deployments no entry names are refused however the path spells `deployments`.
+    for path in [
+        "/openai/Deployments/other/chat/completions",
+        "/openai/%64eployments/other/chat/completions",
+        "/openai//deployments/other/chat/completions",
+        "/OPENAI/deployments/other/chat/completions",
+    ] {
+        let r = raw(addr, send("POST", path, "", &body).as_bytes()).await;
+        assert_eq!(status_of(&r), Some(404), "{path}: {r}");
+        assert!(r.contains("DeploymentNotFound"), "{path}: {r}");
+    }
+    // The one request the consumer may send this minute, on an odd spelling: forwarded in
+    // the canonical form...
+    let r = raw(
+        addr,
+        send(
+            "POST",
+            "//openai/Deployments/gpt-4o//Chat/Completions?api-version=2024-10-21",
+            "",
+            &body,
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert_eq!(
+        s.requests().pop().unwrap().path_and_query,
+        "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    );
+    // ... and counted against that deployment, whatever the next spelling.
+    for path in [
+        CHAT,
+        "/openai/Deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        "/openai/%64eployments/gpt-4o/chat/completions?api-version=2024-10-21",
+    ] {
+        let r = raw(addr, send("POST", path, "", &body).as_bytes()).await;
+        assert_eq!(status_of(&r), Some(429), "{path}: {r}");
+    }
+    // The v1 API under another spelling still routes on the body's model.
+    let v1 = r#"{"model":"other","messages":[{"role":"user","content":"hi"}]}"#;
+    for path in [
+        "/openai/V1/chat/completions",
+        "/openai//v1/chat/completions",
+    ] {
+        let r = raw(addr, send("POST", path, "", v1).as_bytes()).await;
+        assert_eq!(status_of(&r), Some(404), "{path}: {r}");
+    }
+    let before = s.requests().len();
+    // What cannot be pinned down is a 400: a raw `\`, dot segments however written, encoded
+    // separators; and a v1 body naming its model twice, whatever its content type says.
+    for path in [
+        "/openai/deployments/gpt-4o/chat\\..\\..\\secret\\chat\\completions",
+        "/openai/deployments/gpt-4o/chat/%2e%2e/%2E%2e/x/chat/completions",
+        "/openai/deployments/gpt-4o/./chat/completions",
+        "/openai/files/a%5c..%5cb",
+    ] {
+        let r = raw(addr, send("POST", path, "", &body).as_bytes()).await;
+        assert_eq!(status_of(&r), Some(400), "{path}: {r}");
+    }
+    let twice = r#"{"model":"gpt-4o","messages":[],"model":"other"}"#;
+    for content_type in ["text/json", "text/plain", "application/json"] {
+        let r = raw(
+            addr,
+            format!(
+                "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\napi-key: team-key-0123456789\r\nContent-Type: {content_type}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{twice}",
+                twice.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&r), Some(400), "{content_type}: {r}");
+        assert!(r.contains("'model' more than once"), "{r}");
+    }
+    assert_eq!(s.requests().len(), before, "reached the backend");
+    gw.stop().await;
+}
+
+/// Only the API's methods are forwarded (TRACE would echo the backend's credential), and an
+/// HTTP/1.1 request needs exactly one valid `Host`, on the fast path and on hyper's.
+#[tokio::test]
+async fn other_methods_get_405_and_a_missing_or_repeated_host_400() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let addr = gw.gateway.addr;
+    for method in ["TRACE", "TRACK", "OPTIONS", "HEAD", "CONNECT", "PROPFIND"] {
+        let target = if method == "CONNECT" { "gw:443" } else { CHAT };
+        let r = raw(
+            addr,
+            format!("{method} {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        // CONNECT's authority target is refused by hyper itself; the rest by the gateway.
+        if method == "CONNECT" {
+            refused(&r, method);
+        } else {
+            assert_eq!(status_of(&r), Some(405), "{method}: {r}");
+            assert!(
+                r.to_ascii_lowercase()
+                    .contains("allow: get, post, put, patch, delete"),
+                "{method}: {r}"
+            );
+        }
+    }
+    let body = chat_body(false);
+    for (what, hosts) in [
+        ("no host", ""),
+        ("two hosts", "Host: gw\r\nHost: evil.example\r\n"),
+        ("an empty host", "Host: \r\n"),
+        ("a host with a user part", "Host: user@gw\r\n"),
+        ("a host with a space", "Host: g w\r\n"),
+        ("a host with a path", "Host: gw/x\r\n"),
+    ] {
+        for framing in [
+            format!("Content-Length: {}\r\n\r\n{body}", body.len()),
+            format!(
+                "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            ),
+        ] {
+            let r = raw(
+                addr,
+                format!("POST {CHAT} HTTP/1.1\r\n{hosts}Content-Type: application/json\r\nConnection: close\r\n{framing}").as_bytes(),
+            )
+            .await;
+            assert_eq!(status_of(&r), Some(400), "{what}: {r}");
+        }
+    }
+    assert!(s.requests().is_empty());
+    // HTTP/1.0 needs none; a host with a port is fine.
+    for (version, host) in [
+        ("HTTP/1.0", ""),
+        ("HTTP/1.1", "Host: gw:8080\r\n"),
+        ("HTTP/1.1", "Host: [::1]:80\r\n"),
+    ] {
+        let r = raw(
+            addr,
+            format!("POST {CHAT} {version}\r\n{host}Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+        )
+        .await;
+        assert!(r.contains(" 200 OK"), "{version} {host}: {r}");
+    }
+    gw.stop().await;
+}
+
+/// A keyless loopback admin listener (what the example config ships) takes no state-changing
+/// request from another site's page, and answers no `Host` but its own: a form POST from
+/// another origin cannot drain a backend, and a rebound DNS name cannot read the config.
+#[tokio::test]
+async fn the_admin_listener_refuses_cross_site_requests_and_foreign_hosts() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "admin_hosts = [\"admin.internal\"]").await;
+    let admin = addr_of(&gw.admin);
+    let port = admin.port();
+    let drain = |extra: &str, host: &str| {
+        format!(
+            "POST /admin/backends/east/drain HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let own = format!("127.0.0.1:{port}");
+    for (what, request) in [
+        (
+            "a form from another origin",
+            drain("Origin: http://evil.example\r\n", &own),
+        ),
+        ("an opaque origin", drain("Origin: null\r\n", &own)),
+        (
+            "another port on this host",
+            drain(&format!("Origin: http://127.0.0.1:{}\r\n", port + 1), &own),
+        ),
+        (
+            "fetch metadata: cross-site",
+            drain("Sec-Fetch-Site: cross-site\r\n", &own),
+        ),
+        (
+            "fetch metadata: same-site",
+            drain("Sec-Fetch-Site: same-site\r\n", &own),
+        ),
+    ] {
+        let r = raw(admin, request.as_bytes()).await;
+        assert_eq!(status_of(&r), Some(403), "{what}: {r}");
+        assert!(r.contains("cross_origin_request"), "{what}: {r}");
+    }
+    // Clients were never cut off: the backend is not drained.
+    assert_eq!(post_chat(&client(), &gw.base).await.status(), 200);
+
+    // Any request naming another host, a read included, is misdirected (DNS rebinding).
+    for host in [
+        "evil.example",
+        "evil.example:80",
+        "localhost.evil.example",
+        "10.1.2.3",
+    ] {
+        let r = raw(
+            admin,
+            format!("GET /admin/config HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&r), Some(421), "{host}: {r}");
+        assert!(!r.contains("backends"), "{host}: {r}");
+    }
+    // Its own names, any port (a port forward): served.
+    for host in [
+        own.as_str(),
+        "localhost",
+        "LOCALHOST:1234",
+        "admin.internal:9090",
+        "[::1]",
+    ] {
+        let r = raw(
+            admin,
+            format!("GET /admin/config HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&r), Some(200), "{host}: {r}");
+    }
+    // The listener's own page, a script or curl (no origin at all) may change state.
+    for extra in [
+        format!("Origin: http://{own}\r\nSec-Fetch-Site: same-origin\r\n"),
+        String::new(),
+    ] {
+        let r = raw(admin, drain(&extra, &own).as_bytes()).await;
+        assert_eq!(status_of(&r), Some(200), "{extra}: {r}");
+    }
+    let r = client()
+        .post(gw.url(CHAT))
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "drained by a same-origin request");
+    gw.stop().await;
+}

@@ -1,5 +1,6 @@
-//! Request paths: never a panic, and a deployment found is where the route says it is, made
-//! of the characters Azure allows.
+//! Request paths: never a panic; a deployment found is where the route says it is, made of
+//! the characters Azure allows; what is forwarded is canonical (no empty or dot segment, no
+//! `\`), and routing it again changes nothing.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,13 +11,24 @@ fuzz_target!(|data: &[u8]| {
     };
     let path = pq.split('?').next().unwrap_or(pq);
     if let Ok(route) = switchyard::api::route(path, pq) {
-        if let (Some(d), Some(span)) = (route.deployment, route.deployment_span) {
-            assert_eq!(&route.path_and_query[span], d);
+        if let Some(d) = route.deployment() {
             assert!(
                 d.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             );
         }
-        assert!(path.split('/').all(|seg| seg != ".." && seg != "."));
+        let forwarded = route.path_and_query.split('?').next().unwrap_or("");
+        assert!(!forwarded.contains('\\'));
+        assert!(
+            forwarded
+                .split('/')
+                .skip(1)
+                .all(|seg| !seg.is_empty() && seg != ".." && seg != ".")
+                || forwarded == "/"
+        );
+        let again = switchyard::api::route(forwarded, &route.path_and_query)
+            .expect("a canonical path routes again");
+        assert_eq!(again.path_and_query, route.path_and_query);
+        assert_eq!(again.deployment(), route.deployment());
     }
 });

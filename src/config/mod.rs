@@ -259,6 +259,8 @@ pub struct ServerConfig {
     /// Required by `/admin/*` (as `Authorization: Bearer` or `x-admin-key`); mandatory when the
     /// admin listener is not on loopback.
     pub admin_key: Option<Secret>,
+    /// Host names the admin listener answers for besides its address and `localhost`.
+    pub admin_hosts: Vec<String>,
     pub max_body_bytes: usize,
     /// How long in-flight requests and streams get to finish after a stop signal.
     pub shutdown_grace: Duration,

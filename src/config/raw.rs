@@ -105,6 +105,7 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
     pub admin_key: Option<String>,
+    pub admin_hosts: Option<Vec<String>>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,

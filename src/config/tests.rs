@@ -105,6 +105,16 @@ fn other_field_errors() {
     assert_eq!(e.path, "backends");
     let e = err("not toml");
     assert!(e.message.contains("invalid TOML"));
+    let e = err(&SAMPLE.replace(
+        "\"127.0.0.1:8080\"",
+        "\"127.0.0.1:8080\"\nadmin_hosts = [\"ok.internal\", \"evil.example:80\"]",
+    ));
+    assert_eq!(e.path, "server.admin_hosts[1]");
+    let e = err(&SAMPLE.replace(
+        "\"127.0.0.1:8080\"",
+        "\"127.0.0.1:8080\"\nbody_read_timeout = \"0s\"",
+    ));
+    assert_eq!(e.path, "server.body_read_timeout");
 }
 
 #[test]

@@ -483,6 +483,21 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
             "required when admin_listen is not on loopback (the admin API can drain backends)",
         ));
     }
+    let mut admin_hosts = Vec::new();
+    for (i, name) in raw.admin_hosts.unwrap_or_default().into_iter().enumerate() {
+        let plain = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !plain {
+            return Err(ConfigError::field(
+                format!("server.admin_hosts[{i}]"),
+                format!("{name:?} is not a host name (letters, digits, '-', '.', '_'; no port)"),
+            ));
+        }
+        admin_hosts.push(name.trim_end_matches('.').to_string());
+    }
     let header_read_timeout = opt_duration(
         raw.header_read_timeout,
         "server.header_read_timeout",
@@ -525,6 +540,7 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
         listen,
         admin_listen,
         admin_key,
+        admin_hosts,
         max_body_bytes,
         shutdown_grace,
         header_read_timeout,

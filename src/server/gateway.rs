@@ -275,6 +275,7 @@ async fn serve(
         ));
     }
     let (parts, mut body) = req.into_parts();
+    check_head(&parts).map_err(|e| (None, 0, e))?;
     let passthrough = body.take_passthrough();
     let path = parts.uri.path();
     let pq = parts
@@ -295,11 +296,26 @@ async fn serve(
     let invalid_json =
         || GatewayError::new(ErrorKind::BadRequest, "the request body is not valid JSON");
     let model = if route.model_in_body {
+        // Read as JSON whatever the content type says when it looks like JSON: a backend may
+        // not care for the header either, and must not be the one to decide the model.
+        let looks_json = declared_json
+            || (form_type(&parts.headers).is_none()
+                && body.trim_ascii_start().first() == Some(&b'{'));
         match model_of(&body) {
             Ok(model) => model,
-            Err(()) if declared_json => return Err((None, 0, invalid_json())),
+            Err(BodyModel::Repeated) if looks_json => {
+                return Err((
+                    None,
+                    0,
+                    GatewayError::new(
+                        ErrorKind::BadRequest,
+                        "the request body names 'model' more than once: its meaning is not certain",
+                    ),
+                ));
+            }
+            Err(_) if looks_json => return Err((None, 0, invalid_json())),
             // Multipart and binary bodies name no model.
-            Err(()) => None,
+            Err(_) => None,
         }
     } else {
         None
@@ -311,7 +327,7 @@ async fn serve(
     {
         return Err((None, 0, invalid_json()));
     }
-    let deployment = route.deployment.or(model.as_deref());
+    let deployment = route.deployment().or(model.as_deref());
     log.deployment = deployment.map(|d| first_chars(d, 128).to_string());
     // Only a sampled trace's spans read these.
     if log.attempts_log.trace.is_some_and(|t| t.sampled) {
@@ -821,6 +837,41 @@ fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, stor
     }
 }
 
+/// The methods the API uses are forwarded, no others (TRACE would echo the backend's
+/// credential back); an HTTP/1.1 request names exactly one valid `Host` (RFC 9112 §3.2).
+fn check_head(parts: &http::request::Parts) -> Result<(), GatewayError> {
+    use http::Method;
+    if !matches!(
+        parts.method,
+        Method::GET | Method::POST | Method::DELETE | Method::PUT | Method::PATCH
+    ) {
+        let shown = first_chars(parts.method.as_str(), 32);
+        return Err(GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("the method {shown} is not allowed: use GET, POST, PUT, PATCH or DELETE"),
+        ));
+    }
+    if parts.version == http::Version::HTTP_11 {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let valid = match (hosts.next(), hosts.next()) {
+            (Some(host), None) => valid_host(host.as_bytes()),
+            _ => false,
+        };
+        if !valid {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "an HTTP/1.1 request needs exactly one valid Host header",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]`: a name, an IPv4 address or a bracketed IPv6 one; no user part.
+pub(super) fn valid_host(host: &[u8]) -> bool {
+    !host.is_empty() && !host.contains(&b'@') && http::uri::Authority::try_from(host).is_ok()
+}
+
 /// Whether the body is declared as JSON (`application/json`, parameters aside).
 fn is_json(headers: &http::HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| {
@@ -832,15 +883,28 @@ fn is_json(headers: &http::HeaderMap) -> bool {
     })
 }
 
+/// Why a v1 body's `model` could not be read.
+enum BodyModel {
+    NotJson,
+    /// Two `model` keys: parsers differ on which one counts.
+    Repeated,
+}
+
 /// The `model` of a v1 JSON body: the deployment it asks for. Only the one field is decoded.
 /// `Err` when the body is not JSON at all (the parse reads the whole document).
-fn model_of(body: &[u8]) -> Result<Option<String>, ()> {
+fn model_of(body: &[u8]) -> Result<Option<String>, BodyModel> {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
         #[serde(borrow)]
         model: Option<std::borrow::Cow<'a, str>>,
     }
-    let peek: Peek<'_> = serde_json::from_slice(body).map_err(|_| ())?;
+    let peek: Peek<'_> = serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() && e.to_string().starts_with("duplicate field `model`") {
+            BodyModel::Repeated
+        } else {
+            BodyModel::NotJson
+        }
+    })?;
     Ok(peek
         .model
         .filter(|m| !m.is_empty() && m.len() <= 256)

@@ -596,7 +596,7 @@ enum Role {
 }
 
 /// The request headers that do not pass on as lines, and what the fast path does with them.
-const ROLES: [(&[u8], Role); 19] = [
+const ROLES: [(&[u8], Role); 21] = [
     (b"transfer-encoding", Role::NotMine),
     (b"upgrade", Role::NotMine),
     (b"expect", Role::NotMine),
@@ -616,6 +616,9 @@ const ROLES: [(&[u8], Role); 19] = [
     (b"proxy-authorization", Role::Kept),
     (b"te", Role::Kept),
     (b"trailer", Role::Kept),
+    // Read by the admin listener, which serves no page of another origin.
+    (b"origin", Role::Kept),
+    (b"sec-fetch-site", Role::Kept),
 ];
 
 /// For each first letter and length, which name of [`ROLES`] has them (its index plus one; 0

@@ -254,6 +254,7 @@ pub async fn start_on(
             gateway: state.clone(),
             history,
             started: std::time::SystemTime::now(),
+            addr: admin.local_addr()?,
         });
         // Plain HTTP and a small cap: the admin listener is for operators and probes on a
         // private address.
