@@ -111,6 +111,7 @@ fn header_rewrite(c: &mut Criterion) {
         ),
         request_id: &rid,
         upgrade: false,
+        creates: false,
     };
     let auth = Some((
         http::HeaderName::from_static("api-key"),

@@ -164,6 +164,9 @@ pub struct GatewayError {
     pub message: String,
     /// Sent as `retry-after` (whole seconds, rounded up) and `retry-after-ms`.
     pub retry_after: Option<Duration>,
+    /// The request reached the backend whole before the attempt failed: the backend may have
+    /// acted on it, so it is never sent there again, nor anywhere if it creates an object.
+    pub delivered: bool,
 }
 
 impl GatewayError {
@@ -172,7 +175,13 @@ impl GatewayError {
             kind,
             message: message.into(),
             retry_after: None,
+            delivered: false,
         }
+    }
+
+    pub fn delivered(mut self, delivered: bool) -> Self {
+        self.delivered = delivered;
+        self
     }
 
     pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {

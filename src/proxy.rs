@@ -234,12 +234,29 @@ impl Proxy {
         let mut kept: Option<Kept> = None;
         let mut last_error: Option<GatewayError> = None;
         let mut attempts = 0;
+        // Backends that got the whole request and failed to answer: it is not sent to them
+        // again, in case they acted on it.
+        let mut spent: Vec<usize> = Vec::new();
 
         for attempt in 1..=self.routing.max_attempts {
             if attempt > 1 {
                 now = Instant::now();
             }
             let remaining = deadline.saturating_duration_since(now);
+            let unspent: Vec<usize>;
+            let backends: &[usize] = if spent.is_empty() {
+                backends
+            } else {
+                unspent = backends
+                    .iter()
+                    .copied()
+                    .filter(|b| !spent.contains(b))
+                    .collect();
+                if unspent.is_empty() {
+                    return self.give_up(kept, last_error, attempts);
+                }
+                &unspent
+            };
             let picked = match prefer {
                 Some(b) if attempt == 1 && backends.contains(&b) => {
                     match table.pick(std::slice::from_ref(&b), tried, now) {
@@ -316,6 +333,7 @@ impl Proxy {
                 &sent_result,
                 (waited, answered),
                 is_last,
+                req.creates,
                 &mut log.tried,
             );
             match sent_result {
@@ -345,6 +363,9 @@ impl Proxy {
                         };
                     }
                     tracing::debug!(backend = %backend.name, error = %e, attempt, "attempt failed");
+                    if e.delivered {
+                        spent.push(idx);
+                    }
                     last_error = Some(e);
                 }
             }
@@ -472,6 +493,7 @@ impl Proxy {
                 &sent,
                 (waited, answered),
                 false,
+                req.creates,
                 &mut log.tried,
             );
             match sent {
@@ -690,6 +712,7 @@ impl Proxy {
         sent: &Result<Response<BoxBody>, GatewayError>,
         (waited, answered): (Duration, Instant),
         is_last: bool,
+        creates: bool,
         trail: &mut Trail,
     ) -> bool {
         let backend = &self.backends[idx];
@@ -719,7 +742,9 @@ impl Proxy {
                 } else {
                     lease.report(Outcome::Failure { elapsed: waited }, answered)
                 };
-                let retryable = e.kind.retryable();
+                // A request that may have made an object where it went is not made again
+                // elsewhere: a second batch or file is worse than an error.
+                let retryable = e.kind.retryable() && !(e.delivered && creates);
                 self.note(
                     backend,
                     shown,

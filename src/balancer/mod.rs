@@ -29,8 +29,10 @@ pub use health::{Availability, CircuitState};
 pub use hints::retry_hint;
 use signals::{Headroom, PeakEwma};
 
-/// Deployment tables kept at most; names past this share one table, so a client inventing
-/// deployment names cannot grow memory without bound.
+/// Tables kept at most for deployments the config does not list; names past this share one
+/// table, so a client inventing deployment names cannot grow memory without bound. Listed
+/// deployments always have their own, made with the balancer: invented names cannot take
+/// tracking away from them.
 const MAX_TABLES: usize = 1024;
 /// Highest `priority` the config accepts.
 const MAX_PRIORITY: usize = 100;
@@ -70,8 +72,17 @@ impl Policy {
 
 pub struct Balancer {
     policy: Arc<Policy>,
-    tables: RwLock<HashMap<Arc<str>, Arc<Table>, FnvBuild>>,
+    tables: RwLock<Tables>,
+    /// The deployments the config lists.
+    listed: std::collections::HashSet<Arc<str>, FnvBuild>,
     overflow: Arc<Table>,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_name: HashMap<Arc<str>, Arc<Table>, FnvBuild>,
+    /// How many are for names the config does not list.
+    unlisted: usize,
 }
 
 /// One deployment's view of the backends.
@@ -153,11 +164,26 @@ pub struct Lease {
 
 impl Balancer {
     pub fn new(policy: Policy) -> Self {
+        Self::with_listed(policy, std::iter::empty::<&str>())
+    }
+
+    /// A balancer with a table made up front for each of the `listed` deployments.
+    pub fn with_listed<'a>(policy: Policy, listed: impl IntoIterator<Item = &'a str>) -> Self {
         let policy = Arc::new(policy);
+        let listed: std::collections::HashSet<Arc<str>, FnvBuild> =
+            listed.into_iter().map(Arc::from).collect();
+        let by_name = listed
+            .iter()
+            .map(|n| (n.clone(), Arc::new(Table::new(n.clone(), policy.clone()))))
+            .collect();
         Self {
             overflow: Arc::new(Table::new(Arc::from("*"), policy.clone())),
             policy,
-            tables: RwLock::new(HashMap::default()),
+            tables: RwLock::new(Tables {
+                by_name,
+                unlisted: 0,
+            }),
+            listed,
         }
     }
 
@@ -178,17 +204,22 @@ impl Balancer {
 
     /// The state table for a deployment (the key health is tracked under).
     pub fn table(&self, deployment: &str) -> Arc<Table> {
-        if let Some(t) = read(&self.tables).get(deployment) {
+        if let Some(t) = read(&self.tables).by_name.get(deployment) {
             return t.clone();
         }
         let mut tables = write(&self.tables);
-        if tables.len() >= MAX_TABLES && !tables.contains_key(deployment) {
+        if let Some(t) = tables.by_name.get(deployment) {
+            return t.clone();
+        }
+        // Listed names have theirs from the start: this one is not listed.
+        if tables.unlisted >= MAX_TABLES {
             return self.overflow.clone();
         }
-        tables
-            .entry(Arc::from(deployment))
-            .or_insert_with_key(|k| Arc::new(Table::new(k.clone(), self.policy.clone())))
-            .clone()
+        tables.unlisted += 1;
+        let name: Arc<str> = Arc::from(deployment);
+        let t = Arc::new(Table::new(name.clone(), self.policy.clone()));
+        tables.by_name.insert(name, t.clone());
+        t
     }
 
     /// Takes over what `old` learned, after a reload: `map[i]` is the new index of the old
@@ -203,9 +234,15 @@ impl Balancer {
             }
         }
         let map: Arc<[Option<usize>]> = Arc::from(map);
-        let old_tables: Vec<Arc<Table>> = read(&old.tables).values().cloned().collect();
+        let old_tables: Vec<Arc<Table>> = read(&old.tables).by_name.values().cloned().collect();
         let mut tables = write(&self.tables);
         for ot in old_tables {
+            if !self.listed.contains(&ot.name) {
+                if tables.unlisted >= MAX_TABLES {
+                    continue;
+                }
+                tables.unlisted += 1;
+            }
             let nt = Arc::new(Table::new(ot.name.clone(), self.policy.clone()));
             {
                 // Old before new, always: a lease ending on the old table locks in that order.
@@ -220,18 +257,18 @@ impl Balancer {
                 }
                 os.successor = Some((nt.clone(), map.clone()));
             }
-            tables.insert(ot.name.clone(), nt);
+            tables.by_name.insert(ot.name.clone(), nt);
         }
     }
 
     /// Whether `deployment` has a table of its own (is within the tracked set).
     pub fn tracks(&self, deployment: &str) -> bool {
-        read(&self.tables).contains_key(deployment)
+        read(&self.tables).by_name.contains_key(deployment)
     }
 
     /// Every deployment table, for status views.
     pub fn tables(&self) -> Vec<Arc<Table>> {
-        read(&self.tables).values().cloned().collect()
+        read(&self.tables).by_name.values().cloned().collect()
     }
 }
 

@@ -273,6 +273,30 @@ fn deployment_tables_are_separate_and_bounded() {
 }
 
 #[test]
+fn invented_names_cannot_take_tracking_from_listed_deployments() {
+    let b = Balancer::with_listed(
+        policy(Strategy::RoundRobin, &[1, 1], &[1, 1]),
+        ["gpt-4o", "embed"],
+    );
+    for i in 0..(MAX_TABLES + 10) {
+        b.table(&format!("made-up-{i}"));
+    }
+    // Listed ones keep tables of their own, even first asked for after the flood.
+    assert!(b.tracks("gpt-4o") && b.tracks("embed"));
+    let t = b.table("embed");
+    let mut l = lease(&t, &[0, 1], &[]);
+    respond(&mut l, 429, &[("retry-after", "5")], 1);
+    assert_eq!(spread(&b.table("embed"), &[0, 1], 2), vec![0, 2]);
+    assert_eq!(
+        spread(&b.table("gpt-4o"), &[0, 1], 4),
+        vec![2, 2],
+        "a listed deployment's state is its own"
+    );
+    assert!(!b.tracks("made-up-2000"));
+    assert_eq!(b.tables().len(), MAX_TABLES + 2);
+}
+
+#[test]
 fn drained_backends_take_no_new_requests() {
     let b = Balancer::new(policy(Strategy::RoundRobin, &[1, 1], &[1, 1]));
     let t = b.table("gpt-4o");

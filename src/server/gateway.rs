@@ -471,6 +471,7 @@ async fn serve(
         body,
         request_id,
         upgrade,
+        creates: creates(&parts.method, object.as_ref(), stored),
     };
     if parts.method == http::Method::GET && object.as_ref().is_some_and(|o| o.is_list()) {
         let collection = object.as_ref().map_or("", |o| o.collection);
@@ -823,6 +824,18 @@ fn form_type(headers: &http::HeaderMap) -> Option<&str> {
 fn takes_usage_chunk(path_and_query: &str) -> bool {
     let path = path_and_query.split('?').next().unwrap_or("");
     path.ends_with("/chat/completions") || path.ends_with("/completions")
+}
+
+/// Whether a request makes an object on the backend that gets it: a POST about stored
+/// objects (a file, a batch, a run, a stored response ...), a chat completion only when the
+/// backend keeps it. Conservative: a POST that only changes one (`cancel`) counts too.
+fn creates(method: &http::Method, object: Option<&refs::PathObject<'_>>, stored: bool) -> bool {
+    *method == http::Method::POST
+        && match object {
+            Some(o) if o.collection == "chat/completions" => o.id.is_none() && stored,
+            Some(_) => true,
+            None => false,
+        }
 }
 
 /// Whether an answer is read for the objects it makes known: answers about stored objects

@@ -30,10 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::h1::{Lines, parse_length};
+use crate::upstream::h1::{Lines, MAX_HEADERS, parse_length};
 
-/// hyper's own default; a head with more goes to hyper, which refuses it.
-const MAX_HEADERS: usize = 100;
 /// Larger bodies are streamed by hyper rather than read whole here.
 const MAX_BODY: usize = 1 << 20;
 /// Written in one go once this much is buffered, even if more body is ready.

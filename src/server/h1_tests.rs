@@ -534,7 +534,7 @@ fn request_roles_are_found_in_any_case_and_every_other_name_passes_on() {
         b"cache-control",
         b"cookie",
         b"date",
-        b"origin",
+        b"origins",
         b"referer",
         b"via",
         b"x-forwarded-for",

@@ -148,8 +148,10 @@ pub async fn serve<F, Fut>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
-        // Bounds the request head (431 beyond), as the backend client bounds response heads.
-        .max_buf_size(MAX_REQUEST_HEAD);
+        // Bounds the request head (431 beyond), as the backend client bounds response heads,
+        // and its headers to the same count as theirs.
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(crate::upstream::h1::MAX_HEADERS);
     // HTTP/2 has no head to time out; a peer that stops answering pings is cut off instead.
     builder
         .http2()

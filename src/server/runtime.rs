@@ -227,7 +227,10 @@ pub(super) fn build(
     };
     let proxy = Proxy::new(
         backends,
-        Balancer::new(Policy::from_config(&config)),
+        Balancer::with_listed(
+            Policy::from_config(&config),
+            config.deployments.iter().map(|d| d.name.as_str()),
+        ),
         Router::new(&config),
         upstream,
         config.routing.clone(),

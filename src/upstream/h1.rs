@@ -36,7 +36,9 @@ pub const INLINE_BODY: usize = 16 * 1024;
 /// A response head larger than this is refused (hyper's default limit is about 400 KB; Azure's
 /// heads are about 1.5 KB).
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 64;
+/// Headers in one head at most, in either direction: hyper's own default, which the client
+/// listener's fast path and hyper's server apply to requests too.
+pub const MAX_HEADERS: usize = 100;
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 /// What a read asks room for at first: an SSE event or a small answer fits, and 2,000 open
@@ -56,10 +58,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub enum SendError {
     /// No connection could be made (DNS, refused, TLS handshake, connect timeout).
     Connect(String),
-    /// The connection broke or the backend's answer was not valid HTTP/1.1.
-    Protocol(String),
-    /// The deadline passed before the response head came.
-    TimedOut,
+    /// The connection broke or the backend's answer was not valid HTTP/1.1; `delivered`: after
+    /// the whole request was written.
+    Protocol { message: String, delivered: bool },
+    /// The deadline passed before the response head came; `delivered` as above.
+    TimedOut { delivered: bool },
 }
 
 /// Every backend's idle connections, shared by all configs a reload produces, and the TLS
@@ -260,10 +263,11 @@ impl HostPool {
         }
     }
 
-    /// Writes `head` and `body` and reads the response head. When a pooled connection ends
-    /// without a byte of answer, the usual cause is the keep-alive race (the backend closed it
-    /// as the request went out, so never read it): the request goes once more, on a new
-    /// connection. A failure on a new connection is the attempt loop's to retry elsewhere.
+    /// Writes `head` and `body` and reads the response head. When a pooled connection cannot
+    /// take the whole request, the usual cause is the keep-alive race (the backend closed it
+    /// as the request went out): the request goes once more, on a new connection. Once it was
+    /// all written it never goes again from here, answered or not: the backend may have acted
+    /// on it (made a batch, a file). A failure on a new connection is the attempt loop's.
     pub async fn send(
         self: &Arc<Self>,
         mut head: Vec<u8>,
@@ -295,19 +299,28 @@ impl HostPool {
                 .take()
                 .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
             timer.as_mut().reset(deadline);
+            // Atomic only to keep the future `Send`; nothing else touches it.
+            let written = std::sync::atomic::AtomicBool::new(false);
             let exchanged = tokio::select! {
                 biased;
-                r = exchange(&mut conn, &head, rest) => r,
-                _ = timer.as_mut() => return Err(SendError::TimedOut),
+                r = exchange(&mut conn, &head, rest, &written) => r,
+                _ = timer.as_mut() => {
+                    return Err(SendError::TimedOut { delivered: written.load(std::sync::atomic::Ordering::Relaxed) });
+                }
             };
             conn.timer = Some(timer);
             match exchanged {
                 Ok(h) => return self.respond(conn, h, head_request),
-                Err(Failure::Unanswered(_)) if retry => {
+                Err(Failure::Unwritten(_)) if retry => {
                     retry = false;
                     conn = self.connect_by(connect_timeout, deadline).await?;
                 }
-                Err(f) => return Err(SendError::Protocol(f.describe(&self.authority))),
+                Err(f) => {
+                    return Err(SendError::Protocol {
+                        message: f.describe(&self.authority),
+                        delivered: written.load(std::sync::atomic::Ordering::Relaxed),
+                    });
+                }
             }
         }
     }
@@ -316,7 +329,7 @@ impl HostPool {
     async fn connect_by(&self, timeout: Duration, deadline: Instant) -> Result<Conn, SendError> {
         tokio::time::timeout_at(deadline, self.connect(timeout))
             .await
-            .unwrap_or(Err(SendError::TimedOut))
+            .unwrap_or(Err(SendError::TimedOut { delivered: false }))
     }
 
     fn respond(
@@ -325,8 +338,10 @@ impl HostPool {
         head: Head,
         head_request: bool,
     ) -> Result<(Response<H1Body>, Option<RawHeaders>), SendError> {
-        let framing = framing(&head, head_request)
-            .map_err(|e| SendError::Protocol(format!("backend {}: {e}", self.authority)))?;
+        let framing = framing(&head, head_request).map_err(|e| SendError::Protocol {
+            message: format!("backend {}: {e}", self.authority),
+            delivered: true,
+        })?;
         let reusable = head.keep_alive && !matches!(framing, Framing::UntilClose);
         let mut body = H1Body {
             conn: Some(conn),
@@ -352,6 +367,8 @@ impl HostPool {
 }
 
 enum Failure {
+    /// The request could not be written whole.
+    Unwritten(io::Error),
     /// The connection ended or broke before a byte of the response came.
     Unanswered(io::Error),
     /// It broke after the response began, or the response was not valid.
@@ -361,7 +378,12 @@ enum Failure {
 impl Failure {
     fn describe(&self, authority: &http::uri::Authority) -> String {
         match self {
-            Failure::Unanswered(e) => format!("backend {authority} closed the connection: {e}"),
+            Failure::Unwritten(e) => {
+                format!("backend {authority} closed the connection as the request was sent: {e}")
+            }
+            Failure::Unanswered(e) => format!(
+                "backend {authority} closed the connection after the request was sent, without an answer: {e}"
+            ),
             Failure::Broken(e) => format!("backend {authority}: {e}"),
         }
     }
@@ -388,16 +410,30 @@ enum Framing {
 }
 
 /// Writes `wire` (and `rest`, a body too large to copy after the head), then reads the head.
-async fn exchange(conn: &mut Conn, wire: &[u8], rest: &[u8]) -> Result<Head, Failure> {
-    let written = match conn.io.write_all(wire).await {
+/// `written` is set once the request is all written.
+async fn exchange(
+    conn: &mut Conn,
+    wire: &[u8],
+    rest: &[u8],
+    written: &std::sync::atomic::AtomicBool,
+) -> Result<Head, Failure> {
+    let sent = match conn.io.write_all(wire).await {
         Ok(()) if !rest.is_empty() => conn.io.write_all(rest).await,
         other => other,
     };
-    written
-        .and(conn.io.flush().await)
-        .map_err(Failure::Unanswered)?;
+    sent.and(conn.io.flush().await)
+        .map_err(Failure::Unwritten)?;
+    written.store(true, std::sync::atomic::Ordering::Relaxed);
     loop {
         match parse_head(&mut conn.buf).map_err(Failure::Broken)? {
+            // This client sends no upgrade (those go through hyper's): a 101 would make what
+            // follows another protocol's bytes, not this request's answer.
+            Some(h) if h.status == StatusCode::SWITCHING_PROTOCOLS => {
+                return Err(Failure::Broken(
+                    "answered 101 Switching Protocols to a request that asked for no upgrade"
+                        .into(),
+                ));
+            }
             Some(h) if h.status.is_informational() => continue, // 100, 103: the real one follows
             Some(h) => return Ok(h),
             None => {}
@@ -459,52 +495,40 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         *span = (name, h.name.len() as u16, value, h.value.len() as u16);
     }
     let raw = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut passthrough = Lines::new(len);
-    let mut date = false;
-    let mut keep_alive = version == Version::HTTP_11;
-    let mut transfer_coding = None;
-    let mut length = Length::Absent;
-    for &(n, nl, v, vl) in &spans[..count] {
-        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-        let name_bytes = &raw[n..n + nl];
-        let value = &raw[v..v + vl];
-        match role(name_bytes) {
-            // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and
-            // never reach the client: its connection is not this one. (Upgrades, which keep
-            // them, go through hyper's client.)
-            Role::Connection => {
-                for token in value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        keep_alive = false;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive")
-                        && version == Version::HTTP_10
-                    {
-                        keep_alive = true;
-                    }
-                }
-            }
-            Role::TransferEncoding => transfer_coding = Some(value),
-            Role::Dropped => {}
-            r @ (Role::Read | Role::ContentLength) => {
-                if matches!(r, Role::ContentLength) {
-                    length = length.and(value);
-                }
-                let name = header_name(name_bytes)
-                    .map_err(|_| "invalid header name in the response".to_string())?;
-                let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
-                    .map_err(|_| format!("invalid value for response header {name}"))?;
-                headers.append(name, value);
-            }
-            Role::Passed { date: is_date } => {
-                date |= is_date;
-                passthrough.push(&raw, n..n + nl, v..v + vl);
-            }
-        }
+    let spans = &spans[..count];
+    let mut sorted = sort_headers(&raw, spans, version, &[])?;
+    if sorted.listed {
+        // Headers the backend names in `Connection` are hop-by-hop too (RFC 9110 §7.6.1):
+        // they stay on this connection. Rare, so the head is sorted again without them.
+        let listed: Vec<&[u8]> = spans
+            .iter()
+            .filter(|&&(n, nl, ..)| {
+                matches!(role(&raw[n as usize..][..nl as usize]), Role::Connection)
+            })
+            .flat_map(|&(_, _, v, vl)| raw[v as usize..][..vl as usize].split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect();
+        // (Framing and `Connection` itself are read whatever it names.)
+        sorted = sort_headers(&raw, spans, version, &listed)?;
+    }
+    let Sorted {
+        mut headers,
+        passthrough,
+        date,
+        keep_alive,
+        transfer_coding,
+        length,
+        ..
+    } = sorted;
+    if transfer_coding.is_some() {
+        // The body frames itself; a length beside it would describe the coded bytes, and a
+        // client given both could read the answer short (RFC 9112 §6.3).
+        headers.remove(http::header::CONTENT_LENGTH);
     }
     // Chunked only when it is the final coding; any other is read until close.
     let chunked = transfer_coding.map(|last| {
+        let last: &[u8] = &raw[last];
         last.rsplit(|b| *b == b',')
             .next()
             .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
@@ -520,6 +544,88 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         chunked,
         length,
     }))
+}
+
+/// A response head's headers, sorted by what the gateway does with them.
+struct Sorted {
+    headers: HeaderMap,
+    passthrough: Lines,
+    date: bool,
+    keep_alive: bool,
+    /// Where the `transfer-encoding` value is in the head.
+    transfer_coding: Option<std::ops::Range<usize>>,
+    length: Length,
+    /// `Connection` names other headers, which must not pass.
+    listed: bool,
+}
+
+/// Sorts the headers at `spans` of `raw`, leaving out those named in `listed`.
+fn sort_headers(
+    raw: &Bytes,
+    spans: &[(u16, u16, u16, u16)],
+    version: Version,
+    listed: &[&[u8]],
+) -> Result<Sorted, String> {
+    let mut out = Sorted {
+        headers: HeaderMap::with_capacity(spans.len()),
+        passthrough: Lines::new(raw.len()),
+        date: false,
+        keep_alive: version == Version::HTTP_11,
+        transfer_coding: None,
+        length: Length::Absent,
+        listed: false,
+    };
+    for &(n, nl, v, vl) in spans {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+        let name_bytes = &raw[n..n + nl];
+        let value = &raw[v..v + vl];
+        let role = role(name_bytes);
+        if !listed.is_empty()
+            && !matches!(
+                role,
+                Role::Connection | Role::TransferEncoding | Role::ContentLength
+            )
+            && listed.iter().any(|l| l.eq_ignore_ascii_case(name_bytes))
+        {
+            continue;
+        }
+        match role {
+            // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and
+            // never reach the client: its connection is not this one. (Upgrades, which keep
+            // them, go through hyper's client.)
+            Role::Connection => {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        out.keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if version == Version::HTTP_10 {
+                            out.keep_alive = true;
+                        }
+                    } else if !token.is_empty() {
+                        out.listed = true;
+                    }
+                }
+            }
+            Role::TransferEncoding => out.transfer_coding = Some(v..v + vl),
+            Role::Dropped => {}
+            r @ (Role::Read | Role::ContentLength) => {
+                if matches!(r, Role::ContentLength) {
+                    out.length = out.length.and(value);
+                }
+                let name = header_name(name_bytes)
+                    .map_err(|_| "invalid header name in the response".to_string())?;
+                let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+                    .map_err(|_| format!("invalid value for response header {name}"))?;
+                out.headers.append(name, value);
+            }
+            Role::Passed { date: is_date } => {
+                out.date |= is_date;
+                out.passthrough.push(raw, n..n + nl, v..v + vl);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A response head read as the backend client reads it, for the fuzz target: the map the

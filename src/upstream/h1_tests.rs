@@ -251,33 +251,78 @@ async fn a_pooled_connection_the_backend_closed_is_replaced() {
     assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
 }
 
+/// A pooled connection whose peer is alive at checkout: `then` is what the peer does with the
+/// request that comes on it.
+async fn pooled_peer<F, Fut>(pool: &Arc<HostPool>, then: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (theirs, _) = l.accept().await.unwrap();
+    pool.checkin(Conn {
+        io: Stream::Tcp(c),
+        buf: BytesMut::new(),
+        read_size: READ_MIN,
+        timer: None,
+    });
+    tokio::spawn(then(theirs))
+}
+
 #[tokio::test]
-async fn a_dead_pooled_connection_is_retried_after_the_write_fails_to_get_an_answer() {
-    // A connection checked in, then closed by the backend after the liveness check would have
-    // passed: forced here by writing the request to a connection whose peer is gone.
+async fn a_request_written_whole_is_never_sent_again_on_a_new_connection() {
+    // The peer reads the whole request and closes without a word: it may have acted on it
+    // (made a batch, a file), so the request is not sent again.
     let b = backend(vec![reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")]).await;
     let pools = pools();
     let pool = pools.host(false, &b.authority);
-    let (mut theirs, _) = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let s = l.accept().await.unwrap();
-        pool.checkin(Conn {
-            io: Stream::Tcp(c),
-            buf: BytesMut::new(),
-            read_size: READ_MIN,
-            timer: None,
-        });
-        s
-    };
-    // The peer reads the request and closes without answering: the request went unanswered.
-    let closer = tokio::spawn(async move {
+    let closer = pooled_peer(&pool, |mut theirs| async move {
         let _ = read_request(&mut theirs).await;
-    });
-    let (_, _, text) = get(&pool, "/").await.unwrap();
+    })
+    .await;
+    let r = get(&pool, "/").await;
     closer.await.unwrap();
-    assert_eq!(text, "b");
+    let e = r.unwrap_err();
+    assert!(e.contains("delivered: true"), "{e}");
+    assert!(e.contains("after the request was sent"), "{e}");
+    assert_eq!(b.accepts.load(Ordering::SeqCst), 0, "sent again");
+}
+
+#[tokio::test]
+async fn a_request_a_dead_pooled_connection_would_not_take_goes_on_a_new_one() {
+    // The keep-alive race: the backend closes the connection as the request goes out, having
+    // read only its start (here, a kilobyte of a 4 MB upload). The write fails, and the
+    // request goes whole on a new connection.
+    let b = backend(vec![reply("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb")]).await;
+    let pools = pools();
+    let pool = pools.host(false, &b.authority);
+    let closer = pooled_peer(&pool, |mut theirs| async move {
+        let mut start = [0u8; 1024];
+        let _ = theirs.read_exact(&mut start).await;
+        // Closed with unread bytes: the kernel resets the connection.
+    })
+    .await;
+    let body = Bytes::from(vec![b'x'; 4 << 20]);
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (resp, _) = pool
+        .send(head.into_bytes(), &body, false, T, Instant::now() + T)
+        .await
+        .unwrap();
+    closer.await.unwrap();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"b");
     assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+    let seen = b.requests.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].len(), head_len(&seen[0]) + (4 << 20));
+}
+
+fn head_len(request: &str) -> usize {
+    request.find("\r\n\r\n").unwrap() + 4
 }
 
 #[tokio::test]
@@ -559,7 +604,11 @@ async fn the_deadline_bounds_the_wait_for_a_head_on_a_reused_connection() {
             started + wait,
         )
         .await;
-    assert!(matches!(r, Err(SendError::TimedOut)), "{:?}", r.err());
+    assert!(
+        matches!(r, Err(SendError::TimedOut { delivered: true })),
+        "{:?}",
+        r.err()
+    );
     let took = started.elapsed();
     assert!(took >= wait && took < T / 2, "{took:?}");
     assert_eq!(b.accepts.load(Ordering::SeqCst), 1);

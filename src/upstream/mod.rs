@@ -90,6 +90,9 @@ pub struct OutboundRequest<'a> {
     pub request_id: &'a HeaderValue,
     /// A WebSocket upgrade: the `Upgrade`/`Connection` pair is kept and HTTP/1.1 is used.
     pub upgrade: bool,
+    /// It makes an object on the backend (a file, batch, stored response ...): once it reached
+    /// a backend whole, a failure is final rather than a reason to send it elsewhere.
+    pub creates: bool,
 }
 
 impl OutboundRequest<'_> {
@@ -200,6 +203,7 @@ impl Upstream {
                         ErrorKind::UpstreamProtocol
                     };
                     GatewayError::new(kind, format!("backend {}: {}", backend.name, describe(&e)))
+                        .delivered(kind != ErrorKind::UpstreamConnect)
                 })
         } else {
             let body = req.body_for(rename);
@@ -228,11 +232,12 @@ impl Upstream {
                         ErrorKind::UpstreamConnect,
                         format!("backend {}: {m}", backend.name),
                     ),
-                    h1::SendError::Protocol(m) => GatewayError::new(
+                    h1::SendError::Protocol { message, delivered } => GatewayError::new(
                         ErrorKind::UpstreamProtocol,
-                        format!("backend {}: {m}", backend.name),
-                    ),
-                    h1::SendError::TimedOut => timed_out(),
+                        format!("backend {}: {message}", backend.name),
+                    )
+                    .delivered(delivered),
+                    h1::SendError::TimedOut { delivered } => timed_out().delivered(delivered),
                 })
         }
     }
@@ -658,6 +663,7 @@ mod tests {
             body: Bytes::from_static(b"{}"),
             request_id,
             upgrade: false,
+            creates: false,
         }
     }
 
@@ -740,6 +746,7 @@ mod tests {
             body: Bytes::new(),
             request_id: &rid,
             upgrade: false,
+            creates: false,
         };
         let head = String::from_utf8(encode_head(&b, &get, None, 0, None, None).unwrap()).unwrap();
         assert!(!head.contains("content-length"), "{head}");
@@ -778,6 +785,7 @@ mod tests {
             body: body.clone(),
             request_id: &rid,
             upgrade: false,
+            creates: false,
         };
         assert_eq!(req.body_for(None), body, "byte-exact when no rename");
         let v: serde_json::Value =
