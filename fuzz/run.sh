@@ -10,7 +10,7 @@ SECS=${SECS:-20}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
 cargo +nightly --version
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(sse retry_hint route config response_head)
+[ ${#targets[@]} -gt 0 ] || targets=(sse retry_hint route config response_head request_head)
 cargo +nightly fuzz build
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"

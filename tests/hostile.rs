@@ -864,6 +864,8 @@ enum Act {
     Answer(Vec<u8>),
     /// Closes the connection without a word.
     Close,
+    /// Writes these bytes, then SSE events until a write fails.
+    Flood(Vec<u8>),
 }
 
 /// A backend of raw bytes: the n-th request it reads (on any connection) gets `acts[n]`, the
@@ -919,6 +921,14 @@ async fn raw_backend(acts: Vec<Act>) -> (String, std::sync::Arc<std::sync::Mutex
                             }
                         }
                         Act::Close => return,
+                        Act::Flood(head) => {
+                            let event = format!("data: {}\n\n", "x".repeat(4000));
+                            if sock.write_all(&head).await.is_err() {
+                                return;
+                            }
+                            while sock.write_all(event.as_bytes()).await.is_ok() {}
+                            return;
+                        }
                     }
                 }
             });
@@ -1120,5 +1130,198 @@ async fn a_request_written_whole_is_never_replayed() {
     assert_eq!(status_of(&r), Some(502), "{r}");
     assert_eq!(seen_a.lock().unwrap().len(), 1);
     assert_eq!(seen_b.lock().unwrap().len(), 1);
+    gw.stop().await;
+}
+
+/// A client that reads nothing of a streamed answer is disconnected after
+/// `routing.idle_timeout`: its backend connection and in-flight count go with it, on the fast
+/// path and on hyper's.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_let_go_after_the_idle_timeout() {
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+    let (url, seen) = raw_backend(vec![Act::Flood(head.to_vec())]).await;
+    let gw = gateway(&[B::url("flood", url)], "idle_timeout = \"1s\"", "").await;
+    let metrics = gw.gateway.metrics.clone();
+    let body = chat_body(true);
+    for (what, framing) in [
+        (
+            "fast path",
+            format!("Content-Length: {}\r\n\r\n{body}", body.len()),
+        ),
+        (
+            "hyper",
+            format!(
+                "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            ),
+        ),
+    ] {
+        let mut conn = TcpStream::connect(gw.gateway.addr).await.unwrap();
+        conn.write_all(format!("{HEAD}{framing}").as_bytes())
+            .await
+            .unwrap();
+        // The start of the answer, then nothing more is read.
+        let mut first = [0u8; 512];
+        conn.read_exact(&mut first).await.unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"), "{what}");
+        wait_for(|| metrics.in_flight.get() == 1).await;
+        let started = std::time::Instant::now();
+        // Once the socket buffers are full, a second of no room lets the client go.
+        wait_for(|| metrics.in_flight.get() == 0).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{what}: let go too soon"
+        );
+        // The connection is closed: what was buffered drains, then it ends.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(PATIENCE, async {
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest.extend_from_slice(&buf[..n.min(16)]),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{what}: the connection stayed open");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    gw.stop().await;
+}
+
+/// One HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK header block for a chat completion request, every field a plain literal.
+fn h2_request_block() -> Vec<u8> {
+    let literal = |index: u8, value: &str| {
+        let mut b = vec![index, value.len() as u8];
+        b.extend_from_slice(value.as_bytes());
+        b
+    };
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    block.extend(literal(0x04, "/openai/deployments/gpt-4o/chat/completions")); // :path
+    block.extend(literal(0x01, "gw")); // :authority
+    block
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads frames until the server closes; returns the GOAWAY error code, if one came.
+async fn h2_goaway(conn: &mut TcpStream) -> Option<u32> {
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection stayed open");
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        if bytes[at + 3] == 7 && at + 9 + 8 <= bytes.len() {
+            let code = &bytes[at + 13..at + 17];
+            return Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// HTTP/2 abuse ends the connection with a GOAWAY and costs the backends next to nothing:
+/// streams opened and reset at once (rapid reset), and a header block that never ends
+/// (CONTINUATION flood).
+#[tokio::test]
+async fn http2_rapid_resets_and_continuation_floods_end_the_connection() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let addr = gw.gateway.addr;
+
+    // Rapid reset: a thousand streams, each reset as soon as it is opened.
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut burst = H2_PREFACE.to_vec();
+    burst.extend(h2_frame(4, 0, 0, &[])); // SETTINGS
+    let block = h2_request_block();
+    for i in 0..1000u32 {
+        let stream = 1 + 2 * i;
+        burst.extend(h2_frame(1, 0x4 | 0x1, stream, &block)); // HEADERS, END_HEADERS|END_STREAM
+        burst.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let _ = conn.write_all(&burst).await;
+    let code = h2_goaway(&mut conn).await;
+    assert_eq!(
+        code,
+        Some(0xb),
+        "rapid reset: GOAWAY ENHANCE_YOUR_CALM expected"
+    );
+    assert!(
+        s.requests().len() < 100,
+        "rapid reset: {} requests reached the backend",
+        s.requests().len()
+    );
+
+    // CONTINUATION flood: a header block that goes on and on.
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut start = H2_PREFACE.to_vec();
+    start.extend(h2_frame(4, 0, 0, &[]));
+    start.extend(h2_frame(1, 0, 1, &block)); // HEADERS without END_HEADERS
+    conn.write_all(&start).await.unwrap();
+    let mut filler = Vec::new();
+    for i in 0..100 {
+        // Literal without indexing, new name: `x-fill-NN: 100 bytes`.
+        let name = format!("x-fill-{i:02}");
+        filler.push(0x00);
+        filler.push(name.len() as u8);
+        filler.extend_from_slice(name.as_bytes());
+        filler.push(100);
+        filler.extend_from_slice(&[b'a'; 100]);
+    }
+    let continuation = h2_frame(9, 0, 1, &filler);
+    let (mut reader, mut writer) = conn.into_split();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while sent < (64 << 20) && writer.write_all(&continuation).await.is_ok() {
+            sent += continuation.len();
+        }
+        sent
+    });
+    let mut bytes = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, reader.read_to_end(&mut bytes)).await;
+    assert!(
+        closed.is_ok(),
+        "CONTINUATION flood: the connection stayed open"
+    );
+    let sent = flood.await.unwrap();
+    // What the header block limit (64 KiB) lets in, plus what the two sockets' buffers hold
+    // at most on the way.
+    let max_of = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let bound =
+        max_of("/proc/sys/net/ipv4/tcp_rmem") + max_of("/proc/sys/net/ipv4/tcp_wmem") + (1 << 20);
+    assert!(
+        sent < bound,
+        "CONTINUATION flood: {sent} bytes of one header block went in (bound {bound})"
+    );
+    // The gateway still serves.
+    assert_eq!(post_chat(&client(), &gw.base).await.status(), 200);
     gw.stop().await;
 }

@@ -213,6 +213,13 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
               httpGet: {
                 path: '/healthz'
                 port: 9090
+                // The admin listener answers only a Host that names it.
+                httpHeaders: [
+                  {
+                    name: 'Host'
+                    value: 'localhost'
+                  }
+                ]
               }
               periodSeconds: 10
             }
@@ -221,6 +228,13 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
               httpGet: {
                 path: '/readyz'
                 port: 9090
+                // The admin listener answers only a Host that names it.
+                httpHeaders: [
+                  {
+                    name: 'Host'
+                    value: 'localhost'
+                  }
+                ]
               }
               periodSeconds: 5
             }

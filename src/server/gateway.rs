@@ -63,6 +63,8 @@ pub struct GatewayState {
     pub(super) tracer: Option<Arc<Tracer>>,
     /// The client listener's certificate, when it serves HTTPS: replaced by a reload.
     pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
+    /// `routing.idle_timeout` for writes to clients, as the running config says.
+    pub(super) write_stall: Arc<super::stall::StallLimit>,
     /// Which backend holds each stored object (response, file, batch, ...); kept across reloads.
     pub(super) owners: Arc<Owners>,
     /// Which backend each session key (`routing.affinity_key`) was last served by.

@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::stall::StallLimit;
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::upstream::h1::{Lines, MAX_HEADERS, parse_length};
@@ -62,6 +64,7 @@ pub async fn serve<F, Fut>(
     header_timeout: Duration,
     body_timeout: Duration,
     max_head: usize,
+    stall: &Arc<StallLimit>,
 ) -> Ended
 where
     F: Fn(Request<RequestBody>) -> Fut,
@@ -72,6 +75,7 @@ where
         buf: BytesMut::with_capacity(4096),
         out: Vec::with_capacity(OUT_START),
         date: DateCache::default(),
+        stall: stall.clone(),
     };
     // One timer for the connection's life, moved on for each head. Moving a registered timer
     // later is an atomic store; a new timer per request took the timer wheel's lock twice
@@ -145,6 +149,8 @@ struct Conn {
     /// The response bytes waiting to be written.
     out: Vec<u8>,
     date: DateCache,
+    /// How long a write may wait for a client that reads nothing.
+    stall: Arc<StallLimit>,
 }
 
 /// A parsed head, before its body is read.
@@ -381,11 +387,23 @@ impl Conn {
         Ok(true)
     }
 
+    /// Writes out what is buffered. A client that takes none of it for the stall limit is cut
+    /// off: its answer, and the backend connection behind it, are not held for it. (No timer
+    /// while the socket takes the bytes, as it nearly always does.)
     async fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.out.clear();
+        let mut at = 0;
+        while at < self.out.len() {
+            match self.stream.try_write(&self.out[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(self.stall.get(), self.stream.writable())
+                        .await
+                        .map_err(|_| super::stall::stalled())??;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        self.out.clear();
         Ok(())
     }
 
@@ -574,6 +592,54 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
         body_len: body_len.unwrap_or(0),
         close,
     })
+}
+
+/// What the fast path made of a request head, for the fuzz target (see
+/// [`crate::server::parse_request_head`]).
+#[doc(hidden)]
+#[allow(clippy::large_enum_variant)] // one a fuzz input, never on the request path
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// Served here: the head's parts, and the bytes it took.
+    Head {
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        passthrough: Bytes,
+        body_len: usize,
+        close: bool,
+        consumed: usize,
+    },
+    /// Answered here with a 400.
+    Invalid,
+    /// Handed to hyper.
+    NotMine,
+}
+
+#[doc(hidden)]
+pub fn parse_for_fuzz(bytes: &[u8], max_head: usize) -> Parsed {
+    let mut buf = BytesMut::from(bytes);
+    match parse(&mut buf, max_head) {
+        Parse::Partial => Parsed::Partial,
+        Parse::Invalid(_) => Parsed::Invalid,
+        Parse::NotMine => Parsed::NotMine,
+        Parse::Head(h) => Parsed::Head {
+            method: h.method,
+            uri: h.uri,
+            headers: h.headers,
+            passthrough: h.passthrough,
+            body_len: h.body_len,
+            close: h.close,
+            consumed: bytes.len() - buf.len(),
+        },
+    }
+}
+
+/// Whether the fast path passes a request header with this name on as a raw line.
+#[doc(hidden)]
+pub fn passes_raw(name: &[u8]) -> bool {
+    request_role(name) == Role::Passed
 }
 
 /// What the fast path does with a request header.

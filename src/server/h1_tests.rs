@@ -122,6 +122,7 @@ async fn start(header_timeout: Duration) -> Gateway {
         spread: None,
         tls: None,
         metrics: ConnMetrics::default(),
+        stall: crate::server::stall::StallLimit::new(Duration::from_secs(30)),
     };
     let task = tokio::spawn(serve(listener, handler, stop.clone(), options));
     Gateway {

@@ -23,11 +23,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::h1;
+use super::stall::{StallLimit, WriteStall};
 use crate::body::{BoxBody, RequestBody};
 
 /// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
 /// are a few kilobytes.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const H2_MAX_STREAMS: u32 = 128;
+/// Streams a peer may reset before the server took them up; past it, GOAWAY.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams a peer may make the server reset (by protocol errors); past it, GOAWAY.
+const H2_MAX_LOCAL_RESETS: usize = 256;
 
 /// The listener's certificate, replaceable while serving: a reload with a renewed certificate
 /// takes effect for the next handshake, open connections keep theirs.
@@ -85,6 +92,8 @@ pub struct ListenOptions {
     pub spread: Option<Arc<Spread>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub metrics: ConnMetrics,
+    /// How long a write may wait for a client that reads nothing.
+    pub stall: Arc<StallLimit>,
 }
 
 /// Runtimes that serve a listener's connections, and how many each has open. A connection is
@@ -153,11 +162,20 @@ pub async fn serve<F, Fut>(
         .max_buf_size(MAX_REQUEST_HEAD)
         .max_headers(crate::upstream::h1::MAX_HEADERS);
     // HTTP/2 has no head to time out; a peer that stops answering pings is cut off instead.
+    // The abuse limits are set here on purpose rather than left to defaults that may move:
+    // streams reset before they were taken up (rapid reset, CVE-2023-44487) and streams the
+    // peer makes the server reset (CVE-2025-8671) end the connection with a GOAWAY past a
+    // few; a header block, CONTINUATION frames and all, is bounded like an HTTP/1.1 head
+    // (a CONTINUATION flood, CVE-2024-27316, is cut there).
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(options.header_read_timeout))
-        .keep_alive_timeout(options.header_read_timeout);
+        .keep_alive_timeout(options.header_read_timeout)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32);
     let builder = Arc::new(builder);
     let mut last_refusal_logged = None;
     loop {
@@ -196,6 +214,7 @@ pub async fn serve<F, Fut>(
                     tls: options.tls.clone(),
                     header_timeout: options.header_read_timeout,
                     body_timeout: options.body_read_timeout,
+                    stall: options.stall.clone(),
                     peer,
                     slot,
                 };
@@ -240,6 +259,7 @@ struct Job<F> {
     tls: Option<tokio_rustls::TlsAcceptor>,
     header_timeout: Duration,
     body_timeout: Duration,
+    stall: Arc<StallLimit>,
     peer: std::net::SocketAddr,
     slot: Slot,
 }
@@ -257,6 +277,7 @@ where
             tls,
             header_timeout,
             body_timeout,
+            stall,
             peer,
             slot: _slot,
         } = self;
@@ -272,10 +293,12 @@ where
                     header_timeout,
                     body_timeout,
                     MAX_REQUEST_HEAD,
+                    &stall,
                 );
                 match served.await {
                     h1::Ended::Closed => {}
                     h1::Ended::Handover(io) => {
+                        let io = WriteStall::new(io, stall);
                         Box::pin(connection(&builder, io, handler, &stop)).await
                     }
                 }
@@ -283,7 +306,10 @@ where
             Some(acceptor) => {
                 Box::pin(async move {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection(&builder, tls, handler, &stop).await,
+                        Ok(Ok(tls)) => {
+                            let io = WriteStall::new(tls, stall);
+                            connection(&builder, io, handler, &stop).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

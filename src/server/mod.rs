@@ -4,6 +4,7 @@ mod gateway;
 mod h1;
 mod listener;
 mod runtime;
+mod stall;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use crate::limits::Shared;
 use crate::telemetry::Metrics;
 
 pub use gateway::GatewayState;
+#[doc(hidden)]
+pub use h1::{Parsed as ParsedHead, parse_for_fuzz as parse_request_head, passes_raw};
 use listener::{ConnMetrics, ListenOptions};
 pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
 
@@ -163,6 +166,7 @@ pub async fn start_on(
         None => None,
     };
     let config_affinity = config.affinity.clone();
+    let write_stall = stall::StallLimit::new(config.routing.idle_timeout);
     let rt = runtime::build(&parts, config, None)?;
     let state = GatewayState {
         runtime: ArcSwap::from_pointee(rt),
@@ -180,6 +184,7 @@ pub async fn start_on(
         last_text: std::sync::Mutex::new(last_text),
         tracer,
         cert_swap: cert_swap.clone(),
+        write_stall,
         owners: Arc::new(crate::affinity::Owners::new(
             config_affinity.ttl,
             config_affinity.max_entries,
@@ -231,6 +236,7 @@ pub async fn start_on(
                 open: metrics.open_connections.clone(),
                 refused: metrics.connections_refused.clone(),
             },
+            stall: state.write_stall.clone(),
         };
         let state = state.clone();
         tasks.spawn(listener::serve(
@@ -266,6 +272,7 @@ pub async fn start_on(
             spread: None,
             tls: None,
             metrics: ConnMetrics::default(),
+            stall: state.write_stall.clone(),
         };
         tasks.spawn(listener::serve(
             admin,

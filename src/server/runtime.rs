@@ -365,6 +365,7 @@ impl GatewayState {
         }
         let rt = Arc::new(rt);
         self.start_refreshers(&rt);
+        self.write_stall.set(rt.config.routing.idle_timeout);
         self.runtime.store(rt);
         self.metrics.config_generation.set(report.generation as i64);
         self.metrics
