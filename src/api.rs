@@ -35,18 +35,18 @@ const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 /// - any other `/openai/...` (v1 API, files, batches, ...);
 /// - `/v1/...` (OpenAI style): sent to the backend as `/openai/v1/...`.
 pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
-    match canonical(path)? {
-        Cow::Borrowed(_) => route_canonical(path, path_and_query),
-        Cow::Owned(p) => {
-            let query = path_and_query.get(path.len()..).unwrap_or("");
-            let pq = format!("{p}{query}");
-            let r = route_canonical(&pq[..p.len()], &pq)?;
-            Ok(Route {
-                path_and_query: Cow::Owned(r.path_and_query.into_owned()),
-                ..r
-            })
-        }
+    if let Cow::Owned(p) = canonical(path)? {
+        // Routed again in its canonical form, which is its own (one call site below keeps
+        // `route_canonical` inlined on the usual way through).
+        let query = path_and_query.get(path.len()..).unwrap_or("");
+        let pq = format!("{p}{query}");
+        let r = route(&pq[..p.len()], &pq)?;
+        return Ok(Route {
+            path_and_query: Cow::Owned(r.path_and_query.into_owned()),
+            ..r
+        });
     }
+    route_canonical(path, path_and_query)
 }
 
 fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
@@ -155,20 +155,34 @@ const KNOWN_SEGMENTS: [&str; 38] = [
     "realtime",
 ];
 
+/// Bytes that may make a path other than canonical: `/` only when another follows it or it
+/// ends the path.
+static SUSPECT: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'%' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[b'.' as usize] = true;
+    t[b'/' as usize] = true;
+    let mut c = b'A';
+    while c <= b'Z' {
+        t[c as usize] = true;
+        c += 1;
+    }
+    t
+};
+
 /// The path as the gateway routes it and the backend receives it: no empty segments, the
 /// API's own segments in their canonical case, percent-encoded unreserved characters
 /// (letters, digits, `-`, `.`, `_`, `~`) decoded. A path whose meaning is not certain is a
 /// 400: a raw `\`, an encoded `/`, `\` or control character, a `.` or `..` segment however
 /// spelled. Borrowed when the path is canonical already, as an SDK's always is.
 pub fn canonical(path: &str) -> Result<Cow<'_, str>, GatewayError> {
-    // One pass over the bytes: most paths hold nothing that could make them other than
-    // canonical (a `%`, a `\`, an upper-case letter, a dot, two slashes in a row).
-    let mut prev = 0u8;
-    let plain = path.bytes().all(|b| {
-        let doubled = b == b'/' && prev == b'/';
-        let ok = !(doubled || matches!(b, b'%' | b'\\' | b'.' | b'A'..=b'Z'));
-        prev = b;
-        ok
+    // One pass over the bytes, a table read each: most paths hold nothing that could make
+    // them other than canonical (a `%`, a `\`, an upper-case letter, a dot, two slashes in a
+    // row, a trailing slash).
+    let b = path.as_bytes();
+    let plain = b.iter().enumerate().all(|(i, &c)| {
+        !SUSPECT[usize::from(c)] || (c == b'/' && i + 1 < b.len() && b[i + 1] != b'/')
     });
     if plain {
         return Ok(Cow::Borrowed(path));
@@ -405,7 +419,6 @@ mod tests {
         for p in [
             "/",
             "/admin",
-            "/openai/deployments/",
             "/openai/deployments/x",
             "/openai/deployments//chat",
             "/v2/chat",
@@ -444,6 +457,9 @@ mod tests {
                 Some("gpt-4o"),
             ),
             ("/openai/V1/Files", "/openai/v1/files", None),
+            ("/openai/files/", "/openai/files", None),
+            // Azure's own list of deployments, whichever way it is written.
+            ("/openai/deployments/", "/openai/deployments", None),
             ("/openai//v1/responses", "/openai/v1/responses", None),
             ("/V1/chat/completions", "/openai/v1/chat/completions", None),
             // A model's name keeps its case; an id is not an API word.

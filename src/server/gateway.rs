@@ -277,7 +277,9 @@ async fn serve(
         ));
     }
     let (parts, mut body) = req.into_parts();
-    check_head(&parts).map_err(|e| (None, 0, e))?;
+    // The fast path checked `Host` as it read the head.
+    let via_hyper = matches!(body, RequestBody::Streaming(_));
+    check_head(&parts, via_hyper).map_err(|e| (None, 0, e))?;
     let passthrough = body.take_passthrough();
     let path = parts.uri.path();
     let pq = parts
@@ -853,8 +855,9 @@ fn learns(object: Option<&refs::PathObject<'_>>, path: &str, deleted: bool, stor
 }
 
 /// The methods the API uses are forwarded, no others (TRACE would echo the backend's
-/// credential back); an HTTP/1.1 request names exactly one valid `Host` (RFC 9112 §3.2).
-fn check_head(parts: &http::request::Parts) -> Result<(), GatewayError> {
+/// credential back); an HTTP/1.1 request names exactly one valid `Host` (RFC 9112 §3.2),
+/// checked here for what hyper read (`host_unchecked`).
+fn check_head(parts: &http::request::Parts, host_unchecked: bool) -> Result<(), GatewayError> {
     use http::Method;
     if !matches!(
         parts.method,
@@ -866,25 +869,17 @@ fn check_head(parts: &http::request::Parts) -> Result<(), GatewayError> {
             format!("the method {shown} is not allowed: use GET, POST, PUT, PATCH or DELETE"),
         ));
     }
-    if parts.version == http::Version::HTTP_11 {
+    if host_unchecked && parts.version == http::Version::HTTP_11 {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
         let valid = match (hosts.next(), hosts.next()) {
-            (Some(host), None) => valid_host(host.as_bytes()),
+            (Some(host), None) => super::h1::valid_host(host.as_bytes()),
             _ => false,
         };
         if !valid {
-            return Err(GatewayError::new(
-                ErrorKind::BadRequest,
-                "an HTTP/1.1 request needs exactly one valid Host header",
-            ));
+            return Err(GatewayError::new(ErrorKind::BadRequest, super::h1::NO_HOST));
         }
     }
     Ok(())
-}
-
-/// `host[:port]`: a name, an IPv4 address or a bracketed IPv6 one; no user part.
-pub(super) fn valid_host(host: &[u8]) -> bool {
-    !host.is_empty() && !host.contains(&b'@') && http::uri::Authority::try_from(host).is_ok()
 }
 
 /// Whether the body is declared as JSON (`application/json`, parameters aside).

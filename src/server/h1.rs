@@ -524,6 +524,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     let mut body_len = None;
     let mut close = false;
     let mut pass_on = true;
+    let mut hosts = 0u32;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let role = request_role(name);
@@ -548,6 +549,12 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
                 };
                 pass_on &= !h.value.split(|b| *b == b',').any(listed);
             }
+            Role::Host => {
+                hosts += 1;
+                if !valid_host(h.value) {
+                    hosts += 1;
+                }
+            }
             Role::Kept | Role::Passed => {}
         }
         spans.push((
@@ -565,6 +572,10 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
             format!("invalid request: {what}"),
         ))
     };
+    // RFC 9112 §3.2: exactly one, and valid (counted twice above when not).
+    if hosts != 1 {
+        return Parse::Invalid(GatewayError::new(ErrorKind::BadRequest, NO_HOST));
+    }
     let Ok(uri) = Uri::from_maybe_shared(raw.slice(path_at.0..path_at.0 + path_at.1)) else {
         return invalid("the request target is not a valid path");
     };
@@ -649,6 +660,8 @@ enum Role {
     NotMine,
     ContentLength,
     Connection,
+    /// Checked here (exactly one, a valid `host[:port]`), then kept.
+    Host,
     /// Read by the gateway (routing, auth, limits, tracing) or by the admin API, or not to
     /// reach a backend as it came (hop-by-hop, credentials, `host`, `x-request-id`): into the
     /// request's map.
@@ -666,7 +679,7 @@ const ROLES: [(&[u8], Role); 21] = [
     (b"expect", Role::NotMine),
     (b"content-length", Role::ContentLength),
     (b"connection", Role::Connection),
-    (b"host", Role::Kept),
+    (b"host", Role::Host),
     (b"content-type", Role::Kept),
     (b"api-key", Role::Kept),
     (b"authorization", Role::Kept),
@@ -717,6 +730,65 @@ fn request_role(name: &[u8]) -> Role {
         _ => Role::Passed,
     }
 }
+
+/// What a request without exactly one valid `Host` is told.
+pub const NO_HOST: &str = "an HTTP/1.1 request needs exactly one valid Host header";
+
+/// `host[:port]` (RFC 9110 §7.2): a registered name (letters, digits, `-._~`, sub-delims,
+/// percent-encodings) or a bracketed IP literal, then an optional port. No user part, path or
+/// space. One table read a byte: this runs for every request.
+pub fn valid_host(v: &[u8]) -> bool {
+    let host_len = match v.first() {
+        None => return false,
+        Some(b'[') => match memchr::memchr(b']', v) {
+            Some(end)
+                if end > 1
+                    && v[1..end]
+                        .iter()
+                        .all(|&b| HOST[usize::from(b)] & LITERAL != 0) =>
+            {
+                end + 1
+            }
+            _ => return false,
+        },
+        Some(_) => v
+            .iter()
+            .position(|&b| HOST[usize::from(b)] & NAME == 0)
+            .unwrap_or(v.len()),
+    };
+    match v[host_len..].split_first() {
+        None => host_len > 0,
+        Some((b':', digits)) => {
+            host_len > 0 && digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit)
+        }
+        Some(_) => false,
+    }
+}
+
+/// [`HOST`] bits: a registered name's byte; an IP literal's (between the brackets).
+const NAME: u8 = 1;
+const LITERAL: u8 = 2;
+static HOST: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0usize;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() {
+            t[c] |= NAME;
+        }
+        if b.is_ascii_hexdigit() || b == b':' || b == b'.' {
+            t[c] |= LITERAL;
+        }
+        c += 1;
+    }
+    let others = b"-._~!$&'()*+,;=%";
+    let mut i = 0;
+    while i < others.len() {
+        t[others[i] as usize] |= NAME;
+        i += 1;
+    }
+    t
+};
 
 fn has_token(list: &[u8], token: &[u8]) -> bool {
     list.split(|b| *b == b',')

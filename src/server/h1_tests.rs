@@ -564,3 +564,54 @@ fn request_roles_are_found_in_any_case_and_every_other_name_passes_on() {
         );
     }
 }
+
+#[test]
+fn a_fragment_in_the_target_is_no_part_of_the_request() {
+    // As `http` (and so hyper) reads a target: the fragment is dropped, the rest served.
+    let head = b"GET /openai/files?api-version=20#4-10-21 HTTP/1.1\r\nhost: x\r\n\r\n";
+    match super::parse_for_fuzz(head, 64 * 1024) {
+        super::Parsed::Head { uri, consumed, .. } => {
+            assert_eq!(
+                uri.path_and_query().unwrap().as_str(),
+                "/openai/files?api-version=20"
+            );
+            assert_eq!(consumed, head.len());
+        }
+        _ => panic!("not served on the fast path"),
+    }
+}
+
+#[test]
+fn hosts_are_a_name_or_an_ip_literal_and_a_port() {
+    use super::valid_host;
+    for ok in [
+        "gw",
+        "gw:8080",
+        "gw:",
+        "127.0.0.1:80",
+        "[::1]",
+        "[::1]:443",
+        "a-b.c_d~e",
+        "xn--bcher-kva.example",
+    ] {
+        assert!(valid_host(ok.as_bytes()), "{ok}");
+    }
+    for bad in [
+        "",
+        ":80",
+        "user@gw",
+        "gw/x",
+        "g w",
+        "[::1",
+        "[]",
+        "[zz]",
+        "gw:80x",
+        "gw:123456",
+        "[::1]x",
+        "gw\t",
+        "gw?",
+        "gw#",
+    ] {
+        assert!(!valid_host(bad.as_bytes()), "{bad}");
+    }
+}

@@ -495,32 +495,52 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         *span = (name, h.name.len() as u16, value, h.value.len() as u16);
     }
     let raw = buf.split_to(len).freeze();
-    let spans = &spans[..count];
-    let mut sorted = sort_headers(&raw, spans, version, &[])?;
-    if sorted.listed {
-        // Headers the backend names in `Connection` are hop-by-hop too (RFC 9110 §7.6.1):
-        // they stay on this connection. Rare, so the head is sorted again without them.
-        let listed: Vec<&[u8]> = spans
-            .iter()
-            .filter(|&&(n, nl, ..)| {
-                matches!(role(&raw[n as usize..][..nl as usize]), Role::Connection)
-            })
-            .flat_map(|&(_, _, v, vl)| raw[v as usize..][..vl as usize].split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
-            .collect();
-        // (Framing and `Connection` itself are read whatever it names.)
-        sorted = sort_headers(&raw, spans, version, &listed)?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut passthrough = Lines::new(len);
+    let mut date = false;
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut transfer_coding = None;
+    let mut length = Length::Absent;
+    // `Connection` names other headers.
+    let mut listed = false;
+    for &(n, nl, v, vl) in &spans[..count] {
+        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+        let name_bytes = &raw[n..n + nl];
+        let value = &raw[v..v + vl];
+        match role(name_bytes) {
+            // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and
+            // never reach the client: its connection is not this one. (Upgrades, which keep
+            // them, go through hyper's client.)
+            Role::Connection => {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive |= version == Version::HTTP_10;
+                    } else {
+                        listed |= !token.is_empty();
+                    }
+                }
+            }
+            Role::TransferEncoding => transfer_coding = Some(value),
+            Role::Dropped => {}
+            r @ (Role::Read | Role::ContentLength) => {
+                if matches!(r, Role::ContentLength) {
+                    length = length.and(value);
+                }
+                let name = header_name(name_bytes)
+                    .map_err(|_| "invalid header name in the response".to_string())?;
+                let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+                    .map_err(|_| format!("invalid value for response header {name}"))?;
+                headers.append(name, value);
+            }
+            Role::Passed { date: is_date } => {
+                date |= is_date;
+                passthrough.push(&raw, n..n + nl, v..v + vl);
+            }
+        }
     }
-    let Sorted {
-        mut headers,
-        passthrough,
-        date,
-        keep_alive,
-        transfer_coding,
-        length,
-        ..
-    } = sorted;
     if transfer_coding.is_some() {
         // The body frames itself; a length beside it would describe the coded bytes, and a
         // client given both could read the answer short (RFC 9112 §6.3).
@@ -528,12 +548,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     }
     // Chunked only when it is the final coding; any other is read until close.
     let chunked = transfer_coding.map(|last| {
-        let last: &[u8] = &raw[last];
         last.rsplit(|b| *b == b',')
             .next()
             .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     });
-    let lines = passthrough.finish(&raw);
+    let mut lines = passthrough.finish(&raw);
+    if listed {
+        drop_listed(&raw, &spans[..count], &mut headers, &mut lines);
+    }
     let passthrough = (!lines.is_empty()).then_some(RawHeaders { lines, date });
     Ok(Some(Head {
         status,
@@ -546,86 +568,40 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     }))
 }
 
-/// A response head's headers, sorted by what the gateway does with them.
-struct Sorted {
-    headers: HeaderMap,
-    passthrough: Lines,
-    date: bool,
-    keep_alive: bool,
-    /// Where the `transfer-encoding` value is in the head.
-    transfer_coding: Option<std::ops::Range<usize>>,
-    length: Length,
-    /// `Connection` names other headers, which must not pass.
-    listed: bool,
-}
-
-/// Sorts the headers at `spans` of `raw`, leaving out those named in `listed`.
-fn sort_headers(
+/// Takes out the headers a backend's `Connection` names (RFC 9110 §7.6.1: hop-by-hop too,
+/// they stay on this connection), from the map and from the lines passed on. Rare: done apart
+/// from the head's one pass. Framing and `Connection` itself were read whatever it names.
+#[cold]
+fn drop_listed(
     raw: &Bytes,
     spans: &[(u16, u16, u16, u16)],
-    version: Version,
-    listed: &[&[u8]],
-) -> Result<Sorted, String> {
-    let mut out = Sorted {
-        headers: HeaderMap::with_capacity(spans.len()),
-        passthrough: Lines::new(raw.len()),
-        date: false,
-        keep_alive: version == Version::HTTP_11,
-        transfer_coding: None,
-        length: Length::Absent,
-        listed: false,
-    };
-    for &(n, nl, v, vl) in spans {
-        let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-        let name_bytes = &raw[n..n + nl];
-        let value = &raw[v..v + vl];
-        let role = role(name_bytes);
-        if !listed.is_empty()
-            && !matches!(
-                role,
-                Role::Connection | Role::TransferEncoding | Role::ContentLength
-            )
-            && listed.iter().any(|l| l.eq_ignore_ascii_case(name_bytes))
-        {
-            continue;
-        }
-        match role {
-            // Hop-by-hop headers (RFC 9110 §7.6.1) are read here for framing and reuse, and
-            // never reach the client: its connection is not this one. (Upgrades, which keep
-            // them, go through hyper's client.)
-            Role::Connection => {
-                for token in value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        out.keep_alive = false;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        if version == Version::HTTP_10 {
-                            out.keep_alive = true;
-                        }
-                    } else if !token.is_empty() {
-                        out.listed = true;
-                    }
-                }
-            }
-            Role::TransferEncoding => out.transfer_coding = Some(v..v + vl),
-            Role::Dropped => {}
-            r @ (Role::Read | Role::ContentLength) => {
-                if matches!(r, Role::ContentLength) {
-                    out.length = out.length.and(value);
-                }
-                let name = header_name(name_bytes)
-                    .map_err(|_| "invalid header name in the response".to_string())?;
-                let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
-                    .map_err(|_| format!("invalid value for response header {name}"))?;
-                out.headers.append(name, value);
-            }
-            Role::Passed { date: is_date } => {
-                out.date |= is_date;
-                out.passthrough.push(raw, n..n + nl, v..v + vl);
-            }
+    headers: &mut HeaderMap,
+    lines: &mut Bytes,
+) {
+    // (Not through `role`, which the head's pass has inlined.)
+    let framing = [&b"content-length"[..], b"transfer-encoding"];
+    let listed: Vec<&[u8]> = spans
+        .iter()
+        .filter(|&&(n, nl, ..)| {
+            raw[n as usize..][..nl as usize].eq_ignore_ascii_case(b"connection")
+        })
+        .flat_map(|&(_, _, v, vl)| raw[v as usize..][..vl as usize].split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !framing.iter().any(|f| f.eq_ignore_ascii_case(t)))
+        .collect();
+    for name in &listed {
+        if let Ok(name) = HeaderName::from_bytes(&name.to_ascii_lowercase()) {
+            headers.remove(name);
         }
     }
-    Ok(out)
+    let mut kept = BytesMut::with_capacity(lines.len());
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or(&[]);
+        if !listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+            kept.extend_from_slice(line);
+        }
+    }
+    *lines = kept.freeze();
 }
 
 /// A response head read as the backend client reads it, for the fuzz target: the map the
