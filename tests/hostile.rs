@@ -1,5 +1,7 @@
-//! Hostile input, sent as raw bytes so no client library tidies it first: each request gets a
-//! clear 4xx or a closed connection, the gateway keeps serving, and nothing reaches a backend.
+//! Hostile input, sent as raw bytes (or raw HTTP/2 frames) so no client library tidies it
+//! first: each request gets a clear 4xx or a closed connection, the gateway keeps serving, and
+//! nothing reaches a backend. And hostile backends, answering in raw bytes: what they get wrong
+//! never reaches the client as if it were right, and nothing is sent to them twice.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
