@@ -261,19 +261,9 @@ async fn a_slow_reader_holds_back_the_backend_not_the_gateways_memory() {
     })
     .await
     .expect("the backend never stopped writing: nothing held it back");
-    let max_of = |path: &str| -> u64 {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     // Receive and send buffers on both of the gateway's sockets, and the client's receive
     // buffer and the backend's send buffer, at most; plus a few MB of the gateway's own.
-    let rmem = max_of("/proc/sys/net/ipv4/tcp_rmem");
-    let wmem = max_of("/proc/sys/net/ipv4/tcp_wmem");
+    let (rmem, wmem) = tcp_buffer_maxima();
     let bound = 2 * (rmem + wmem) + 8 * 1024 * 1024;
     eprintln!("backend stuck after {stuck} bytes (bound {bound})");
     assert!(

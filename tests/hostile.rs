@@ -60,6 +60,14 @@ fn refused(response: &str, what: &str) {
 
 const HEAD: &str = "POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n";
 
+/// A whole chat completion request with `body`, asking for the connection to close after.
+fn chat_request(body: &str) -> String {
+    format!(
+        "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[tokio::test]
 async fn malformed_and_smuggling_requests_never_reach_a_backend() {
     let s = start_sim(sim("east")).await;
@@ -320,16 +328,7 @@ async fn connections_over_the_cap_are_closed_and_counted() {
     // A slot that frees up is taken again.
     drop(first);
     wait_for(|| metrics.open_connections.get() == 1).await;
-    let r = raw(
-        addr,
-        format!(
-            "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{}",
-            chat_body(false).len(),
-            chat_body(false)
-        )
-        .as_bytes(),
-    )
-    .await;
+    let r = raw(addr, chat_request(&chat_body(false)).as_bytes()).await;
     assert_eq!(status_of(&r), Some(200), "{r}");
     drop(second);
     wait_for(|| metrics.open_connections.get() == 0).await;
@@ -1015,15 +1014,7 @@ async fn a_backends_framing_is_made_right_or_refused() {
         let (url, _) = raw_backend(vec![Act::Answer(answer.into_bytes())]).await;
         let gw = gateway(&[B::url("hostile", url)], "max_attempts = 1", "").await;
         let body = chat_body(false);
-        let r = raw(
-            gw.gateway.addr,
-            format!(
-                "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await;
+        let r = raw(gw.gateway.addr, chat_request(&body).as_bytes()).await;
         assert_eq!(status_of(&r), expected, "{what}: {r}");
         let (head, text) = split_response(&r);
         if expected == Some(200) {
@@ -1081,15 +1072,7 @@ async fn a_request_written_whole_is_never_replayed() {
     // Each backend serves one chat completion and keeps its connection in the gateway's pool.
     let body = chat_body(false);
     for _ in 0..2 {
-        let r = raw(
-            addr,
-            format!(
-                "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await;
+        let r = raw(addr, chat_request(&body).as_bytes()).await;
         assert_eq!(status_of(&r), Some(200), "{r}");
     }
     let (a0, b0) = (seen_a.lock().unwrap().len(), seen_b.lock().unwrap().len());
@@ -1120,15 +1103,7 @@ async fn a_request_written_whole_is_never_replayed() {
     )
     .await;
     let body = chat_body(false);
-    let r = raw(
-        gw.gateway.addr,
-        format!(
-            "{HEAD}Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
+    let r = raw(gw.gateway.addr, chat_request(&body).as_bytes()).await;
     assert_eq!(status_of(&r), Some(502), "{r}");
     assert_eq!(seen_a.lock().unwrap().len(), 1);
     assert_eq!(seen_b.lock().unwrap().len(), 1);
@@ -1308,17 +1283,8 @@ async fn http2_rapid_resets_and_continuation_floods_end_the_connection() {
     let sent = flood.await.unwrap();
     // What the header block limit (64 KiB) lets in, plus what the two sockets' buffers hold
     // at most on the way.
-    let max_of = |path: &str| -> usize {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let bound =
-        max_of("/proc/sys/net/ipv4/tcp_rmem") + max_of("/proc/sys/net/ipv4/tcp_wmem") + (1 << 20);
+    let (rmem, wmem) = tcp_buffer_maxima();
+    let bound = (rmem + wmem) as usize + (1 << 20);
     assert!(
         sent < bound,
         "CONTINUATION flood: {sent} bytes of one header block went in (bound {bound})"

@@ -5,23 +5,22 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::server::{ParsedHead, parse_request_head, passes_raw};
+use switchyard::server::{ParsedHead, RequestHead, parse_request_head, passes_raw};
 
 const MAX_HEAD: usize = 64 * 1024;
 
 fuzz_target!(|data: &[u8]| {
-    let ParsedHead::Head {
+    let ParsedHead::Head(head, consumed) = parse_request_head(data, MAX_HEAD) else {
+        return;
+    };
+    let RequestHead {
         method,
         uri,
         headers,
         passthrough,
         body_len,
         close: _,
-        consumed,
-    } = parse_request_head(data, MAX_HEAD)
-    else {
-        return;
-    };
+    } = head;
     assert!(consumed <= data.len() && consumed <= MAX_HEAD);
     assert!(matches!(
         method.as_str(),

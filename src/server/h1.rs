@@ -154,16 +154,17 @@ struct Conn {
 }
 
 /// A parsed head, before its body is read.
-struct Head {
-    method: Method,
-    uri: Uri,
+#[doc(hidden)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
     /// The headers the gateway reads, or that must not reach a backend as they came.
-    headers: HeaderMap,
+    pub headers: HeaderMap,
     /// The rest, as `name: value\r\n` lines (see [`Role::Passed`]).
-    passthrough: Bytes,
-    body_len: usize,
+    pub passthrough: Bytes,
+    pub body_len: usize,
     /// `Connection: close`: answer, then close.
-    close: bool,
+    pub close: bool,
 }
 
 // Boxing the head would cost an allocation per request to shrink a value that lives briefly.
@@ -612,16 +613,8 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
 pub enum Parsed {
     /// More bytes are needed.
     Partial,
-    /// Served here: the head's parts, and the bytes it took.
-    Head {
-        method: Method,
-        uri: Uri,
-        headers: HeaderMap,
-        passthrough: Bytes,
-        body_len: usize,
-        close: bool,
-        consumed: usize,
-    },
+    /// Served here: the head, and the bytes it took.
+    Head(Head, usize),
     /// Answered here with a 400.
     Invalid,
     /// Handed to hyper.
@@ -635,15 +628,7 @@ pub fn parse_for_fuzz(bytes: &[u8], max_head: usize) -> Parsed {
         Parse::Partial => Parsed::Partial,
         Parse::Invalid(_) => Parsed::Invalid,
         Parse::NotMine => Parsed::NotMine,
-        Parse::Head(h) => Parsed::Head {
-            method: h.method,
-            uri: h.uri,
-            headers: h.headers,
-            passthrough: h.passthrough,
-            body_len: h.body_len,
-            close: h.close,
-            consumed: bytes.len() - buf.len(),
-        },
+        Parse::Head(h) => Parsed::Head(h, bytes.len() - buf.len()),
     }
 }
 

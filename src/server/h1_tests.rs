@@ -570,9 +570,9 @@ fn a_fragment_in_the_target_is_no_part_of_the_request() {
     // As `http` (and so hyper) reads a target: the fragment is dropped, the rest served.
     let head = b"GET /openai/files?api-version=20#4-10-21 HTTP/1.1\r\nhost: x\r\n\r\n";
     match super::parse_for_fuzz(head, 64 * 1024) {
-        super::Parsed::Head { uri, consumed, .. } => {
+        super::Parsed::Head(parsed, consumed) => {
             assert_eq!(
-                uri.path_and_query().unwrap().as_str(),
+                parsed.uri.path_and_query().unwrap().as_str(),
                 "/openai/files?api-version=20"
             );
             assert_eq!(consumed, head.len());

@@ -22,7 +22,9 @@ use crate::telemetry::Metrics;
 
 pub use gateway::GatewayState;
 #[doc(hidden)]
-pub use h1::{Parsed as ParsedHead, parse_for_fuzz as parse_request_head, passes_raw};
+pub use h1::{
+    Head as RequestHead, Parsed as ParsedHead, parse_for_fuzz as parse_request_head, passes_raw,
+};
 use listener::{ConnMetrics, ListenOptions};
 pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
 

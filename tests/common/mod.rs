@@ -441,3 +441,21 @@ impl JsonValue for reqwest::Response {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
 }
+
+/// The largest socket buffer the kernel lets a TCP connection grow to, receive and send:
+/// the last field of `net.ipv4.tcp_rmem` and `tcp_wmem`.
+pub fn tcp_buffer_maxima() -> (u64, u64) {
+    let max_of = |path: &str| -> u64 {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (
+        max_of("/proc/sys/net/ipv4/tcp_rmem"),
+        max_of("/proc/sys/net/ipv4/tcp_wmem"),
+    )
+}
