@@ -14,6 +14,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -300,12 +301,13 @@ impl HostPool {
                 .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
             timer.as_mut().reset(deadline);
             // Atomic only to keep the future `Send`; nothing else touches it.
-            let written = std::sync::atomic::AtomicBool::new(false);
+            let written = AtomicBool::new(false);
             let exchanged = tokio::select! {
                 biased;
                 r = exchange(&mut conn, &head, rest, &written) => r,
                 _ = timer.as_mut() => {
-                    return Err(SendError::TimedOut { delivered: written.load(std::sync::atomic::Ordering::Relaxed) });
+                    let delivered = written.load(Relaxed);
+                    return Err(SendError::TimedOut { delivered });
                 }
             };
             conn.timer = Some(timer);
@@ -318,7 +320,7 @@ impl HostPool {
                 Err(f) => {
                     return Err(SendError::Protocol {
                         message: f.describe(&self.authority),
-                        delivered: written.load(std::sync::atomic::Ordering::Relaxed),
+                        delivered: written.load(Relaxed),
                     });
                 }
             }
@@ -415,7 +417,7 @@ async fn exchange(
     conn: &mut Conn,
     wire: &[u8],
     rest: &[u8],
-    written: &std::sync::atomic::AtomicBool,
+    written: &AtomicBool,
 ) -> Result<Head, Failure> {
     let sent = match conn.io.write_all(wire).await {
         Ok(()) if !rest.is_empty() => conn.io.write_all(rest).await,
@@ -423,7 +425,7 @@ async fn exchange(
     };
     sent.and(conn.io.flush().await)
         .map_err(Failure::Unwritten)?;
-    written.store(true, std::sync::atomic::Ordering::Relaxed);
+    written.store(true, Relaxed);
     loop {
         match parse_head(&mut conn.buf).map_err(Failure::Broken)? {
             // This client sends no upgrade (those go through hyper's): a 101 would make what
