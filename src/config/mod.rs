@@ -79,6 +79,27 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The raw config from a parsed document, an error naming the field it is about.
+fn deserialize(doc: toml::Value) -> Result<raw::RawConfig, ConfigError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::field(path, e.into_inner().message().to_string())
+    })
+}
+
+/// 1-based line and column (in characters) of byte `at` in `text`.
+fn line_and_column(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
 /// How a backend is picked for each attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -382,15 +403,26 @@ impl Config {
         text: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut doc: toml::Value = toml::from_str(text)
-            .map_err(|e| ConfigError::field("", format!("invalid TOML: {}", e.message())))?;
-        env::expand(&mut doc, &mut Vec::new(), lookup)?;
-        let raw: raw::RawConfig = serde_path_to_error::deserialize(doc).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            ConfigError::field(path, e.into_inner().message().to_string())
+        let mut doc: toml::Value = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!(" at line {line}, column {column}")
+                })
+                .unwrap_or_default();
+            ConfigError::field("", format!("invalid TOML{at}: {}", e.message().trim_end()))
         })?;
-        validate::validate(raw, lookup)
+        // A misspelt key is reported as such before any `${VAR}` is looked up: a variable
+        // the misspelt field names would otherwise hide it behind "not set". (Other errors
+        // wait for the expansion: a `${VAR}` may stand for a valid value.)
+        if let Err(e) = deserialize(doc.clone())
+            && e.message.starts_with("unknown field")
+        {
+            return Err(e);
+        }
+        env::expand(&mut doc, &mut Vec::new(), lookup)?;
+        validate::validate(deserialize(doc)?, lookup)
     }
 
     /// The running configuration as JSON for `GET /admin/config`: every secret left out.

@@ -384,3 +384,47 @@ fn an_admin_listener_off_loopback_needs_a_key() {
         "{json}"
     );
 }
+
+#[test]
+fn errors_point_at_the_place() {
+    // A TOML syntax error says where.
+    let e = err("[server]\nlisten = \"127.0.0.1:8080\"\nadmin_key = \"unterminated\n");
+    assert!(e.message.contains("at line 3, column"), "{e}");
+    let e = err("[server]\nlisten = 8080 8080\n");
+    assert!(e.message.contains("at line 2"), "{e}");
+
+    // A misspelt key is named before a variable it mentions is looked up.
+    let e = err(&SAMPLE.replace("key = \"${WESTUS_KEY}\"", "keys = \"${NOT_SET_ANYWHERE}\""));
+    assert!(e.message.starts_with("unknown field `keys`"), "{e}");
+    assert!(e.path.starts_with("backends[1].auth"), "{e}");
+    // A variable standing for a valid value is still looked up first.
+    let strategy = |v: &str| {
+        Config::parse(
+            &SAMPLE.replace("strategy = \"round_robin\"", "strategy = \"${STRATEGY}\""),
+            &|n| (n == "STRATEGY").then(|| v.to_string()).or_else(|| env(n)),
+        )
+    };
+    assert!(strategy("least_inflight").is_ok());
+    assert_eq!(strategy("nope").unwrap_err().path, "routing.strategy");
+
+    // A backend URL ending in /openai would send every request to /openai/openai/...
+    let e = err(&SAMPLE.replace(
+        "https://my-westus.openai.azure.com",
+        "https://my-westus.openai.azure.com/openai/",
+    ));
+    assert_eq!(e.path, "backends[1].url");
+    assert!(e.message.contains("/openai/openai"), "{e}");
+
+    // The admin listener on the client listener's port.
+    for admin in ["127.0.0.1:8080", "0.0.0.0:8080"] {
+        let e = err(&SAMPLE.replace("\"127.0.0.1:9090\"", &format!("\"{admin}\"")));
+        assert_eq!(e.path, "server.admin_listen", "{admin}: {e}");
+    }
+    assert!(
+        Config::parse(
+            &SAMPLE.replace("\"127.0.0.1:9090\"", "\"127.0.0.2:8080\""),
+            &env
+        )
+        .is_ok()
+    );
+}

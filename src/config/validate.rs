@@ -455,6 +455,20 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
         .map(parse_addr)
         .transpose()
         .map_err(|m| ConfigError::field("server.admin_listen", m))?;
+    if let Some(admin) = admin_listen
+        && admin.port() != 0
+        && admin.port() == listen.port()
+        && (admin.ip() == listen.ip()
+            || admin.ip().is_unspecified()
+            || listen.ip().is_unspecified())
+    {
+        return Err(ConfigError::field(
+            "server.admin_listen",
+            format!(
+                "{admin} is where server.listen ({listen}) is: give the admin listener a port of its own"
+            ),
+        ));
+    }
     let max_body_bytes = match raw.max_body_bytes {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(0) => {
@@ -706,6 +720,11 @@ fn parse_backend_url(s: &str) -> Result<BackendUrl, String> {
         return Err(format!("{s:?}: a backend URL takes no query string"));
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
+    if base_path.ends_with("/openai") {
+        return Err(format!(
+            "{s:?} ends in /openai, which the gateway adds itself (requests would go to /openai/openai/...); write the resource's root, e.g. https://<resource>.openai.azure.com"
+        ));
+    }
     Ok(BackendUrl {
         scheme,
         authority,

@@ -75,6 +75,13 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// [`bind`], its error naming the address and the field that set it.
+fn bind_named(addr: SocketAddr, field: &str) -> std::io::Result<TcpListener> {
+    bind(addr).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}"))
+    })
+}
+
 /// How long a session key stays with the backend that served it last: longer than any prompt
 /// cache lives on an idle instance (an hour at most).
 const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -122,10 +129,10 @@ pub async fn start_on(
         }
     };
 
-    let listener = bind(config.server.listen)?;
+    let listener = bind_named(config.server.listen, "server.listen")?;
     let addr = listener.local_addr()?;
     let admin = match config.server.admin_listen {
-        Some(a) => Some(bind(a)?),
+        Some(a) => Some(bind_named(a, "server.admin_listen")?),
         None => None,
     };
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
@@ -416,5 +423,18 @@ mod tests {
         let done = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
         assert_eq!(done, 300, "connects left waiting on a full backlog");
         drop(listener);
+    }
+
+    /// A busy port is named, with the field that asked for it.
+    #[tokio::test]
+    async fn a_busy_address_is_named_with_its_field() {
+        let taken = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = super::bind_named(addr, "server.admin_listen").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("cannot listen on {addr} (server.admin_listen): ")),
+            "{text}"
+        );
     }
 }
