@@ -85,6 +85,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         stream_every: 3,
         include_usage: true,
         headers: Vec::new(),
+        timeout: Duration::from_secs(60),
     };
     let outcomes = drive(
         &client,

@@ -95,6 +95,9 @@ enum Command {
         /// SDK adds.
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// Longest a request may take, answer and body, e.g. `60s`, `500ms`.
+        #[arg(long, default_value = "60s", value_parser = switchyard::config::parse_duration)]
+        timeout: Duration,
     },
     /// Exit 0 when URL answers 2xx within 3 s, else 1: a health check for container images
     /// without curl (Docker's HEALTHCHECK).
@@ -325,6 +328,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
             json,
             api_version,
             headers,
+            timeout,
         } => {
             let headers = match headers
                 .iter()
@@ -350,6 +354,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                 stream_every: usize::from(stream || without_include_usage),
                 include_usage: !without_include_usage,
                 headers,
+                timeout,
             };
             let stop = stop_on_signal();
             let outcomes =

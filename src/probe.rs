@@ -30,6 +30,8 @@ pub struct Target {
     pub include_usage: bool,
     /// Sent with every request too (`--header`), e.g. the ones an SDK adds.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Longest one request may take, its whole answer included.
+    pub timeout: Duration,
 }
 
 impl Target {
@@ -54,7 +56,12 @@ impl Target {
 
 /// One request's result.
 pub struct Outcome {
+    /// The answer's status (502 when there was none, with `attempts` 0: see `failure`).
     pub status: StatusCode,
+    /// Why there was no whole answer: a transport error, the timeout, a stop.
+    pub failure: Option<String>,
+    /// The start of a non-2xx answer's body.
+    pub error_body: Option<String>,
     /// `x-switchyard-backend`, else `x-ms-region`.
     pub served_by: Option<String>,
     pub attempts: u32,
@@ -64,7 +71,8 @@ pub struct Outcome {
     pub usage: Option<Usage>,
 }
 
-/// Sends `total` requests, `concurrency` at a time, showing progress on stderr.
+/// Sends `total` requests, `concurrency` at a time, showing progress on stderr. Requests still
+/// out when `stop` fires are reported as stopped, not left out.
 pub async fn drive(
     client: &HttpsClient,
     target: &Target,
@@ -95,12 +103,54 @@ pub async fn drive(
             }
         }
     }
+    let unfinished = set.len();
     set.shutdown().await;
     bar.finish();
+    for _ in 0..unfinished {
+        outcomes.push(Outcome::failed(
+            Duration::ZERO,
+            "stopped before an answer".into(),
+        ));
+    }
     outcomes
 }
 
+impl Outcome {
+    fn failed(latency: Duration, why: String) -> Outcome {
+        Outcome {
+            status: StatusCode::BAD_GATEWAY,
+            failure: Some(why),
+            error_body: None,
+            served_by: None,
+            attempts: 0,
+            latency,
+            complete: false,
+            usage: None,
+        }
+    }
+}
+
+/// How much of a non-2xx body is kept to show.
+const ERROR_BODY_CHARS: usize = 300;
+
 async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usize) -> Outcome {
+    let started = Instant::now();
+    match tokio::time::timeout(target.timeout, exchange(client, target, stream, n, started)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::failed(
+            started.elapsed(),
+            format!("no whole answer within {:?} (--timeout)", target.timeout),
+        ),
+    }
+}
+
+async fn exchange(
+    client: &HttpsClient,
+    target: &Target,
+    stream: bool,
+    n: usize,
+    started: Instant,
+) -> Outcome {
     let mut body = serde_json::json!({
         "messages": [
             {"role": "system", "content": "You are a concise assistant."},
@@ -114,15 +164,6 @@ async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usi
             body["stream_options"] = serde_json::json!({"include_usage": true});
         }
     }
-    let started = Instant::now();
-    let failed = |status| Outcome {
-        status,
-        served_by: None,
-        attempts: 0,
-        latency: started.elapsed(),
-        complete: false,
-        usage: None,
-    };
     let mut req = Request::post(&target.url).header("content-type", "application/json");
     if let Some(k) = &target.key {
         req = req.header("api-key", k);
@@ -130,12 +171,13 @@ async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usi
     for (name, value) in &target.headers {
         req = req.header(name, value);
     }
-    let Ok(req) = req.body(Full::new(Bytes::from(body.to_string()))) else {
-        return failed(StatusCode::BAD_REQUEST);
+    let req = match req.body(Full::new(Bytes::from(body.to_string()))) {
+        Ok(r) => r,
+        Err(e) => return Outcome::failed(started.elapsed(), format!("invalid request: {e}")),
     };
     let resp = match client.request(req).await {
         Ok(r) => r,
-        Err(_) => return failed(StatusCode::BAD_GATEWAY),
+        Err(e) => return Outcome::failed(started.elapsed(), transport_error(&e)),
     };
     let status = resp.status();
     let header = |name: &str| {
@@ -150,29 +192,59 @@ async fn one_request(client: &HttpsClient, target: &Target, stream: bool, n: usi
         .unwrap_or(1);
     let mut tap = Tap::new(header("content-type").as_deref(), false);
     let bytes = resp.into_body().collect().await.map(|c| c.to_bytes());
-    let (complete, usage) = match bytes {
+    let (complete, usage, failure, error_body) = match bytes {
         Ok(b) => {
             let complete = if stream {
                 b.ends_with(b"data: [DONE]\n\n")
             } else {
                 serde_json::from_slice::<serde_json::Value>(&b).is_ok()
             };
+            let error_body = (!status.is_success()).then(|| {
+                String::from_utf8_lossy(&b)
+                    .chars()
+                    .take(ERROR_BODY_CHARS)
+                    .collect()
+            });
             let usage = tap.as_mut().and_then(|t| {
                 t.feed(b);
                 t.finish().1
             });
-            (complete, usage)
+            (complete, usage, None, error_body)
         }
-        Err(_) => (false, None),
+        Err(e) => (
+            false,
+            None,
+            Some(format!("the answer's body broke off: {e}")),
+            None,
+        ),
     };
     Outcome {
         status,
+        failure,
+        error_body,
         served_by,
         attempts,
         latency: started.elapsed(),
         complete,
         usage,
     }
+}
+
+/// A client error as a person reads it: its kind and every cause, not just "error".
+fn transport_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut text = if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "the connection failed".to_string()
+    };
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 struct Progress {
@@ -231,8 +303,21 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn report(outcomes: &[Outcome]) -> serde_json::Value {
     let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let mut error_bodies: BTreeMap<u16, String> = BTreeMap::new();
     for o in outcomes {
-        *by_status.entry(o.status.as_u16()).or_default() += 1;
+        // A request that got no answer (no attempt came back) has no status to count.
+        if o.attempts > 0 {
+            *by_status.entry(o.status.as_u16()).or_default() += 1;
+        }
+        if let Some(why) = &o.failure {
+            *failures.entry(why.clone()).or_default() += 1;
+        }
+        if let Some(body) = &o.error_body {
+            error_bodies
+                .entry(o.status.as_u16())
+                .or_insert_with(|| body.clone());
+        }
         if o.status.is_success() {
             *by_backend
                 .entry(o.served_by.clone().unwrap_or_else(|| "-".into()))
@@ -259,6 +344,8 @@ pub fn report(outcomes: &[Outcome]) -> serde_json::Value {
         "retried": outcomes.iter().filter(|o| o.attempts > 1).count(),
         "by_backend": by_backend,
         "by_status": by_status,
+        "failures": failures,
+        "error_bodies": error_bodies,
         "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": ms(1.0)},
         "tokens": {
             "prompt": sum(|u| u.prompt_tokens),
@@ -280,6 +367,18 @@ pub fn print_report(r: &serde_json::Value) {
     if let Some(m) = r["by_status"].as_object() {
         for (k, v) in m {
             println!("{k:<24} {v:>8}");
+        }
+    }
+    if let Some(m) = r["failures"].as_object().filter(|m| !m.is_empty()) {
+        println!("\nno whole answer:");
+        for (why, n) in m {
+            println!("  {n:>6}  {why}");
+        }
+    }
+    if let Some(m) = r["error_bodies"].as_object().filter(|m| !m.is_empty()) {
+        println!("\nfirst answer of each error status:");
+        for (status, body) in m {
+            println!("  {status}: {}", body.as_str().unwrap_or(""));
         }
     }
     let l = &r["latency_ms"];

@@ -193,6 +193,98 @@ async fn probe_reports_distribution_statuses_and_tokens() {
     assert_eq!(out.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["succeeded"], 0);
+    // Said as what it is, with the system's own words, not as a status no server sent.
+    assert_eq!(r["by_status"], serde_json::json!({}), "{r}");
+    let failures = r["failures"].as_object().unwrap();
+    assert_eq!(
+        failures.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        2,
+        "{r}"
+    );
+    let why = failures.keys().next().unwrap();
+    assert!(
+        why.starts_with("cannot connect") && why.contains("refused"),
+        "{why}"
+    );
+}
+
+/// Against an endpoint that accepts and never answers, every request ends at `--timeout`
+/// and is reported as such (never "0/0"); an error status shows the start of its body.
+#[tokio::test]
+async fn probe_says_why_requests_failed() {
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", stalled.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = stalled.accept().await {
+            open.push(s);
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &url,
+            "--deployment",
+            "d",
+            "--requests",
+            "3",
+        ])
+        .args(["--concurrency", "3", "--timeout", "500ms", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["requests"], 3, "{r}");
+    assert_eq!(
+        r["failures"]["no whole answer within 500ms (--timeout)"], 3,
+        "{r}"
+    );
+    held.abort();
+
+    let (url, _backend) = common::scripted_backend(429, vec![("retry-after", "1".into())]).await;
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &url,
+            "--deployment",
+            "d",
+            "--requests",
+            "2",
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["by_status"]["429"], 2, "{r}");
+    let body = r["error_bodies"]["429"].as_str().unwrap();
+    assert!(body.contains("scripted answer"), "{body}");
+
+    // The report as a person reads it says the same.
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &url,
+            "--deployment",
+            "d",
+            "--requests",
+            "1",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("first answer of each error status:"),
+        "{text}"
+    );
+    assert!(text.contains("429: {"), "{text}");
 }
 
 /// The access log: one JSON line per request with its id, every backend tried and how, status,
