@@ -554,6 +554,59 @@ async fn shutdown_lets_streams_finish_and_stops_accepting() {
     );
 }
 
+/// After a stop signal, `/readyz` fails at once while both listeners keep accepting for
+/// `server.shutdown_delay` (an orchestrator still sends new connections for a few seconds);
+/// then they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_stop_signal_listeners_accept_for_the_shutdown_delay() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "shutdown_delay = \"2s\"").await;
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(
+        fresh()
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let stopped = std::time::Instant::now();
+    gw.shutdown.cancel();
+    let ready = fresh()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("shutting down"));
+    // A new connection a second after the signal is served.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = post_chat(&fresh(), &gw.base).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "the test was too slow to show it"
+    );
+    // Then the listeners close and the gateway ends.
+    tokio::time::timeout(Duration::from_secs(10), gw.gateway.wait())
+        .await
+        .expect("the gateway stopped after the delay");
+    assert!(stopped.elapsed() >= Duration::from_secs(2));
+    assert!(
+        fresh()
+            .post(format!("{}{CHAT}", gw.base))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
     let s = start_sim(sim("east")).await;

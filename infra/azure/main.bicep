@@ -182,6 +182,8 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
       ]
     }
     template: {
+      // More than server.shutdown_delay (5 s) and server.shutdown_grace (30 s) together.
+      terminationGracePeriodSeconds: 40
       containers: [
         {
           name: 'switchyard'

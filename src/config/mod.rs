@@ -285,6 +285,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests and streams get to finish after a stop signal.
     pub shutdown_grace: Duration,
+    /// How long the listeners keep accepting after a stop signal (`/readyz` is 503 from the
+    /// signal on), for load balancers to stop sending new connections.
+    pub shutdown_delay: Duration,
     /// Longest wait for a request's head (and a TLS handshake); also how long an idle
     /// keep-alive connection stays open.
     pub header_read_timeout: Duration,

@@ -108,6 +108,7 @@ pub struct RawServer {
     pub admin_hosts: Option<Vec<String>>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace: Option<String>,
+    pub shutdown_delay: Option<String>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub max_connections: Option<u32>,

@@ -481,6 +481,13 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
             .map_err(|_| ConfigError::field("server.max_body_bytes", "too large"))?,
     };
     let shutdown_grace = opt_duration(raw.shutdown_grace, "server.shutdown_grace", 30_000)?;
+    // Zero is allowed: stop accepting at once, as outside an orchestrator.
+    let shutdown_delay = match raw.shutdown_delay {
+        None => Duration::from_secs(5),
+        Some(s) => {
+            parse_duration(&s).map_err(|m| ConfigError::field("server.shutdown_delay", m))?
+        }
+    };
     let admin_key = match raw.admin_key {
         Some(k) if k.len() < 16 => {
             return Err(ConfigError::field(
@@ -557,6 +564,7 @@ fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
         admin_hosts,
         max_body_bytes,
         shutdown_grace,
+        shutdown_delay,
         header_read_timeout,
         body_read_timeout,
         max_connections,

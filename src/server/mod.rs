@@ -110,9 +110,12 @@ pub async fn start_with(
 pub async fn start_on(
     config: Config,
     source: Option<ConfigSource>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     workers: &[tokio::runtime::Handle],
 ) -> std::io::Result<Gateway> {
+    // `stop` is the signal: readiness fails at once. `shutdown` follows it after
+    // `server.shutdown_delay`: the listeners stop accepting and everything drains.
+    let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let tls = crate::upstream::tls_config(&config.server.ca)?;
     let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
@@ -223,6 +226,21 @@ pub async fn start_on(
             shutdown.clone(),
         ));
     }
+    {
+        let (state, shutdown, stop) = (state.clone(), shutdown.clone(), stop.clone());
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            let delay = state.runtime().config.server.shutdown_delay;
+            if !delay.is_zero() {
+                tracing::info!(
+                    ?delay,
+                    "stop signal: /readyz answers 503; still accepting for server.shutdown_delay"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            shutdown.cancel();
+        });
+    }
     if sighup {
         tasks.spawn(runtime::on_sighup(state.clone(), shutdown.clone()));
     }
@@ -264,7 +282,7 @@ pub async fn start_on(
         ));
         let admin_state = Arc::new(crate::admin::AdminState {
             metrics: metrics.clone(),
-            stopping: shutdown.clone(),
+            stopping: stop.clone(),
             shared: shared.clone(),
             gateway: state.clone(),
             history,

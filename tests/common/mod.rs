@@ -105,8 +105,14 @@ impl Running {
 }
 
 pub fn config_text(backends: &[B], routing: &str, server: &str, tail: &str) -> String {
+    // Tests stop their gateways at once, unless they are about the delay.
+    let delay = if server.contains("shutdown_delay") {
+        ""
+    } else {
+        "shutdown_delay = \"0s\"\n"
+    };
     let mut t = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\n\n[routing]\n{routing}\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{delay}{server}\n\n[routing]\n{routing}\n"
     );
     for b in backends {
         let auth = match &b.key {
