@@ -366,8 +366,11 @@ fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
     v
 }
 
-/// Ready when not stopping and every backend's credential holds a valid token. The body says
-/// what is missing, with the identity platform's own error text (never a token).
+/// Ready while every deployment the gateway serves has a backend that can take it: not drained,
+/// and a token in hand when it signs in with Entra ID. What is degraded (a credential with no
+/// token, a limits store that is down) is listed in the body, with the identity platform's own
+/// error text (never a token), but one bad credential does not take a replica out of service
+/// while others serve. Not ready while shutting down, or when some deployment has no backend.
 fn readiness(state: &AdminState) -> Response<BoxBody> {
     if state.stopping.is_cancelled() {
         return text(
@@ -376,35 +379,68 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
             "text/plain",
         );
     }
-    let mut problems = String::new();
-    for p in &state.gateway.runtime().credentials {
-        let st = p.status();
-        if !matches!(st.state, CredentialState::Ready | CredentialState::Stale) {
-            problems.push_str(&format!(
-                "backend {}: {} credential {}{}\n",
-                p.label(),
-                p.kind(),
-                st.state.as_str(),
-                st.last_error.map(|e| format!(": {e}")).unwrap_or_default()
-            ));
+    let rt = state.gateway.runtime();
+    let backends = &rt.proxy.backends;
+    let policy = rt.proxy.balancer().policy();
+    let mut degraded = String::new();
+    // Whether backend `i` can take requests now, and what is wrong with it if not.
+    let mut able = vec![true; backends.len()];
+    for (i, b) in backends.iter().enumerate() {
+        if policy.is_drained(i) {
+            able[i] = false;
+            degraded.push_str(&format!("backend {}: drained\n", b.name));
         }
     }
-    let mut notes = String::new();
+    for p in &rt.credentials {
+        let st = p.status();
+        if matches!(st.state, CredentialState::Ready | CredentialState::Stale) {
+            continue;
+        }
+        for (i, b) in backends.iter().enumerate() {
+            if p.serves(&b.name) {
+                able[i] = false;
+            }
+        }
+        degraded.push_str(&format!(
+            "backend {}: {} credential {}{}\n",
+            p.label(),
+            p.kind(),
+            st.state.as_str(),
+            st.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+        ));
+    }
+    // The deployments the config lists, and any other name when those go everywhere.
+    let config = &rt.config;
+    let mut unserved = Vec::new();
+    for d in &config.deployments {
+        if !d
+            .backends
+            .iter()
+            .any(|(i, _)| able.get(*i).copied().unwrap_or(false))
+        {
+            unserved.push(d.name.as_str());
+        }
+    }
+    let others_go_anywhere = config.deployments.is_empty()
+        || config.routing.unknown_deployments == crate::config::UnknownDeployments::Forward;
+    if others_go_anywhere && !able.iter().any(|a| *a) {
+        unserved.push("(any other deployment)");
+    }
     if let Some(shared) = &state.shared
         && !shared.is_up()
     {
         if shared.fail_closed() {
-            problems.push_str("limits store (Redis) unreachable: limited requests are refused (limits.fail_closed)\n");
+            degraded.push_str("limits store (Redis) unreachable: limited requests are refused (limits.fail_closed)\n");
         } else {
-            notes.push_str("limits store (Redis) unreachable: serving without shared limits until it is back\n");
+            degraded.push_str("limits store (Redis) unreachable: serving without shared limits until it is back\n");
         }
     }
-    if problems.is_empty() {
-        text(StatusCode::OK, format!("ready\n{notes}"), "text/plain")
+    if unserved.is_empty() {
+        text(StatusCode::OK, format!("ready\n{degraded}"), "text/plain")
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{problems}{notes}"),
+            format!("no backend can serve: {}\n{degraded}", unserved.join(", ")),
             "text/plain",
         )
     }

@@ -607,6 +607,48 @@ async fn after_a_stop_signal_listeners_accept_for_the_shutdown_delay() {
     );
 }
 
+/// `/readyz` means "can serve": ready while every deployment has a backend that can take it,
+/// what is degraded listed; not ready once one has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_means_every_deployment_can_be_served() {
+    let (_sims, backends) = start_sims(&["east", "west"]).await;
+    let tail = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = \"gpt-4o\", west = \"gpt-4o\" }\n\n[[deployments]]\nname = \"embed\"\nbackends = { east = \"embed\" }\n";
+    let gw = gateway_with(&backends, "unknown_deployments = \"reject\"", "", tail).await;
+    let client = client();
+    let ready = async || {
+        let r = client
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let admin = async |path: &str| {
+        let r = client
+            .post(format!("{}{path}", gw.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    assert_eq!(ready().await, (200, "ready\n".to_string()));
+    // West drained: both deployments still have east.
+    admin("/admin/backends/west/drain").await;
+    assert_eq!(
+        ready().await,
+        (200, "ready\nbackend west: drained\n".to_string())
+    );
+    // East drained instead: `embed` has no backend left.
+    admin("/admin/backends/west/enable").await;
+    admin("/admin/backends/east/drain").await;
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("no backend can serve: embed\n"), "{body}");
+    admin("/admin/backends/east/enable").await;
+    assert_eq!(ready().await.0, 200);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
     let s = start_sim(sim("east")).await;
