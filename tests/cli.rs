@@ -574,3 +574,39 @@ fn the_demo_runs_and_keeps_objects_on_their_instance() {
     assert!(turns.iter().all(|b| *b == turns[0]), "{stdout}");
     assert_eq!(served_by("retrieved the last response"), [turns[0].clone()]);
 }
+
+/// Listening beyond loopback with no client keys is allowed, and said at start: such a gateway
+/// serves anyone who reaches it on its owner's quota.
+#[test]
+fn an_open_gateway_says_so_at_start() {
+    let text = valid().replacen("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"", 1);
+    let p = write_config(&tmp("open"), &text);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .env("SY_TEST_EASTUS_KEY", "x")
+        .env("SY_TEST_WESTUS_KEY", "y")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("beyond loopback") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let warned = rx.recv_timeout(std::time::Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = warned.expect("a warning at start");
+    assert!(
+        line.contains("WARN") && line.contains("no [[consumers]]"),
+        "{line}"
+    );
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Renders the Helm chart and checks the manifests, offline:
 #  1. render with each values file in deploy/helm/ci/ (and check that the defaults alone are
-#     refused: the gateway needs an admin key);
+#     refused: the gateway needs an admin key; and consumer limits over several replicas
+#     without Redis);
 #  2. validate every resource against Kubernetes 1.30's schemas, rejecting unknown fields
 #     (kubernetes-validate, from PyPI);
 #  3. check that the resources fit together (selectors, probe ports, the HPA's target, the
@@ -37,6 +38,31 @@ fi
 grep -q "SWITCHYARD_ADMIN_KEY" "$work/err" || { cat "$work/err" >&2; exit 1; }
 echo "defaults alone: refused, asking for the admin key"
 
+# Consumer limits over several replicas with no shared store would multiply every limit.
+cat > "$work/limits.yaml" <<'YAML'
+secrets:
+  SWITCHYARD_ADMIN_KEY: "ci-admin-key-0123456789"
+config: |
+  [[backends]]
+  name = "a"
+  url = "https://a.openai.azure.com"
+  auth = { type = "managed_identity" }
+
+  [[consumers]]
+  name = "team"
+  key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+  tokens_per_minute = 1000
+YAML
+if "$work/render" -f "$work/limits.yaml" switchyard >/dev/null 2>"$work/err"; then
+  echo "the chart rendered consumer limits over autoscaled replicas with no Redis" >&2; exit 1
+fi
+grep -q "shared store" "$work/err" || { cat "$work/err" >&2; exit 1; }
+printf 'autoscaling:\n  enabled: false\nreplicaCount: 1\n' > "$work/one.yaml"
+"$work/render" -f "$work/limits.yaml" -f "$work/one.yaml" switchyard >/dev/null
+printf 'redis:\n  enabled: true\n' > "$work/redis.yaml"
+"$work/render" -f "$work/limits.yaml" -f "$work/redis.yaml" switchyard >/dev/null
+echo "consumer limits: refused over several replicas without Redis; one replica, or Redis, renders"
+
 for values in ci/*.yaml; do
   name=$(basename "$values" .yaml)
   out="$work/$name.yaml"
@@ -67,9 +93,18 @@ ports = {p["name"]: p["containerPort"] for p in container["ports"]}
 for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
     assert container[probe]["httpGet"]["port"] in ports, probe
 svc = one("Service", "switchyard")
-assert matches(svc["spec"]["selector"], pod_labels), "the Service must select the gateway pods"
-for p in svc["spec"]["ports"]:
-    assert p["targetPort"] in ports, p
+admin_svc = one("Service", "switchyard-admin")
+for s in (svc, admin_svc):
+    assert matches(s["spec"]["selector"], pod_labels), "the Services must select the gateway pods"
+    for p in s["spec"]["ports"]:
+        assert p["targetPort"] in ports, p
+assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], "the API's Service carries the API only"
+assert [p["targetPort"] for p in admin_svc["spec"]["ports"]] == ["admin"]
+assert admin_svc["spec"]["type"] == "ClusterIP", "the admin API is never exposed with the API"
+annotations = gw["spec"]["template"]["metadata"].get("annotations", {})
+assert annotations.get("checksum/config"), "a changed config must roll the pods"
+if any(s["metadata"]["name"] == container["envFrom"][0]["secretRef"]["name"] for s in by_kind.get("Secret", [])):
+    assert annotations.get("checksum/secret"), "a changed Secret must roll the pods"
 for d in by_kind.get("Deployment", []):
     if d is not gw:
         other = d["spec"]["template"]["metadata"]["labels"]
@@ -81,9 +116,10 @@ for hpa in by_kind.get("HorizontalPodAutoscaler", []):
     assert hpa["spec"]["scaleTargetRef"]["name"] == gw["metadata"]["name"]
     assert "replicas" not in gw["spec"], "with an HPA the Deployment leaves replicas to it"
 for sm in by_kind.get("ServiceMonitor", []):
-    assert matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert matches(sm["spec"]["selector"]["matchLabels"], admin_svc["metadata"]["labels"])
+    assert not matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     for e in sm["spec"]["endpoints"]:
-        assert e["port"] in [p["name"] for p in svc["spec"]["ports"]], e
+        assert e["port"] in [p["name"] for p in admin_svc["spec"]["ports"]], e
         assert e["path"] == "/metrics"
 sa = gw["spec"]["template"]["spec"]["serviceAccountName"]
 if "ServiceAccount" in by_kind:

@@ -309,6 +309,13 @@ pub async fn start_on(
         ));
     }
     tracing::info!(%addr, admin = ?admin_addr, "switchyard listening");
+    let rt = state.runtime();
+    if !addr.ip().is_loopback() && rt.config.consumers.is_empty() && rt.config.jwt.is_none() {
+        tracing::warn!(
+            %addr,
+            "listening beyond loopback with no [[consumers]] or [jwt]: anyone who reaches this address is served on your backends' quota"
+        );
+    }
     Ok(Gateway {
         addr,
         admin_addr,
