@@ -497,8 +497,11 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
             .collect()
     };
     let backend = block("var backendLines", "var config").join("\n");
-    let mut text = block("var config", "], backendLines)").join("\n");
+    let mut text = block("var config", "], backendLines").join("\n");
     text.push('\n');
+    // With a client key, the consumer the template adds after the backends.
+    let consumer = block("], backendLines, empty(clientKey)", "var secrets").join("\n");
+    assert!(consumer.contains("[[consumers]]"), "{consumer}");
     for name in ["eastus", "westus"] {
         text.push_str(
             &backend
@@ -518,8 +521,15 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
         !text.contains("${inst") && !text.contains("${identity"),
         "{text}"
     );
-    let lookup =
-        |name: &str| (name == "SWITCHYARD_ADMIN_KEY").then(|| "0123456789abcdef-admin".to_string());
+    let lookup = |name: &str| match name {
+        "SWITCHYARD_ADMIN_KEY" => Some("0123456789abcdef-admin".to_string()),
+        "SWITCHYARD_CLIENT_KEY" => Some("0123456789abcdef-client".to_string()),
+        _ => None,
+    };
+    let with_key = format!("{text}\n{}\n", consumer.replace("\\${", "${"));
+    let cfg = switchyard::config::Config::parse(&with_key, &lookup)
+        .unwrap_or_else(|e| panic!("{e}\n{with_key}"));
+    assert_eq!(cfg.consumers.len(), 1);
     let cfg =
         switchyard::config::Config::parse(&text, &lookup).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(cfg.backends.len(), 2);
@@ -527,6 +537,10 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
     assert_eq!(cfg.server.admin_listen.unwrap().port(), 9090);
     assert!(bicep.contains("port: 9090"), "probes on the admin port");
     assert!(bicep.contains("targetPort: 8080"));
+    // Open to the internet only with a client key; one replica without a shared store.
+    assert!(bicep.contains("external: !empty(clientKey)"));
+    assert!(bicep.contains("param maxReplicas int = 1"));
+    assert_eq!(params["parameters"]["maxReplicas"]["value"], 1);
 }
 
 /// `switchyard demo --once`: the load run's table, then the stateful calls, each served by the

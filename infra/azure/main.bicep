@@ -6,7 +6,11 @@
 //
 //   az group create -n switchyard-rg -l eastus
 //   az deployment group create -g switchyard-rg -f infra/azure/main.bicep \
-//     -p infra/azure/main.parameters.json -p adminKey="$(openssl rand -hex 24)" -p image=<your image>
+//     -p infra/azure/main.parameters.json -p adminKey="$(openssl rand -hex 24)" \
+//     -p clientKey="$(openssl rand -hex 24)" -p image=<your image> [-p acrName=<registry>]
+//
+// Without clientKey the gateway has internal ingress only: an open gateway on the internet
+// would serve anyone on the accounts' quota.
 //
 // See docs/deploy.md for what was and was not validated.
 
@@ -49,11 +53,23 @@ param image string
 @minLength(16)
 param adminKey string
 
-@description('Replicas: limits and cooldowns are per replica unless a Redis is configured (docs/deploy.md).')
+@description('A key clients send (as api-key) to use the gateway; at least 16 characters. Without one the ingress is internal: only apps inside the environment reach the gateway, which then serves anyone there.')
+@secure()
+param clientKey string = ''
+
+@description('Pull the image from an Azure Container Registry in this resource group, by its name: the identity is given AcrPull on it. Leave empty for a public image or registryServer below.')
+param acrName string = ''
+@description('Another private registry: its server, user name and password.')
+param registryServer string = ''
+param registryUsername string = ''
+@secure()
+param registryPassword string = ''
+
+@description('Replicas. This template runs no Redis, so it pins one: cooldowns, learned object owners and any consumer limits are per replica. For more, give the gateway a shared store (limits.store = "redis"; docs/deploy.md) and raise both.')
 @minValue(1)
 param minReplicas int = 1
 @minValue(1)
-param maxReplicas int = 3
+param maxReplicas int = 1
 
 var suffix = uniqueString(resourceGroup().id)
 // Built-in role "Cognitive Services OpenAI User": call inference APIs, nothing else.
@@ -105,6 +121,40 @@ resource openAiUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for 
   }
 }]
 
+resource acr 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = if (!empty(acrName)) {
+  name: empty(acrName) ? 'unused' : acrName
+}
+
+// Built-in role "AcrPull".
+var acrPullRoleId = '7f951dda-4ed3-4680-a7ca-43fe172d538d'
+
+resource acrPull 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(acrName)) {
+  name: guid(resourceGroup().id, acrName, identity.id, acrPullRoleId)
+  scope: acr
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', acrPullRoleId)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+var registries = !empty(acrName)
+  ? [
+      {
+        server: acr.properties.loginServer
+        identity: identity.id
+      }
+    ]
+  : (empty(registryServer)
+      ? []
+      : [
+          {
+            server: registryServer
+            username: registryUsername
+            passwordSecretRef: 'registry-password'
+          }
+        ])
+
 resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   name: '${namePrefix}-logs-${suffix}'
   location: location
@@ -150,7 +200,40 @@ var config = join(concat([
   'strategy = "round_robin"'
   'max_attempts = 3'
   ''
-], backendLines), '\n')
+], backendLines, empty(clientKey) ? [] : [
+  '[[consumers]]'
+  'name = "clients"'
+  'key = "\${SWITCHYARD_CLIENT_KEY}"'
+  ''
+]), '\n')
+
+var secrets = concat([
+  {
+    name: 'admin-key'
+    value: adminKey
+  }
+  {
+    name: 'config'
+    value: config
+  }
+], empty(clientKey) ? [] : [
+  {
+    name: 'client-key'
+    value: clientKey
+  }
+], empty(registryPassword) ? [] : [
+  {
+    name: 'registry-password'
+    value: registryPassword
+  }
+])
+
+var clientKeyEnv = empty(clientKey) ? [] : [
+  {
+    name: 'SWITCHYARD_CLIENT_KEY'
+    secretRef: 'client-key'
+  }
+]
 
 resource app 'Microsoft.App/containerApps@2024-03-01' = {
   name: namePrefix
@@ -165,21 +248,14 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
     managedEnvironmentId: env.id
     configuration: {
       ingress: {
-        external: true
+        // Reachable from the internet only when clients need a key to use it.
+        external: !empty(clientKey)
         targetPort: 8080
         transport: 'auto'
         allowInsecure: false
       }
-      secrets: [
-        {
-          name: 'admin-key'
-          value: adminKey
-        }
-        {
-          name: 'config'
-          value: config
-        }
-      ]
+      registries: registries
+      secrets: secrets
     }
     template: {
       // More than server.shutdown_delay (5 s) and server.shutdown_grace (30 s) together.
@@ -193,12 +269,12 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
             '--config'
             '/etc/switchyard/switchyard.toml'
           ]
-          env: [
+          env: concat([
             {
               name: 'SWITCHYARD_ADMIN_KEY'
               secretRef: 'admin-key'
             }
-          ]
+          ], clientKeyEnv)
           resources: {
             cpu: json('0.5')
             memory: '1Gi'
@@ -274,6 +350,7 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
   dependsOn: [
     openAiUser
     modelDeployment
+    acrPull
   ]
 }
 
