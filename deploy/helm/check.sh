@@ -115,6 +115,12 @@ for pdb in by_kind.get("PodDisruptionBudget", []):
 for hpa in by_kind.get("HorizontalPodAutoscaler", []):
     assert hpa["spec"]["scaleTargetRef"]["name"] == gw["metadata"]["name"]
     assert "replicas" not in gw["spec"], "with an HPA the Deployment leaves replicas to it"
+for ing in by_kind.get("Ingress", []):
+    for rule in ing["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            target = path["backend"]["service"]
+            assert target["name"] == svc["metadata"]["name"], "the Ingress goes to the API's Service"
+            assert target["port"]["name"] in [p["name"] for p in svc["spec"]["ports"]], target
 for sm in by_kind.get("ServiceMonitor", []):
     assert matches(sm["spec"]["selector"]["matchLabels"], admin_svc["metadata"]["labels"])
     assert not matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
