@@ -259,6 +259,10 @@ fn backends_json(rt: &Runtime) -> serde_json::Value {
                 .filter_map(|t| {
                     let st = t.status(idx, now)?;
                     let (state_name, left) = match st.availability {
+                        // Up, but unable to serve this deployment: passed over for it.
+                        crate::balancer::Availability::Ready if st.misfit.is_some() => {
+                            (st.misfit.as_ref().map_or("healthy", |m| m.reason), None)
+                        }
                         crate::balancer::Availability::Ready => ("healthy", None),
                         crate::balancer::Availability::Cooling(d) => ("cooling_down", Some(d)),
                         crate::balancer::Availability::Open(d) => ("circuit_open", Some(d)),
@@ -273,6 +277,7 @@ fn backends_json(rt: &Runtime) -> serde_json::Value {
                             crate::balancer::CircuitState::Open { .. } => "open",
                             crate::balancer::CircuitState::HalfOpen { .. } => "half_open",
                         },
+                        "error": st.misfit.as_ref().map(|m| m.message.clone()),
                         "in_flight": st.in_flight,
                         "ttfb_ewma_ms": st.ttfb_ewma.map(|d| d.as_secs_f64() * 1000.0),
                         "headroom": st.room,
@@ -325,6 +330,8 @@ fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
             .into();
         // The backend's worst state over its deployments, and how long it lasts.
         let rank = |s: &str| match s {
+            "auth_rejected" => 5,
+            "not_deployed" => 4,
             "circuit_open" => 3,
             "cooling_down" => 2,
             "probing" => 1,

@@ -44,6 +44,8 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// No token could be had for the backend's Entra credential.
     CredentialUnavailable,
+    /// The backends refused the gateway's credential (401, 403): a config problem.
+    BackendAuthFailed,
     /// The caller's key is missing or not valid.
     Unauthorized,
     /// The caller is over its requests or tokens per minute.
@@ -87,7 +89,9 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::CrossOrigin => StatusCode::FORBIDDEN,
             ErrorKind::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
-            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamConnect
+            | ErrorKind::UpstreamProtocol
+            | ErrorKind::BackendAuthFailed => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -123,6 +127,7 @@ impl ErrorKind {
             ErrorKind::NoBackendAvailable => "no_backend_available",
             ErrorKind::DeadlineExceeded => "request_timeout",
             ErrorKind::CredentialUnavailable => "backend_credential_unavailable",
+            ErrorKind::BackendAuthFailed => "backend_auth_failed",
             ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",

@@ -19,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
+use crate::balancer::Misfit;
 use crate::balancer::{Balancer, Lease, Outcome, Pick, SCRATCH, Verdict, scratch};
 use crate::body::{BoxBody, full};
 use crate::config::RoutingConfig;
@@ -326,6 +327,37 @@ impl Proxy {
             let (sent_result, waited, answered) = self
                 .send_attempt(idx, rename, req, remaining, attempt, now, log)
                 .await;
+            // An answer saying this backend cannot serve the deployment at all (its credential
+            // refused, the deployment missing there) is the backend's fault, not the
+            // client's: remembered, and the request moves on.
+            let sent_result = match sent_result {
+                Ok(resp) if owner.is_none() && may_be_misfit(resp.status()) => {
+                    let (parts, raw, bytes) = read_whole(resp, NOT_FOUND_BODY_BYTES).await;
+                    let bytes = bytes.unwrap_or_default();
+                    if let Some(m) = misfit(parts.status, &bytes) {
+                        lease.report(Outcome::Misfit(m.clone()), answered);
+                        self.misfit_seen(idx, shown, &m, !is_last);
+                        log.tried
+                            .0
+                            .push((backend.name.clone(), Ok(parts.status.as_u16())));
+                        if m.reason == NOT_DEPLOYED {
+                            // If no backend has it, the client gets this 404.
+                            kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
+                        } else {
+                            last_error = Some(auth_failed(backend, idx, &m));
+                        }
+                        if is_last {
+                            return self.give_up(kept, last_error, attempts);
+                        }
+                        continue;
+                    }
+                    Ok(Response::from_parts(
+                        parts,
+                        full(bytes).with_passthrough(raw),
+                    ))
+                }
+                other => other,
+            };
             let retryable = self.settle(
                 &mut lease,
                 idx,
@@ -700,6 +732,38 @@ impl Proxy {
         }
     }
 
+    /// Counts and logs a backend found unable to serve a deployment: the attempt in metrics, the
+    /// backend's last error, and a WARN once a minute per backend (a misconfigured backend is
+    /// passed over, so it must not go unnoticed).
+    fn misfit_seen(&self, idx: usize, deployment: &str, m: &Misfit, retried: bool) {
+        let backend = &self.backends[idx];
+        self.note(backend, deployment, m.reason, Verdict::Healthy, retried);
+        *crate::sync::lock(&self.last_error[idx]) = Some((
+            format!("{} on {deployment}: {}", m.reason, m.message),
+            std::time::SystemTime::now(),
+        ));
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = backend.stats.misfit_warned.load(Relaxed);
+        if now >= last + 60
+            && backend
+                .stats
+                .misfit_warned
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                backend = %backend.name,
+                deployment,
+                reason = m.reason,
+                message = %m.message,
+                "a backend cannot serve a deployment; passed over for it (check backends[{idx}])"
+            );
+        }
+    }
+
     /// Tells the balancer how an attempt went (its health verdict) and counts it: metrics, the
     /// backend's last error, the request's trail. Returns whether the outcome is one to retry
     /// elsewhere.
@@ -935,6 +999,52 @@ fn rename_for(candidates: &[crate::routing::Candidate], idx: usize) -> Option<&s
         .iter()
         .find(|c| c.backend == idx)
         .and_then(|c| c.rename.as_deref())
+}
+
+/// [`Misfit::reason`] for a deployment the backend does not have.
+const NOT_DEPLOYED: &str = "not_deployed";
+/// [`Misfit::reason`] for a backend that refused the gateway's credential.
+const AUTH_REJECTED: &str = "auth_rejected";
+
+/// Statuses that may say the backend cannot serve the deployment (the body says which).
+fn may_be_misfit(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 404)
+}
+
+/// What an answer says about the backend, from its status and body: a refused credential (401;
+/// a 403 not about content or policy), or a deployment it does not have (a 404 with Azure's
+/// `DeploymentNotFound`).
+fn misfit(status: http::StatusCode, body: &[u8]) -> Option<Misfit> {
+    let text = String::from_utf8_lossy(body);
+    let lower = text.to_ascii_lowercase();
+    let reason = match status.as_u16() {
+        401 => AUTH_REJECTED,
+        403 if !(lower.contains("content") || lower.contains("policy")) => AUTH_REJECTED,
+        404 if lower.contains("deploymentnotfound") => NOT_DEPLOYED,
+        _ => return None,
+    };
+    // The backend's own message when it gave one in the OpenAI shape, else its first words.
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string());
+    let mut message: String = message.chars().take(300).collect();
+    if message.is_empty() {
+        message = format!("answered {status}");
+    }
+    Some(Misfit { reason, message })
+}
+
+/// The client's answer when the backends refused the gateway's credential: the gateway's
+/// fault to fix, never the client's key (`backends[i].auth` says where).
+fn auth_failed(backend: &Backend, idx: usize, m: &Misfit) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::BackendAuthFailed,
+        format!(
+            "backend {} refused the gateway's credential ({}); check backends[{idx}].auth",
+            backend.name, m.message
+        ),
+    )
 }
 
 /// A response taken apart: its head, the header lines passed on as the backend sent them, and

@@ -470,3 +470,113 @@ async fn retry_hints_in_every_form_set_the_cooldowns() {
         server.abort();
     }
 }
+
+/// The state `/admin/backends` gives a backend for a deployment, and its error.
+async fn pair_state(
+    client: &reqwest::Client,
+    admin: &str,
+    backend: &str,
+    deployment: &str,
+) -> (String, String) {
+    let v: serde_json::Value = client
+        .get(format!("{admin}/admin/backends"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == backend)
+        .unwrap();
+    let d = b["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["deployment"] == deployment)
+        .cloned()
+        .unwrap_or_default();
+    (
+        d["state"].as_str().unwrap_or("").to_string(),
+        d["error"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// A backend whose key is wrong answers 401: the request moves on, the backend is marked
+/// `auth_rejected` for the deployment and passed over; the client never sees the 401. When
+/// every backend refuses the gateway's credential, the client gets a 502 naming the config
+/// field to check, never a 401 that reads as its own key being wrong.
+#[tokio::test]
+async fn a_backend_with_a_wrong_key_is_passed_over_and_named() {
+    let (sims, _) = start_sims(&["east", "west"]).await;
+    let mut wrong = B::sim(&sims[0]);
+    wrong.key = Some("not-the-key".into());
+    let gw = gateway(&[wrong, B::sim(&sims[1])], "", "").await;
+    let client = client();
+    for _ in 0..20 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-backend"), "west");
+    }
+    assert!(
+        sims[0].requests().len() <= 1,
+        "asked again: {}",
+        sims[0].requests().len()
+    );
+    let (state, error) = pair_state(&client, &gw.admin, "east", "gpt-4o").await;
+    assert_eq!(state, "auth_rejected");
+    assert!(!error.is_empty());
+    let m = metrics_text(&client, &gw.admin).await;
+    assert!(
+        m.contains("switchyard_attempts_total{backend=\"east\",outcome=\"auth_rejected\"} 1"),
+        "{m}"
+    );
+    gw.stop().await;
+
+    let mut both: Vec<B> = sims.iter().map(B::sim).collect();
+    for b in &mut both {
+        b.key = Some("not-the-key".into());
+    }
+    let gw = gateway(&both, "", "").await;
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "backend_auth_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(".auth"), "{msg}");
+    // Passed over, not forgotten: the next request asks them again and says the same.
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(r.status(), 502);
+    gw.stop().await;
+}
+
+/// A deployment one of two backends does not have: its 404 `DeploymentNotFound` moves the
+/// request on and is remembered (`not_deployed`); with no backend having it, the client gets
+/// the 404.
+#[tokio::test]
+async fn a_deployment_missing_on_one_backend_is_served_by_the_other() {
+    let s = start_sim(sim("east")).await;
+    let missing = r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#;
+    let (url, _b) = scripted_backend_with(404, vec![], missing).await;
+    let gw = gateway(&[B::sim(&s), B::url("west", url.clone())], "", "").await;
+    let client = client();
+    for _ in 0..10 {
+        let r = post_chat(&client, &gw.base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-switchyard-backend"), "east");
+    }
+    let (state, error) = pair_state(&client, &gw.admin, "west", "gpt-4o").await;
+    assert_eq!(state, "not_deployed");
+    assert!(error.contains("does not exist"), "{error}");
+    gw.stop().await;
+
+    let gw = gateway(&[B::url("west", url)], "", "").await;
+    let r = post_chat(&client, &gw.base).await;
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "DeploymentNotFound");
+    gw.stop().await;
+}

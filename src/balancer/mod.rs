@@ -114,7 +114,23 @@ struct Pair {
     headroom: Headroom,
     /// Smooth weighted round-robin's running score.
     wrr: i64,
+    /// The backend answered that it cannot serve this deployment at all (its credential was
+    /// refused, the deployment is not there): passed over while others can serve, until then.
+    misfit: Option<(Misfit, Instant)>,
 }
+
+/// Why a backend cannot serve a deployment, from its own answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misfit {
+    /// `auth_rejected` or `not_deployed`.
+    pub reason: &'static str,
+    /// The backend's own words, shortened.
+    pub message: String,
+}
+
+/// How long a misfit backend is passed over before it is asked again: a role assignment that
+/// propagates, a deployment that gets created, a key that is fixed, are picked up by then.
+pub const MISFIT_TTL: Duration = Duration::from_secs(60);
 
 /// The result of a pick.
 pub enum Pick {
@@ -140,6 +156,8 @@ pub enum Outcome<'a> {
     },
     /// No response: connect error, timeout, broken exchange.
     Failure { elapsed: Duration },
+    /// An answer saying the backend cannot serve this deployment (see [`Misfit`]).
+    Misfit(Misfit),
 }
 
 /// What the balancer concluded from an outcome (for metrics and logs).
@@ -309,11 +327,28 @@ impl Table {
         let buf = scratch(&mut stack, &mut heap, candidates.len());
         let mut len = 0;
         let mut untried = false;
+        // Backends that said they cannot serve this deployment are asked only when no other
+        // can: so the client still gets a real answer, and they are checked again.
+        let fits = |pair: &Pair| pair.misfit.as_ref().is_none_or(|(_, until)| *until <= now);
+        let mut misfits = 0;
         for &c in candidates {
             if usable(c) && st.pairs[c].health.availability(now) == Availability::Ready {
+                if !fits(&st.pairs[c]) {
+                    misfits += 1;
+                    continue;
+                }
                 buf[len] = c;
                 len += 1;
                 untried |= !tried.get(c).copied().unwrap_or(false);
+            }
+        }
+        if len == 0 && misfits > 0 {
+            for &c in candidates {
+                if usable(c) && st.pairs[c].health.availability(now) == Availability::Ready {
+                    buf[len] = c;
+                    len += 1;
+                    untried |= !tried.get(c).copied().unwrap_or(false);
+                }
             }
         }
         if untried {
@@ -359,6 +394,11 @@ impl Table {
         let pair = st.pairs.get_mut(idx)?;
         Some(PairStatus {
             availability: pair.health.availability(now),
+            misfit: pair
+                .misfit
+                .as_ref()
+                .filter(|(_, until)| *until > now)
+                .map(|(m, _)| m.clone()),
             circuit: pair.health.state(),
             in_flight: pair.in_flight,
             ttfb_ewma: pair.ttfb.get().map(Duration::from_secs_f64),
@@ -371,6 +411,8 @@ impl Table {
 #[derive(Debug, Clone)]
 pub struct PairStatus {
     pub availability: Availability,
+    /// Why the backend cannot serve this deployment, while it is passed over for it.
+    pub misfit: Option<Misfit>,
     pub circuit: CircuitState,
     pub in_flight: u32,
     pub ttfb_ewma: Option<Duration>,
@@ -587,8 +629,16 @@ impl Lease {
                 } else {
                     pair.ttfb.observe(ttfb, now);
                     pair.health.success();
+                    if status.is_success() {
+                        pair.misfit = None;
+                    }
                     Verdict::Healthy
                 }
+            }
+            Outcome::Misfit(m) => {
+                // An answer: the backend is up, and its circuit has nothing to learn.
+                pair.misfit = Some((m, now + MISFIT_TTL));
+                Verdict::Healthy
             }
             Outcome::Failure { elapsed } => {
                 // A timeout is the slowest answer there is: let the latency average see it.

@@ -99,6 +99,8 @@ pub struct BackendStats {
     /// Time to first byte of the responses it served: sum (µs) and count, for averages.
     pub ttfb_us: AtomicU64,
     pub ttfb_count: AtomicU64,
+    /// When (Unix seconds) it was last logged as unable to serve a deployment.
+    pub misfit_warned: AtomicU64,
 }
 
 impl BackendStats {
@@ -122,6 +124,7 @@ impl BackendStats {
             tokens: AtomicU64::new(0),
             ttfb_us: AtomicU64::new(0),
             ttfb_count: AtomicU64::new(0),
+            misfit_warned: AtomicU64::new(0),
         }
     }
 

@@ -307,6 +307,20 @@ pub async fn scripted_backend(
     status: u16,
     headers: Vec<(&'static str, String)>,
 ) -> (String, tokio::task::JoinHandle<()>) {
+    scripted_backend_with(
+        status,
+        headers,
+        r#"{"error":{"code":"scripted","message":"scripted answer"}}"#,
+    )
+    .await
+}
+
+/// [`scripted_backend`] with its own body.
+pub async fn scripted_backend_with(
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: &'static str,
+) -> (String, tokio::task::JoinHandle<()>) {
     use http_body_util::BodyExt;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -320,12 +334,7 @@ pub async fn scripted_backend(
             let headers = headers.clone();
             conns.spawn(async move {
                 let svc = service_fn(move |_req| {
-                    let mut r = http::Response::new(
-                        switchyard::body::full(
-                            r#"{"error":{"code":"scripted","message":"scripted answer"}}"#,
-                        )
-                        .boxed(),
-                    );
+                    let mut r = http::Response::new(switchyard::body::full(body).boxed());
                     *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
                     for (k, v) in headers.iter() {
                         r.headers_mut().insert(*k, v.parse().unwrap());
