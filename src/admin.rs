@@ -348,8 +348,11 @@ fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
                 .as_ref()
                 .map_or("healthy".into(), |d| d["state"].clone())
         };
-        b["available_in_ms"] =
-            worst.map_or(serde_json::Value::Null, |d| d["available_in_ms"].clone());
+        b["available_in_ms"] = worst
+            .as_ref()
+            .map_or(serde_json::Value::Null, |d| d["available_in_ms"].clone());
+        // What the backend said, when it cannot serve a deployment.
+        b["error"] = worst.map_or(serde_json::Value::Null, |d| d["error"].clone());
         out.push(b);
     }
     let total: u64 = out

@@ -758,7 +758,7 @@ impl Proxy {
                 backend = %backend.name,
                 deployment,
                 reason = m.reason,
-                message = %m.message,
+                answer = %m.message,
                 "a backend cannot serve a deployment; passed over for it (check backends[{idx}])"
             );
         }

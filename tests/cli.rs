@@ -113,6 +113,17 @@ fn serve_runs_and_exits_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
+    // A second after the signal the listeners still accept (server.shutdown_delay, 5 s), and
+    // readiness says the replica is going.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut conn = std::net::TcpStream::connect(&admin).expect("still accepting");
+    use std::io::{Read, Write};
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("shutting down"), "{answer}");
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit {exit:?}");
 }
@@ -337,6 +348,57 @@ async fn access_log_lines_are_json_when_asked() {
     assert_eq!(access["tried"], "dead:backend_connect_error good:200");
     assert_eq!(access["completion_tokens"], 8);
     assert!(access["total_ms"].as_f64().unwrap() >= access["first_byte_ms"].as_f64().unwrap());
+    let _ = child.kill().await;
+}
+
+/// A backend whose key is wrong is logged as a WARN naming it and the config to check, once,
+/// while its requests are served by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_refusing_the_gateways_key_is_logged() {
+    let east = common::start_sim(common::sim("east")).await;
+    let west = common::start_sim(common::sim("west")).await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[backends]]\nname = \"east\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"wrong-key\" }}\n\n[[backends]]\nname = \"west\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-west\" }}\n",
+        east.url(),
+        west.url()
+    );
+    let p = write_config(&tmp("wrong-key"), &cfg);
+    let (mut child, mut lines) = serve_json_logs(&p);
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("a listening line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "switchyard listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    for _ in 0..5 {
+        let r = common::client()
+            .post(format!("http://{addr}{}", common::CHAT))
+            .header("content-type", "application/json")
+            .body(common::chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let warned = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a warning line");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["level"] == "WARN" && v["backend"] == "east" {
+                break v;
+            }
+        }
+    })
+    .await
+    .expect("a WARN about the backend");
+    assert_eq!(warned["reason"], "auth_rejected", "{warned}");
+    assert!(
+        warned["message"].as_str().unwrap().contains("backends[0]"),
+        "{warned}"
+    );
+    assert!(!warned["answer"].as_str().unwrap().is_empty(), "{warned}");
+    assert!(!warned.to_string().contains("wrong-key"), "{warned}");
     let _ = child.kill().await;
 }
 
