@@ -44,7 +44,7 @@ async fn driver() -> Option<Driver> {
         );
         return None;
     }
-    let port = addr_of(&dead_url()).port();
+    let port = free_port();
     let child = Command::new(CHROMEDRIVER)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())

@@ -34,11 +34,20 @@ pub async fn start_sims(names: &[&str]) -> (Vec<Simulator>, Vec<B>) {
     (sims, backends)
 }
 
-/// A URL where nothing listens: connects are refused.
-pub fn dead_url() -> String {
+/// A loopback port free at the moment, for a process that binds it itself.
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind(ANY).unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
+    l.local_addr().unwrap().port()
+}
+
+/// A URL where nothing listens: connects are refused. The port is bound and never listened on,
+/// and stays so for the test's life: a port freed again could be taken meanwhile by another
+/// test's server, which would then answer.
+pub fn dead_url() -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(ANY.parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
     format!("http://{addr}")
 }
 
