@@ -80,19 +80,24 @@ fn check_and_serve_reject_bad_configs_naming_the_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("backends[1].url"));
 }
 
-#[test]
-fn serve_runs_and_exits_cleanly_on_sigterm() {
-    let p = write_config(&tmp("serve"), &valid());
-    let mut child = Command::new(BIN)
+/// `switchyard serve` on `config` (the example's variables set), its log as text on stderr.
+fn serve_text_logs(config: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
         .args(["serve", "--config"])
-        .arg(&p)
+        .arg(config)
         .env("SY_TEST_EASTUS_KEY", "x")
         .env("SY_TEST_WESTUS_KEY", "y")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn serve_runs_and_exits_cleanly_on_sigterm() {
+    let p = write_config(&tmp("serve"), &valid());
+    let mut child = serve_text_logs(&p);
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let listening = lines
@@ -657,16 +662,7 @@ fn the_demo_runs_and_keeps_objects_on_their_instance() {
 fn an_open_gateway_says_so_at_start() {
     let text = valid().replacen("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"", 1);
     let p = write_config(&tmp("open"), &text);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .env("SY_TEST_EASTUS_KEY", "x")
-        .env("SY_TEST_WESTUS_KEY", "y")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_text_logs(&p);
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -382,7 +382,7 @@ impl RedisServer {
             );
             return None;
         }
-        let port = port.unwrap_or_else(|| addr_of(&dead_url()).port());
+        let port = port.unwrap_or_else(free_port);
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
