@@ -332,8 +332,24 @@ impl Proxy {
             // client's: remembered, and the request moves on.
             let sent_result = match sent_result {
                 Ok(resp) if owner.is_none() && may_be_misfit(resp.status()) => {
-                    let (parts, raw, bytes) = read_whole(resp, NOT_FOUND_BODY_BYTES).await;
-                    let bytes = bytes.unwrap_or_default();
+                    let (parts, raw, bytes) = read_whole(resp, KEEP_FAILED_BODY_BYTES).await;
+                    // Error bodies are small; one that is not, or never ends, is not passed
+                    // on cut short.
+                    let Some(bytes) = bytes else {
+                        let e = GatewayError::new(
+                            ErrorKind::UpstreamProtocol,
+                            format!(
+                                "backend {} answered {} with a body over {KEEP_FAILED_BODY_BYTES} bytes or too slow to read",
+                                backend.name, parts.status
+                            ),
+                        );
+                        return Answer {
+                            result: Err(e),
+                            backend: Some(idx),
+                            attempts,
+                            lease: None,
+                        };
+                    };
                     if let Some(m) = misfit(parts.status, &bytes) {
                         lease.report(Outcome::Misfit(m.clone()), answered);
                         self.misfit_seen(idx, shown, &m, !is_last);
