@@ -436,6 +436,17 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
     if others_go_anywhere && !able.iter().any(|a| *a) {
         unserved.push("(any other deployment)");
     }
+    if let Some(p) = state.shared.as_ref().and_then(|s| s.credential()) {
+        let st = p.status();
+        if !matches!(st.state, CredentialState::Ready | CredentialState::Stale) {
+            degraded.push_str(&format!(
+                "limits store (Redis): {} credential {}{}\n",
+                p.kind(),
+                st.state.as_str(),
+                st.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+            ));
+        }
+    }
     if let Some(shared) = &state.shared
         && !shared.is_up()
     {
@@ -516,6 +527,7 @@ fn render_metrics(state: &AdminState) -> String {
     }
     let rt = state.gateway.runtime();
     backend_state_metrics(&rt, &mut out);
+    store_credential_metrics(state, &mut out);
     if rt.credentials.is_empty() {
         if eof {
             out.push_str("# EOF\n");
@@ -550,6 +562,31 @@ fn render_metrics(state: &AdminState) -> String {
         out.push_str("# EOF\n");
     }
     out
+}
+
+/// The limits store's Entra ID credential, when Redis signs the gateway in with one.
+fn store_credential_metrics(state: &AdminState, out: &mut String) {
+    let Some(p) = state.shared.as_ref().and_then(|s| s.credential()) else {
+        return;
+    };
+    let st = p.status();
+    out.push_str("# HELP switchyard_limits_store_credential_state The limits store's Entra ID credential state (1 for the current state).\n");
+    out.push_str("# TYPE switchyard_limits_store_credential_state gauge\n");
+    for s in ["starting", "ready", "stale", "failing", "rejected"] {
+        out.push_str(&format!(
+            "switchyard_limits_store_credential_state{{kind=\"{}\",state=\"{s}\"}} {}\n",
+            p.kind(),
+            u8::from(st.state.as_str() == s)
+        ));
+    }
+    if let Some(left) = st.expires_in {
+        out.push_str("# HELP switchyard_limits_store_credential_expiry_seconds Seconds left on the limits store's current token.\n");
+        out.push_str("# TYPE switchyard_limits_store_credential_expiry_seconds gauge\n");
+        out.push_str(&format!(
+            "switchyard_limits_store_credential_expiry_seconds {}\n",
+            left.as_secs()
+        ));
+    }
 }
 
 fn text(

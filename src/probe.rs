@@ -88,7 +88,7 @@ pub async fn drive(
     while outcomes.len() < total && !stop.is_cancelled() {
         while set.len() < concurrency.max(1) && next < total {
             let (client, target) = (client.clone(), target.clone());
-            let stream = target.stream_every > 0 && next % target.stream_every == 0;
+            let stream = target.stream_every > 0 && next.is_multiple_of(target.stream_every);
             next += 1;
             let n = next;
             set.spawn(async move { one_request(&client, &target, stream, n).await });
@@ -262,7 +262,7 @@ impl Progress {
 
     fn show(&self, done: &[Outcome]) {
         let n = done.len();
-        if !self.tty && n % 50 != 0 && n != self.total {
+        if !self.tty && !n.is_multiple_of(50) && n != self.total {
             return;
         }
         let ok = done

@@ -1,265 +1,321 @@
-//! A small Redis client: a few connections, RESP2, every command under a short timeout, scripts
-//! by SHA with a fallback to sending the script. Small on purpose: the gateway needs a handful of
-//! commands, and a bounded wait on every one of them (the request path never blocks on a slow
-//! Redis for longer than `timeout`).
+//! The connection to the Redis that replicas share, on the maintained `redis` crate: one
+//! multiplexed connection to a single node (or one per node of a Redis Cluster) that reconnects
+//! by itself; TLS against the system's roots plus `server.ca_file`, never unverified; ACL users
+//! and database numbers from the URL; Entra ID tokens that renew on live connections. Every call
+//! is bounded by `limits.redis_timeout`, so the request path never waits longer on Redis.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
-use tokio::net::TcpStream;
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{
+    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
+    Pipeline, RedisError, RedisFuture, ScriptInvocation, TlsCertificates, Value,
+};
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
 
-/// A reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Status(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Reply>>),
+use crate::auth::outbound::RedisCredentials;
+use crate::config::ExtraCa;
+use crate::sync::lock;
+
+/// A connection attempt (TCP, TLS, sign-in) may take this long; it runs beside requests, which
+/// wait on it no longer than the store's timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that has not answered for this long (or the store's timeout, if longer) is
+/// replaced.
+const MIN_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections refused at sign-in are rebuilt at most this often.
+const REBUILD_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a `redis://` or `rediss://` URL points, checked before anything connects. Messages
+/// name the host and port, never the URL (it may hold a password).
+pub struct Target {
+    info: ConnectionInfo,
+    pub tls: bool,
+    pub has_user: bool,
+    pub has_password: bool,
+    /// `host:port`, for messages.
+    pub addr: String,
 }
 
-impl Reply {
-    pub fn int(&self) -> Option<i64> {
+impl Target {
+    pub fn parse(url: &str, cluster: bool) -> Result<Target, String> {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err("not a redis:// or rediss:// URL".into());
+        }
+        if url.contains('#') {
+            // The crate reads `#insecure` as "skip certificate checks".
+            return Err(
+                "a fragment (such as #insecure) is not accepted: certificates are always verified"
+                    .into(),
+            );
+        }
+        let info = url
+            .into_connection_info()
+            .map_err(|e| format!("not a Redis URL: {e}"))?;
+        let (addr, tls) = match info.addr() {
+            ConnectionAddr::Tcp(h, p) => (format!("{h}:{p}"), false),
+            ConnectionAddr::TcpTls { host, port, .. } => (format!("{host}:{port}"), true),
+            _ => return Err("not a redis:// or rediss:// URL".into()),
+        };
+        let r = info.redis_settings();
+        if cluster && r.db() != 0 {
+            return Err(format!(
+                "names database {}: a Redis Cluster has only database 0",
+                r.db()
+            ));
+        }
+        Ok(Target {
+            tls,
+            has_user: r.username().is_some_and(|u| !u.is_empty()),
+            has_password: r.password().is_some_and(|p| !p.is_empty()),
+            addr,
+            info,
+        })
+    }
+}
+
+/// How to reach the store.
+pub struct Options<'a> {
+    pub cluster: bool,
+    /// The longest wait on any one call.
+    pub timeout: Duration,
+    /// Trusted beside the system's roots for `rediss://`.
+    pub ca: &'a ExtraCa,
+    /// Entra ID sign-in, instead of a password.
+    pub credentials: Option<RedisCredentials>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Reply::Int(i) => Some(*i),
-            Reply::Bulk(Some(b)) => std::str::from_utf8(b).ok()?.parse().ok(),
-            _ => None,
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
-    pub fn items(&self) -> &[Reply] {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Reply::Array(Some(v)) => v,
-            _ => &[],
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 }
 
-/// A Lua script, sent by SHA once Redis knows it.
-pub struct Script {
-    pub source: &'static str,
-    pub sha: String,
+/// Builds connections; kept to build anew when Redis refuses the sign-in.
+struct Factory {
+    single: Option<Client>,
+    cluster: Option<::redis::cluster::ClusterClient>,
+    manager: ConnectionManagerConfig,
 }
 
-impl Script {
-    pub fn new(source: &'static str) -> Self {
-        let digest =
-            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, source.as_bytes());
-        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Self { source, sha }
+impl Factory {
+    fn connect(&self) -> Result<Conn, RedisError> {
+        if let Some(c) = &self.cluster {
+            let config = ClusterConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(self.manager.response_timeout().unwrap_or(CONNECT_TIMEOUT));
+            return Ok(Conn::Cluster(
+                c.get_pending_async_connection_with_config(config),
+            ));
+        }
+        match &self.single {
+            Some(c) => Ok(Conn::Single(
+                c.get_connection_manager_lazy(self.manager.clone())?,
+            )),
+            None => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "no Redis client",
+            ))),
+        }
     }
 }
 
 pub struct Redis {
-    addr: String,
-    password: Option<String>,
-    db: u32,
+    conn: ArcSwap<Conn>,
+    factory: Factory,
+    rebuilt: Mutex<Option<Instant>>,
     timeout: Duration,
-    /// A command holds one connection for its round trip; several let requests overlap.
-    conns: Vec<tokio::sync::Mutex<Option<BufStream<TcpStream>>>>,
-    next: std::sync::atomic::AtomicUsize,
+    addr: String,
 }
 
-/// Connections per client.
-const POOL: usize = 8;
-
 impl Redis {
-    /// From `redis://[:password@]host:port[/db]`.
-    pub fn from_url(url: &str, timeout: Duration) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("{url:?} is not a redis:// URL"))?;
-        let (auth, hostpart) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
-        };
-        let (hostport, db) = match hostpart.split_once('/') {
-            Some((h, d)) if !d.is_empty() => (
-                h,
-                d.parse()
-                    .map_err(|_| format!("{d:?} is not a database number"))?,
-            ),
-            Some((h, _)) => (h, 0),
-            None => (hostpart, 0),
-        };
-        if hostport.is_empty() {
-            return Err(format!("{url:?} names no host"));
-        }
-        let addr = if hostport.contains(':') {
-            hostport.to_string()
+    /// Ready to use at once: connections are made on first use and in the background, so a
+    /// Redis that is down at start-up delays nothing. Needs a Tokio runtime.
+    pub fn open(url: &str, opts: Options<'_>) -> Result<Redis, String> {
+        let target = Target::parse(url, opts.cluster)?;
+        let certs = if target.tls {
+            Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots_pem(opts.ca)?),
+            })
         } else {
-            format!("{hostport}:6379")
+            None
         };
-        let password = auth
-            .map(|a| a.trim_start_matches(':').to_string())
-            .filter(|p| !p.is_empty());
-        Ok(Self {
-            addr,
-            password,
-            db,
-            timeout,
-            conns: (0..POOL).map(|_| tokio::sync::Mutex::new(None)).collect(),
-            next: std::sync::atomic::AtomicUsize::new(0),
+        let response_timeout = opts.timeout.max(MIN_RESPONSE_TIMEOUT);
+        let fail = |e: RedisError| format!("Redis at {}: {e}", target.addr);
+        let mut manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            // One attempt per reconnection: commands meanwhile fail at once (and are served
+            // open or refused as configured) rather than queue behind a backoff.
+            .set_number_of_retries(0);
+        let (single, cluster) = if opts.cluster {
+            let mut b = ClusterClientBuilder::new(vec![target.info.clone()])
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(response_timeout)
+                .retries(1);
+            if let Some(c) = certs {
+                b = b.certs(c);
+            }
+            if let Some(c) = opts.credentials.clone() {
+                b = b.set_credentials_provider(c);
+            }
+            (None, Some(b.build().map_err(fail)?))
+        } else {
+            let client = match certs {
+                Some(c) => Client::build_with_tls(target.info.clone(), c),
+                None => Client::open(target.info.clone()),
+            }
+            .map_err(fail)?;
+            if let Some(c) = opts.credentials.clone() {
+                manager = manager.set_credentials_provider(c);
+            }
+            (Some(client), None)
+        };
+        let factory = Factory {
+            single,
+            cluster,
+            manager,
+        };
+        let conn = factory.connect().map_err(fail)?;
+        Ok(Redis {
+            conn: ArcSwap::from_pointee(conn),
+            factory,
+            rebuilt: Mutex::new(None),
+            timeout: opts.timeout,
+            addr: target.addr,
         })
     }
 
-    /// Runs one command; on any failure the connection is dropped and the next call reconnects.
-    pub async fn cmd(&self, args: &[&[u8]]) -> Result<Reply, String> {
-        // A free connection if there is one, else the next in turn.
-        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let slot = (0..POOL)
-            .map(|k| &self.conns[(start + k) % POOL])
-            .find(|c| c.try_lock().is_ok())
-            .unwrap_or(&self.conns[start % POOL]);
-        match tokio::time::timeout(self.timeout, self.cmd_on(slot, args)).await {
-            Ok(r) => r,
-            Err(_) => {
-                // The connection may be mid-reply: it cannot be reused.
-                if let Ok(mut c) = slot.try_lock() {
-                    *c = None;
-                }
-                Err(format!(
-                    "no answer from Redis at {} within {:?}",
-                    self.addr, self.timeout
-                ))
-            }
-        }
+    /// Runs one command, bounded by the store's timeout.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, String> {
+        let mut conn = Conn::clone(&self.conn.load());
+        self.bounded(self.timeout, cmd.query_async(&mut conn)).await
     }
 
-    async fn cmd_on(
+    /// Runs a script (by SHA, loading it when Redis does not know it), bounded by the store's
+    /// timeout. In a cluster it goes to the node of its first key.
+    pub async fn script<T: FromRedisValue>(
         &self,
-        slot: &tokio::sync::Mutex<Option<BufStream<TcpStream>>>,
-        args: &[&[u8]],
-    ) -> Result<Reply, String> {
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.connect().await?);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Err("no connection".into());
-        };
-        let result = exchange(conn, args).await;
-        if result.is_err() {
-            *guard = None;
-        }
-        result
-    }
-
-    async fn connect(&self) -> Result<BufStream<TcpStream>, String> {
-        let stream = TcpStream::connect(&self.addr)
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, String> {
+        let mut conn = Conn::clone(&self.conn.load());
+        self.bounded(self.timeout, invocation.invoke_async(&mut conn))
             .await
-            .map_err(|e| format!("cannot connect to Redis at {}: {e}", self.addr))?;
-        let _ = stream.set_nodelay(true);
-        let mut conn = BufStream::new(stream);
-        if let Some(p) = &self.password {
-            expect_ok(exchange(&mut conn, &[b"AUTH", p.as_bytes()]).await?)?;
-        }
-        if self.db != 0 {
-            let db = self.db.to_string();
-            expect_ok(exchange(&mut conn, &[b"SELECT", db.as_bytes()]).await?)?;
-        }
-        Ok(conn)
     }
 
-    /// Runs a script by SHA, loading it when Redis does not know it yet.
-    pub async fn eval(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[String],
-    ) -> Result<Reply, String> {
-        let nkeys = keys.len().to_string();
-        let mut argv: Vec<&[u8]> = vec![b"EVALSHA", script.sha.as_bytes(), nkeys.as_bytes()];
-        argv.extend(keys.iter().map(|k| k.as_bytes()));
-        argv.extend(args.iter().map(|a| a.as_bytes()));
-        match self.cmd(&argv).await? {
-            Reply::Error(e) if e.starts_with("NOSCRIPT") => {
-                argv[0] = b"EVAL";
-                argv[1] = script.source.as_bytes();
-                match self.cmd(&argv).await? {
-                    Reply::Error(e) => Err(format!("Redis script error: {e}")),
-                    r => Ok(r),
-                }
-            }
-            Reply::Error(e) => Err(format!("Redis script error: {e}")),
-            r => Ok(r),
-        }
-    }
-}
-
-fn expect_ok(r: Reply) -> Result<(), String> {
-    match r {
-        Reply::Error(e) => Err(format!("Redis refused: {e}")),
-        _ => Ok(()),
-    }
-}
-
-async fn exchange(conn: &mut BufStream<TcpStream>, args: &[&[u8]]) -> Result<Reply, String> {
-    let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    let io = |e: std::io::Error| format!("Redis connection: {e}");
-    conn.write_all(&out).await.map_err(io)?;
-    conn.flush().await.map_err(io)?;
-    read_reply(conn).await
-}
-
-async fn read_line(conn: &mut BufStream<TcpStream>) -> Result<String, String> {
-    let mut line = String::new();
-    let n = conn
-        .read_line(&mut line)
+    /// A `PING` that may wait for a whole connection attempt: started at once so the first
+    /// requests find the connection made.
+    pub async fn warm_up(&self) -> Result<(), String> {
+        let mut conn = Conn::clone(&self.conn.load());
+        self.bounded(
+            CONNECT_TIMEOUT + self.timeout,
+            ::redis::cmd("PING").query_async::<()>(&mut conn),
+        )
         .await
-        .map_err(|e| format!("Redis connection: {e}"))?;
-    if n == 0 {
-        return Err("Redis closed the connection".into());
     }
-    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.rebuild_if_refused(&e);
+                Err(format!("Redis at {}: {e}", self.addr))
+            }
+            Err(_) => Err(format!(
+                "no answer from Redis at {} within {limit:?}",
+                self.addr
+            )),
+        }
+    }
+
+    /// A connection whose sign-in was refused (a rotated password, a token Redis did not yet
+    /// know) is not retried by the crate, only lost connections are: build a new one.
+    fn rebuild_if_refused(&self, e: &RedisError) {
+        let refused = matches!(
+            e.kind(),
+            ErrorKind::AuthenticationFailed | ErrorKind::Client | ErrorKind::InvalidClientConfig
+        ) || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS");
+        if !refused {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut last = lock(&self.rebuilt);
+            if last.is_some_and(|t| now.duration_since(t) < REBUILD_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        match self.factory.connect() {
+            Ok(c) => self.conn.store(std::sync::Arc::new(c)),
+            Err(e) => tracing::warn!(error = %e, "cannot build a new Redis connection"),
+        }
+    }
 }
 
-fn read_reply(
-    conn: &mut BufStream<TcpStream>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, String>> + Send + '_>> {
-    Box::pin(async move {
-        let line = read_line(conn).await?;
-        let (kind, rest) = line.split_at(1.min(line.len()));
-        let num = || {
-            rest.parse::<i64>()
-                .map_err(|_| format!("bad Redis reply {line:?}"))
-        };
-        match kind {
-            "+" => Ok(Reply::Status(rest.to_string())),
-            "-" => Ok(Reply::Error(rest.to_string())),
-            ":" => Ok(Reply::Int(num()?)),
-            "$" => {
-                let len = num()?;
-                if len < 0 {
-                    return Ok(Reply::Bulk(None));
-                }
-                let mut buf = vec![0; len as usize + 2];
-                conn.read_exact(&mut buf)
-                    .await
-                    .map_err(|e| format!("Redis connection: {e}"))?;
-                buf.truncate(len as usize);
-                Ok(Reply::Bulk(Some(buf)))
-            }
-            "*" => {
-                let len = num()?;
-                if len < 0 {
-                    return Ok(Reply::Array(None));
-                }
-                let mut items = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    items.push(read_reply(conn).await?);
-                }
-                Ok(Reply::Array(Some(items)))
-            }
-            _ => Err(format!("bad Redis reply {line:?}")),
+/// The system's root certificates and `ca`'s, as one PEM bundle (what the crate takes). A
+/// system certificate rustls cannot use is left out rather than failing the whole store.
+fn roots_pem(ca: &ExtraCa) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let system = rustls_native_certs::load_native_certs().certs;
+    let mut check = rustls::RootCertStore::empty();
+    let mut pem = String::new();
+    for der in system.iter().chain(ca.certs.iter()) {
+        if check.add(der.clone()).is_err() {
+            continue;
         }
-    })
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    if pem.is_empty() {
+        return Err(
+            "no root CA certificates for rediss://: the system has none and server.ca_file is not set"
+                .into(),
+        );
+    }
+    Ok(pem.into_bytes())
 }
 
 #[cfg(test)]
@@ -268,26 +324,47 @@ mod tests {
 
     #[test]
     fn urls() {
-        let r = Redis::from_url("redis://127.0.0.1:6380/2", Duration::from_millis(50)).unwrap();
+        let t = Target::parse("redis://127.0.0.1:6380/2", false).unwrap();
         assert_eq!(
-            (r.addr.as_str(), r.db, r.password.as_deref()),
-            ("127.0.0.1:6380", 2, None)
+            (t.addr.as_str(), t.tls, t.has_user, t.has_password),
+            ("127.0.0.1:6380", false, false, false)
         );
-        let r =
-            Redis::from_url("redis://:s3cret@cache.internal", Duration::from_millis(50)).unwrap();
+        assert_eq!(t.info.redis_settings().db(), 2);
+        let t = Target::parse("rediss://gw:s3cret@cache.internal:10000", false).unwrap();
         assert_eq!(
-            (r.addr.as_str(), r.password.as_deref()),
-            ("cache.internal:6379", Some("s3cret"))
+            (t.addr.as_str(), t.tls, t.has_user, t.has_password),
+            ("cache.internal:10000", true, true, true)
         );
-        assert!(Redis::from_url("http://x", Duration::from_millis(1)).is_err());
+        let t = Target::parse("redis://:s3cret@cache.internal", false).unwrap();
+        assert_eq!(t.addr, "cache.internal:6379");
+        assert!((t.has_password, t.has_user) == (true, false));
     }
 
     #[test]
-    fn script_sha_is_redis_sha1() {
-        // SHA1("return 1"), as Redis computes it for SCRIPT LOAD.
-        assert_eq!(
-            Script::new("return 1").sha,
-            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
-        );
+    fn refused_urls_never_echo_the_password() {
+        for (url, cluster, says) in [
+            ("http://x:pw@h", false, "not a redis://"),
+            ("rediss://u:pw@h:6380/#insecure", false, "always verified"),
+            ("redis://u:pw@h:6379/3", true, "only database 0"),
+            ("redis+unix:///tmp/r.sock", false, "not a redis://"),
+        ] {
+            let e = Target::parse(url, cluster).err().unwrap();
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains("pw"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_roots_bundle_holds_the_extra_ca() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let extra = ExtraCa {
+            path: None,
+            certs: vec![ca.der().clone()],
+        };
+        let pem = String::from_utf8(roots_pem(&extra).unwrap()).unwrap();
+        assert!(pem.contains(&ca.pem().lines().nth(1).unwrap().to_string()));
     }
 }

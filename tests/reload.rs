@@ -118,7 +118,7 @@ async fn twenty_reloads_under_load_fail_no_request() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let stream = (i + worker) % 3 == 0;
+                let stream = (i + worker).is_multiple_of(3);
                 let r = send_chat(&client, &base, stream).await;
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();

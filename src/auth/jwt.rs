@@ -189,6 +189,6 @@ impl JwtValidator {
     }
 }
 
-fn decode_json(part: &str) -> Option<Value> {
+pub(crate) fn decode_json(part: &str) -> Option<Value> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
 }

@@ -9,6 +9,8 @@ use super::{ConfigError, Secret};
 
 /// Azure OpenAI's token scope. Foundry endpoints also accept `https://ai.azure.com/.default`.
 pub const DEFAULT_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+/// Azure Cache for Redis' and Azure Managed Redis' token scope.
+pub const REDIS_SCOPE: &str = "https://redis.azure.com/.default";
 const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com/";
 const DEFAULT_IMDS: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
@@ -112,19 +114,22 @@ pub enum MiSource {
     Imds { endpoint: String },
 }
 
+/// `default_scope`: for a credential that names none ([`DEFAULT_SCOPE`] for backends,
+/// [`REDIS_SCOPE`] for the limits store).
 pub(super) fn validate(
     raw: RawAuth,
     at: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
+    default_scope: &str,
 ) -> Result<EntraCredential, ConfigError> {
     let field = |f: &str| format!("{at}.{f}");
     let env = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
     let scope_of = |s: Option<String>| -> Result<String, ConfigError> {
-        let scope = s.unwrap_or_else(|| DEFAULT_SCOPE.to_string());
+        let scope = s.unwrap_or_else(|| default_scope.to_string());
         if !(scope.starts_with("https://") || scope.starts_with("api://")) || scope.contains(' ') {
             return Err(ConfigError::field(
                 field("scope"),
-                format!("{scope:?} is not a scope like {DEFAULT_SCOPE:?}"),
+                format!("{scope:?} is not a scope like {default_scope:?}"),
             ));
         }
         Ok(scope)

@@ -211,14 +211,24 @@ pub enum LimitStore {
     /// In this gateway's memory.
     Memory,
     /// In Redis, shared by every replica.
-    Redis {
-        /// `redis://[:password@]host:port[/db]`; printed without the password.
-        url: Secret,
-        /// Refuse limited requests while Redis is unreachable (default: serve them).
-        fail_closed: bool,
-        /// Longest wait on Redis on the request path.
-        timeout: Duration,
-    },
+    Redis(RedisStore),
+}
+
+/// The Redis that replicas share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStore {
+    /// `redis[s]://[[user]:password@]host[:port][/db]`; printed without the password.
+    pub url: Secret,
+    /// Refuse limited requests while Redis is unreachable (default: serve them).
+    pub fail_closed: bool,
+    /// Longest wait on Redis on the request path.
+    pub timeout: Duration,
+    /// Redis Cluster: the URL names one node, the others are discovered.
+    pub cluster: bool,
+    /// Entra ID sign-in: the token is the password, renewed on every connection.
+    pub auth: Option<EntraCredential>,
+    /// The ACL user to sign in as with `auth`; else the token's `oid` claim.
+    pub user: Option<String>,
 }
 
 /// A consumer's limits; `None` is unlimited.
@@ -472,12 +482,9 @@ impl Config {
             .collect();
         let store = match &self.limits.store {
             LimitStore::Memory => json!({"store": "memory"}),
-            LimitStore::Redis {
-                fail_closed,
-                timeout,
-                ..
-            } => {
-                json!({"store": "redis", "fail_closed": fail_closed, "redis_timeout_ms": timeout.as_millis() as u64})
+            LimitStore::Redis(r) => {
+                json!({"store": "redis", "fail_closed": r.fail_closed, "redis_timeout_ms": r.timeout.as_millis() as u64,
+                       "cluster": r.cluster, "auth": r.auth.as_ref().map(|a| a.describe()), "user": r.user})
             }
         };
         let r = &self.routing;
@@ -553,6 +560,27 @@ impl Config {
         if !self.consumers.is_empty() {
             let names: Vec<&str> = self.consumers.iter().map(|c| c.name.as_str()).collect();
             let _ = writeln!(s, "consumers     {} ({})", names.len(), names.join(", "));
+        }
+        if let LimitStore::Redis(r) = &self.limits.store {
+            let (addr, tls) = crate::redis::Target::parse(r.url.expose(), r.cluster)
+                .map(|t| (t.addr, t.tls))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "limits store  Redis{} at {addr}{}, fail {}",
+                if r.cluster { " Cluster" } else { "" },
+                if tls { " (TLS)" } else { "" },
+                if r.fail_closed { "closed" } else { "open" }
+            );
+            if let Some(a) = &r.auth {
+                let _ = writeln!(
+                    s,
+                    "    {:<16} Entra ID sign-in as {}: {}",
+                    "",
+                    r.user.as_deref().unwrap_or("the token's oid"),
+                    a.describe()
+                );
+            }
         }
         if !self.deployments.is_empty() {
             let _ = writeln!(s, "deployments   {}", self.deployments.len());

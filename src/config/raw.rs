@@ -89,6 +89,9 @@ pub struct RawLimits {
     pub redis_url: Option<String>,
     pub fail_closed: Option<bool>,
     pub redis_timeout: Option<String>,
+    pub redis_cluster: Option<bool>,
+    pub redis_auth: Option<RawAuth>,
+    pub redis_user: Option<String>,
     pub completion_estimate: Option<u64>,
 }
 

@@ -363,6 +363,96 @@ fn consumer_limits_name_their_fields() {
 }
 
 #[test]
+fn the_redis_of_azure_validates_field_by_field() {
+    let base = SAMPLE;
+    let limits = |extra: &str| format!("{base}[limits]\nstore = \"redis\"\n{extra}");
+    // Azure Managed Redis: TLS, clustered, Entra ID sign-in.
+    let c = Config::parse(
+        &limits(
+            "redis_url = \"rediss://cache.westeurope.redis.azure.net:10000\"\nredis_cluster = true\n\
+             redis_auth = { type = \"managed_identity\", client_id = \"11111111-2222-3333-4444-555555555555\" }\n\
+             redis_user = \"9b2a0c2e-0000-4000-8000-000000000001\"\n",
+        ),
+        &env,
+    )
+    .unwrap();
+    let LimitStore::Redis(r) = &c.limits.store else {
+        panic!("a Redis store")
+    };
+    assert!(r.cluster);
+    assert_eq!(
+        r.auth.as_ref().unwrap().scope,
+        "https://redis.azure.com/.default"
+    );
+    assert_eq!(
+        r.user.as_deref(),
+        Some("9b2a0c2e-0000-4000-8000-000000000001")
+    );
+    // An ACL user and a database number.
+    assert!(
+        Config::parse(
+            &limits("redis_url = \"rediss://gateway:pw-secret@cache:6380/2\"\n"),
+            &env
+        )
+        .is_ok()
+    );
+    for (extra, path, says) in [
+        (
+            "redis_url = \"rediss://cache:6380/#insecure\"\n",
+            "limits.redis_url",
+            "always verified",
+        ),
+        (
+            "redis_url = \"redis://cache:6379/3\"\nredis_cluster = true\n",
+            "limits.redis_url",
+            "only database 0",
+        ),
+        (
+            "redis_url = \"rediss://:pw@cache:6380\"\nredis_auth = { type = \"azure_cli\" }\n",
+            "limits.redis_url",
+            "keep one",
+        ),
+        (
+            "redis_url = \"rediss://me@cache:6380\"\nredis_auth = { type = \"azure_cli\" }\n",
+            "limits.redis_url",
+            "limits.redis_user",
+        ),
+        (
+            "redis_url = \"rediss://cache:6380\"\nredis_user = \"someone\"\n",
+            "limits.redis_user",
+            "redis_auth",
+        ),
+        (
+            "redis_url = \"rediss://cache:6380\"\nredis_auth = { type = \"azure_cli\" }\nredis_user = \" \"\n",
+            "limits.redis_user",
+            "user name",
+        ),
+        (
+            "redis_url = \"rediss://cache:6380\"\nredis_auth = { type = \"workload_identity\" }\n",
+            "limits.redis_auth.client_id",
+            "AZURE_CLIENT_ID",
+        ),
+        (
+            "redis_url = \"rediss://cache:6380\"\nredis_auth = { type = \"api_key\", key = \"x\" }\n",
+            "limits.redis_auth",
+            "not an Entra ID credential",
+        ),
+        (
+            "redis_url = \"rediss://cache:6380\"\nredis_cluster = \"yes\"\n",
+            "limits.redis_cluster",
+            "",
+        ),
+    ] {
+        let e = Config::parse(&limits(extra), &env).unwrap_err();
+        assert_eq!(e.path, path, "{extra}: {e}");
+        assert!(e.to_string().contains(says), "{extra}: {e}");
+        assert!(!e.to_string().contains("pw"), "{extra}: {e}");
+    }
+    let e = Config::parse(&format!("{base}[limits]\nredis_cluster = true\n"), &env).unwrap_err();
+    assert_eq!(e.path, "limits.redis_cluster");
+}
+
+#[test]
 fn an_admin_listener_off_loopback_needs_a_key() {
     let e = err(&SAMPLE.replace(
         "admin_listen = \"127.0.0.1:9090\"",

@@ -59,7 +59,12 @@ pub(super) fn validate(
                 BackendAuth::ApiKey(Secret::new(key))
             }
             raw::RawAuth::None => BackendAuth::None,
-            other => BackendAuth::Entra(super::credential::validate(other, &at("auth"), lookup)?),
+            other => BackendAuth::Entra(super::credential::validate(
+                other,
+                &at("auth"),
+                lookup,
+                super::credential::DEFAULT_SCOPE,
+            )?),
         };
         backends.push(BackendConfig {
             name,
@@ -72,7 +77,7 @@ pub(super) fn validate(
     let deployments = validate_deployments(raw.deployments, &backends)?;
     let jwt = raw.jwt.map(validate_jwt).transpose()?;
     let consumers = validate_consumers(raw.consumers, jwt.is_some())?;
-    let limits = validate_limits(raw.limits)?;
+    let limits = validate_limits(raw.limits, lookup)?;
     let affinity = validate_affinity(raw.affinity)?;
     let tracing = raw.tracing.map(validate_tracing).transpose()?;
     Ok(Config {
@@ -319,13 +324,24 @@ fn limit_set(
     })
 }
 
-fn validate_limits(raw: raw::RawLimits) -> Result<LimitsConfig, ConfigError> {
+fn validate_limits(
+    raw: raw::RawLimits,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<LimitsConfig, ConfigError> {
     let store = match raw.store.as_deref() {
         None | Some("memory") => {
-            if raw.redis_url.is_some() || raw.fail_closed.is_some() || raw.redis_timeout.is_some() {
+            let redis_keys = [
+                ("redis_url", raw.redis_url.is_some()),
+                ("fail_closed", raw.fail_closed.is_some()),
+                ("redis_timeout", raw.redis_timeout.is_some()),
+                ("redis_cluster", raw.redis_cluster.is_some()),
+                ("redis_auth", raw.redis_auth.is_some()),
+                ("redis_user", raw.redis_user.is_some()),
+            ];
+            if let Some((key, _)) = redis_keys.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::field(
-                    "limits",
-                    "redis_url, fail_closed and redis_timeout go with store = \"redis\"",
+                    format!("limits.{key}"),
+                    "goes with store = \"redis\"",
                 ));
             }
             LimitStore::Memory
@@ -338,13 +354,59 @@ fn validate_limits(raw: raw::RawLimits) -> Result<LimitsConfig, ConfigError> {
                 ));
             };
             let timeout = opt_duration(raw.redis_timeout, "limits.redis_timeout", 100)?;
-            crate::redis::Redis::from_url(&url, timeout)
+            let cluster = raw.redis_cluster.unwrap_or(false);
+            let target = crate::redis::Target::parse(&url, cluster)
                 .map_err(|e| ConfigError::field("limits.redis_url", e))?;
-            LimitStore::Redis {
+            let auth = match raw.redis_auth {
+                None => None,
+                Some(a) => {
+                    if target.has_password {
+                        return Err(ConfigError::field(
+                            "limits.redis_url",
+                            "has a password, and limits.redis_auth signs in with Entra ID: keep one",
+                        ));
+                    }
+                    if target.has_user {
+                        return Err(ConfigError::field(
+                            "limits.redis_url",
+                            "names a user: with limits.redis_auth, set limits.redis_user instead",
+                        ));
+                    }
+                    Some(super::credential::validate(
+                        a,
+                        "limits.redis_auth",
+                        lookup,
+                        super::credential::REDIS_SCOPE,
+                    )?)
+                }
+            };
+            let user = match raw.redis_user {
+                None => None,
+                Some(_) if auth.is_none() => {
+                    return Err(ConfigError::field(
+                        "limits.redis_user",
+                        "goes with limits.redis_auth (a password sign-in names its user in redis_url)",
+                    ));
+                }
+                Some(u)
+                    if u.trim().is_empty()
+                        || u.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                {
+                    return Err(ConfigError::field(
+                        "limits.redis_user",
+                        "must be a user name (the identity's object id), without spaces",
+                    ));
+                }
+                Some(u) => Some(u),
+            };
+            LimitStore::Redis(RedisStore {
                 url: Secret::new(url),
                 fail_closed: raw.fail_closed.unwrap_or(false),
                 timeout,
-            }
+                cluster,
+                auth,
+                user,
+            })
         }
         Some(other) => {
             return Err(ConfigError::field(

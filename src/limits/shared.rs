@@ -4,6 +4,11 @@
 //! request path makes exactly one bounded Redis call. When Redis cannot be reached the gateway
 //! fails open (or closed, if configured), says so in logs (once per interval), metrics and
 //! `/readyz`, and recovers by itself.
+//!
+//! Every key one script touches carries the consumer's name as its hash tag, so on a Redis
+//! Cluster each script runs on one slot. Backend cooldowns live in one hash (backend ×
+//! deployment → until, on Redis's clock), read whole in one call: the cost per replica is fixed,
+//! whatever else Redis holds.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,13 +19,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Refusal, Remaining, until_next_window, window_of};
+use crate::auth::outbound::TokenProvider;
 use crate::config::ConsumerLimits;
-use crate::redis::{Redis, Reply, Script};
+use crate::redis::Redis;
 use crate::sync::lock;
 use crate::telemetry::Metrics;
 
 /// Key prefix, versioned so a rolling upgrade with a new layout cannot misread old keys.
-const PREFIX: &str = "sy:v1";
+const PREFIX: &str = "sy:v2";
+/// Owner records kept the layout they had under the first prefix, so replicas of either
+/// version read each other's.
+const OWNER_PREFIX: &str = "sy:v1";
+/// The hash of shared cooldowns: field `{deployment}:{backend}`, value the end on Redis's
+/// clock in milliseconds.
+const COOLDOWNS: &str = "sy:v2:cooldowns";
 /// Errors are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often cooldowns learned by other replicas are read.
@@ -118,6 +130,40 @@ end
 return 1
 "#;
 
+/// Records a cooldown (keeping a later one already there), drops the ended ones, and lets the
+/// hash expire with the last of them.
+const COOL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local untl = now + tonumber(ARGV[2])
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if untl > cur then redis.call('HSET', KEYS[1], ARGV[1], untl) end
+local all = redis.call('HGETALL', KEYS[1])
+local last = 0
+for i = 1, #all, 2 do
+  local u = tonumber(all[i + 1])
+  if u <= now then redis.call('HDEL', KEYS[1], all[i]) elseif u > last then last = u end
+end
+if last > now then redis.call('PEXPIRE', KEYS[1], last - now) end
+return 1
+"#;
+
+/// The cooldowns still running, as field, milliseconds left, ...
+const COOLING: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local left = tonumber(all[i + 1]) - now
+  if left > 0 then
+    out[#out + 1] = all[i]
+    out[#out + 1] = left
+  end
+end
+return out
+"#;
+
 /// A request's hold on shared limits, settled through the background task.
 #[derive(Debug)]
 pub struct SharedHold {
@@ -150,14 +196,18 @@ enum Job {
 
 pub struct Shared {
     redis: Redis,
-    reserve: Script,
-    settle: Script,
+    reserve: redis::Script,
+    settle: redis::Script,
+    cool: redis::Script,
+    cooling: redis::Script,
     fail_closed: bool,
     up: AtomicBool,
     last_log: Mutex<Option<Instant>>,
     jobs: mpsc::Sender<Job>,
     jobs_rx: Mutex<Option<mpsc::Receiver<Job>>>,
     metrics: Arc<Metrics>,
+    /// Entra ID sign-in, when Redis takes tokens instead of a password.
+    credential: Option<Arc<TokenProvider>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -174,19 +224,32 @@ pub enum SharedOutcome {
 }
 
 impl Shared {
-    pub fn new(redis: Redis, fail_closed: bool, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        redis: Redis,
+        fail_closed: bool,
+        metrics: Arc<Metrics>,
+        credential: Option<Arc<TokenProvider>>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         Arc::new(Self {
             redis,
-            reserve: Script::new(RESERVE),
-            settle: Script::new(SETTLE),
+            reserve: redis::Script::new(RESERVE),
+            settle: redis::Script::new(SETTLE),
+            cool: redis::Script::new(COOL),
+            cooling: redis::Script::new(COOLING),
             fail_closed,
             up: AtomicBool::new(true),
             last_log: Mutex::new(None),
             jobs: tx,
             jobs_rx: Mutex::new(Some(rx)),
             metrics,
+            credential,
         })
+    }
+
+    /// The Entra ID credential Redis is signed in with, if any.
+    pub fn credential(&self) -> Option<&Arc<TokenProvider>> {
+        self.credential.as_ref()
     }
 
     pub fn fail_closed(&self) -> bool {
@@ -198,7 +261,7 @@ impl Shared {
         self.up.load(Ordering::Relaxed)
     }
 
-    fn note(&self, result: &Result<Reply, String>) {
+    fn note<T>(&self, result: &Result<T, String>) {
         match result {
             Ok(_) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
@@ -232,7 +295,8 @@ impl Shared {
         let mut keys = Vec::with_capacity(scopes.len() * 3);
         let mut args = Vec::with_capacity(scopes.len() * 4);
         for (scope, l) in scopes {
-            let base = format!("{PREFIX}:{consumer}:{scope}");
+            // The consumer's name is the hash tag: every key of one script on one slot.
+            let base = format!("{PREFIX}:{{{consumer}}}:{scope}");
             keys.push(format!("{base}:req"));
             keys.push(format!("{base}:tok"));
             let (quota_key, limit, ttl) = match l.token_quota {
@@ -261,15 +325,17 @@ impl Shared {
         wall: SystemTime,
     ) -> Result<SharedOutcome, Refusal> {
         let (keys, per_scope) = Self::keys_and_args(consumer, scopes, wall);
-        let mut args = vec![tokens.to_string(), scopes.len().to_string()];
-        args.extend(per_scope.iter().cloned());
-        let result = self.redis.eval(&self.reserve, &keys, &args).await;
+        let mut call = self.reserve.prepare_invoke();
+        call.key(&keys)
+            .arg(tokens)
+            .arg(scopes.len())
+            .arg(&per_scope);
+        let result = self.redis.script::<Vec<i64>>(&call).await;
         self.note(&result);
-        let reply = match result {
-            Ok(r) => r,
+        let v = match result {
+            Ok(v) => v,
             Err(e) => return Ok(SharedOutcome::Unavailable(e)),
         };
-        let v: Vec<i64> = reply.items().iter().filter_map(Reply::int).collect();
         match v.as_slice() {
             [1, rr, rt] => {
                 // Settlement touches the token buckets and quota counters of each scope.
@@ -310,19 +376,19 @@ impl Shared {
                 })
             }
             _ => Ok(SharedOutcome::Unavailable(format!(
-                "unexpected reply from the limits script: {reply:?}"
+                "unexpected reply from the limits script: {v:?}"
             ))),
         }
     }
 
     /// Tells the other replicas a backend asked to be left alone.
     pub fn publish_cooldown(&self, deployment: &str, backend: &str, wait: Duration) {
-        let key = format!("{PREFIX}:cd:{deployment}:{backend}");
+        let key = format!("{deployment}:{backend}");
         let _ = self.jobs.try_send(Job::Cooldown { key, wait });
     }
 
     fn owner_key(namespace: &str, id: &str) -> String {
-        format!("{PREFIX}:{namespace}:{id}")
+        format!("{OWNER_PREFIX}:{namespace}:{id}")
     }
 
     /// The owner record of a stored object (or a session's backend: `namespace` says which), as
@@ -330,12 +396,12 @@ impl Shared {
     /// Bounded by the store's timeout; an unreachable store is `Err`.
     pub async fn owner(&self, namespace: &str, id: &str) -> Result<Option<String>, String> {
         let key = Self::owner_key(namespace, id);
-        let r = self.redis.cmd(&[b"GET", key.as_bytes()]).await;
+        let r = self
+            .redis
+            .query::<Option<Vec<u8>>>(redis::cmd("GET").arg(&key))
+            .await;
         self.note(&r);
-        match r? {
-            Reply::Bulk(Some(v)) => Ok(String::from_utf8(v).ok()),
-            _ => Ok(None),
-        }
+        Ok(r?.and_then(|v| String::from_utf8(v).ok()))
     }
 
     /// Writes owner records for the other replicas, off the request path.
@@ -364,6 +430,9 @@ impl Shared {
         let Some(mut rx) = lock(&self.jobs_rx).take() else {
             return;
         };
+        // The first connection is made now, not by the first request.
+        let warm = self.redis.warm_up().await;
+        self.note(&warm);
         let mut poll = tokio::time::interval(COOLDOWN_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -371,71 +440,51 @@ impl Shared {
                 _ = shutdown.cancelled() => return,
                 job = rx.recv() => match job {
                     None => return,
-                    Some(Job::Settle { keys, args }) => {
-                        let r = self.redis.eval(&self.settle, &keys, &args).await;
-                        self.note(&r);
-                    }
-                    Some(Job::Cooldown { key, wait }) => {
-                        let ms = wait.as_millis().max(1).to_string();
-                        let r = self.redis.cmd(&[b"SET", key.as_bytes(), b"1", b"PX", ms.as_bytes()]).await;
-                        self.note(&r);
-                    }
-                    Some(Job::Owner { key, value, ttl }) => {
-                        let secs = ttl.as_secs().max(1).to_string();
-                        let r = self.redis.cmd(&[b"SET", key.as_bytes(), value.as_bytes(), b"EX", secs.as_bytes()]).await;
-                        self.note(&r);
-                    }
-                    Some(Job::Forget { key }) => {
-                        let r = self.redis.cmd(&[b"DEL", key.as_bytes()]).await;
-                        self.note(&r);
-                    }
+                    Some(job) => self.write(job).await,
                 },
                 _ = poll.tick() => self.read_cooldowns(&apply).await,
             }
         }
     }
 
-    async fn read_cooldowns(&self, apply: &impl Fn(&str, &str, Duration)) {
-        let pattern = format!("{PREFIX}:cd:*");
-        let r = self
-            .redis
-            .cmd(&[
-                b"SCAN",
-                b"0",
-                b"MATCH",
-                pattern.as_bytes(),
-                b"COUNT",
-                b"1000",
-            ])
-            .await;
+    async fn write(&self, job: Job) {
+        let r = match job {
+            Job::Settle { keys, args } => {
+                let mut call = self.settle.prepare_invoke();
+                call.key(keys).arg(args);
+                self.redis.script::<()>(&call).await
+            }
+            Job::Cooldown { key, wait } => {
+                let mut call = self.cool.prepare_invoke();
+                call.key(COOLDOWNS)
+                    .arg(key)
+                    .arg(wait.as_millis().max(1) as u64);
+                self.redis.script::<()>(&call).await
+            }
+            Job::Owner { key, value, ttl } => {
+                self.redis
+                    .query::<()>(
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(value)
+                            .arg("EX")
+                            .arg(ttl.as_secs().max(1)),
+                    )
+                    .await
+            }
+            Job::Forget { key } => self.redis.query::<()>(redis::cmd("DEL").arg(key)).await,
+        };
         self.note(&r);
-        let Ok(reply) = r else { return };
-        let keys: Vec<Vec<u8>> = reply
-            .items()
-            .get(1)
-            .map(|k| {
-                k.items()
-                    .iter()
-                    .filter_map(|i| match i {
-                        Reply::Bulk(Some(b)) => Some(b.clone()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        for key in keys {
-            let Ok(ttl) = self.redis.cmd(&[b"PTTL", &key]).await else {
-                return;
-            };
-            let Some(ms) = ttl.int().filter(|ms| *ms > 0) else {
-                continue;
-            };
-            let key = String::from_utf8_lossy(&key);
-            let Some(rest) = key.strip_prefix(&format!("{PREFIX}:cd:")) else {
-                continue;
-            };
-            if let Some((deployment, backend)) = rest.rsplit_once(':') {
-                apply(deployment, backend, Duration::from_millis(ms as u64));
+    }
+
+    async fn read_cooldowns(&self, apply: &impl Fn(&str, &str, Duration)) {
+        let mut call = self.cooling.prepare_invoke();
+        call.key(COOLDOWNS);
+        let r = self.redis.script::<Vec<(String, u64)>>(&call).await;
+        self.note(&r);
+        for (field, ms) in r.unwrap_or_default() {
+            if let Some((deployment, backend)) = field.rsplit_once(':') {
+                apply(deployment, backend, Duration::from_millis(ms));
             }
         }
     }

@@ -169,10 +169,10 @@ pub async fn handle(
         m.overhead.observe(overhead.as_secs_f64());
     }
 
-    if status == http::StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            tunnel(&state, client_upgrade, &mut resp);
-        }
+    if status == http::StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        tunnel(&state, client_upgrade, &mut resp);
     }
 
     let content_type = resp

@@ -119,16 +119,30 @@ pub async fn start_on(
     let metrics = Arc::new(Metrics::new());
     let tls = crate::upstream::tls_config(&config.server.ca)?;
     let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
-    let shared = match &config.limits.store {
-        LimitStore::Memory => None,
-        LimitStore::Redis {
-            url,
-            fail_closed,
-            timeout,
-        } => {
-            let redis = crate::redis::Redis::from_url(url.expose(), *timeout)
-                .map_err(std::io::Error::other)?;
-            Some(Shared::new(redis, *fail_closed, metrics.clone()))
+    let (shared, store_token) = match &config.limits.store {
+        LimitStore::Memory => (None, None),
+        LimitStore::Redis(store) => {
+            let credentials = store.auth.as_ref().map(|c| {
+                let provider = Arc::new(crate::auth::outbound::TokenProvider::new(
+                    vec!["limits store".into()],
+                    c.clone(),
+                    identity_client.clone(),
+                ));
+                crate::auth::outbound::RedisCredentials::new(provider, store.user.clone())
+            });
+            let token = credentials.as_ref().map(|c| c.provider().clone());
+            let redis = crate::redis::Redis::open(
+                store.url.expose(),
+                crate::redis::Options {
+                    cluster: store.cluster,
+                    timeout: store.timeout,
+                    ca: &config.server.ca,
+                    credentials,
+                },
+            )
+            .map_err(|e| std::io::Error::other(format!("limits.redis_url: {e}")))?;
+            let shared = Shared::new(redis, store.fail_closed, metrics.clone(), token.clone());
+            (Some(shared), token)
         }
     };
 
@@ -162,6 +176,10 @@ pub async fn start_on(
         1 + workers.len(),
     ));
     tasks.spawn(pools.clone().sweep(shutdown.clone()));
+    if let Some(token) = store_token {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { token.refresh_loop(shutdown).await });
+    }
     let parts = runtime::Parts {
         metrics: &metrics,
         identity_client: &identity_client,

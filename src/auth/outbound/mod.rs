@@ -2,6 +2,7 @@
 //! module and `upstream` ever hold the values; everything else sees kinds and states.
 
 mod flows;
+mod store;
 mod token;
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 pub use flows::FetchError;
+pub use store::RedisCredentials;
 pub use token::{CredentialState, CredentialStatus, TokenProvider};
 
 use crate::config::{BackendAuth, BackendConfig, EntraCredential};

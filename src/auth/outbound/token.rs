@@ -84,6 +84,8 @@ pub struct TokenProvider {
     state: RwLock<State>,
     /// One fetch at a time; waiters re-check the cache once they hold it.
     fetching: tokio::sync::Mutex<()>,
+    /// Bumped at every new token: long-lived sign-ins (Redis connections) sign in again.
+    renewed: tokio::sync::watch::Sender<u64>,
 }
 
 impl TokenProvider {
@@ -94,7 +96,13 @@ impl TokenProvider {
             client,
             state: RwLock::new(State::default()),
             fetching: tokio::sync::Mutex::new(()),
+            renewed: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a new token is in hand.
+    pub fn renewals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.renewed.subscribe()
     }
 
     pub fn kind(&self) -> &'static str {
@@ -177,6 +185,8 @@ impl TokenProvider {
                 st.last_error = None;
                 st.failed_at = None;
                 tracing::info!(backends = %self.label(), credential = self.kind(), expires_in_s = expires_in.as_secs(), "token acquired");
+                drop(st);
+                self.renewed.send_modify(|n| *n += 1);
                 Ok(header)
             }
             Err(e) => {
