@@ -13,8 +13,13 @@ use switchyard::sim::Faults;
 const KEY: &str = "team-a-key-0123456789";
 
 fn tail(redis: &str, consumer: &str) -> String {
+    tail_with(redis, "", consumer)
+}
+
+/// A `[limits]` table on `redis` with `limits` lines added, and the consumer `team-a`.
+fn tail_with(redis: &str, limits: &str, consumer: &str) -> String {
     format!(
-        "\n[limits]\nstore = \"redis\"\nredis_url = \"{redis}\"\n\n[[consumers]]\nname = \"team-a\"\nkey = \"{KEY}\"\n{consumer}\n"
+        "\n[limits]\nstore = \"redis\"\nredis_url = \"{redis}\"\n{limits}\n\n[[consumers]]\nname = \"team-a\"\nkey = \"{KEY}\"\n{consumer}\n"
     )
 }
 
@@ -33,16 +38,13 @@ async fn chat(client: &reqwest::Client, base: &str) -> (u16, u64) {
     (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
 }
 
-/// Two replicas, one limit: what both serve together stays within 5 % of what the limit allows.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_hold_one_global_token_limit() {
-    let Some(redis) = RedisServer::start(None) else {
-        return;
-    };
+/// Two replicas on the Redis at `url` (with `limits` lines and `server` lines), one limit:
+/// what both serve together stays within 5 % of what the limit allows.
+async fn two_replicas_share_one_limit(url: &str, limits: &str, server: &str) {
     let s = start_sim(sim("east")).await;
-    let t = tail(&redis.url(), "tokens_per_minute = 1200");
-    let gw1 = gateway_with(&[B::sim(&s)], "", "", &t).await;
-    let gw2 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let t = tail_with(url, limits, "tokens_per_minute = 1200");
+    let gw1 = gateway_with(&[B::sim(&s)], "", server, &t).await;
+    let gw2 = gateway_with(&[B::sim(&s)], "", server, &t).await;
     let client = client();
     let started = Instant::now();
     let run = Duration::from_secs(3);
@@ -83,8 +85,170 @@ async fn two_replicas_hold_one_global_token_limit() {
         ratio >= 0.85,
         "served {served} of {allowed:.0} allowed ({ratio:.3})"
     );
+    for gw in [&gw1, &gw2] {
+        assert_eq!(
+            metric_value(&client, &gw.admin, "switchyard_limits_store_errors_total").await,
+            0.0,
+            "every Redis call answered"
+        );
+    }
     gw1.stop().await;
     gw2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_one_global_token_limit() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    two_replicas_share_one_limit(&redis.url(), "", "").await;
+}
+
+/// TLS with a CA made for the test, trusted through `server.ca_file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_limit_over_tls() {
+    let ours = pki("redis");
+    let Some((redis, files)) = RedisServer::tls(&ours) else {
+        return;
+    };
+    let ca = files.write("trusted.crt", &ours.ca_pem);
+    let url = format!("rediss://localhost:{}", redis.tls_port.unwrap());
+    two_replicas_share_one_limit(&url, "", &format!("ca_file = \"{ca}\"")).await;
+}
+
+/// A three-node Redis Cluster: each consumer's keys sit on one slot, so its script runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_limit_on_a_three_node_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    two_replicas_share_one_limit(&cluster.url(), "redis_cluster = true", "").await;
+    let keys = cluster.keys_per_node();
+    let holding: Vec<usize> = (0..keys.len())
+        .filter(|i| keys[*i].iter().any(|k| k.contains("{team-a}")))
+        .collect();
+    assert_eq!(
+        holding.len(),
+        1,
+        "one node holds the consumer's keys: {keys:?}"
+    );
+    assert!(
+        keys[holding[0]]
+            .iter()
+            .all(|k| k.starts_with("sy:v2:{team-a}:")),
+        "{keys:?}"
+    );
+}
+
+/// A certificate the gateway cannot verify is refused: nothing is counted there, limited
+/// requests are refused (fail closed), and `/readyz` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_from_another_ca_is_refused() {
+    let ours = pki("redis");
+    let other = pki("other");
+    let Some((redis, files)) = RedisServer::tls(&ours) else {
+        return;
+    };
+    let wrong = files.write("other.crt", &other.ca_pem);
+    let s = start_sim(sim("east")).await;
+    let url = format!("rediss://localhost:{}", redis.tls_port.unwrap());
+    let gw = gateway_with(
+        &[B::sim(&s)],
+        "",
+        &format!("ca_file = \"{wrong}\""),
+        &tail_with(&url, "fail_closed = true", "requests_per_minute = 100"),
+    )
+    .await;
+    let client = client();
+    for _ in 0..3 {
+        assert_eq!(chat(&client, &gw.base).await.0, 503);
+    }
+    assert_eq!(s.stats().requests, 0);
+    let ready = client
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        ready.contains("limits store (Redis) unreachable"),
+        "{ready}"
+    );
+    let keys = redis.cmd(&["DBSIZE"]);
+    assert_eq!(keys, redis::Value::Int(0), "nothing was written");
+    gw.stop().await;
+}
+
+/// An ACL user signs in with its password from the URL, on a Redis whose default user has a
+/// password of its own; a wrong password is refused and never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_signs_in_and_a_wrong_password_is_refused() {
+    let Some(redis) = RedisServer::spawn(
+        None,
+        &["--requirepass".to_string(), "admin-pass".to_string()],
+        Some("admin-pass"),
+    ) else {
+        return;
+    };
+    redis.cmd(&[
+        "ACL",
+        "SETUSER",
+        "gateway",
+        "on",
+        ">gw-pass-1234",
+        "~sy:*",
+        "+@all",
+    ]);
+    let s = start_sim(sim("east")).await;
+    let url = format!("redis://gateway:gw-pass-1234@127.0.0.1:{}/3", redis.port);
+    let gw = gateway_with(
+        &[B::sim(&s)],
+        "",
+        "",
+        &tail_with(&url, "fail_closed = true", "requests_per_minute = 3"),
+    )
+    .await;
+    let client = client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(chat(&client, &gw.base).await.0);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    let clients = redis.text(&["CLIENT", "LIST"]);
+    assert!(
+        clients
+            .lines()
+            .any(|l| l.contains("user=gateway") && l.contains(" db=3 ")),
+        "{clients}"
+    );
+    gw.stop().await;
+
+    let wrong = format!("redis://gateway:not-the-pass@127.0.0.1:{}", redis.port);
+    let gw = gateway_with(
+        &[B::sim(&s)],
+        "",
+        "",
+        &tail_with(&wrong, "fail_closed = true", "requests_per_minute = 3"),
+    )
+    .await;
+    assert_eq!(chat(&client, &gw.base).await.0, 503);
+    let ready = client
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        ready.contains("limits store (Redis) unreachable"),
+        "{ready}"
+    );
+    let logs = metrics_text(&client, &gw.admin).await;
+    assert!(!ready.contains("not-the-pass") && !logs.contains("not-the-pass"));
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,6 +256,34 @@ async fn a_cooldown_learned_by_one_replica_is_honoured_by_the_other() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
+    // Whatever else Redis holds, the cooldowns are one hash read in one call.
+    redis.cmd(&[
+        "EVAL",
+        "for i = 1, 20000 do redis.call('SET', 'other:' .. i, i) end",
+        "0",
+    ]);
+    cooldown_is_shared(&redis.url(), "").await;
+    let redis::Value::Array(fields) = redis.cmd(&["HKEYS", "sy:v2:cooldowns"]) else {
+        panic!("the cooldowns hash")
+    };
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    assert!(
+        matches!(&fields[0], redis::Value::BulkString(f) if f.ends_with(b":throttled")),
+        "{fields:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooldown_is_shared_through_a_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    cooldown_is_shared(&cluster.url(), "redis_cluster = true\n").await;
+}
+
+/// Replica 1 meets a 429 with a long `retry-after`; replica 2 learns it through Redis and never
+/// tries that backend.
+async fn cooldown_is_shared(url: &str, limits: &str) {
     let throttled = start_sim(sim("throttled")).await;
     throttled
         .set_faults(Faults {
@@ -103,10 +295,7 @@ async fn a_cooldown_learned_by_one_replica_is_honoured_by_the_other() {
         .await;
     let fine = start_sim(sim("fine")).await;
     let backends = [B::sim(&throttled), B::sim(&fine)];
-    let t = format!(
-        "\n[limits]\nstore = \"redis\"\nredis_url = \"{}\"\n",
-        redis.url()
-    );
+    let t = format!("\n[limits]\nstore = \"redis\"\nredis_url = \"{url}\"\n{limits}");
     let gw1 = gateway_with(&backends, "", "", &t).await;
     let gw2 = gateway_with(&backends, "", "", &t).await;
     let client = client();

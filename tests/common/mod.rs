@@ -10,6 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const ANY: &str = "127.0.0.1:0";
 
+mod stores;
+#[allow(unused_imports)] // not every test binary starts a store
+pub use stores::*;
+
 /// A simulator config that records requests and requires the key `key-{name}`.
 pub fn sim(name: &str) -> SimConfig {
     SimConfig {
@@ -357,76 +361,6 @@ pub async fn scripted_backend_with(
         }
     });
     (url, server)
-}
-
-/// A `redis-server` on a free loopback port, killed on drop. `None` (after saying so loudly)
-/// when the binary is missing outside CI; in CI a missing binary fails the test.
-pub struct RedisServer {
-    child: std::process::Child,
-    pub port: u16,
-}
-
-impl RedisServer {
-    pub fn start(port: Option<u16>) -> Option<RedisServer> {
-        if std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").is_err(),
-                "redis-server is not installed (CI installs it in .ci/run)"
-            );
-            eprintln!(
-                "\n*** SKIPPED: redis-server is not installed; `apt-get install redis-server` to run this test ***\n"
-            );
-            return None;
-        }
-        let port = port.unwrap_or_else(free_port);
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Ready once it answers PING; bounded by a deadline.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(b"PING\r\n");
-                let mut buf = [0u8; 7];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
-                    break;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Some(RedisServer { child, port })
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The admin listener's `/metrics` text.
