@@ -563,12 +563,24 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
             .map(|l| l[1..l.len() - 1].to_string())
             .collect()
     };
-    let backend = block("var backendLines", "var config").join("\n");
+    let backend = block("var backendLines", "var storeLines").join("\n");
     let mut text = block("var config", "], backendLines").join("\n");
     text.push('\n');
     // With a client key, the consumer the template adds after the backends.
-    let consumer = block("], backendLines, empty(clientKey)", "var secrets").join("\n");
+    let consumer = block("], backendLines, empty(clientKey)", "], storeLines)").join("\n");
     assert!(consumer.contains("[[consumers]]"), "{consumer}");
+    // With more than one replica, the Azure Managed Redis the template makes.
+    let store = block("var storeLines", "var config")
+        .join("\n")
+        .replace("${redis.properties.hostName}", "switchyard-redis-abc123.eastus.redis.azure.net")
+        .replace(
+            "${identity.properties.clientId}",
+            "00000000-0000-0000-0000-000000000003",
+        )
+        .replace(
+            "${identity.properties.principalId}",
+            "00000000-0000-0000-0000-000000000004",
+        );
     for name in ["eastus", "westus"] {
         text.push_str(
             &backend
@@ -602,9 +614,18 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
     assert_eq!(cfg.backends.len(), 2);
     assert_eq!(cfg.backends[0].auth.kind(), "managed_identity");
     assert_eq!(cfg.server.admin_listen.unwrap().port(), 9090);
+    let scaled = format!("{text}\n{store}\n");
+    let cfg = switchyard::config::Config::parse(&scaled, &lookup)
+        .unwrap_or_else(|e| panic!("{e}\n{scaled}"));
+    let switchyard::config::LimitStore::Redis(r) = &cfg.limits.store else {
+        panic!("a shared store: {scaled}")
+    };
+    assert!(r.cluster && r.auth.is_some());
+    assert_eq!(r.user.as_deref(), Some("00000000-0000-0000-0000-000000000004"));
+    assert!(bicep.contains("var sharedStore = maxReplicas > 1"));
     assert!(bicep.contains("port: 9090"), "probes on the admin port");
     assert!(bicep.contains("targetPort: 8080"));
-    // Open to the internet only with a client key; one replica without a shared store.
+    // Open to the internet only with a client key; one replica by default.
     assert!(bicep.contains("external: !empty(clientKey)"));
     assert!(bicep.contains("param maxReplicas int = 1"));
     assert_eq!(params["parameters"]["maxReplicas"]["value"], 1);

@@ -62,6 +62,13 @@ printf 'autoscaling:\n  enabled: false\nreplicaCount: 1\n' > "$work/one.yaml"
 printf 'redis:\n  enabled: true\n' > "$work/redis.yaml"
 "$work/render" -f "$work/limits.yaml" -f "$work/redis.yaml" switchyard >/dev/null
 echo "consumer limits: refused over several replicas without Redis; one replica, or Redis, renders"
+# Entra ID sign-in to Redis uses the pod's workload identity: refused without one.
+printf 'redis:\n  url: "rediss://cache.redis.azure.net:10000"\n  entraId: true\n' > "$work/entra.yaml"
+if "$work/render" -f "$work/limits.yaml" -f "$work/entra.yaml" switchyard >/dev/null 2>"$work/err"; then
+  echo "the chart rendered Redis Entra ID sign-in without a workload identity" >&2; exit 1
+fi
+grep -q "workload identity" "$work/err" || { cat "$work/err" >&2; exit 1; }
+echo "redis.entraId: refused without workloadIdentity.enabled"
 
 for values in ci/*.yaml; do
   name=$(basename "$values" .yaml)

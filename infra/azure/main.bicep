@@ -2,7 +2,9 @@
 // OpenAI accounts with a model deployment each, a user-assigned managed identity with
 // "Cognitive Services OpenAI User" on both, and the gateway (here a Container App instead of
 // API Management) calling them with that identity: no keys anywhere. Log Analytics collects
-// the gateway's logs. Output: the endpoint to point SDKs at.
+// the gateway's logs. With more than one replica, an Azure Managed Redis (TLS, clustered,
+// Entra ID sign-in only) that the identity may use holds the state replicas share. Output: the
+// endpoint to point SDKs at.
 //
 //   az group create -n switchyard-rg -l eastus
 //   az deployment group create -g switchyard-rg -f infra/azure/main.bicep \
@@ -65,11 +67,14 @@ param registryUsername string = ''
 @secure()
 param registryPassword string = ''
 
-@description('Replicas. This template runs no Redis, so it pins one: cooldowns, learned object owners and any consumer limits are per replica. For more, give the gateway a shared store (limits.store = "redis"; docs/deploy.md) and raise both.')
+@description('Replicas. With maxReplicas above 1 the template adds an Azure Managed Redis that the replicas share (limits, cooldowns, object owners), signed in to with the identity; with one replica, none.')
 @minValue(1)
 param minReplicas int = 1
 @minValue(1)
 param maxReplicas int = 1
+
+@description('The Azure Managed Redis SKU, when there is more than one replica.')
+param redisSku string = 'Balanced_B0'
 
 var suffix = uniqueString(resourceGroup().id)
 // Built-in role "Cognitive Services OpenAI User": call inference APIs, nothing else.
@@ -155,6 +160,45 @@ var registries = !empty(acrName)
           }
         ])
 
+// Shared state for more than one replica: Azure Managed Redis, TLS on port 10000, the OSS
+// cluster policy, no access keys (Entra ID only), and the identity given the default access
+// policy (data access) under its object id, the user name it signs in with.
+var sharedStore = maxReplicas > 1
+
+resource redis 'Microsoft.Cache/redisEnterprise@2025-04-01' = if (sharedStore) {
+  name: '${namePrefix}-redis-${suffix}'
+  location: location
+  sku: {
+    name: redisSku
+  }
+  properties: {
+    minimumTlsVersion: '1.2'
+  }
+}
+
+resource redisDb 'Microsoft.Cache/redisEnterprise/databases@2025-04-01' = if (sharedStore) {
+  parent: redis
+  name: 'default'
+  properties: {
+    clientProtocol: 'Encrypted'
+    port: 10000
+    clusteringPolicy: 'OSSCluster'
+    evictionPolicy: 'NoEviction'
+    accessKeysAuthentication: 'Disabled'
+  }
+}
+
+resource redisAccess 'Microsoft.Cache/redisEnterprise/databases/accessPolicyAssignments@2025-04-01' = if (sharedStore) {
+  parent: redisDb
+  name: 'gateway'
+  properties: {
+    accessPolicyName: 'default'
+    user: {
+      objectId: identity.properties.principalId
+    }
+  }
+}
+
 resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   name: '${namePrefix}-logs-${suffix}'
   location: location
@@ -190,6 +234,16 @@ var backendLines = [for (inst, i) in openAiInstances: join([
   'auth = { type = "managed_identity", client_id = "${identity.properties.clientId}" }'
   ''
 ], '\n')]
+// The shared store, with more than one replica.
+var storeLines = sharedStore ? [
+  '[limits]'
+  'store = "redis"'
+  'redis_url = "rediss://${redis.properties.hostName}:10000"'
+  'redis_cluster = true'
+  'redis_auth = { type = "managed_identity", client_id = "${identity.properties.clientId}" }'
+  'redis_user = "${identity.properties.principalId}"'
+  ''
+] : []
 var config = join(concat([
   '[server]'
   'listen = "0.0.0.0:8080"'
@@ -205,7 +259,7 @@ var config = join(concat([
   'name = "clients"'
   'key = "\${SWITCHYARD_CLIENT_KEY}"'
   ''
-]), '\n')
+], storeLines), '\n')
 
 var secrets = concat([
   {
@@ -351,6 +405,7 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
     openAiUser
     modelDeployment
     acrPull
+    redisAccess
   ]
 }
 
