@@ -572,7 +572,10 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
     // With more than one replica, the Azure Managed Redis the template makes.
     let store = block("var storeLines", "var config")
         .join("\n")
-        .replace("${redis.properties.hostName}", "switchyard-redis-abc123.eastus.redis.azure.net")
+        .replace(
+            "${redis.properties.hostName}",
+            "switchyard-redis-abc123.eastus.redis.azure.net",
+        )
         .replace(
             "${identity.properties.clientId}",
             "00000000-0000-0000-0000-000000000003",
@@ -621,7 +624,10 @@ fn the_bicep_parameters_exist_and_its_config_is_valid() {
         panic!("a shared store: {scaled}")
     };
     assert!(r.cluster && r.auth.is_some());
-    assert_eq!(r.user.as_deref(), Some("00000000-0000-0000-0000-000000000004"));
+    assert_eq!(
+        r.user.as_deref(),
+        Some("00000000-0000-0000-0000-000000000004")
+    );
     assert!(bicep.contains("var sharedStore = maxReplicas > 1"));
     assert!(bicep.contains("port: 9090"), "probes on the admin port");
     assert!(bicep.contains("targetPort: 8080"));

@@ -326,6 +326,62 @@ async fn cooldown_is_shared(url: &str, limits: &str) {
     gw2.stop().await;
 }
 
+/// The whole cluster goes away and comes back (empty, on the same ports): requests are served
+/// meanwhile (fail open), and counting resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_going_away_loses_no_request_and_limits_resume_when_it_returns() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let ports = cluster.ports();
+    let s = start_sim(sim("east")).await;
+    let gw = gateway_with(
+        &[B::sim(&s)],
+        "",
+        "",
+        &tail_with(
+            &cluster.url(),
+            "redis_cluster = true",
+            "requests_per_minute = 5",
+        ),
+    )
+    .await;
+    let client = client();
+    let statuses = |n| {
+        let (client, base) = (client.clone(), gw.base.clone());
+        async move {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                v.push(chat(&client, &base).await.0);
+            }
+            v
+        }
+    };
+    assert_eq!(statuses(6).await, vec![200, 200, 200, 200, 200, 429]);
+    drop(cluster);
+    assert!(statuses(8).await.iter().all(|s| *s == 200));
+    assert_eq!(
+        metric_value(&client, &gw.admin, "switchyard_limits_store_up").await,
+        0.0
+    );
+    let _cluster = RedisCluster::start_on(ports).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let after = statuses(6).await;
+        assert!(after.iter().all(|s| *s == 200 || *s == 429), "{after:?}");
+        if after.contains(&429) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "limits never resumed: {after:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        metric_value(&client, &gw.admin, "switchyard_limits_store_up").await,
+        1.0
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_going_away_loses_no_request_and_limits_resume_when_it_returns() {
     let Some(redis) = RedisServer::start(None) else {

@@ -222,12 +222,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Option<RedisCluster> {
+        Self::start_on([free_port(), free_port(), free_port()])
+    }
+
+    /// On these ports (a cluster started again where one was).
+    pub fn start_on(ports: [u16; 3]) -> Option<RedisCluster> {
         if !installed("redis-cli", "redis-tools") {
             return None;
         }
         let mut nodes = Vec::new();
-        for _ in 0..3 {
-            let port = free_port();
+        for port in ports {
             let args: Vec<String> = [
                 "--cluster-enabled",
                 "yes",
@@ -277,6 +281,10 @@ impl RedisCluster {
             }
         }
         Some(RedisCluster { nodes })
+    }
+
+    pub fn ports(&self) -> [u16; 3] {
+        [self.nodes[0].port, self.nodes[1].port, self.nodes[2].port]
     }
 
     /// One node's URL: the gateway finds the others.
