@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that has not answered for this long (or the store's timeout, if longer) is
 /// replaced.
 const MIN_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Calls queued on one connection before callers wait for room.
+const PIPELINE_BUFFER: usize = 1024;
 /// Connections refused at sign-in are rebuilt at most this often.
 const REBUILD_EVERY: Duration = Duration::from_secs(1);
 
@@ -180,7 +182,10 @@ impl Redis {
             .set_response_timeout(Some(response_timeout))
             // One attempt per reconnection: commands meanwhile fail at once (and are served
             // open or refused as configured) rather than queue behind a backoff.
-            .set_number_of_retries(0);
+            .set_number_of_retries(0)
+            // Every request in flight may have a call queued on the one connection; the
+            // crate's default (50) would make the 51st wait for room.
+            .set_pipeline_buffer_size(PIPELINE_BUFFER);
         let (single, cluster) = if opts.cluster {
             let mut b = ClusterClientBuilder::new(vec![target.info.clone()])
                 .connection_timeout(CONNECT_TIMEOUT)

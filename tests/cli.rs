@@ -49,6 +49,47 @@ fn check_accepts_a_valid_config_without_printing_secrets() {
     assert!(!all.contains("super-secret"), "{all}");
 }
 
+/// The Redis of an Azure estate: `check` says what it will sign in with, never a secret, and a
+/// bad key is named.
+#[test]
+fn check_describes_the_redis_store_and_names_a_bad_key() {
+    let store = "\n[limits]\nstore = \"redis\"\nredis_url = \"rediss://cache.westeurope.redis.azure.net:10000\"\nredis_cluster = true\nredis_auth = { type = \"client_secret\", tenant_id = \"t\", client_id = \"c\", client_secret = \"very-secret-value\" }\n";
+    let p = write_config(&tmp("redis-store"), &format!("{}{store}", valid()));
+    let run = |p: &std::path::Path| {
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(p)
+            .env("SY_TEST_EASTUS_KEY", "x")
+            .env("SY_TEST_WESTUS_KEY", "y")
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), all)
+    };
+    let (code, all) = run(&p);
+    assert_eq!(code, Some(0), "{all}");
+    assert!(
+        all.contains("Redis Cluster at cache.westeurope.redis.azure.net:10000 (TLS)"),
+        "{all}"
+    );
+    assert!(all.contains("https://redis.azure.com/.default"), "{all}");
+    assert!(!all.contains("very-secret-value"), "{all}");
+    let p = write_config(
+        &tmp("redis-bad"),
+        &format!("{}{}", valid(), store.replace(":10000", ":10000/2")),
+    );
+    let (code, all) = run(&p);
+    assert_eq!(code, Some(1), "{all}");
+    assert!(
+        all.contains("limits.redis_url") && all.contains("database 0"),
+        "{all}"
+    );
+}
+
 #[test]
 fn check_and_serve_reject_bad_configs_naming_the_field() {
     let p = write_config(&tmp("missing-env"), &valid());
