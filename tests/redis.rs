@@ -40,6 +40,15 @@ async fn chat(client: &reqwest::Client, base: &str) -> (u16, u64) {
     (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
 }
 
+/// The statuses of `n` chat completions, one after the other.
+async fn statuses(client: &reqwest::Client, base: &str, n: usize) -> Vec<u16> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(chat(client, base).await.0);
+    }
+    v
+}
+
 /// Two replicas on the Redis at `url` (with `limits` lines and `server` lines), one limit:
 /// what both serve together stays within 5 % of what the limit allows.
 async fn two_replicas_share_one_limit(url: &str, limits: &str, server: &str) {
@@ -166,14 +175,7 @@ async fn a_redis_certificate_from_another_ca_is_refused() {
         assert_eq!(chat(&client, &gw.base).await.0, 503);
     }
     assert_eq!(s.stats().requests, 0);
-    let ready = client
-        .get(format!("{}/readyz", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = readyz_text(&client, &gw.admin).await;
     assert!(
         ready.contains("limits store (Redis) unreachable"),
         "{ready}"
@@ -236,14 +238,7 @@ async fn an_acl_user_signs_in_and_a_wrong_password_is_refused() {
     )
     .await;
     assert_eq!(chat(&client, &gw.base).await.0, 503);
-    let ready = client
-        .get(format!("{}/readyz", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = readyz_text(&client, &gw.admin).await;
     assert!(
         ready.contains("limits store (Redis) unreachable"),
         "{ready}"
@@ -347,16 +342,7 @@ async fn a_cluster_going_away_loses_no_request_and_limits_resume_when_it_returns
     )
     .await;
     let client = client();
-    let statuses = |n| {
-        let (client, base) = (client.clone(), gw.base.clone());
-        async move {
-            let mut v = Vec::new();
-            for _ in 0..n {
-                v.push(chat(&client, &base).await.0);
-            }
-            v
-        }
-    };
+    let statuses = |n| statuses(&client, &gw.base, n);
     assert_eq!(statuses(6).await, vec![200, 200, 200, 200, 200, 429]);
     drop(cluster);
     assert!(statuses(8).await.iter().all(|s| *s == 200));
@@ -397,16 +383,7 @@ async fn redis_going_away_loses_no_request_and_limits_resume_when_it_returns() {
     )
     .await;
     let client = client();
-    let statuses = |n| {
-        let (client, base) = (client.clone(), gw.base.clone());
-        async move {
-            let mut v = Vec::new();
-            for _ in 0..n {
-                v.push(chat(&client, &base).await.0);
-            }
-            v
-        }
-    };
+    let statuses = |n| statuses(&client, &gw.base, n);
     assert_eq!(statuses(6).await, vec![200, 200, 200, 200, 200, 429]);
 
     drop(redis);
@@ -620,16 +597,7 @@ async fn an_identity_that_gives_no_token_shows_in_readiness_and_metrics() {
     )
     .await;
     let client = client();
-    let ready = || async {
-        client
-            .get(format!("{}/readyz", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let ready = || readyz_text(&client, &gw.admin);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = ready().await;

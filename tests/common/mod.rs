@@ -363,10 +363,19 @@ pub async fn scripted_backend_with(
     (url, server)
 }
 
+/// The admin listener's `/readyz` text.
+pub async fn readyz_text(client: &reqwest::Client, admin: &str) -> String {
+    admin_text(client, admin, "/readyz").await
+}
+
 /// The admin listener's `/metrics` text.
 pub async fn metrics_text(client: &reqwest::Client, admin: &str) -> String {
+    admin_text(client, admin, "/metrics").await
+}
+
+async fn admin_text(client: &reqwest::Client, admin: &str, path: &str) -> String {
     client
-        .get(format!("{admin}/metrics"))
+        .get(format!("{admin}{path}"))
         .send()
         .await
         .unwrap()
