@@ -428,6 +428,16 @@ struct Identity {
 
 const OID: &str = "0b8e3c1a-7f6d-4e2b-9c5a-1d2e3f4a5b6c";
 
+/// Runs an ACL command on every node of the store.
+type Acl = Arc<dyn Fn(&[&str]) + Send + Sync>;
+
+fn acl_on(redis: &Arc<RedisServer>) -> Acl {
+    let redis = redis.clone();
+    Arc::new(move |args: &[&str]| {
+        redis.cmd(args);
+    })
+}
+
 fn token(n: u64) -> String {
     use base64::Engine;
     let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
@@ -441,7 +451,8 @@ fn token(n: u64) -> String {
 }
 
 impl Identity {
-    async fn start(redis: Arc<RedisServer>, lifetime_secs: u64) -> Identity {
+    /// `acl` runs an ACL command on every Redis node.
+    async fn start(acl: Acl, lifetime_secs: u64) -> Identity {
         let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
         let url = format!(
             "http://{}/metadata/identity/oauth2/token",
@@ -453,17 +464,17 @@ impl Identity {
         let server = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (n, up, redis) = (n.clone(), up2.clone(), redis.clone());
+                let (n, up, acl) = (n.clone(), up2.clone(), acl.clone());
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
-                        let (n, up, redis) = (n.clone(), up.clone(), redis.clone());
+                        let (n, up, acl) = (n.clone(), up.clone(), acl.clone());
                         async move {
                             let (status, body) = if up.load(Ordering::SeqCst) {
                                 let k = n.fetch_add(1, Ordering::SeqCst) + 1;
                                 let t = token(k);
-                                redis.cmd(&["ACL", "SETUSER", OID, &format!(">{t}")]);
+                                acl(&["ACL", "SETUSER", OID, &format!(">{t}")]);
                                 if k > 2 {
-                                    redis.cmd(&["ACL", "SETUSER", OID, &format!("<{}", token(k - 2))]);
+                                    acl(&["ACL", "SETUSER", OID, &format!("<{}", token(k - 2))]);
                                 }
                                 (
                                     200,
@@ -518,7 +529,7 @@ async fn entra_sign_in_rotates_tokens_under_load_without_a_failed_request() {
     let Some(redis) = entra_redis() else {
         return;
     };
-    let identity = Identity::start(redis.clone(), 3).await;
+    let identity = Identity::start(acl_on(&redis), 3).await;
     let s = start_sim(sim("east")).await;
     let limits = format!(
         "fail_closed = true\nredis_auth = {{ type = \"managed_identity\", endpoint = \"{}\" }}",
@@ -582,7 +593,7 @@ async fn an_identity_that_gives_no_token_shows_in_readiness_and_metrics() {
     let Some(redis) = entra_redis() else {
         return;
     };
-    let identity = Identity::start(redis.clone(), 3600).await;
+    let identity = Identity::start(acl_on(&redis), 3600).await;
     identity.up.store(false, Ordering::SeqCst);
     let s = start_sim(sim("east")).await;
     let limits = format!(
@@ -630,4 +641,49 @@ async fn an_identity_that_gives_no_token_shows_in_readiness_and_metrics() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     gw.stop().await;
+}
+
+/// What Azure Managed Redis is: TLS, a three-node cluster, Entra ID sign-in (each node's default
+/// user has a password the gateway does not know). Two replicas share one limit on it while
+/// the identity renews its tokens every 1.5 s and every node takes the old ones out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_limit_on_a_tls_cluster_signed_in_with_entra_id() {
+    let ours = pki("redis");
+    let Some(cluster) = RedisCluster::start_with(
+        [free_port(), free_port(), free_port()],
+        ClusterOptions {
+            tls: Some(&ours),
+            password: Some("admin-pass"),
+        },
+    ) else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    for n in &cluster.nodes {
+        n.cmd(&["ACL", "SETUSER", OID, "on", "~sy:*", "+@all"]);
+    }
+    let nodes = cluster.clone();
+    let acl: Acl = Arc::new(move |args: &[&str]| {
+        for n in &nodes.nodes {
+            n.cmd(args);
+        }
+    });
+    let identity = Identity::start(acl, 3).await;
+    let files = TempDir::new();
+    let ca = files.write("ca.crt", &ours.ca_pem);
+    let limits = format!(
+        "redis_cluster = true\nredis_auth = {{ type = \"managed_identity\", endpoint = \"{}\" }}",
+        identity.url
+    );
+    two_replicas_share_one_limit(&cluster.tls_url(), &limits, &format!("ca_file = \"{ca}\"")).await;
+    let issued = identity.issued.load(Ordering::SeqCst);
+    assert!(issued >= 2, "tokens were renewed during the run: {issued}");
+    let keys = cluster.keys_per_node();
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.iter().any(|k| k.contains("{team-a}")))
+            .count(),
+        1,
+        "{keys:?}"
+    );
 }

@@ -65,6 +65,29 @@ impl Drop for TempDir {
     }
 }
 
+/// `redis-server` arguments for TLS on `port` with `pki`'s certificate, written into `files`;
+/// clients need not present certificates.
+fn tls_args(files: &TempDir, pki: &Pki, port: u16) -> Vec<String> {
+    let cert = files.write("redis.crt", &pki.cert_pem);
+    let key = files.write("redis.key", &pki.key_pem);
+    let ca = files.write("ca.crt", &pki.ca_pem);
+    [
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Whether `program` runs; in CI a missing one fails the test, elsewhere it is skipped loudly.
 fn installed(program: &str, package: &str) -> bool {
     if Command::new(program).arg("--version").output().is_ok() {
@@ -142,25 +165,7 @@ impl RedisServer {
     /// certificate for `localhost` and 127.0.0.1.
     pub fn tls(pki: &Pki) -> Option<(RedisServer, TempDir)> {
         let files = TempDir::new();
-        let cert = files.write("redis.crt", &pki.cert_pem);
-        let key = files.write("redis.key", &pki.key_pem);
-        let ca = files.write("ca.crt", &pki.ca_pem);
-        let tls_port = free_port();
-        let args: Vec<String> = [
-            "--tls-port",
-            &tls_port.to_string(),
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = tls_args(&files, pki, free_port());
         Some((Self::spawn(None, &args, None)?, files))
     }
 
@@ -218,6 +223,16 @@ impl Drop for RedisServer {
 /// A three-node Redis Cluster on loopback (masters only), every slot assigned.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    _files: TempDir,
+}
+
+/// What a cluster's nodes have beyond plain ports and no password.
+#[derive(Default, Clone, Copy)]
+pub struct ClusterOptions<'a> {
+    /// TLS on ports of their own (and between the nodes), with this certificate.
+    pub tls: Option<&'a Pki>,
+    /// The default user's password (`requirepass`), for the test's own commands.
+    pub password: Option<&'a str>,
 }
 
 impl RedisCluster {
@@ -227,12 +242,17 @@ impl RedisCluster {
 
     /// On these ports (a cluster started again where one was).
     pub fn start_on(ports: [u16; 3]) -> Option<RedisCluster> {
+        Self::start_with(ports, ClusterOptions::default())
+    }
+
+    pub fn start_with(ports: [u16; 3], opts: ClusterOptions<'_>) -> Option<RedisCluster> {
         if !installed("redis-cli", "redis-tools") {
             return None;
         }
+        let files = TempDir::new();
         let mut nodes = Vec::new();
         for port in ports {
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -245,13 +265,24 @@ impl RedisCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            nodes.push(RedisServer::spawn(Some(port), &args, None)?);
+            if let Some(pki) = opts.tls {
+                args.extend(tls_args(&files, pki, free_port()));
+                args.extend(["--tls-cluster".to_string(), "yes".to_string()]);
+            }
+            if let Some(p) = opts.password {
+                args.extend(["--requirepass".to_string(), p.to_string()]);
+            }
+            nodes.push(RedisServer::spawn(Some(port), &args, opts.password)?);
         }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(p) = opts.password {
+            create.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -280,7 +311,10 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Some(RedisCluster { nodes })
+        Some(RedisCluster {
+            nodes,
+            _files: files,
+        })
     }
 
     pub fn ports(&self) -> [u16; 3] {
@@ -290,6 +324,11 @@ impl RedisCluster {
     /// One node's URL: the gateway finds the others.
     pub fn url(&self) -> String {
         self.nodes[0].url()
+    }
+
+    /// One node's TLS URL, by the name its certificate has.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}", self.nodes[0].tls_port.unwrap())
     }
 
     /// The keys each node holds.
