@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod balancer;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;

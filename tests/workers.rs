@@ -109,24 +109,22 @@ fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connectio
     let text = common::config_text(&[common::B::url("only", url)], "", "", "");
     let cfg = Config::parse(&text, &|_: &str| None).unwrap();
 
-    let main = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let workers = switchyard::server::Workers::start(1, None).unwrap();
     let shutdown = CancellationToken::new();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
-        let serving = s.spawn(|| {
-            main.block_on(async {
-                let gw =
-                    switchyard::server::start_on(cfg, None, shutdown.clone(), workers.handles())
-                        .await
-                        .unwrap();
+        let stop = shutdown.clone();
+        let serving = s.spawn(move || {
+            // As `serve` runs: this thread's runtime and one worker beside it.
+            let shutdown = stop;
+            switchyard::server::per_core(2, None, |workers| async move {
+                let gw = switchyard::server::start_on(cfg, None, shutdown.clone(), &workers)
+                    .await
+                    .unwrap();
                 addr_tx.send(gw.addr).unwrap();
                 shutdown.cancelled().await;
                 gw.wait().await;
             })
+            .unwrap()
         });
         // Cancelled however this closure ends, a failed assertion included, so the serving
         // thread ends and the scope can join it.
@@ -159,7 +157,6 @@ fn connections_are_spread_over_the_runtimes_and_each_keeps_its_backend_connectio
             assert_eq!(c.read_to_end(&mut rest).unwrap(), 0, "closed at shutdown");
         }
     });
-    workers.stop();
 }
 
 /// A thread's allocator cache can only be flushed by the thread itself, so the chore must run

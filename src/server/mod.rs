@@ -439,6 +439,36 @@ impl Workers {
     }
 }
 
+/// Runs `f` on a single-threaded runtime on this thread, with `threads - 1` [`Workers`] beside
+/// it whose handles `f` gets (for [`start_on`]), every thread doing `chore`; the workers stop
+/// once `f` is done. How `serve` runs.
+pub fn per_core<F, Fut>(
+    threads: usize,
+    chore: Option<ThreadChore>,
+    f: F,
+) -> std::io::Result<Fut::Output>
+where
+    F: FnOnce(Vec<tokio::runtime::Handle>) -> Fut,
+    Fut: std::future::Future,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let workers = Workers::start(threads.saturating_sub(1), chore.clone())?;
+    let work = f(workers.handles().to_vec());
+    let out = runtime.block_on(async {
+        match chore {
+            Some(chore) => tokio::select! {
+                out = work => out,
+                never = chore.repeat() => match never {},
+            },
+            None => work.await,
+        }
+    });
+    workers.stop();
+    Ok(out)
+}
+
 /// Dropped, as when a start fails half-way, the workers stop too.
 impl Drop for Workers {
     fn drop(&mut self) {
