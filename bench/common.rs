@@ -1,4 +1,5 @@
 //! What the benchmark programs share: the date and commit their results files are named by.
+#![allow(dead_code, reason = "not every benchmark names the commit")]
 
 /// Today's date, `YYYY-MM-DD` (UTC), from the HTTP date, to avoid a calendar dependency.
 pub fn today() -> String {
@@ -15,7 +16,6 @@ pub fn today() -> String {
 }
 
 /// The checked-out commit, short, for the results file.
-#[allow(dead_code)] // not every benchmark names it
 pub fn commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])

@@ -5,7 +5,13 @@
 //!
 //! Results of the latest run are in `bench/results/`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark fails loudly and prints its tables"
+)]
 
 use std::hint::black_box;
 use std::sync::atomic::AtomicBool;

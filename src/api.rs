@@ -61,7 +61,7 @@ fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>,
                 "expected /openai/deployments/{deployment}/{operation}",
             ));
         }
-        if !valid_deployment(deployment) {
+        if !crate::config::valid_deployment_name(deployment) {
             return Err(GatewayError::new(
                 ErrorKind::BadRequest,
                 "invalid deployment name: use 1 to 64 letters, digits, '-', '_' or '.'",
@@ -316,22 +316,13 @@ fn realtime_deployment(
         return Err(ambiguous());
     }
     match by_deployment.or(by_model) {
-        Some((name, _)) if !valid_deployment(name) => Err(GatewayError::new(
+        Some((name, _)) if !crate::config::valid_deployment_name(name) => Err(GatewayError::new(
             ErrorKind::BadRequest,
             "invalid deployment name: use 1 to 64 letters, digits, '-', '_' or '.'",
         )),
         Some((_, span)) => Ok(Some(span)),
         None => Ok(None),
     }
-}
-
-/// Azure's own rule for deployment names, so a name that could not exist on any backend (or
-/// that would mean something else once decoded there) never leaves the gateway.
-fn valid_deployment(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn hex(c: u8) -> Option<u8> {

@@ -41,7 +41,6 @@ fn main() -> ExitCode {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use tikv_jemalloc_ctl::{Access, AsName};
 

@@ -783,7 +783,10 @@ impl Proxy {
     /// Tells the balancer how an attempt went (its health verdict) and counts it: metrics, the
     /// backend's last error, the request's trail. Returns whether the outcome is one to retry
     /// elsewhere.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the attempt's facts, each from a different place in the loop"
+    )]
     fn settle(
         &self,
         lease: &mut Lease,
@@ -840,7 +843,10 @@ impl Proxy {
 
     /// Sends one attempt to backend `idx` and records it: the time spent waiting, and the
     /// attempt's span when the trace is sampled. Returns the result, the wait and its end.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the attempt's facts, each from a different place in the loop"
+    )]
     async fn send_attempt(
         &self,
         idx: usize,

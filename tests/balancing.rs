@@ -1,7 +1,13 @@
 //! Smart balancing end to end: strategies, priority spillover and recovery, exhaustion answers,
 //! deployment routing, deadlines and idle timeouts, against in-process simulators.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

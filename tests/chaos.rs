@@ -11,7 +11,13 @@
 //! `cargo test --test chaos` runs 10 s; the full run is
 //! `CHAOS_SECS=60 cargo test --release --test chaos -- --nocapture` (summary on stderr).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -2,7 +2,13 @@
 //! balancing.rs): every retryable 5xx, bodies cut short, malformed JSON and SSE from a
 //! backend, and a client too slow to read a long stream.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -1,6 +1,12 @@
 //! End-to-end behaviour of the core gateway against in-process simulated backends.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -3,7 +3,13 @@
 //! nothing reaches a backend. And hostile backends, answering in raw bytes: what they get wrong
 //! never reaches the client as if it were right, and nothing is sent to them twice.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -2,7 +2,13 @@
 //! behaves like Azure's (expiry, outage, rejection, rotation), in front of a simulated backend
 //! that accepts only the bearer tokens that platform issued.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

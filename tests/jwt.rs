@@ -1,7 +1,13 @@
 //! Callers with Entra ID tokens: tokens signed in the test, checked against a JWKS endpoint on
 //! loopback that the test controls (to rotate keys).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -1,7 +1,13 @@
 //! Consumer limits end to end: requests and tokens per minute, quotas, settlement on real usage
 //! (plain and streamed), and the usage chunk the gateway asks for on a client's behalf.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -1,7 +1,13 @@
 //! Hot reload: a new config is swapped in without failing a request, an invalid one is refused
 //! while the old one serves, and what the gateway learned about unchanged backends survives.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -1,7 +1,14 @@
 //! Unchanged SDK clients through the gateway: `async-openai` configured for Azure (chat,
 //! streaming chat, embeddings), and a WebSocket client on the Realtime path.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::result_large_err,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

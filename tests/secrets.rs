@@ -4,7 +4,13 @@
 //! at every level, serves and fails requests, and everything it emits (log lines, response
 //! bodies and headers, metrics, the admin API and status page) is searched for them.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -2,7 +2,14 @@
 //! the gateway stay on the simulated instance that holds them, under every strategy, with the
 //! `async-openai` client pointed at the gateway's `/openai/v1` (Azure's v1 API).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::result_large_err,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

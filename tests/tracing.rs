@@ -2,7 +2,13 @@
 //! parent the backend sees, and the spans reach an OTLP/HTTP collector with the GenAI
 //! semantic-convention attributes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly by design, and print what they measured"
+)]
 
 mod common;
 

@@ -11,7 +11,13 @@
 //! figures show steady-state throughput, not the first minute's burst. Then one backend is made
 //! five times slower than the others. Writes `bench/results/balance-<date>.md`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark fails loudly and prints its tables"
+)]
 
 #[path = "../common.rs"]
 mod common;

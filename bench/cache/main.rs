@@ -12,7 +12,13 @@
 //! instances. The last row sends every conversation to one instance: the most that can be
 //! cached. Writes `bench/results/cache-<date>.md`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark fails loudly and prints its tables"
+)]
 
 #[path = "../common.rs"]
 mod common;

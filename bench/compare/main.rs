@@ -10,7 +10,13 @@
 //! it reports p50 and p99 of the time to the whole response per target. `stream` takes the
 //! targets in turns the same way.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: fail loudly
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark fails loudly and prints its tables"
+)]
 
 use std::time::{Duration, Instant};
 

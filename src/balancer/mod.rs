@@ -35,7 +35,7 @@ use signals::{Headroom, PeakEwma};
 /// tracking away from them.
 const MAX_TABLES: usize = 1024;
 /// Highest `priority` the config accepts.
-const MAX_PRIORITY: usize = 100;
+const MAX_PRIORITY: usize = crate::config::MAX_PRIORITY as usize;
 
 /// What the balancer needs from the config.
 #[derive(Debug)]

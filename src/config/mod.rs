@@ -35,6 +35,20 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 500;
 /// Statuses retried on the next backend unless configured otherwise.
 pub const DEFAULT_RETRY_ON_STATUS: [u16; 6] = [408, 429, 500, 502, 503, 504];
+/// Highest backend `priority` (1 is served first).
+pub const MAX_PRIORITY: u32 = 100;
+
+/// Azure's rule for deployment names, held alike for names in requests and in the config: 1 to
+/// 64 letters, digits, `-`, `_` or `.`, and not `.` or `..` (which mean something else in a
+/// path). A name that could not exist on any backend never leaves the gateway.
+pub fn valid_deployment_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
 
 /// A config problem, with the dotted path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

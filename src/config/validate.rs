@@ -32,10 +32,10 @@ pub(super) fn validate(
         }
         let url = parse_backend_url(&b.url).map_err(|m| ConfigError::field(at("url"), m))?;
         let priority = b.priority.unwrap_or(1);
-        if !(1..=100).contains(&priority) {
+        if !(1..=MAX_PRIORITY).contains(&priority) {
             return Err(ConfigError::field(
                 at("priority"),
-                format!("{priority} is out of range (1 = served first, up to 100)"),
+                format!("{priority} is out of range (1 = served first, up to {MAX_PRIORITY})"),
             ));
         }
         let weight = b.weight.unwrap_or(1);
@@ -452,11 +452,6 @@ fn checked_name(raw: &str, path: &str) -> Result<String, ConfigError> {
     Ok(name.to_string())
 }
 
-/// A deployment name travels in a URL path segment: keep it to what Azure allows.
-fn valid_deployment_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s != "." && s != ".." && name_chars_ok(s)
-}
-
 fn validate_deployments(
     raw: Vec<raw::RawDeployment>,
     backends: &[BackendConfig],
@@ -468,7 +463,7 @@ fn validate_deployments(
             return Err(ConfigError::field(
                 at("name"),
                 format!(
-                    "{:?} is not a valid deployment name (letters, digits, '-', '_', '.')",
+                    "{:?} is not a valid deployment name (1 to 64 letters, digits, '-', '_', '.')",
                     d.name
                 ),
             ));

@@ -167,8 +167,10 @@ pub struct Head {
     pub close: bool,
 }
 
-// Boxing the head would cost an allocation per request to shrink a value that lives briefly.
-#[allow(clippy::large_enum_variant)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "boxing the head would cost an allocation per request to shrink a value that lives briefly"
+)]
 enum ReadHead {
     Head(Head),
     /// Well-formed for HTTP but not for the gateway (a request target `Uri` refuses).
@@ -486,7 +488,7 @@ fn hex(mut n: usize, digits: &mut [u8; 16]) -> &[u8] {
     }
 }
 
-#[allow(clippy::large_enum_variant)] // as `ReadHead`
+#[expect(clippy::large_enum_variant, reason = "as `ReadHead`")]
 enum Parse {
     Partial,
     Head(Head),
@@ -609,7 +611,10 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
 /// What the fast path made of a request head, for the fuzz target (see
 /// [`crate::server::parse_request_head`]).
 #[doc(hidden)]
-#[allow(clippy::large_enum_variant)] // one a fuzz input, never on the request path
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per fuzz input, never on the request path"
+)]
 pub enum Parsed {
     /// More bytes are needed.
     Partial,

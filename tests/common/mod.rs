@@ -1,5 +1,11 @@
 //! Test harness: simulators and the gateway in-process, every listener on port 0.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "each test binary uses some of the helpers (and of the stores); they print what they skip"
+)]
 
 use std::net::SocketAddr;
 
@@ -11,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 pub const ANY: &str = "127.0.0.1:0";
 
 mod stores;
-#[allow(unused_imports)] // not every test binary starts a store
 pub use stores::*;
 
 /// A simulator config that records requests and requires the key `key-{name}`.

@@ -1,5 +1,14 @@
 //! The command line: `serve`, `check`, `simulate`, `probe`, `demo`, `health`. `main.rs` only
-//! sets the allocator and calls [`main`]; this is the one module that prints to the terminal.
+//! sets the allocator and calls [`main`]. This is the one module that prints to the terminal;
+//! everything else logs.
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the command line's own output: tables, reports, errors before logging starts"
+)]
+
+pub mod demo;
+pub mod probe;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -194,7 +203,7 @@ pub fn main(chore: Option<ThreadChore>) -> ExitCode {
 /// `workers`: runtimes that serve the gateway's client connections beside this one.
 async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
     match command {
-        Command::Health { url } => match crate::probe::health(&url, Duration::from_secs(3)).await {
+        Command::Health { url } => match probe::health(&url, Duration::from_secs(3)).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("unhealthy: {e}");
@@ -286,7 +295,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
         } => {
             let headers = match headers
                 .iter()
-                .map(|h| crate::probe::Target::header(h))
+                .map(|h| probe::Target::header(h))
                 .collect::<Result<Vec<_>, _>>()
             {
                 Ok(h) => h,
@@ -302,8 +311,8 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let target = crate::probe::Target {
-                url: crate::probe::Target::azure(&url, &deployment, &api_version),
+            let target = probe::Target {
+                url: probe::Target::azure(&url, &deployment, &api_version),
                 key,
                 stream_every: usize::from(stream || without_include_usage),
                 include_usage: !without_include_usage,
@@ -311,13 +320,12 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                 timeout,
             };
             let stop = stop_on_signal();
-            let outcomes =
-                crate::probe::drive(&client, &target, requests, concurrency, &stop).await;
-            let report = crate::probe::report(&outcomes);
+            let outcomes = probe::drive(&client, &target, requests, concurrency, &stop).await;
+            let report = probe::report(&outcomes);
             if json {
                 println!("{report}");
             } else {
-                crate::probe::print_report(&report);
+                probe::print_report(&report);
             }
             if report["succeeded"] == report["requests"] && requests > 0 {
                 ExitCode::SUCCESS
@@ -333,14 +341,14 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
             admin_listen,
         } => {
             let shutdown = stop_on_signal();
-            let opts = crate::demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 requests,
                 concurrency,
                 once,
                 listen,
                 admin_listen,
             };
-            match crate::demo::run(opts, shutdown).await {
+            match demo::run(opts, shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::probe::{Outcome, Target, drive, percentile};
 use crate::config::Config;
-use crate::probe::{Outcome, Target, drive, percentile};
 use crate::sim::{SimConfig, Simulator};
 
 pub struct DemoOptions {
