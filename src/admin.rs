@@ -175,8 +175,8 @@ async fn admin_api(
             })
             .unwrap_or("");
         let ok: bool = subtle::ConstantTimeEq::ct_eq(
-            &crate::auth::inbound::sha256(given.as_bytes())[..],
-            &crate::auth::inbound::sha256(key.expose().as_bytes())[..],
+            &crate::config::sha256(given.as_bytes())[..],
+            &crate::config::sha256(key.expose().as_bytes())[..],
         )
         .into();
         if !ok {

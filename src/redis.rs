@@ -11,14 +11,14 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
-    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
-    Pipeline, RedisError, RedisFuture, ScriptInvocation, TlsCertificates, Value,
+    Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, ScriptInvocation,
+    TlsCertificates, Value,
 };
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::auth::outbound::RedisCredentials;
-use crate::config::ExtraCa;
+use crate::config::{ExtraCa, RedisTarget};
 use crate::sync::lock;
 
 /// A connection attempt (TCP, TLS, sign-in) may take this long; it runs beside requests, which
@@ -31,54 +31,6 @@ const MIN_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const PIPELINE_BUFFER: usize = 1024;
 /// Connections refused at sign-in are rebuilt at most this often.
 const REBUILD_EVERY: Duration = Duration::from_secs(1);
-
-/// Where a `redis://` or `rediss://` URL points, checked before anything connects. Messages
-/// name the host and port, never the URL (it may hold a password).
-pub struct Target {
-    info: ConnectionInfo,
-    pub tls: bool,
-    pub has_user: bool,
-    pub has_password: bool,
-    /// `host:port`, for messages.
-    pub addr: String,
-}
-
-impl Target {
-    pub fn parse(url: &str, cluster: bool) -> Result<Target, String> {
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err("not a redis:// or rediss:// URL".into());
-        }
-        if url.contains('#') {
-            // The crate reads `#insecure` as "skip certificate checks".
-            return Err(
-                "a fragment (such as #insecure) is not accepted: certificates are always verified"
-                    .into(),
-            );
-        }
-        let info = url
-            .into_connection_info()
-            .map_err(|e| format!("not a Redis URL: {e}"))?;
-        let (addr, tls) = match info.addr() {
-            ConnectionAddr::Tcp(h, p) => (format!("{h}:{p}"), false),
-            ConnectionAddr::TcpTls { host, port, .. } => (format!("{host}:{port}"), true),
-            _ => return Err("not a redis:// or rediss:// URL".into()),
-        };
-        let r = info.redis_settings();
-        if cluster && r.db() != 0 {
-            return Err(format!(
-                "names database {}: a Redis Cluster has only database 0",
-                r.db()
-            ));
-        }
-        Ok(Target {
-            tls,
-            has_user: r.username().is_some_and(|u| !u.is_empty()),
-            has_password: r.password().is_some_and(|p| !p.is_empty()),
-            addr,
-            info,
-        })
-    }
-}
 
 /// How to reach the store.
 pub struct Options<'a> {
@@ -166,7 +118,7 @@ impl Redis {
     /// Ready to use at once: connections are made on first use and in the background, so a
     /// Redis that is down at start-up delays nothing. Needs a Tokio runtime.
     pub fn open(url: &str, opts: Options<'_>) -> Result<Redis, String> {
-        let target = Target::parse(url, opts.cluster)?;
+        let target = RedisTarget::parse(url, opts.cluster)?;
         let certs = if target.tls {
             Some(TlsCertificates {
                 client_tls: None,
@@ -187,7 +139,7 @@ impl Redis {
             // crate's default (50) would make the 51st wait for room.
             .set_pipeline_buffer_size(PIPELINE_BUFFER);
         let (single, cluster) = if opts.cluster {
-            let mut b = ClusterClientBuilder::new(vec![target.info.clone()])
+            let mut b = ClusterClientBuilder::new(vec![target.info().clone()])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(response_timeout)
                 .retries(1);
@@ -200,8 +152,8 @@ impl Redis {
             (None, Some(b.build().map_err(fail)?))
         } else {
             let client = match certs {
-                Some(c) => Client::build_with_tls(target.info.clone(), c),
-                None => Client::open(target.info.clone()),
+                Some(c) => Client::build_with_tls(target.info().clone(), c),
+                None => Client::open(target.info().clone()),
             }
             .map_err(fail)?;
             if let Some(c) = opts.credentials.clone() {
@@ -326,38 +278,6 @@ fn roots_pem(ca: &ExtraCa) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let t = Target::parse("redis://127.0.0.1:6380/2", false).unwrap();
-        assert_eq!(
-            (t.addr.as_str(), t.tls, t.has_user, t.has_password),
-            ("127.0.0.1:6380", false, false, false)
-        );
-        assert_eq!(t.info.redis_settings().db(), 2);
-        let t = Target::parse("rediss://gw:s3cret@cache.internal:10000", false).unwrap();
-        assert_eq!(
-            (t.addr.as_str(), t.tls, t.has_user, t.has_password),
-            ("cache.internal:10000", true, true, true)
-        );
-        let t = Target::parse("redis://:s3cret@cache.internal", false).unwrap();
-        assert_eq!(t.addr, "cache.internal:6379");
-        assert!((t.has_password, t.has_user) == (true, false));
-    }
-
-    #[test]
-    fn refused_urls_never_echo_the_password() {
-        for (url, cluster, says) in [
-            ("http://x:pw@h", false, "not a redis://"),
-            ("rediss://u:pw@h:6380/#insecure", false, "always verified"),
-            ("redis://u:pw@h:6379/3", true, "only database 0"),
-            ("redis+unix:///tmp/r.sock", false, "not a redis://"),
-        ] {
-            let e = Target::parse(url, cluster).err().unwrap();
-            assert!(e.contains(says), "{url}: {e}");
-            assert!(!e.contains("pw"), "{url}: {e}");
-        }
-    }
 
     #[test]
     fn the_roots_bundle_holds_the_extra_ca() {

@@ -10,16 +10,10 @@ use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
 use super::jwt::{JwtValidator, looks_like_jwt};
+use crate::config::sha256;
 use crate::config::{ConsumerConfig, JwtConfig};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::HttpsClient;
-
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
+use crate::http_client::HttpsClient;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +138,7 @@ mod tests {
     use super::*;
 
     fn client() -> HttpsClient {
-        crate::upstream::system_client(std::time::Duration::from_secs(1), false).unwrap()
+        crate::http_client::system_client(std::time::Duration::from_secs(1), false).unwrap()
     }
 
     fn consumer(name: &str, key: &[u8]) -> ConsumerConfig {

@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::config::JwtConfig;
+use crate::http_client::HttpsClient;
 use crate::sync::{read, write};
-use crate::upstream::HttpsClient;
 
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY: u64 = 60;

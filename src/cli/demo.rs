@@ -77,7 +77,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
         sims.len()
     );
 
-    let client = crate::upstream::system_client(Duration::from_secs(5), false)
+    let client = crate::http_client::system_client(Duration::from_secs(5), false)
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
     let target = Target {
         url: Target::azure(&base, "gpt-4o", "2024-10-21"),
@@ -130,7 +130,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
 /// says to come back (429 with `retry-after-ms`). Returns the status, the serving backend and
 /// the body.
 async fn call(
-    client: &crate::upstream::HttpsClient,
+    client: &crate::http_client::HttpsClient,
     method: Method,
     url: &str,
     content_type: &str,
@@ -178,7 +178,7 @@ async fn call(
 
 /// `call` with a JSON body, expecting success and a JSON answer.
 async fn call_json(
-    client: &crate::upstream::HttpsClient,
+    client: &crate::http_client::HttpsClient,
     method: Method,
     url: &str,
     body: Option<Value>,
@@ -197,7 +197,7 @@ async fn call_json(
 
 /// Files, a batch and a Responses conversation through the gateway, each call printed with
 /// the instance that served it: the one holding the object, every time.
-async fn stateful(client: &crate::upstream::HttpsClient, base: &str) -> Result<(), String> {
+async fn stateful(client: &crate::http_client::HttpsClient, base: &str) -> Result<(), String> {
     println!(
         "\nStateful APIs (each object lives on one instance; every call about it goes there):"
     );

@@ -304,7 +304,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let client = match crate::upstream::system_client(Duration::from_secs(10), true) {
+            let client = match crate::http_client::system_client(Duration::from_secs(10), true) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: cannot build an HTTP client: {e}");

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::upstream::HttpsClient;
+use crate::http_client::HttpsClient;
 use crate::usage::{Tap, Usage};
 
 /// Where and how to send.

@@ -5,6 +5,7 @@
 mod credential;
 mod env;
 mod raw;
+mod redis_url;
 mod secret;
 mod tls;
 mod validate;
@@ -22,7 +23,8 @@ use http::StatusCode;
 use http::uri::{Authority, Scheme};
 use serde::Deserialize;
 
-pub use secret::Secret;
+pub use redis_url::RedisTarget;
+pub use secret::{Secret, sha256};
 pub use tls::{ExtraCa, ListenerTls};
 
 /// Default body limit kept for replay: 32 MiB, Azure OpenAI's own request ceiling for most operations.
@@ -576,7 +578,7 @@ impl Config {
             let _ = writeln!(s, "consumers     {} ({})", names.len(), names.join(", "));
         }
         if let LimitStore::Redis(r) = &self.limits.store {
-            let (addr, tls) = crate::redis::Target::parse(r.url.expose(), r.cluster)
+            let (addr, tls) = RedisTarget::parse(r.url.expose(), r.cluster)
                 .map(|t| (t.addr, t.tls))
                 .unwrap_or_default();
             let _ = writeln!(

@@ -31,6 +31,14 @@ impl fmt::Display for Secret {
     }
 }
 
+/// The SHA-256 of a key: all the gateway keeps of client keys and compares admin keys by.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

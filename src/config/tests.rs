@@ -276,7 +276,7 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
     .unwrap();
     assert_eq!(
         c.consumers[0].key_sha256,
-        Some(crate::auth::inbound::sha256(b"east-secret-1-padding"))
+        Some(crate::config::sha256(b"east-secret-1-padding"))
     );
     assert!(!format!("{c:?}{}", c.summary()).contains("east-secret"));
     for (consumer, path) in [

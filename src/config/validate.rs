@@ -218,7 +218,7 @@ fn validate_consumers(
                         "too short: use at least 16 characters (32 random bytes, hex or base64, is better)",
                     ));
                 }
-                Some(crate::auth::inbound::sha256(key.as_bytes()))
+                Some(crate::config::sha256(key.as_bytes()))
             }
             (None, Some(hex)) => Some(parse_sha256(&hex).ok_or_else(|| {
                 ConfigError::field(
@@ -355,7 +355,7 @@ fn validate_limits(
             };
             let timeout = opt_duration(raw.redis_timeout, "limits.redis_timeout", 100)?;
             let cluster = raw.redis_cluster.unwrap_or(false);
-            let target = crate::redis::Target::parse(&url, cluster)
+            let target = RedisTarget::parse(&url, cluster)
                 .map_err(|e| ConfigError::field("limits.redis_url", e))?;
             let auth = match raw.redis_auth {
                 None => None,

@@ -25,6 +25,7 @@ use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
+use crate::http_client::HttpsClient;
 use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::{AttemptLog, Target};
 use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
@@ -32,7 +33,7 @@ use crate::telemetry::{
     BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestCounters, status_class,
 };
 use crate::upstream::h1::RawHeaders;
-use crate::upstream::{HttpsClient, OutboundRequest, X_REQUEST_ID};
+use crate::upstream::{OutboundRequest, X_REQUEST_ID};
 use crate::usage::{self, Tap, Usage};
 
 /// Shared by every connection of the client listener; built by `server::start`.

@@ -117,8 +117,8 @@ pub async fn start_on(
     // `server.shutdown_delay`: the listeners stop accepting and everything drains.
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let tls = crate::upstream::tls_config(&config.server.ca)?;
-    let identity_client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
+    let tls = crate::http_client::tls_config(&config.server.ca)?;
+    let identity_client = crate::http_client::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
     let (shared, store_token) = match &config.limits.store {
         LimitStore::Memory => (None, None),
         LimitStore::Redis(store) => {
@@ -188,7 +188,7 @@ pub async fn start_on(
     };
     let tracer = match &config.tracing {
         Some(t) => {
-            let client = crate::upstream::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
+            let client = crate::http_client::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
             let (tracer, exporter) = crate::telemetry::trace::Tracer::new(t, client, &metrics);
             tasks.spawn(exporter.run(shutdown.clone(), config.server.shutdown_grace));
             Some(tracer)

@@ -16,12 +16,13 @@ use crate::auth::inbound::Authenticator;
 use crate::auth::outbound::{self, TokenProvider};
 use crate::balancer::{Balancer, Policy};
 use crate::config::Config;
+use crate::http_client::HttpsClient;
 use crate::limits::{Limiter, Shared};
 use crate::proxy::Proxy;
 use crate::routing::Router;
 use crate::sync::lock;
 use crate::telemetry::{Metrics, ReloadLabels};
-use crate::upstream::{Backend, HttpsClient, Upstream};
+use crate::upstream::{Backend, Upstream};
 
 /// Everything the request path reads from one config.
 pub struct Runtime {

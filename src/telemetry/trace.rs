@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TracingConfig;
+use crate::http_client::HttpsClient;
 use crate::ids::IdGen;
-use crate::upstream::HttpsClient;
 
 /// Spans waiting for export; past this, new ones are dropped (and counted).
 const QUEUE: usize = 8192;

@@ -10,7 +10,7 @@ use http::{Method, Request, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::config::{EntraFlow, ManagedIdentityId, MiSource, Secret};
-use crate::upstream::HttpsClient;
+use crate::http_client::HttpsClient;
 
 /// Longest a token request may take before it counts as failed.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(20);

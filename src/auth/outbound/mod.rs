@@ -15,7 +15,7 @@ pub use token::{CredentialState, CredentialStatus, TokenProvider};
 
 use crate::config::{BackendAuth, BackendConfig, EntraCredential};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::HttpsClient;
+use crate::http_client::HttpsClient;
 
 /// A backend's credential, ready to produce its header.
 pub enum Credential {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::flows::{self, FetchError, Fetched};
 use crate::config::EntraCredential;
+use crate::http_client::HttpsClient;
 use crate::sync::{read, write};
-use crate::upstream::HttpsClient;
 
 /// A token is used until this close to its expiry (or a quarter of its life, if shorter);
 /// closer than that a request fetches anew, so clock skew cannot make a backend see it expired.
