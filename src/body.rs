@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-use crate::upstream::h1::RawHeaders;
+use crate::http1::RawHeaders;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fnv;
+pub mod http1;
 pub mod http_client;
 pub mod ids;
 pub mod limits;

@@ -24,11 +24,11 @@ use crate::balancer::{Balancer, Lease, Outcome, Pick, SCRATCH, Verdict, scratch}
 use crate::body::{BoxBody, full};
 use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
+use crate::http1::RawHeaders;
 use crate::limits::Shared;
 use crate::routing::Router;
 use crate::telemetry::trace::{AttemptRecord, TraceContext};
 use crate::telemetry::{AttemptLabels, BackendLabels, BackendStats, Metrics};
-use crate::upstream::h1::RawHeaders;
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
 /// A retried response is kept (up to this size) in case every later attempt fails without one:

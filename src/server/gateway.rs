@@ -26,13 +26,13 @@ use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::http_client::HttpsClient;
+use crate::http1::RawHeaders;
 use crate::limits::{Admission, Refusal, Shared};
 use crate::proxy::{AttemptLog, Target};
 use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
     BackendLabels, BackendStats, ConsumerRejectionLabels, Metrics, RequestCounters, status_class,
 };
-use crate::upstream::h1::RawHeaders;
 use crate::upstream::{OutboundRequest, X_REQUEST_ID};
 use crate::usage::{self, Tap, Usage};
 

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::stall::StallLimit;
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::upstream::h1::{Lines, MAX_HEADERS, parse_length};
+use crate::http1::{Lines, MAX_HEADERS, header_name, parse_length};
 
 /// Larger bodies are streamed by hyper rather than read whole here.
 const MAX_BODY: usize = 1 << 20;
@@ -590,7 +590,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
             continue;
         }
         let name = &raw[n..n + nl];
-        let Ok(name) = crate::upstream::h1::header_name(name) else {
+        let Ok(name) = header_name(name) else {
             return invalid("a header name is not a token");
         };
         let Ok(value) = HeaderValue::from_maybe_shared(raw.slice(v..v + vl)) else {

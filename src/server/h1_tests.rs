@@ -14,8 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, ChannelBody, RequestBody, full};
+use crate::http1::RawHeaders;
 use crate::server::listener::{ConnMetrics, ListenOptions, serve};
-use crate::upstream::h1::RawHeaders;
 
 /// What the test handler was given, for the test to look at.
 #[derive(Default)]

@@ -160,7 +160,7 @@ pub async fn serve<F, Fut>(
         // Bounds the request head (431 beyond), as the backend client bounds response heads,
         // and its headers to the same count as theirs.
         .max_buf_size(MAX_REQUEST_HEAD)
-        .max_headers(crate::upstream::h1::MAX_HEADERS);
+        .max_headers(crate::http1::MAX_HEADERS);
     // HTTP/2 has no head to time out; a peer that stops answering pings is cut off instead.
     // The abuse limits are set here on purpose rather than left to defaults that may move:
     // streams reset before they were taken up (rapid reset, CVE-2023-44487) and streams the

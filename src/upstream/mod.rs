@@ -341,7 +341,7 @@ pub fn build_request(
     for (name, value) in forwarded(req) {
         headers.append(name.clone(), value.clone());
     }
-    h1::append_lines(&req.passthrough, &mut headers);
+    crate::http1::append_lines(&req.passthrough, &mut headers);
     if let Some((name, value)) = auth {
         headers.insert(name, value);
     }
