@@ -2,8 +2,8 @@
 # A profile-guided (PGO) release build of the gateway. An instrumented build serves a training
 # load through the built-in simulator and probe, and the release build is then optimised with
 # the profile it recorded: hot paths laid out together and inlined by measured use, cold ones
-# moved aside. On the benchmark's plain request this took callgrind's count from about 32,700
-# instructions to 27,300 (see bench/results/profile-2026-11-26.md).
+# moved aside. What it saves is measured in bench/results/profile-2026-11-26.md and
+# docs/performance.md.
 #
 #   bash bench/pgo.sh           # prints the binary's path: target/pgo/release/switchyard
 #   PGO_REBUILD=1 bash bench/pgo.sh   # build even if the binary there is of these sources

@@ -87,8 +87,8 @@ pub(crate) fn append_lines(lines: &Bytes, headers: &mut HeaderMap) {
 }
 
 /// Response header lines a backend sent that the gateway neither reads nor sets, kept as bytes
-/// (`name: value\r\n` each). Filling a `HeaderMap` with them only to write them out again cost
-/// about 450 instructions a header, and Azure answers with a dozen such headers
+/// (`name: value\r\n` each): filling a `HeaderMap` with them only to write them out again is
+/// dear, and Azure answers with a dozen such headers
 /// (`apim-request-id`, `x-ms-region`, `azureml-model-session`, ...). They travel with the
 /// response's body ([`crate::body::BoxBody`]); the HTTP/1.1 server writes them after the map,
 /// and anything else puts them in the map first ([`RawHeaders::append_to`]).

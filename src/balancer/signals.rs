@@ -132,7 +132,7 @@ impl Headroom {
     pub fn observe(&mut self, headers: &HeaderMap, now: Instant) {
         // One pass over the map (a handful of headers: the rest of a response passes on
         // outside it), names compared by length first, costs less than two hashed lookups of
-        // these long names, about 250 instructions each. The first value counts, as `get`'s.
+        // these long names. The first value counts, as `get`'s.
         let (mut tokens, mut requests) = (None, None);
         for (name, value) in headers {
             let slot = if *name == REMAINING_TOKENS {

@@ -1333,8 +1333,8 @@ impl Body for TrackedBody {
 
 /// The headers the gateway sets on every answer (`x-request-id`, and `x-switchyard-backend` and
 /// `-attempts` when a backend was tried), as lines ahead of those passed on from the backend:
-/// three inserts into the response's map (a name hash and a probe each) were about 800
-/// instructions a request. A backend's own headers of these names never get this far (the
+/// cheaper than three inserts into the response's map, a name hash and a probe each
+/// (bench/results/profile-2026-11-26.md). A backend's own headers of these names never get this far (the
 /// backend clients drop them).
 fn own_lines(
     request_id: &HeaderValue,

@@ -3,8 +3,8 @@
 //! What SDKs send — an HTTP/1.1 `GET`/`POST`/`PUT`/`PATCH`/`DELETE` whose body, if any, has a
 //! `content-length` of at most 1 MiB, with no upgrade, no `expect` and no transfer coding — is
 //! parsed, served and answered here, with one read and one write per request where the bytes
-//! allow. hyper's server spent about a third of the gateway's instructions per request on the
-//! same work (see `bench/results/`).
+//! allow: far less work than hyper's server spends on the same (see
+//! bench/results/profile-2026-11-26.md).
 //!
 //! Anything else is not decided here: the connection, with every byte read so far, is handed
 //! to hyper for the rest of its life ([`Ended::Handover`]). So HTTP/2, HTTP/1.0, chunked or
@@ -78,8 +78,7 @@ where
         stall: stall.clone(),
     };
     // One timer for the connection's life, moved on for each head. Moving a registered timer
-    // later is an atomic store; a new timer per request took the timer wheel's lock twice
-    // (about 1,800 instructions a request by callgrind).
+    // later is an atomic store; a new timer per request takes the timer wheel's lock twice.
     let deadline = tokio::time::sleep(header_timeout);
     tokio::pin!(deadline);
     loop {
@@ -122,8 +121,8 @@ where
         // The handler runs while the connection is watched: a client that goes away takes
         // its request with it, as under hyper (the attempts stop, the accounting ends).
         let response = {
-            // Inline, not boxed: a box would give back about 5 KB per open stream once the
-            // answer is made, but moving the future into it cost 840 instructions a request.
+            // Inline, not boxed: a box would give back some memory per open stream once the
+            // answer is made, but moving the future into it costs more on every request.
             let served = handler(request);
             tokio::pin!(served);
             tokio::select! {
@@ -657,8 +656,8 @@ enum Role {
     /// request's map.
     Kept,
     /// Any other (`user-agent`, `accept`, an SDK's `x-stainless-*` ...): passed on to the
-    /// backend as a raw line. Filling a `HeaderMap` with it and writing it out again cost
-    /// about 600 instructions a header, and an SDK sends a dozen.
+    /// backend as a raw line: filling a `HeaderMap` with it only to write it out again is
+    /// dear, and an SDK sends a dozen.
     Passed,
 }
 
@@ -705,8 +704,8 @@ static BY_FIRST_AND_LENGTH: [[u8; 32]; 26] = {
 
 /// The role of a request header by its name, in any case: the one name of [`ROLES`] with its
 /// first letter and length, if any, compared ignoring case. Most names an SDK sends
-/// (`User-Agent`, `X-Stainless-*` ...) have none, and pass on after a table read. (Lowercasing
-/// each name on the stack for a `match` cost about 100 instructions a header.) `| 0x20`
+/// (`User-Agent`, `X-Stainless-*` ...) have none, and pass on after a table read, cheaper than
+/// lowercasing each name on the stack for a `match`. `| 0x20`
 /// lowercases a letter; what it makes of other bytes is at worst a candidate that the
 /// comparison turns down.
 fn request_role(name: &[u8]) -> Role {

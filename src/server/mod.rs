@@ -346,8 +346,8 @@ pub async fn start_on(
 /// Runtimes of one thread each, beside the caller's, for [`start_on`]: like nginx's worker
 /// processes, each serves the connections it is given from start to end, with its own timers,
 /// reactor and backend connections. Against one multi-threaded runtime this saves the work
-/// stealing's bookkeeping and atomics (about 1,100 instructions a request by callgrind) and
-/// keeps a connection's work on one core.
+/// stealing's bookkeeping and atomics and keeps a connection's work on one core
+/// (bench/results/profile-2026-11-26.md).
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     stop: CancellationToken,
