@@ -430,9 +430,12 @@ impl Shared {
         let Some(mut rx) = lock(&self.jobs_rx).take() else {
             return;
         };
-        // The first connection is made now, not by the first request.
-        let warm = self.redis.warm_up().await;
-        self.note(&warm);
+        // The first connection is made now, not by the first request; a stop meanwhile is not
+        // kept waiting for it.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            warm = self.redis.warm_up() => self.note(&warm),
+        }
         let mut poll = tokio::time::interval(COOLDOWN_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
