@@ -78,31 +78,25 @@ impl ConnectionLike for Conn {
 }
 
 /// Builds connections; kept to build anew when Redis refuses the sign-in.
-struct Factory {
-    single: Option<Client>,
-    cluster: Option<::redis::cluster::ClusterClient>,
-    manager: ConnectionManagerConfig,
+enum Factory {
+    Single(Client, ConnectionManagerConfig),
+    /// The client, and how long a node may take to answer.
+    Cluster(::redis::cluster::ClusterClient, Duration),
 }
 
 impl Factory {
     fn connect(&self) -> Result<Conn, RedisError> {
-        if let Some(c) = &self.cluster {
-            let config = ClusterConfig::new()
-                .set_connection_timeout(CONNECT_TIMEOUT)
-                .set_response_timeout(self.manager.response_timeout().unwrap_or(CONNECT_TIMEOUT));
-            return Ok(Conn::Cluster(
-                c.get_pending_async_connection_with_config(config),
-            ));
-        }
-        match &self.single {
-            Some(c) => Ok(Conn::Single(
-                c.get_connection_manager_lazy(self.manager.clone())?,
-            )),
-            None => Err(RedisError::from((
-                ErrorKind::InvalidClientConfig,
-                "no Redis client",
-            ))),
-        }
+        Ok(match self {
+            Factory::Single(c, manager) => {
+                Conn::Single(c.get_connection_manager_lazy(manager.clone())?)
+            }
+            Factory::Cluster(c, response_timeout) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(*response_timeout);
+                Conn::Cluster(c.get_pending_async_connection_with_config(config))
+            }
+        })
     }
 }
 
@@ -129,16 +123,7 @@ impl Redis {
         };
         let response_timeout = opts.timeout.max(MIN_RESPONSE_TIMEOUT);
         let fail = |e: RedisError| format!("Redis at {}: {e}", target.addr);
-        let mut manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(response_timeout))
-            // One attempt per reconnection: commands meanwhile fail at once (and are served
-            // open or refused as configured) rather than queue behind a backoff.
-            .set_number_of_retries(0)
-            // Every request in flight may have a call queued on the one connection; the
-            // crate's default (50) would make the 51st wait for room.
-            .set_pipeline_buffer_size(PIPELINE_BUFFER);
-        let (single, cluster) = if opts.cluster {
+        let factory = if opts.cluster {
             let mut b = ClusterClientBuilder::new(vec![target.info().clone()])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(response_timeout)
@@ -149,22 +134,26 @@ impl Redis {
             if let Some(c) = opts.credentials.clone() {
                 b = b.set_credentials_provider(c);
             }
-            (None, Some(b.build().map_err(fail)?))
+            Factory::Cluster(b.build().map_err(fail)?, response_timeout)
         } else {
             let client = match certs {
                 Some(c) => Client::build_with_tls(target.info().clone(), c),
                 None => Client::open(target.info().clone()),
             }
             .map_err(fail)?;
-            if let Some(c) = opts.credentials.clone() {
+            let mut manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(response_timeout))
+                // One attempt per reconnection: commands meanwhile fail at once (and are
+                // served open or refused as configured) rather than queue behind a backoff.
+                .set_number_of_retries(0)
+                // Every request in flight may have a call queued on the one connection; the
+                // crate's default (50) would make the 51st wait for room.
+                .set_pipeline_buffer_size(PIPELINE_BUFFER);
+            if let Some(c) = opts.credentials {
                 manager = manager.set_credentials_provider(c);
             }
-            (Some(client), None)
-        };
-        let factory = Factory {
-            single,
-            cluster,
-            manager,
+            Factory::Single(client, manager)
         };
         let conn = factory.connect().map_err(fail)?;
         Ok(Redis {

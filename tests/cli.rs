@@ -191,6 +191,20 @@ fn serve_json_logs(
     (child, lines)
 }
 
+/// The next JSON log line whose message starts with `want`.
+async fn next_message(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    want: &str,
+) -> serde_json::Value {
+    loop {
+        let line = lines.next_line().await.unwrap().expect("log line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"].as_str().is_some_and(|m| m.starts_with(want)) {
+            return v;
+        }
+    }
+}
+
 /// `switchyard probe` against a running gateway: the distribution, statuses and tokens it reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_reports_distribution_statuses_and_tokens() {
@@ -355,13 +369,10 @@ async fn access_log_lines_are_json_when_asked() {
     );
     let p = write_config(&dir, &cfg);
     let (mut child, mut lines) = serve_json_logs(&p);
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("a listening line");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "switchyard listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let addr = next_message(&mut lines, "switchyard listening").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = common::client()
         .post(format!("http://{addr}{}", common::CHAT))
         .header("content-type", "application/json")
@@ -408,13 +419,10 @@ async fn a_backend_refusing_the_gateways_key_is_logged() {
     );
     let p = write_config(&tmp("wrong-key"), &cfg);
     let (mut child, mut lines) = serve_json_logs(&p);
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("a listening line");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "switchyard listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let addr = next_message(&mut lines, "switchyard listening").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for _ in 0..5 {
         let r = common::client()
             .post(format!("http://{addr}{}", common::CHAT))
@@ -462,13 +470,7 @@ async fn serve_reloads_on_sighup() {
     };
     let p = write_config(&tmp("sighup"), &cfg(&a));
     let (mut child, mut lines) = serve_json_logs(&p);
-    let mut next_message = async |want: &str| loop {
-        let line = lines.next_line().await.unwrap().expect("log line");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"].as_str().is_some_and(|m| m.starts_with(want)) {
-            break v;
-        }
-    };
+    let mut next_message = async |want: &str| next_message(&mut lines, want).await;
     let addr = next_message("switchyard listening").await["addr"]
         .as_str()
         .unwrap()
