@@ -120,7 +120,7 @@ impl Body for ChannelBody {
 
 /// A client's request body as the gateway's handlers get it: streamed by hyper (HTTP/2, TLS,
 /// chunked uploads, anything unusual) or already read whole by the fast HTTP/1.1 path, which
-/// also hands over the header lines it passes on to backends unread (see `server::h1`).
+/// also hands over the header lines it passes on to backends unread (see `http1::server`).
 pub enum RequestBody {
     Streaming(hyper::body::Incoming),
     Full {

@@ -25,6 +25,7 @@ pub mod rng;
 pub mod routing;
 pub mod server;
 pub mod sim;
+pub mod stall;
 pub mod status;
 pub mod sync;
 pub mod telemetry;

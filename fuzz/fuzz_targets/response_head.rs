@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Some((headers, read, lines))) = switchyard::upstream::h1::parse_response_head(data) {
+    if let Ok(Some((headers, read, lines))) = switchyard::http1::client::parse_response_head(data) {
         assert_eq!(headers.len(), read + lines);
     }
 });

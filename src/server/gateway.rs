@@ -51,7 +51,7 @@ pub struct GatewayState {
     /// Fetches tokens and signing keys from the identity platform.
     pub(super) identity_client: HttpsClient,
     /// Connections to backends, kept across reloads.
-    pub(super) pools: Arc<crate::upstream::h1::Pools>,
+    pub(super) pools: Arc<crate::http1::client::Pools>,
     /// The shared limits store; set at start, kept across reloads.
     pub(super) shared: Option<Arc<Shared>>,
     pub(super) refreshers: Refreshers,
@@ -65,7 +65,7 @@ pub struct GatewayState {
     /// The client listener's certificate, when it serves HTTPS: replaced by a reload.
     pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
     /// `routing.idle_timeout` for writes to clients, as the running config says.
-    pub(super) write_stall: Arc<super::stall::StallLimit>,
+    pub(super) write_stall: Arc<crate::stall::StallLimit>,
     /// Which backend holds each stored object (response, file, batch, ...); kept across reloads.
     pub(super) owners: Arc<Owners>,
     /// Which backend each session key (`routing.affinity_key`) was last served by.
@@ -639,7 +639,7 @@ async fn read_body(
             Err(_) => {
                 return Err(GatewayError::new(
                     ErrorKind::BodyTimeout,
-                    super::h1::body_late_message(gap, server.body_read_timeout),
+                    crate::http1::server::body_late_message(gap, server.body_read_timeout),
                 ));
             }
         };
@@ -873,11 +873,14 @@ fn check_head(parts: &http::request::Parts, host_unchecked: bool) -> Result<(), 
     if host_unchecked && parts.version == http::Version::HTTP_11 {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
         let valid = match (hosts.next(), hosts.next()) {
-            (Some(host), None) => super::h1::valid_host(host.as_bytes()),
+            (Some(host), None) => crate::http1::server::valid_host(host.as_bytes()),
             _ => false,
         };
         if !valid {
-            return Err(GatewayError::new(ErrorKind::BadRequest, super::h1::NO_HOST));
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                crate::http1::server::NO_HOST,
+            ));
         }
     }
     Ok(())

@@ -22,9 +22,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::h1;
-use super::stall::{StallLimit, WriteStall};
 use crate::body::{BoxBody, RequestBody};
+use crate::http1::server as h1;
+use crate::stall::{StallLimit, WriteStall};
 
 /// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
 /// are a few kilobytes.
@@ -379,3 +379,7 @@ async fn connection<I, F, Fut>(
     }
     let _ = conn.await;
 }
+
+#[cfg(test)]
+#[path = "listener_tests.rs"]
+mod tests;

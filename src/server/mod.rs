@@ -1,10 +1,8 @@
 //! Listeners, connection handling and graceful shutdown. No business logic here.
 
 mod gateway;
-mod h1;
 mod listener;
 mod runtime;
-mod stall;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,11 +18,11 @@ use crate::config::{Config, LimitStore};
 use crate::limits::Shared;
 use crate::telemetry::Metrics;
 
-pub use gateway::GatewayState;
 #[doc(hidden)]
-pub use h1::{
+pub use crate::http1::server::{
     Head as RequestHead, Parsed as ParsedHead, parse_for_fuzz as parse_request_head, passes_raw,
 };
+pub use gateway::GatewayState;
 use listener::{ConnMetrics, ListenOptions};
 pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
 
@@ -171,7 +169,7 @@ pub async fn start_on(
     let watch = source.as_ref().and_then(|s| s.watch);
     let sighup = source.as_ref().is_some_and(|s| s.sighup);
     // The caller's runtime is worker 0 (see `Workers::start`).
-    let pools = Arc::new(crate::upstream::h1::Pools::with_workers(
+    let pools = Arc::new(crate::http1::client::Pools::with_workers(
         tls.clone(),
         1 + workers.len(),
     ));
@@ -196,7 +194,7 @@ pub async fn start_on(
         None => None,
     };
     let config_affinity = config.affinity.clone();
-    let write_stall = stall::StallLimit::new(config.routing.idle_timeout);
+    let write_stall = crate::stall::StallLimit::new(config.routing.idle_timeout);
     let rt = runtime::build(&parts, config, None)?;
     let state = GatewayState {
         runtime: ArcSwap::from_pointee(rt),
@@ -407,7 +405,7 @@ impl Workers {
                             return;
                         }
                     };
-                    crate::upstream::h1::enter_worker(index);
+                    crate::http1::client::enter_worker(index);
                     rt.block_on(async move {
                         match chore {
                             Some(chore) => tokio::select! {

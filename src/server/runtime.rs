@@ -195,7 +195,7 @@ pub(super) struct Parts<'a> {
     pub identity_client: &'a HttpsClient,
     pub shared: &'a Option<Arc<Shared>>,
     /// Backend connections, kept across reloads.
-    pub pools: &'a Arc<crate::upstream::h1::Pools>,
+    pub pools: &'a Arc<crate::http1::client::Pools>,
 }
 
 /// Builds a runtime for `config`, taking over what `previous` learned.

@@ -1,6 +1,6 @@
 //! One attempt against one backend: the pooled client, URL and header rewriting, timeouts.
 
-pub mod h1;
+use crate::http1::client as h1;
 
 use std::borrow::Cow;
 use std::ops::Range;

@@ -29,10 +29,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::stall::StallLimit;
+use super::common::{Lines, MAX_HEADERS, header_name, parse_length};
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::http1::{Lines, MAX_HEADERS, header_name, parse_length};
+use crate::stall::StallLimit;
 
 /// Larger bodies are streamed by hyper rather than read whole here.
 const MAX_BODY: usize = 1 << 20;
@@ -400,7 +400,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     tokio::time::timeout(self.stall.get(), self.stream.writable())
                         .await
-                        .map_err(|_| super::stall::stalled())??;
+                        .map_err(|_| crate::stall::stalled())??;
                 }
                 Err(e) => return Err(e),
             }
@@ -857,5 +857,108 @@ impl AsyncWrite for Prefixed {
 }
 
 #[cfg(test)]
-#[path = "h1_tests.rs"]
-mod tests;
+mod tests {
+    #[test]
+    fn request_roles_are_found_in_any_case_and_every_other_name_passes_on() {
+        use super::{ROLES, Role, request_role};
+        for (name, role) in ROLES {
+            let upper = name.to_ascii_uppercase();
+            let mut mixed = name.to_vec();
+            mixed[0] = mixed[0].to_ascii_uppercase();
+            for n in [name, &upper[..], &mixed[..]] {
+                assert!(request_role(n) == role, "{}", String::from_utf8_lossy(n));
+            }
+        }
+        assert!(request_role(b"Content-Length") == Role::ContentLength);
+        assert!(request_role(b"CONNECTION") == Role::Connection);
+        assert!(request_role(b"Transfer-Encoding") == Role::NotMine);
+        // Names that share a first letter and length with one above, or nothing, pass on.
+        let others: [&[u8]; 27] = [
+            b"accept",
+            b"Accept-Encoding",
+            b"accept-language",
+            b"User-Agent",
+            b"cache-control",
+            b"cookie",
+            b"date",
+            b"origins",
+            b"referer",
+            b"via",
+            b"x-forwarded-for",
+            b"x-ms-client-request-id",
+            b"openai-organization",
+            b"X-Stainless-Lang",
+            b"X-Stainless-Package-Version",
+            b"X-Stainless-OS",
+            b"x-stainless-retry-count",
+            b"hose",
+            b"hosts",
+            b"x-request-ix",
+            b"tE-",
+            b"",
+            b"1host",
+            b"@ost",
+            b"[ost",
+            b"a",
+            b"ocp-apim-subscription-key-and-then-some",
+        ];
+        for n in others {
+            assert!(
+                request_role(n) == Role::Passed,
+                "{}",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+
+    #[test]
+    fn a_fragment_in_the_target_is_no_part_of_the_request() {
+        // As `http` (and so hyper) reads a target: the fragment is dropped, the rest served.
+        let head = b"GET /openai/files?api-version=20#4-10-21 HTTP/1.1\r\nhost: x\r\n\r\n";
+        match super::parse_for_fuzz(head, 64 * 1024) {
+            super::Parsed::Head(parsed, consumed) => {
+                assert_eq!(
+                    parsed.uri.path_and_query().unwrap().as_str(),
+                    "/openai/files?api-version=20"
+                );
+                assert_eq!(consumed, head.len());
+            }
+            _ => panic!("not served on the fast path"),
+        }
+    }
+
+    #[test]
+    fn hosts_are_a_name_or_an_ip_literal_and_a_port() {
+        use super::valid_host;
+        for ok in [
+            "gw",
+            "gw:8080",
+            "gw:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "a-b.c_d~e",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "user@gw",
+            "gw/x",
+            "g w",
+            "[::1",
+            "[]",
+            "[zz]",
+            "gw:80x",
+            "gw:123456",
+            "[::1]x",
+            "gw\t",
+            "gw?",
+            "gw#",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+}

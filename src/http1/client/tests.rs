@@ -8,6 +8,8 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::body::{chunk_size, front_line};
+use super::pool::Stream;
 use super::*;
 
 /// What the backend does for one request.

@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::{ConnMetrics, ListenOptions, serve};
 use crate::body::{BoxBody, ChannelBody, RequestBody, full};
 use crate::http1::RawHeaders;
-use crate::server::listener::{ConnMetrics, ListenOptions, serve};
 
 /// What the test handler was given, for the test to look at.
 #[derive(Default)]
@@ -122,7 +122,7 @@ async fn start(header_timeout: Duration) -> Gateway {
         spread: None,
         tls: None,
         metrics: ConnMetrics::default(),
-        stall: crate::server::stall::StallLimit::new(Duration::from_secs(30)),
+        stall: crate::stall::StallLimit::new(Duration::from_secs(30)),
     };
     let task = tokio::spawn(serve(listener, handler, stop.clone(), options));
     Gateway {
@@ -509,109 +509,5 @@ async fn raw_header_lines_are_written_once_on_either_path_and_a_backend_date_is_
         assert_eq!(count("x-raw: 3"), 1, "{what}: {head}");
         assert_eq!(count("date: "), 1, "{what}: {head}");
         assert_eq!(count("date: thu, 01 jan 2026"), 1, "{what}: {head}");
-    }
-}
-
-#[test]
-fn request_roles_are_found_in_any_case_and_every_other_name_passes_on() {
-    use super::{ROLES, Role, request_role};
-    for (name, role) in ROLES {
-        let upper = name.to_ascii_uppercase();
-        let mut mixed = name.to_vec();
-        mixed[0] = mixed[0].to_ascii_uppercase();
-        for n in [name, &upper[..], &mixed[..]] {
-            assert!(request_role(n) == role, "{}", String::from_utf8_lossy(n));
-        }
-    }
-    assert!(request_role(b"Content-Length") == Role::ContentLength);
-    assert!(request_role(b"CONNECTION") == Role::Connection);
-    assert!(request_role(b"Transfer-Encoding") == Role::NotMine);
-    // Names that share a first letter and length with one above, or nothing, pass on.
-    let others: [&[u8]; 27] = [
-        b"accept",
-        b"Accept-Encoding",
-        b"accept-language",
-        b"User-Agent",
-        b"cache-control",
-        b"cookie",
-        b"date",
-        b"origins",
-        b"referer",
-        b"via",
-        b"x-forwarded-for",
-        b"x-ms-client-request-id",
-        b"openai-organization",
-        b"X-Stainless-Lang",
-        b"X-Stainless-Package-Version",
-        b"X-Stainless-OS",
-        b"x-stainless-retry-count",
-        b"hose",
-        b"hosts",
-        b"x-request-ix",
-        b"tE-",
-        b"",
-        b"1host",
-        b"@ost",
-        b"[ost",
-        b"a",
-        b"ocp-apim-subscription-key-and-then-some",
-    ];
-    for n in others {
-        assert!(
-            request_role(n) == Role::Passed,
-            "{}",
-            String::from_utf8_lossy(n)
-        );
-    }
-}
-
-#[test]
-fn a_fragment_in_the_target_is_no_part_of_the_request() {
-    // As `http` (and so hyper) reads a target: the fragment is dropped, the rest served.
-    let head = b"GET /openai/files?api-version=20#4-10-21 HTTP/1.1\r\nhost: x\r\n\r\n";
-    match super::parse_for_fuzz(head, 64 * 1024) {
-        super::Parsed::Head(parsed, consumed) => {
-            assert_eq!(
-                parsed.uri.path_and_query().unwrap().as_str(),
-                "/openai/files?api-version=20"
-            );
-            assert_eq!(consumed, head.len());
-        }
-        _ => panic!("not served on the fast path"),
-    }
-}
-
-#[test]
-fn hosts_are_a_name_or_an_ip_literal_and_a_port() {
-    use super::valid_host;
-    for ok in [
-        "gw",
-        "gw:8080",
-        "gw:",
-        "127.0.0.1:80",
-        "[::1]",
-        "[::1]:443",
-        "a-b.c_d~e",
-        "xn--bcher-kva.example",
-    ] {
-        assert!(valid_host(ok.as_bytes()), "{ok}");
-    }
-    for bad in [
-        "",
-        ":80",
-        "user@gw",
-        "gw/x",
-        "g w",
-        "[::1",
-        "[]",
-        "[zz]",
-        "gw:80x",
-        "gw:123456",
-        "[::1]x",
-        "gw\t",
-        "gw?",
-        "gw#",
-    ] {
-        assert!(!valid_host(bad.as_bytes()), "{bad}");
     }
 }

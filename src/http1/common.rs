@@ -1,6 +1,6 @@
 //! What HTTP/1.1 is the same for both sides of the gateway: header lines passed on as bytes,
 //! header names, `content-length` values, the limit on headers per head. The client listener's
-//! fast path (`server::h1`) and the backend client (`upstream::h1`) both read heads with these.
+//! fast path (`http1::server`) and the backend client (`http1::client`) both read heads with these.
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
