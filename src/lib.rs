@@ -1,6 +1,6 @@
 //! Switchyard: a self-hosted gateway for Azure OpenAI.
 //!
-//! Request pipeline (see `server::gateway`): `api` classifies the path, the body is read under
+//! Request pipeline (see `pipeline`): `api` classifies the path, the body is read under
 //! `server.max_body_bytes`, `proxy` runs the attempt loop (`balancer` picks, `upstream` sends one
 //! attempt with the backend's own credential), and the response streams back through a body
 //! wrapper that ends the request's accounting in `telemetry`.
@@ -19,6 +19,8 @@ pub mod http1;
 pub mod http_client;
 pub mod ids;
 pub mod limits;
+pub mod live;
+pub mod pipeline;
 pub mod proxy;
 pub mod redis;
 pub mod rng;
@@ -26,7 +28,6 @@ pub mod routing;
 pub mod server;
 pub mod sim;
 pub mod stall;
-pub mod status;
 pub mod sync;
 pub mod telemetry;
 pub mod upstream;

@@ -1092,9 +1092,9 @@ async fn the_grafana_dashboard_queries_metrics_that_exist() {
     let _ = r.bytes().await;
     let m = metrics_text(&client, &gw.admin).await;
     // Families appear in /metrics once they have samples; the rest must at least be registered
-    // (by name in telemetry/mod.rs) or rendered by the admin listener (admin.rs).
+    // (by name in telemetry/mod.rs) or rendered by the admin listener (admin/metrics.rs).
     let telemetry = include_str!("../src/telemetry/mod.rs");
-    let admin = include_str!("../src/admin.rs");
+    let admin = include_str!("../src/admin/metrics.rs");
     for name in &names {
         let family = name.trim_end_matches("_total").trim_end_matches("_bucket");
         let exported = m

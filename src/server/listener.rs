@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -14,8 +13,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -24,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxBody, RequestBody};
 use crate::http1::server as h1;
+use crate::live::CertSwap;
 use crate::stall::{StallLimit, WriteStall};
 
 /// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
@@ -35,33 +33,6 @@ const H2_MAX_STREAMS: u32 = 128;
 const H2_MAX_PENDING_RESETS: usize = 20;
 /// Streams a peer may make the server reset (by protocol errors); past it, GOAWAY.
 const H2_MAX_LOCAL_RESETS: usize = 256;
-
-/// The listener's certificate, replaceable while serving: a reload with a renewed certificate
-/// takes effect for the next handshake, open connections keep theirs.
-pub struct CertSwap(ArcSwap<CertifiedKey>);
-
-// rustls asks for `Debug`; the key stays out of it.
-impl std::fmt::Debug for CertSwap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CertSwap")
-    }
-}
-
-impl CertSwap {
-    pub fn new(key: Arc<CertifiedKey>) -> Arc<CertSwap> {
-        Arc::new(CertSwap(ArcSwap::new(key)))
-    }
-
-    pub fn set(&self, key: Arc<CertifiedKey>) {
-        self.0.store(key);
-    }
-}
-
-impl ResolvesServerCert for CertSwap {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
-    }
-}
 
 /// A rustls server config over `certs`, offering HTTP/2 and HTTP/1.1 by ALPN.
 pub fn tls_acceptor(certs: Arc<CertSwap>) -> tokio_rustls::TlsAcceptor {

@@ -1,8 +1,11 @@
-//! Listeners, connection handling and graceful shutdown. No business logic here.
+//! A running gateway, wired in one place ([`start_on`]): the limits store, the backend
+//! connection pools, the tracer and the live state ([`crate::live`]) are built, then the client
+//! listener is handed [`crate::pipeline::handle`] and the admin listener
+//! [`crate::admin::handle`]. Below: the listeners (`listener.rs`: connection cap, TLS, header
+//! timeout, graceful drain) and the per-core worker runtimes (`workers.rs`).
 
-mod gateway;
 mod listener;
-mod runtime;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +15,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use arc_swap::ArcSwap;
-
 use crate::config::{Config, LimitStore};
 use crate::limits::Shared;
 use crate::telemetry::Metrics;
@@ -22,9 +23,10 @@ use crate::telemetry::Metrics;
 pub use crate::http1::server::{
     Head as RequestHead, Parsed as ParsedHead, parse_for_fuzz as parse_request_head, passes_raw,
 };
-pub use gateway::GatewayState;
+use crate::live;
+pub use crate::live::{ConfigSource, GatewayState, ReloadError, Reloaded, Trigger};
 use listener::{ConnMetrics, ListenOptions};
-pub use runtime::{ConfigSource, ReloadError, Reloaded, Runtime, Trigger};
+pub use workers::{ThreadChore, Workers, per_core};
 
 const IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ADMIN_MAX_CONNECTIONS: usize = 256;
@@ -79,10 +81,6 @@ fn bind_named(addr: SocketAddr, field: &str) -> std::io::Result<TcpListener> {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}"))
     })
 }
-
-/// How long a session key stays with the backend that served it last: longer than any prompt
-/// cache lives on an idle instance (an hour at most).
-const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Binds the listeners and starts serving; returns once both are accepting.
 /// Cancelling `shutdown` stops accepting, lets in-flight requests and streams finish within
@@ -157,17 +155,6 @@ pub async fn start_on(
     let header_read_timeout = config.server.header_read_timeout;
     let body_read_timeout = config.server.body_read_timeout;
     let max_connections = config.server.max_connections;
-    let cert_swap = config
-        .server
-        .tls
-        .as_ref()
-        .map(|t| listener::CertSwap::new(t.certified.clone()));
-    let last_text = match &source {
-        Some(s) => tokio::fs::read_to_string(&s.path).await.ok(),
-        None => None,
-    };
-    let watch = source.as_ref().and_then(|s| s.watch);
-    let sighup = source.as_ref().is_some_and(|s| s.sighup);
     // The caller's runtime is worker 0 (see `Workers::start`).
     let pools = Arc::new(crate::http1::client::Pools::with_workers(
         tls.clone(),
@@ -178,12 +165,6 @@ pub async fn start_on(
         let shutdown = shutdown.clone();
         tasks.spawn(async move { token.refresh_loop(shutdown).await });
     }
-    let parts = runtime::Parts {
-        metrics: &metrics,
-        identity_client: &identity_client,
-        shared: &shared,
-        pools: &pools,
-    };
     let tracer = match &config.tracing {
         Some(t) => {
             let client = crate::http_client::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
@@ -193,49 +174,23 @@ pub async fn start_on(
         }
         None => None,
     };
-    let config_affinity = config.affinity.clone();
-    let write_stall = crate::stall::StallLimit::new(config.routing.idle_timeout);
-    let rt = runtime::build(&parts, config, None)?;
-    let state = GatewayState {
-        runtime: ArcSwap::from_pointee(rt),
+    let parts = live::Parts {
         metrics: metrics.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
-        grace,
-        ids: crate::ids::IdGen::new(),
         identity_client,
         pools,
         shared: shared.clone(),
-        refreshers: Default::default(),
-        source,
-        reloading: tokio::sync::Mutex::new(()),
-        last_text: std::sync::Mutex::new(last_text),
         tracer,
-        cert_swap: cert_swap.clone(),
-        write_stall,
-        owners: Arc::new(crate::affinity::Owners::new(
-            config_affinity.ttl,
-            config_affinity.max_entries,
-            metrics.clone(),
-            shared.clone(),
-        )),
-        sessions: Arc::new(crate::affinity::Owners::sessions(
-            SESSION_TTL,
-            config_affinity.max_entries,
-            metrics.clone(),
-            shared.clone(),
-        )),
+        source,
     };
-    // Tokens are fetched from the start, so the first requests find them ready.
-    state.start_refreshers(&state.runtime());
-    metrics.config_generation.set(1);
-    let state = Arc::new(state);
+    let state = GatewayState::new(parts, config).await?;
     if let Some(shared) = &shared {
         let state = state.clone();
         tasks.spawn(shared.clone().run(
             move |deployment, backend, wait| {
                 state
-                    .runtime()
+                    .snapshot()
                     .proxy
                     .remote_cooldown(deployment, backend, wait)
             },
@@ -246,7 +201,7 @@ pub async fn start_on(
         let (state, shutdown, stop) = (state.clone(), shutdown.clone(), stop.clone());
         tasks.spawn(async move {
             stop.cancelled().await;
-            let delay = state.runtime().config.server.shutdown_delay;
+            let delay = state.snapshot().config.server.shutdown_delay;
             if !delay.is_zero() {
                 tracing::info!(
                     ?delay,
@@ -256,12 +211,6 @@ pub async fn start_on(
             }
             shutdown.cancel();
         });
-    }
-    if sighup {
-        tasks.spawn(runtime::on_sighup(state.clone(), shutdown.clone()));
-    }
-    if let Some(every) = watch {
-        tasks.spawn(runtime::watch(state.clone(), every, shutdown.clone()));
     }
     {
         let options = ListenOptions {
@@ -274,24 +223,24 @@ pub async fn start_on(
                 let all = std::iter::once(here).chain(workers.iter().cloned());
                 Arc::new(listener::Spread::new(all.collect()))
             }),
-            tls: cert_swap.clone().map(listener::tls_acceptor),
+            tls: state.cert_swap().map(listener::tls_acceptor),
             metrics: ConnMetrics {
                 open: metrics.open_connections.clone(),
                 refused: metrics.connections_refused.clone(),
             },
-            stall: state.write_stall.clone(),
+            stall: state.write_stall(),
         };
         let state = state.clone();
         tasks.spawn(listener::serve(
             listener,
-            move |req| gateway::handle(state.clone(), req),
+            move |req| crate::pipeline::handle(state.clone(), req),
             shutdown.clone(),
             options,
         ));
     }
     if let Some(admin) = admin {
-        let history = Arc::new(crate::status::History::default());
-        tasks.spawn(crate::status::run(
+        let history = Arc::new(crate::admin::status::History::default());
+        tasks.spawn(crate::admin::status::run(
             history.clone(),
             state.clone(),
             shutdown.clone(),
@@ -315,7 +264,7 @@ pub async fn start_on(
             spread: None,
             tls: None,
             metrics: ConnMetrics::default(),
-            stall: state.write_stall.clone(),
+            stall: state.write_stall(),
         };
         tasks.spawn(listener::serve(
             admin,
@@ -325,7 +274,7 @@ pub async fn start_on(
         ));
     }
     tracing::info!(%addr, admin = ?admin_addr, "switchyard listening");
-    let rt = state.runtime();
+    let rt = state.snapshot();
     if !addr.ip().is_loopback() && rt.config.consumers.is_empty() && rt.config.jwt.is_none() {
         tracing::warn!(
             %addr,
@@ -339,142 +288,6 @@ pub async fn start_on(
         state,
         tasks,
     })
-}
-
-/// Runtimes of one thread each, beside the caller's, for [`start_on`]: like nginx's worker
-/// processes, each serves the connections it is given from start to end, with its own timers,
-/// reactor and backend connections. Against one multi-threaded runtime this saves the work
-/// stealing's bookkeeping and atomics and keeps a connection's work on one core
-/// (bench/results/profile-2026-11-26.md).
-pub struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    stop: CancellationToken,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// Something every runtime's thread does for itself at a steady pace, whatever it is serving:
-/// `serve` gives back the memory its allocator keeps cached for the thread (see `main.rs`),
-/// which only the thread itself can do.
-#[derive(Clone)]
-pub struct ThreadChore {
-    pub every: Duration,
-    pub run: Arc<dyn Fn() + Send + Sync>,
-}
-
-impl ThreadChore {
-    /// Runs the chore on the polling thread every `every`, the first time one period from now;
-    /// it never ends, so race it against what ends the thread's work.
-    pub async fn repeat(self) -> std::convert::Infallible {
-        let start = tokio::time::Instant::now() + self.every;
-        let mut tick = tokio::time::interval_at(start, self.every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            (self.run)();
-        }
-    }
-}
-
-impl Workers {
-    /// Starts `count` worker runtimes, numbered 1 to `count` (the caller's thread is 0), each
-    /// thread doing `chore` besides.
-    pub fn start(count: usize, chore: Option<ThreadChore>) -> std::io::Result<Workers> {
-        let stop = CancellationToken::new();
-        let mut workers = Workers {
-            handles: Vec::with_capacity(count),
-            stop: stop.clone(),
-            threads: Vec::with_capacity(count),
-        };
-        for index in 1..=count {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let stop = stop.clone();
-            let chore = chore.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("switchyard-worker-{index}"))
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build();
-                    let rt = match rt {
-                        Ok(rt) => {
-                            let _ = tx.send(Ok(rt.handle().clone()));
-                            rt
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    crate::http1::client::enter_worker(index);
-                    rt.block_on(async move {
-                        match chore {
-                            Some(chore) => tokio::select! {
-                                _ = stop.cancelled() => {}
-                                never = chore.repeat() => match never {},
-                            },
-                            None => stop.cancelled().await,
-                        }
-                    });
-                })?;
-            workers.threads.push(thread);
-            match rx.recv() {
-                Ok(Ok(handle)) => workers.handles.push(handle),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(std::io::Error::other("a worker thread ended at start")),
-            }
-        }
-        Ok(workers)
-    }
-
-    pub fn handles(&self) -> &[tokio::runtime::Handle] {
-        &self.handles
-    }
-
-    /// Stops the runtimes and waits for their threads; tasks still on them are dropped, so
-    /// call it after [`Gateway::wait`].
-    pub fn stop(self) {
-        drop(self);
-    }
-}
-
-/// Runs `f` on a single-threaded runtime on this thread, with `threads - 1` [`Workers`] beside
-/// it whose handles `f` gets (for [`start_on`]), every thread doing `chore`; the workers stop
-/// once `f` is done. How `serve` runs.
-pub fn per_core<F, Fut>(
-    threads: usize,
-    chore: Option<ThreadChore>,
-    f: F,
-) -> std::io::Result<Fut::Output>
-where
-    F: FnOnce(Vec<tokio::runtime::Handle>) -> Fut,
-    Fut: std::future::Future,
-{
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let workers = Workers::start(threads.saturating_sub(1), chore.clone())?;
-    let work = f(workers.handles().to_vec());
-    let out = runtime.block_on(async {
-        match chore {
-            Some(chore) => tokio::select! {
-                out = work => out,
-                never = chore.repeat() => match never {},
-            },
-            None => work.await,
-        }
-    });
-    workers.stop();
-    Ok(out)
-}
-
-/// Dropped, as when a start fails half-way, the workers stop too.
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]

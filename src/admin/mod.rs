@@ -1,5 +1,8 @@
 //! The admin listener: liveness, readiness and Prometheus metrics, away from client traffic.
 
+mod metrics;
+pub mod status;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -9,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::outbound::CredentialState;
 use crate::body::{BoxBody, RequestBody, full};
 use crate::error::{ErrorKind, GatewayError};
-use crate::server::{ReloadError, Runtime, Trigger};
+use crate::live::{ReloadError, Snapshot, Trigger};
 use crate::telemetry::Metrics;
 
 /// What the admin listener reads.
@@ -19,9 +22,9 @@ pub struct AdminState {
     /// The shared limits store, if limits live in Redis.
     pub shared: Option<Arc<crate::limits::Shared>>,
     /// The client-facing side, whose backends the admin API reports on, drains and reloads.
-    pub gateway: Arc<crate::server::GatewayState>,
+    pub gateway: Arc<crate::live::GatewayState>,
     /// The backends' recent history, for the status page.
-    pub history: Arc<crate::status::History>,
+    pub history: Arc<status::History>,
     pub started: std::time::SystemTime,
     /// The admin listener's own address: a `Host` naming it is this listener's.
     pub addr: std::net::SocketAddr,
@@ -41,11 +44,7 @@ pub async fn handle(
     let resp = match path.as_str() {
         // The page holds no data: it reads `/admin/status`, behind the admin key.
         "/" => {
-            let mut r = text(
-                StatusCode::OK,
-                crate::status::PAGE,
-                "text/html; charset=utf-8",
-            );
+            let mut r = text(StatusCode::OK, status::PAGE, "text/html; charset=utf-8");
             r.headers_mut().insert(
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(
@@ -58,7 +57,7 @@ pub async fn handle(
         "/readyz" => readiness(&state),
         "/metrics" => text(
             StatusCode::OK,
-            render_metrics(&state),
+            metrics::render_metrics(&state),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         other => GatewayError::new(
@@ -97,7 +96,7 @@ fn same_origin(state: &AdminState, req: &Request<RequestBody>) -> Result<(), Gat
     if !is_own_host(
         host,
         state.addr,
-        &state.gateway.runtime().config.server.admin_hosts,
+        &state.gateway.snapshot().config.server.admin_hosts,
     ) {
         let shown: String = String::from_utf8_lossy(host).chars().take(100).collect();
         return Err(GatewayError::new(
@@ -162,7 +161,7 @@ async fn admin_api(
     path: &str,
 ) -> Response<BoxBody> {
     // The running config's key: a reload can change it.
-    let rt = state.gateway.runtime();
+    let rt = state.gateway.snapshot();
     if let Some(key) = &rt.config.server.admin_key {
         let h = req.headers();
         let given = h
@@ -243,7 +242,7 @@ async fn admin_api(
 
 /// Each backend's state: drained or not, credential, latest failure, and per deployment its
 /// availability (cooling down until when, circuit), in flight, latency and headroom.
-fn backends_json(rt: &Runtime) -> serde_json::Value {
+fn backends_json(rt: &Snapshot) -> serde_json::Value {
     use serde_json::json;
     let proxy = &rt.proxy;
     let balancer = proxy.balancer();
@@ -310,7 +309,7 @@ fn backends_json(rt: &Runtime) -> serde_json::Value {
 
 /// `/admin/backends` plus each backend's last minute (share of traffic, 429s, tokens, latency)
 /// and recent series: what the status page draws.
-fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
+fn status_json(state: &AdminState, rt: &Snapshot) -> serde_json::Value {
     let mut v = backends_json(rt);
     let empty = Vec::new();
     let list = v["backends"].as_array().unwrap_or(&empty).clone();
@@ -369,7 +368,7 @@ fn status_json(state: &AdminState, rt: &Runtime) -> serde_json::Value {
     }
     v["backends"] = out.into();
     v["generation"] = rt.generation.into();
-    v["sample_every_s"] = crate::status::SAMPLE_EVERY.as_secs().into();
+    v["sample_every_s"] = status::SAMPLE_EVERY.as_secs().into();
     v["uptime_s"] = state.started.elapsed().map_or(0, |d| d.as_secs()).into();
     v["in_flight"] = state.metrics.in_flight.get().into();
     v["strategy"] = rt.config.routing.strategy.as_str().into();
@@ -389,7 +388,7 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
             "text/plain",
         );
     }
-    let rt = state.gateway.runtime();
+    let rt = state.gateway.snapshot();
     let backends = &rt.proxy.backends;
     let policy = rt.proxy.balancer().policy();
     let mut degraded = String::new();
@@ -464,128 +463,6 @@ fn readiness(state: &AdminState) -> Response<BoxBody> {
             format!("no backend can serve: {}\n{degraded}", unserved.join(", ")),
             "text/plain",
         )
-    }
-}
-
-/// A label value as the exposition format wants it.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Each backend's state per deployment, as gauges (1 for the current state).
-fn backend_state_metrics(rt: &Runtime, out: &mut String) {
-    let proxy = &rt.proxy;
-    let balancer = proxy.balancer();
-    let now = tokio::time::Instant::now();
-    out.push_str(
-        "# HELP switchyard_backend_state Backend state per deployment (1 for the current state).\n",
-    );
-    out.push_str("# TYPE switchyard_backend_state gauge\n");
-    for t in balancer.tables() {
-        for (idx, b) in proxy.backends.iter().enumerate() {
-            let Some(st) = t.status(idx, now) else {
-                continue;
-            };
-            let current = if balancer.policy().is_drained(idx) {
-                "drained"
-            } else {
-                match st.availability {
-                    crate::balancer::Availability::Ready => "healthy",
-                    crate::balancer::Availability::Cooling(_) => "cooling_down",
-                    crate::balancer::Availability::Open(_) => "circuit_open",
-                    crate::balancer::Availability::Probing => "probing",
-                }
-            };
-            for s in [
-                "healthy",
-                "cooling_down",
-                "circuit_open",
-                "probing",
-                "drained",
-            ] {
-                out.push_str(&format!(
-                    "switchyard_backend_state{{deployment=\"{}\",backend=\"{}\",state=\"{s}\"}} {}\n",
-                    esc(t.name()),
-                    esc(&b.name),
-                    u8::from(s == current)
-                ));
-            }
-        }
-    }
-}
-
-/// The registry's metrics plus backend states and each credential's state and token lifetime,
-/// read at scrape time.
-fn render_metrics(state: &AdminState) -> String {
-    let mut out = state.metrics.render();
-    // OpenMetrics ends with `# EOF`; the families computed here go before it.
-    let eof = out.ends_with("# EOF\n");
-    if eof {
-        out.truncate(out.len() - "# EOF\n".len());
-    }
-    let rt = state.gateway.runtime();
-    backend_state_metrics(&rt, &mut out);
-    store_credential_metrics(state, &mut out);
-    if rt.credentials.is_empty() {
-        if eof {
-            out.push_str("# EOF\n");
-        }
-        return out;
-    }
-    out.push_str("# HELP switchyard_credential_state Entra credential state per backend (1 for the current state).\n");
-    out.push_str("# TYPE switchyard_credential_state gauge\n");
-    let mut expiry = String::new();
-    for p in &rt.credentials {
-        let st = p.status();
-        for backend in &p.backends() {
-            for s in ["starting", "ready", "stale", "failing", "rejected"] {
-                out.push_str(&format!(
-                    "switchyard_credential_state{{backend=\"{backend}\",kind=\"{}\",state=\"{s}\"}} {}\n",
-                    p.kind(),
-                    u8::from(st.state.as_str() == s)
-                ));
-            }
-            if let Some(left) = st.expires_in {
-                expiry.push_str(&format!(
-                    "switchyard_credential_expiry_seconds{{backend=\"{backend}\"}} {}\n",
-                    left.as_secs()
-                ));
-            }
-        }
-    }
-    out.push_str("# HELP switchyard_credential_expiry_seconds Seconds left on each backend's current token.\n");
-    out.push_str("# TYPE switchyard_credential_expiry_seconds gauge\n");
-    out.push_str(&expiry);
-    if eof {
-        out.push_str("# EOF\n");
-    }
-    out
-}
-
-/// The limits store's Entra ID credential, when Redis signs the gateway in with one.
-fn store_credential_metrics(state: &AdminState, out: &mut String) {
-    let Some(p) = state.shared.as_ref().and_then(|s| s.credential()) else {
-        return;
-    };
-    let st = p.status();
-    out.push_str("# HELP switchyard_limits_store_credential_state The limits store's Entra ID credential state (1 for the current state).\n");
-    out.push_str("# TYPE switchyard_limits_store_credential_state gauge\n");
-    for s in ["starting", "ready", "stale", "failing", "rejected"] {
-        out.push_str(&format!(
-            "switchyard_limits_store_credential_state{{kind=\"{}\",state=\"{s}\"}} {}\n",
-            p.kind(),
-            u8::from(st.state.as_str() == s)
-        ));
-    }
-    if let Some(left) = st.expires_in {
-        out.push_str("# HELP switchyard_limits_store_credential_expiry_seconds Seconds left on the limits store's current token.\n");
-        out.push_str("# TYPE switchyard_limits_store_credential_expiry_seconds gauge\n");
-        out.push_str(&format!(
-            "switchyard_limits_store_credential_expiry_seconds {}\n",
-            left.as_secs()
-        ));
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{GatewayState, Runtime};
+use crate::live::{GatewayState, Snapshot};
 use crate::sync::lock;
 use crate::telemetry::BackendStats;
 
@@ -100,7 +100,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 impl History {
     /// Adds a point per backend of `rt`: what happened since the previous sample.
-    pub fn sample(&self, rt: &Runtime, now: SystemTime) {
+    pub fn sample(&self, rt: &Snapshot, now: SystemTime) {
         let tables = rt.proxy.balancer().tables();
         let clock = tokio::time::Instant::now();
         let backends = rt.proxy.backends.iter().enumerate().map(|(idx, b)| {
@@ -170,7 +170,7 @@ pub async fn run(history: Arc<History>, state: Arc<GatewayState>, shutdown: Canc
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => history.sample(&state.runtime(), SystemTime::now()),
+            _ = tick.tick() => history.sample(&state.snapshot(), SystemTime::now()),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Config reload. What the request path reads from the config (a [`Runtime`]) is built whole,
+//! Config reload. What the request path reads from the config (a [`Snapshot`]) is built whole,
 //! off the request path, and swapped in atomically; a request keeps the runtime it started with
 //! until it ends. Backends a reload leaves unchanged keep their health, in-flight counts, latency
 //! averages and drained flag; consumers keep their limit counters; credentials keep their
@@ -12,29 +12,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::GatewayState;
-use crate::auth::inbound::Authenticator;
+use super::snapshot::{self, Snapshot, backend_map};
 use crate::auth::outbound::{self, TokenProvider};
-use crate::balancer::{Balancer, Policy};
 use crate::config::Config;
-use crate::http_client::HttpsClient;
-use crate::limits::{Limiter, Shared};
-use crate::proxy::Proxy;
-use crate::routing::Router;
 use crate::sync::lock;
-use crate::telemetry::{Metrics, ReloadLabels};
-use crate::upstream::{Backend, Upstream};
-
-/// Everything the request path reads from one config.
-pub struct Runtime {
-    pub config: Arc<Config>,
-    pub(crate) proxy: Proxy,
-    pub(crate) auth: Authenticator,
-    pub(crate) limiter: Limiter,
-    /// Every backend's Entra credential.
-    pub credentials: Vec<Arc<TokenProvider>>,
-    /// 1 for the config the gateway started with, one more per applied reload.
-    pub generation: u64,
-}
+use crate::telemetry::ReloadLabels;
 
 /// Looks an environment variable up.
 pub type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -127,19 +109,6 @@ impl Reloaded {
 /// The running token refreshers, each with the token that stops it.
 pub(super) type Refreshers = Mutex<Vec<(Arc<TokenProvider>, CancellationToken)>>;
 
-/// `map[i]`: the index in `new` of `old`'s backend `i`, when its name, URL and credential are
-/// unchanged (the same endpoint reached the same way, so what was learned of it still holds).
-pub fn backend_map(old: &Config, new: &Config) -> Vec<Option<usize>> {
-    old.backends
-        .iter()
-        .map(|o| {
-            new.backends
-                .iter()
-                .position(|n| n.name == o.name && n.url == o.url && n.auth == o.auth)
-        })
-        .collect()
-}
-
 /// Settings a running gateway cannot change (its sockets and its limits store): reset to the
 /// running values, and named, so the operator hears they wait for a restart.
 fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
@@ -189,89 +158,9 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// What every runtime is built with: set up once at start.
-pub(super) struct Parts<'a> {
-    pub metrics: &'a Arc<Metrics>,
-    pub identity_client: &'a HttpsClient,
-    pub shared: &'a Option<Arc<Shared>>,
-    /// Backend connections, kept across reloads.
-    pub pools: &'a Arc<crate::http1::client::Pools>,
-}
-
-/// Builds a runtime for `config`, taking over what `previous` learned.
-pub(super) fn build(
-    parts: &Parts<'_>,
-    config: Config,
-    previous: Option<&Runtime>,
-) -> std::io::Result<Runtime> {
-    let reuse = previous.map_or(&[][..], |p| p.credentials.as_slice());
-    let credentials = outbound::providers(&config.backends, parts.identity_client, reuse);
-    let backends = config
-        .backends
-        .iter()
-        .map(|b| {
-            // Totals go on under the same name, as the Prometheus counters do.
-            let stats = previous.and_then(|p| {
-                p.proxy
-                    .backends
-                    .iter()
-                    .find(|o| *o.name == *b.name)
-                    .map(|o| o.stats.clone())
-            });
-            Backend::new(b, &credentials, stats, parts.metrics)
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(std::io::Error::other)?;
-    let upstream = match previous {
-        Some(p) => p.proxy.upstream().reconfigure(&config.routing)?,
-        None => Upstream::new(&config.routing, parts.pools.clone())?,
-    };
-    let proxy = Proxy::new(
-        backends,
-        Balancer::with_listed(
-            Policy::from_config(&config),
-            config.deployments.iter().map(|d| d.name.as_str()),
-        ),
-        Router::new(&config),
-        upstream,
-        config.routing.clone(),
-        parts.metrics.clone(),
-        parts.shared.clone(),
-    );
-    let auth = Authenticator::new(
-        &config.consumers,
-        config.jwt.as_ref(),
-        parts.identity_client,
-        previous.map(|p| &p.auth),
-    );
-    let limiter = Limiter::new(
-        &config.consumers,
-        config.limits.completion_estimate,
-        parts.shared.clone(),
-        previous.map(|p| &p.limiter),
-    );
-    if let Some(p) = previous {
-        // Last, once nothing can fail: from here leases of the old runtime end in this one.
-        proxy.inherit(&p.proxy, &backend_map(&p.config, &config));
-    }
-    Ok(Runtime {
-        generation: previous.map_or(1, |p| p.generation + 1),
-        config: Arc::new(config),
-        proxy,
-        auth,
-        limiter,
-        credentials,
-    })
-}
-
 impl GatewayState {
-    /// The runtime new requests get.
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
-    }
-
     /// Starts refreshing the credentials `rt` added and stops those it no longer uses.
-    pub(super) fn start_refreshers(&self, rt: &Runtime) {
+    pub(super) fn start_refreshers(&self, rt: &Snapshot) {
         outbound::assign(&rt.credentials, &rt.config.backends);
         let mut running = lock(&self.refreshers);
         running.retain(|(p, stop)| {
@@ -316,15 +205,15 @@ impl GatewayState {
         let built = tokio::task::spawn_blocking(move || {
             let mut config =
                 Config::parse(&text, &*lookup).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-            let previous = state.runtime();
+            let previous = state.snapshot();
             let restart_required = keep_restart_only(&mut config, &previous.config);
-            let parts = Parts {
+            let parts = snapshot::Parts {
                 metrics: &state.metrics,
                 identity_client: &state.identity_client,
                 shared: &state.shared,
                 pools: &state.pools,
             };
-            let rt = build(&parts, config, Some(&previous))
+            let rt = snapshot::build(&parts, config, Some(&previous))
                 .map_err(|e| ReloadError::Invalid(e.to_string()))?;
             Ok::<_, ReloadError>((rt, previous, restart_required))
         })
@@ -367,7 +256,7 @@ impl GatewayState {
         let rt = Arc::new(rt);
         self.start_refreshers(&rt);
         self.write_stall.set(rt.config.routing.idle_timeout);
-        self.runtime.store(rt);
+        self.current.store(rt);
         self.metrics.config_generation.set(report.generation as i64);
         self.metrics
             .reloads
@@ -393,6 +282,21 @@ impl GatewayState {
         Ok(report)
     }
 
+    /// Reloads on SIGHUP and when the file changes, as the config source says.
+    pub(super) fn spawn_reloaders(self: &Arc<Self>) {
+        let Some(source) = &self.source else {
+            return;
+        };
+        if source.sighup {
+            self.tasks
+                .spawn(on_sighup(self.clone(), self.shutdown.clone()));
+        }
+        if let Some(every) = source.watch {
+            self.tasks
+                .spawn(watch(self.clone(), every, self.shutdown.clone()));
+        }
+    }
+
     fn rejected(&self, trigger: Trigger, e: &ReloadError) {
         self.metrics
             .reloads
@@ -406,7 +310,7 @@ impl GatewayState {
 }
 
 /// Reloads on SIGHUP until shutdown.
-pub(super) async fn on_sighup(state: Arc<GatewayState>, shutdown: CancellationToken) {
+async fn on_sighup(state: Arc<GatewayState>, shutdown: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -438,7 +342,7 @@ pub(super) async fn on_sighup(state: Arc<GatewayState>, shutdown: CancellationTo
 /// Reloads when the file's content changes, once it has held still for one look (an editor
 /// half-way through a write is not read as an invalid config), and likewise when the listener's
 /// certificate or key file changes (cert-manager or Key Vault renewing it).
-pub(super) async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: CancellationToken) {
+async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: CancellationToken) {
     let Some(path) = state.source.as_ref().map(|s| s.path.clone()) else {
         return;
     };
@@ -456,7 +360,7 @@ pub(super) async fn watch(state: Arc<GatewayState>, every: Duration, shutdown: C
         let Ok(now) = tokio::fs::read_to_string(&path).await else {
             continue;
         };
-        let running_tls = state.runtime().config.server.tls.clone();
+        let running_tls = state.snapshot().config.server.tls.clone();
         let tls_now = match &running_tls {
             Some(t) => t.files_fingerprint().await,
             None => None,

@@ -8,26 +8,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::runtime::{ConfigSource, Refreshers, Runtime};
 use crate::affinity::{Learner, Owner, Owners, refs};
 use crate::api;
 use crate::auth::inbound::Consumer;
 use crate::balancer::Lease;
 use crate::body::{BoxBody, BoxError, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
-use crate::http_client::HttpsClient;
 use crate::http1::RawHeaders;
-use crate::limits::{Admission, Refusal, Shared};
+use crate::limits::{Admission, Refusal};
+use crate::live::{GatewayState, Snapshot};
 use crate::proxy::{AttemptLog, Target};
 use crate::telemetry::trace::{self, Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{
@@ -35,42 +31,6 @@ use crate::telemetry::{
 };
 use crate::upstream::{OutboundRequest, X_REQUEST_ID};
 use crate::usage::{self, Tap, Usage};
-
-/// Shared by every connection of the client listener; built by `server::start`.
-pub struct GatewayState {
-    /// What the current config makes of the request path; swapped whole by a reload.
-    pub(super) runtime: ArcSwap<Runtime>,
-    pub(super) metrics: Arc<Metrics>,
-    /// Owns the WebSocket tunnels, which outlive the request that opened them, and the token
-    /// refreshers.
-    pub(super) tasks: TaskTracker,
-    pub(super) shutdown: CancellationToken,
-    /// How long open tunnels may go on after a stop signal, like any other in-flight exchange.
-    pub(super) grace: std::time::Duration,
-    pub(super) ids: crate::ids::IdGen,
-    /// Fetches tokens and signing keys from the identity platform.
-    pub(super) identity_client: HttpsClient,
-    /// Connections to backends, kept across reloads.
-    pub(super) pools: Arc<crate::http1::client::Pools>,
-    /// The shared limits store; set at start, kept across reloads.
-    pub(super) shared: Option<Arc<Shared>>,
-    pub(super) refreshers: Refreshers,
-    pub(super) source: Option<ConfigSource>,
-    /// Held for the whole of a reload: one at a time.
-    pub(super) reloading: tokio::sync::Mutex<()>,
-    /// The file's text as last read by a reload, so the watcher does not reload it again.
-    pub(super) last_text: std::sync::Mutex<Option<String>>,
-    /// Starts traces and takes their spans, when `[tracing]` is configured.
-    pub(super) tracer: Option<Arc<Tracer>>,
-    /// The client listener's certificate, when it serves HTTPS: replaced by a reload.
-    pub(super) cert_swap: Option<Arc<super::listener::CertSwap>>,
-    /// `routing.idle_timeout` for writes to clients, as the running config says.
-    pub(super) write_stall: Arc<crate::stall::StallLimit>,
-    /// Which backend holds each stored object (response, file, batch, ...); kept across reloads.
-    pub(super) owners: Arc<Owners>,
-    /// Which backend each session key (`routing.affinity_key`) was last served by.
-    pub(super) sessions: Arc<Owners>,
-}
 
 pub async fn handle(
     state: Arc<GatewayState>,
@@ -113,7 +73,7 @@ pub async fn handle(
     }
 
     // The config as of now, for the whole request: a reload does not change it half-way.
-    let rt = state.runtime();
+    let rt = state.snapshot();
     // Who is calling comes first: nothing about an unauthenticated request is read further.
     let consumer = rt.auth.authenticate(req.headers()).await;
     let consumer_name = match &consumer {
@@ -264,7 +224,7 @@ type Failed = (Option<usize>, u32, GatewayError);
 
 async fn serve(
     state: &GatewayState,
-    rt: &Runtime,
+    rt: &Snapshot,
     req: Request<RequestBody>,
     request_id: &HeaderValue,
     consumer: Option<&Consumer>,
@@ -670,7 +630,7 @@ enum Pinned {
 /// consumer's object is answered as one that does not exist.
 async fn pin(
     owners: &Owners,
-    rt: &Runtime,
+    rt: &Snapshot,
     ids: &[String],
     caller: Option<&str>,
 ) -> Result<Pinned, GatewayError> {
@@ -721,7 +681,7 @@ async fn pin(
 /// and paged as one list; with consumers (`caller` set), only the caller's own objects.
 async fn merged_list(
     state: &GatewayState,
-    rt: &Runtime,
+    rt: &Snapshot,
     req: &crate::upstream::OutboundRequest<'_>,
     collection: &str,
     caller: Option<&str>,
