@@ -7,7 +7,7 @@ use crate::error::{ErrorKind, GatewayError};
 
 /// A request the gateway will forward.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Route<'a> {
+pub struct Endpoint<'a> {
     /// Path and query the backend receives: the path in its canonical form (see [`canonical`]).
     pub path_and_query: Cow<'a, str>,
     /// Whether a WebSocket upgrade may be tunnelled on this path (the Realtime API).
@@ -19,7 +19,7 @@ pub struct Route<'a> {
     pub model_in_body: bool,
 }
 
-impl Route<'_> {
+impl Endpoint<'_> {
     /// The deployment named in the path (or the Realtime query).
     pub fn deployment(&self) -> Option<&str> {
         self.path_and_query.get(self.deployment_span.clone()?)
@@ -34,22 +34,25 @@ const DEPLOYMENTS_PREFIX: &str = "/openai/deployments/";
 /// - `/openai/realtime` (and `/openai/v1/realtime`): the Realtime API, WebSocket allowed;
 /// - any other `/openai/...` (v1 API, files, batches, ...);
 /// - `/v1/...` (OpenAI style): sent to the backend as `/openai/v1/...`.
-pub fn route<'a>(path: &'a str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
+pub fn classify<'a>(path: &'a str, path_and_query: &'a str) -> Result<Endpoint<'a>, GatewayError> {
     if let Cow::Owned(p) = canonical(path)? {
         // Routed again in its canonical form, which is its own (one call site below keeps
-        // `route_canonical` inlined on the usual way through).
+        // `classify_canonical` inlined on the usual way through).
         let query = path_and_query.get(path.len()..).unwrap_or("");
         let pq = format!("{p}{query}");
-        let r = route(&pq[..p.len()], &pq)?;
-        return Ok(Route {
+        let r = classify(&pq[..p.len()], &pq)?;
+        return Ok(Endpoint {
             path_and_query: Cow::Owned(r.path_and_query.into_owned()),
             ..r
         });
     }
-    route_canonical(path, path_and_query)
+    classify_canonical(path, path_and_query)
 }
 
-fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>, GatewayError> {
+fn classify_canonical<'a>(
+    path: &str,
+    path_and_query: &'a str,
+) -> Result<Endpoint<'a>, GatewayError> {
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS_PREFIX) {
         let (deployment, operation) = match memchr::memchr(b'/', rest.as_bytes()) {
             Some(i) => (&rest[..i], &rest[i + 1..]),
@@ -68,7 +71,7 @@ fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>,
             ));
         }
         let start = DEPLOYMENTS_PREFIX.len();
-        return Ok(Route {
+        return Ok(Endpoint {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed: false,
             deployment_span: Some(start..start + deployment.len()),
@@ -82,7 +85,7 @@ fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>,
         } else {
             None
         };
-        return Ok(Route {
+        return Ok(Endpoint {
             path_and_query: Cow::Borrowed(path_and_query),
             upgrade_allowed,
             deployment_span,
@@ -98,7 +101,7 @@ fn route_canonical<'a>(path: &str, path_and_query: &'a str) -> Result<Route<'a>,
         };
         // The span moves with the `/openai` put in front.
         let deployment_span = deployment_span.map(|r| r.start + 7..r.end + 7);
-        return Ok(Route {
+        return Ok(Endpoint {
             path_and_query: Cow::Owned(format!("/openai{path_and_query}")),
             upgrade_allowed,
             deployment_span,
@@ -339,9 +342,9 @@ fn not_found(path: &str, hint: &str) -> GatewayError {
 mod tests {
     use super::*;
 
-    fn ok(p: &str) -> Route<'_> {
+    fn ok(p: &str) -> Endpoint<'_> {
         let path = p.split('?').next().unwrap();
-        route(path, p).unwrap()
+        classify(path, p).unwrap()
     }
 
     #[test]
@@ -400,7 +403,7 @@ mod tests {
         assert_eq!(ok("/openai/realtime?api-version=x").deployment(), None);
         let bad = "/openai/realtime?deployment=a;b";
         assert_eq!(
-            route("/openai/realtime", bad).unwrap_err().kind,
+            classify("/openai/realtime", bad).unwrap_err().kind,
             ErrorKind::BadRequest
         );
     }
@@ -414,7 +417,7 @@ mod tests {
             "/openai/deployments//chat",
             "/v2/chat",
         ] {
-            let e = route(p, p).unwrap_err();
+            let e = classify(p, p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::NotFound, "{p}");
         }
     }
@@ -463,7 +466,7 @@ mod tests {
             // Other encodings stay as they came.
             ("/openai/files/a%20b", "/openai/files/a%20b", None),
         ] {
-            let r = route(sent, sent).unwrap_or_else(|e| panic!("{sent}: {e}"));
+            let r = classify(sent, sent).unwrap_or_else(|e| panic!("{sent}: {e}"));
             assert_eq!(r.path_and_query, canonical, "{sent}");
             assert_eq!(r.deployment(), deployment, "{sent}");
             // The canonical form is its own.
@@ -473,7 +476,7 @@ mod tests {
             );
         }
         // The query is kept as it came, after the canonical path.
-        let r = route(
+        let r = classify(
             "/openai//Deployments/x/embeddings",
             "/openai//Deployments/x/embeddings?api-version=A%2F",
         )
@@ -486,7 +489,7 @@ mod tests {
         // A path an SDK sends is borrowed, not copied.
         let sdk = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
         assert!(matches!(
-            route(sdk.split('?').next().unwrap(), sdk)
+            classify(sdk.split('?').next().unwrap(), sdk)
                 .unwrap()
                 .path_and_query,
             Cow::Borrowed(_)
@@ -510,7 +513,7 @@ mod tests {
             "/openai/files/x%5C..%5Cadmin",
             "/openai/files/x%2f..",
         ] {
-            let e = route(p, p).unwrap_err();
+            let e = classify(p, p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::BadRequest, "{p}");
         }
         // The Realtime query naming its deployment twice, or two ways differently.
@@ -521,14 +524,14 @@ mod tests {
         ] {
             let path = q.split('?').next().unwrap();
             assert_eq!(
-                route(path, q).unwrap_err().kind,
+                classify(path, q).unwrap_err().kind,
                 ErrorKind::BadRequest,
                 "{q}"
             );
         }
         let same = "/openai/realtime?deployment=a&model=a";
         assert_eq!(
-            route("/openai/realtime", same).unwrap().deployment(),
+            classify("/openai/realtime", same).unwrap().deployment(),
             Some("a")
         );
     }
@@ -545,20 +548,23 @@ mod tests {
             "/openai/deployments/gpt-4o;rm/chat/completions",
             "/openai/deployments/\u{e9}t\u{e9}/chat/completions",
         ] {
-            let e = route(p, p).unwrap_err();
+            let e = classify(p, p).unwrap_err();
             assert_eq!(e.kind, ErrorKind::BadRequest, "{p}");
         }
         let long = format!("/openai/deployments/{}/chat/completions", "a".repeat(65));
-        assert_eq!(route(&long, &long).unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(
+            classify(&long, &long).unwrap_err().kind,
+            ErrorKind::BadRequest
+        );
         let longest = format!("/openai/deployments/{}/chat/completions", "a".repeat(64));
-        assert!(route(&longest, &longest).is_ok());
+        assert!(classify(&longest, &longest).is_ok());
         // Other encodings pass through untouched, as do names Azure allows.
-        assert!(route("/openai/files/a%20b", "/openai/files/a%20b").is_ok());
+        assert!(classify("/openai/files/a%20b", "/openai/files/a%20b").is_ok());
         assert_eq!(
             ok("/openai/deployments/My_gpt-4.1/embeddings").deployment(),
             Some("My_gpt-4.1")
         );
         // A trailing lone percent sign is not an encoding.
-        assert!(route("/openai/files/a%2", "/openai/files/a%2").is_ok());
+        assert!(classify("/openai/files/a%2", "/openai/files/a%2").is_ok());
     }
 }

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = pq.split('?').next().unwrap_or(pq);
-    if let Ok(route) = switchyard::api::route(path, pq) {
+    if let Ok(route) = switchyard::api::classify(path, pq) {
         if let Some(d) = route.deployment() {
             assert!(
                 d.bytes()
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
                 .all(|seg| !seg.is_empty() && seg != ".." && seg != ".")
                 || forwarded == "/"
         );
-        let again = switchyard::api::route(forwarded, &route.path_and_query)
+        let again = switchyard::api::classify(forwarded, &route.path_and_query)
             .expect("a canonical path routes again");
         assert_eq!(again.path_and_query, route.path_and_query);
         assert_eq!(again.deployment(), route.deployment());

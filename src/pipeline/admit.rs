@@ -1,0 +1,107 @@
+//! The admit phase: a consumer's limits (requests and tokens per minute, token quotas) are
+//! checked and the request's estimate reserved; the reservation is settled with the real usage
+//! when the answer ends (`finish.rs`), or given back when nothing was served.
+
+use bytes::Bytes;
+
+use crate::auth::inbound::Consumer;
+use crate::error::{ErrorKind, GatewayError};
+use crate::limits::{Admission, Refusal};
+use crate::live::{GatewayState, Snapshot};
+use crate::telemetry::ConsumerRejectionLabels;
+use crate::usage;
+
+use super::read::Inbound;
+
+/// A request's hold on its consumer's limits.
+pub(super) struct Limit {
+    pub(super) admission: Admission,
+    /// The usage chunk was asked for by the gateway: strip it from the client's stream.
+    pub(super) strip: bool,
+}
+
+/// Admits the request under `consumer`'s limits; `None` when it has none. A stream whose usage
+/// must be counted is made to report it (`body` gets `stream_options.include_usage`).
+pub(super) async fn admit(
+    state: &GatewayState,
+    snap: &Snapshot,
+    consumer: Option<&Consumer>,
+    inbound: &Inbound<'_>,
+    body: &mut Bytes,
+) -> Result<Option<Limit>, GatewayError> {
+    let Some(c) = consumer else {
+        return Ok(None);
+    };
+    let admitted = snap
+        .limiter
+        .admit(
+            &c.name,
+            inbound.deployment(),
+            body,
+            tokio::time::Instant::now(),
+            std::time::SystemTime::now(),
+        )
+        .await
+        .map_err(|r| {
+            state
+                .metrics
+                .consumer_rejections
+                .get_or_create(&ConsumerRejectionLabels {
+                    consumer: c.name.to_string(),
+                    reason: r.reason(),
+                })
+                .inc();
+            refusal(&c.name, r)
+        })?;
+    let Some(admission) = admitted else {
+        return Ok(None);
+    };
+    // Settling needs a stream's usage: ask for it, and take it out again on the way back.
+    let mut strip = false;
+    if admission.counts_tokens
+        && takes_usage_chunk(&inbound.endpoint.path_and_query)
+        && let Some(b) = usage::request_usage_chunk(body)
+    {
+        *body = b;
+        strip = true;
+    }
+    Ok(Some(Limit { admission, strip }))
+}
+
+fn refusal(consumer: &str, r: Refusal) -> GatewayError {
+    match r {
+        Refusal::Rate { what, retry_after } => GatewayError::new(
+            ErrorKind::ConsumerRateLimited,
+            format!(
+                "Rate limit of consumer '{consumer}' exceeded ({what} per minute). Retry after {} seconds.",
+                retry_after.as_millis().div_ceil(1000)
+            ),
+        )
+        .with_retry_after(Some(retry_after)),
+        Refusal::Quota { period, resets_in } => GatewayError::new(
+            ErrorKind::QuotaExceeded,
+            format!(
+                "Token quota of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
+                match period {
+                    crate::config::QuotaPeriod::Hour => "hour",
+                    crate::config::QuotaPeriod::Day => "day",
+                    crate::config::QuotaPeriod::Month => "month",
+                },
+                resets_in.as_secs()
+            ),
+        )
+        .with_retry_after(Some(resets_in)),
+        Refusal::StoreUnavailable(e) => GatewayError::new(
+            ErrorKind::NoBackendAvailable,
+            format!("Limits for consumer '{consumer}' cannot be checked (the limits store is unreachable: {e}), and the gateway is set to refuse then (limits.fail_closed)."),
+        )
+        .with_retry_after(Some(std::time::Duration::from_secs(1))),
+    }
+}
+
+/// Only chat completions and completions have `stream_options.include_usage`; the Responses
+/// API reports usage by itself and refuses the option.
+fn takes_usage_chunk(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    path.ends_with("/chat/completions") || path.ends_with("/completions")
+}
