@@ -16,8 +16,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// It also carries the header lines of a backend's response that the gateway passes on
 /// unread ([`RawHeaders`]). They travel with the body rather than in the response's
-/// extensions, where an entry costs a hash map and three allocations per response; whoever
-/// takes the body apart to wrap it moves them to the new box. They sit in the box's one
+/// extensions, where an entry costs a hash map and three allocations per response; a wrapper
+/// goes around a body with [`BoxBody::wrap`], and a body read whole becomes a [`Whole`], so
+/// the lines go wherever the body goes without anyone moving them by hand. They sit in the box's one
 /// allocation, so that a `Response<BoxBody>` stays 128 bytes: responses move through several
 /// futures, and a larger one is moved with calls to `memcpy` instead of a few instructions.
 pub struct BoxBody(Pin<Box<Boxed<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>>);
@@ -49,6 +50,59 @@ impl BoxBody {
     pub fn take_passthrough(&mut self) -> Option<RawHeaders> {
         self.0.as_mut().project().passthrough.take()
     }
+
+    /// This body inside `wrap`'s, its header lines (edited by `lines`) in the new box.
+    pub fn wrap<B>(
+        mut self,
+        lines: impl FnOnce(Option<RawHeaders>) -> Option<RawHeaders>,
+        wrap: impl FnOnce(BoxBody) -> B,
+    ) -> BoxBody
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    {
+        let kept = lines(self.take_passthrough());
+        BoxBody::new(wrap(self)).with_passthrough(kept)
+    }
+
+    /// The whole body, when it ends within `max` bytes and `timeout`, and its header lines.
+    pub async fn read_whole(mut self, max: usize, timeout: std::time::Duration) -> Whole {
+        let lines = self.take_passthrough();
+        let bytes = tokio::time::timeout(timeout, collect_limited(self, max))
+            .await
+            .ok()
+            .flatten();
+        Whole { bytes, lines }
+    }
+}
+
+/// A body read whole (or found too long or too slow to read), with the header lines that came
+/// with it.
+#[derive(Debug, Default)]
+pub struct Whole {
+    /// `None` when the body ran past the limit or the time allowed.
+    pub bytes: Option<Bytes>,
+    lines: Option<RawHeaders>,
+}
+
+impl Whole {
+    /// A body of these bytes (none if there are none), with the same header lines.
+    pub fn into_body(self) -> BoxBody {
+        full(self.bytes.unwrap_or_default()).with_passthrough(self.lines)
+    }
+}
+
+/// The whole body if it ends within `max` bytes.
+async fn collect_limited(mut body: BoxBody, max: usize) -> Option<Bytes> {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > max {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(Bytes::from(buf))
 }
 
 impl Body for BoxBody {

@@ -14,17 +14,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
 use crate::balancer::Misfit;
 use crate::balancer::{Balancer, Lease, Outcome, Pick, SCRATCH, Verdict, scratch};
-use crate::body::{BoxBody, full};
+use crate::body::{BoxBody, Whole};
 use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
-use crate::http1::RawHeaders;
 use crate::limits::Shared;
 use crate::routing::Router;
 use crate::telemetry::trace::{AttemptRecord, TraceContext};
@@ -332,15 +330,16 @@ impl Proxy {
             // client's: remembered, and the request moves on.
             let sent_result = match sent_result {
                 Ok(resp) if owner.is_none() && may_be_misfit(resp.status()) => {
-                    let (parts, raw, bytes) = read_whole(resp, KEEP_FAILED_BODY_BYTES).await;
+                    let whole = read_whole(resp, KEEP_FAILED_BODY_BYTES).await;
                     // Error bodies are small; one that is not, or never ends, is not passed
                     // on cut short.
-                    let Some(bytes) = bytes else {
+                    let Some(bytes) = &whole.body().bytes else {
                         let e = GatewayError::new(
                             ErrorKind::UpstreamProtocol,
                             format!(
                                 "backend {} answered {} with a body over {KEEP_FAILED_BODY_BYTES} bytes or too slow to read",
-                                backend.name, parts.status
+                                backend.name,
+                                whole.status()
                             ),
                         );
                         return Answer {
@@ -350,15 +349,15 @@ impl Proxy {
                             lease: None,
                         };
                     };
-                    if let Some(m) = misfit(parts.status, &bytes) {
+                    if let Some(m) = misfit(whole.status(), bytes) {
                         lease.report(Outcome::Misfit(m.clone()), answered);
                         self.misfit_seen(idx, shown, &m, !is_last);
                         log.tried
                             .0
-                            .push((backend.name.clone(), Ok(parts.status.as_u16())));
+                            .push((backend.name.clone(), Ok(whole.status().as_u16())));
                         if m.reason == NOT_DEPLOYED {
                             // If no backend has it, the client gets this 404.
-                            kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
+                            kept = Some((idx, whole));
                         } else {
                             last_error = Some(auth_failed(backend, idx, &m));
                         }
@@ -367,10 +366,7 @@ impl Proxy {
                         }
                         continue;
                     }
-                    Ok(Response::from_parts(
-                        parts,
-                        full(bytes).with_passthrough(raw),
-                    ))
+                    Ok(whole.map(Whole::into_body))
                 }
                 other => other,
             };
@@ -395,10 +391,9 @@ impl Proxy {
                         };
                     }
                     tracing::debug!(backend = %backend.name, status = %resp.status(), attempt, "retrying on another backend");
-                    if let (parts, raw, Some(bytes)) =
-                        read_whole(resp, KEEP_FAILED_BODY_BYTES).await
-                    {
-                        kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
+                    let whole = read_whole(resp, KEEP_FAILED_BODY_BYTES).await;
+                    if whole.body().bytes.is_some() {
+                        kept = Some((idx, whole));
                     }
                 }
                 Err(e) => {
@@ -550,15 +545,15 @@ impl Proxy {
                     let resp = if status == http::StatusCode::BAD_REQUEST {
                         // Whether it names a missing object is in the body: read it, and keep
                         // it to pass on if it is about something else.
-                        let (parts, raw, bytes) = read_whole(resp, NOT_FOUND_BODY_BYTES).await;
-                        let bytes = bytes.unwrap_or_default();
+                        let whole = read_whole(resp, NOT_FOUND_BODY_BYTES).await;
+                        let bytes = whole.body().bytes.as_deref().unwrap_or_default();
                         if ids
                             .iter()
-                            .any(|id| memchr::memmem::find(&bytes, id.as_bytes()).is_some())
+                            .any(|id| memchr::memmem::find(bytes, id.as_bytes()).is_some())
                         {
                             continue;
                         }
-                        Response::from_parts(parts, full(bytes).with_passthrough(raw))
+                        whole.map(Whole::into_body)
                     } else {
                         resp
                     };
@@ -567,10 +562,9 @@ impl Proxy {
                     }
                     if retryable {
                         failures += 1;
-                        if let (parts, raw, Some(bytes)) =
-                            read_whole(resp, KEEP_FAILED_BODY_BYTES).await
-                        {
-                            kept = Some((idx, Response::from_parts(parts, (bytes, raw))));
+                        let whole = read_whole(resp, KEEP_FAILED_BODY_BYTES).await;
+                        if whole.body().bytes.is_some() {
+                            kept = Some((idx, whole));
                         }
                         continue;
                     }
@@ -689,8 +683,8 @@ impl Proxy {
                     };
                     let status = resp.status();
                     own.tried.0.push((name, Ok(status.as_u16())));
-                    let (parts, raw, bytes) = read_whole(resp, LIST_PAGE_BYTES).await;
-                    let Some(bytes) = bytes else {
+                    let whole = read_whole(resp, LIST_PAGE_BYTES).await;
+                    let Some(bytes) = whole.body().bytes.clone() else {
                         let e = GatewayError::new(
                             ErrorKind::UpstreamProtocol,
                             format!(
@@ -702,13 +696,7 @@ impl Proxy {
                     };
                     if !status.is_success() {
                         // The backend's own answer, as it gave it.
-                        return (
-                            own,
-                            Err(Response::from_parts(
-                                parts,
-                                full(bytes).with_passthrough(raw),
-                            )),
-                        );
+                        return (own, Err(whole.map(Whole::into_body)));
                     }
                     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                     let data = v
@@ -906,7 +894,7 @@ impl Proxy {
     fn give_up(&self, kept: Option<Kept>, error: Option<GatewayError>, attempts: u32) -> Answer {
         match kept {
             Some((idx, resp)) => Answer {
-                result: Ok(resp.map(|(bytes, raw)| full(bytes).with_passthrough(raw))),
+                result: Ok(resp.map(Whole::into_body)),
                 backend: Some(idx),
                 attempts,
                 lease: None,
@@ -986,7 +974,7 @@ impl Proxy {
 
 /// A retried backend's answer, kept whole (its passed-through header lines too) in case no
 /// later attempt answers.
-type Kept = (usize, Response<(Bytes, Option<RawHeaders>)>);
+type Kept = (usize, Response<Whole>);
 
 fn rendezvous_score(key: &str, backend: &str) -> u64 {
     use std::hash::Hasher;
@@ -1069,33 +1057,11 @@ fn auth_failed(backend: &Backend, idx: usize, m: &Misfit) -> GatewayError {
     )
 }
 
-/// A response taken apart: its head, the header lines passed on as the backend sent them, and
-/// its whole body if that ends within `max` bytes and `KEEP_FAILED_BODY_TIMEOUT`.
-async fn read_whole(
-    resp: Response<BoxBody>,
-    max: usize,
-) -> (http::response::Parts, Option<RawHeaders>, Option<Bytes>) {
-    let (parts, mut body) = resp.into_parts();
-    let raw = body.take_passthrough();
-    let bytes = tokio::time::timeout(KEEP_FAILED_BODY_TIMEOUT, collect_limited(body, max))
-        .await
-        .ok()
-        .flatten();
-    (parts, raw, bytes)
-}
-
-/// The whole body if it ends within `max` bytes.
-async fn collect_limited(mut body: BoxBody, max: usize) -> Option<Bytes> {
-    let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.ok()?.into_data() {
-            if buf.len() + data.len() > max {
-                return None;
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Some(Bytes::from(buf))
+/// A response read whole: its head, and its body if that ends within `max` bytes and
+/// `KEEP_FAILED_BODY_TIMEOUT`, with the header lines passed on as the backend sent them.
+async fn read_whole(resp: Response<BoxBody>, max: usize) -> Response<Whole> {
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.read_whole(max, KEEP_FAILED_BODY_TIMEOUT).await)
 }
 
 fn count(family: &Family<AttemptLabels, Counter>, labels: &AttemptLabels) {

@@ -8,6 +8,79 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 /// Headers in one head at most, in either direction: hyper's own default, which the client
 /// listener's fast path and hyper's server apply to requests too.
 pub const MAX_HEADERS: usize = 100;
+
+/// The largest head read, in either direction (and an HTTP/2 request's header list): Entra
+/// tokens, the largest headers SDKs send, are a few kilobytes; Azure's answers' heads about 1.5.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never pass from one hop to the next, in either
+/// direction. `connection`, `upgrade` and `transfer-encoding` are hop-by-hop too, but frame or
+/// switch a connection, so each side reads them for itself.
+pub const HOP_BY_HOP: [&str; 6] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+];
+
+/// Headers the gateway sets on every answer: a backend's own of these names are dropped.
+pub const GATEWAY_SETS: [&str; 3] = [
+    "x-request-id",
+    "x-switchyard-backend",
+    "x-switchyard-attempts",
+];
+
+/// Writes one header line, `name: value\r\n`: every head the gateway writes, requests to
+/// backends and answers to clients, writes its lines with this.
+#[inline]
+pub fn put_line(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// `n` in decimal, written into the end of `buf`.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// Whether `name` (in lowercase, as `http` keeps names) is one of [`HOP_BY_HOP`].
+#[inline]
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// A role table: `base`, then each of `names` with `role`. `T` must be the two lengths added,
+/// which the build checks.
+pub(crate) const fn with_names<R: Copy, const B: usize, const N: usize, const T: usize>(
+    base: [(&'static [u8], R); B],
+    names: [&'static str; N],
+    role: R,
+) -> [(&'static [u8], R); T] {
+    assert!(T == B + N, "a role table's length is its parts' added");
+    let mut out = [(b"" as &[u8], role); T];
+    let mut i = 0;
+    while i < B {
+        out[i] = base[i];
+        i += 1;
+    }
+    while i < T {
+        out[i] = (names[i - B].as_bytes(), role);
+        i += 1;
+    }
+    out
+}
 /// Header lines passed on as they came, gathered into one buffer. A line already in the form
 /// `name: value\r\n` that starts where the previous one ended joins its run, and a run is
 /// copied at once.
@@ -50,10 +123,7 @@ impl Lines {
         } else {
             self.buf
                 .extend_from_slice(&raw[std::mem::replace(&mut self.run, 0..0)]);
-            self.buf.extend_from_slice(&raw[name]);
-            self.buf.extend_from_slice(b": ");
-            self.buf.extend_from_slice(&raw[value]);
-            self.buf.extend_from_slice(b"\r\n");
+            put_line(&mut self.buf, &raw[name], &raw[value]);
         }
     }
 

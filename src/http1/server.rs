@@ -29,7 +29,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{Lines, MAX_HEADERS, header_name, parse_length};
+use super::common::{
+    HOP_BY_HOP, Lines, MAX_HEADERS, header_name, parse_length, put_line, with_names,
+};
 use crate::body::{BoxBody, RequestBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::stall::StallLimit;
@@ -285,18 +287,13 @@ impl Conn {
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in &headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            put_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(raw) = &passthrough {
             out.extend_from_slice(&raw.lines);
         }
         if !headers.contains_key(header::DATE) && !passthrough.as_ref().is_some_and(|r| r.date) {
-            out.extend_from_slice(b"date: ");
-            out.extend_from_slice(self.date.now());
-            out.extend_from_slice(b"\r\n");
+            put_line(out, b"date", self.date.now());
         }
         if framing == Framing::Chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -662,30 +659,28 @@ enum Role {
 }
 
 /// The request headers that do not pass on as lines, and what the fast path does with them.
-const ROLES: [(&[u8], Role); 21] = [
-    (b"transfer-encoding", Role::NotMine),
-    (b"upgrade", Role::NotMine),
-    (b"expect", Role::NotMine),
-    (b"content-length", Role::ContentLength),
-    (b"connection", Role::Connection),
-    (b"host", Role::Host),
-    (b"content-type", Role::Kept),
-    (b"api-key", Role::Kept),
-    (b"authorization", Role::Kept),
-    (b"ocp-apim-subscription-key", Role::Kept),
-    (b"x-admin-key", Role::Kept),
-    (b"x-request-id", Role::Kept),
-    (b"traceparent", Role::Kept),
-    (b"keep-alive", Role::Kept),
-    (b"proxy-connection", Role::Kept),
-    (b"proxy-authenticate", Role::Kept),
-    (b"proxy-authorization", Role::Kept),
-    (b"te", Role::Kept),
-    (b"trailer", Role::Kept),
-    // Read by the admin listener, which serves no page of another origin.
-    (b"origin", Role::Kept),
-    (b"sec-fetch-site", Role::Kept),
-];
+const ROLES: [(&[u8], Role); 21] = with_names(
+    [
+        (b"transfer-encoding", Role::NotMine),
+        (b"upgrade", Role::NotMine),
+        (b"expect", Role::NotMine),
+        (b"content-length", Role::ContentLength),
+        (b"connection", Role::Connection),
+        (b"host", Role::Host),
+        (b"content-type", Role::Kept),
+        (b"api-key", Role::Kept),
+        (b"authorization", Role::Kept),
+        (b"ocp-apim-subscription-key", Role::Kept),
+        (b"x-admin-key", Role::Kept),
+        (b"x-request-id", Role::Kept),
+        (b"traceparent", Role::Kept),
+        // Read by the admin listener, which serves no page of another origin.
+        (b"origin", Role::Kept),
+        (b"sec-fetch-site", Role::Kept),
+    ],
+    HOP_BY_HOP,
+    Role::Kept,
+);
 
 /// For each first letter and length, which name of [`ROLES`] has them (its index plus one; 0
 /// for none). No two names share both, which the build checks.

@@ -13,7 +13,7 @@ use http_body::{Body, Frame};
 use hyper_util::rt::TokioIo;
 
 use crate::body::{BoxBody, BoxError};
-use crate::http1::RawHeaders;
+use crate::http1::{RawHeaders, put_line};
 use crate::live::{GatewayState, Snapshot};
 use crate::telemetry::{BackendLabels, BackendStats, status_class};
 use crate::usage::Tap;
@@ -85,29 +85,26 @@ pub(super) fn respond(
     let tap = backend_name
         .as_ref()
         .and_then(|_| Tap::new(content_type, strip));
-    let (parts, mut body) = resp.into_parts();
-    let passthrough = own_lines(
-        &ctx.request_id,
-        answer_backend.and_then(|i| snap.proxy.backends[i].name_header.as_ref()),
-        ctx.attempts,
-        body.take_passthrough(),
-    );
+    let (parts, body) = resp.into_parts();
+    let request_id = ctx.request_id.clone();
+    let name_header = answer_backend.and_then(|i| snap.proxy.backends[i].name_header.as_ref());
+    let attempts = ctx.attempts;
     ctx.backend = Some(backend_name.unwrap_or_else(|| Arc::from("none")));
     ctx.counters = Some(counters);
     ctx.success = status.is_success();
     ctx.reservation = limit.map(|l| l.admission);
     ctx.tap = tap;
     ctx.stats = stats;
-    let tracked = TrackedBody {
-        inner: body,
-        sse,
-        ended: false,
-        ctx,
-    };
-    Response::from_parts(
-        parts,
-        BoxBody::new(tracked).with_passthrough(Some(passthrough)),
-    )
+    let body = body.wrap(
+        |passed| Some(own_lines(&request_id, name_header, attempts, passed)),
+        |inner| TrackedBody {
+            inner,
+            sse,
+            ended: false,
+            ctx,
+        },
+    );
+    Response::from_parts(parts, body)
 }
 
 /// Joins the client's and the backend's upgraded connections once both sides have switched.
@@ -252,8 +249,7 @@ fn own_lines(
 ) -> RawHeaders {
     let (passed, date) = passed.map_or((Bytes::new(), false), |r| (r.lines, r.date));
     let mut digits = [0u8; 20];
-    let attempts =
-        (attempts > 0).then(|| crate::upstream::decimal(u64::from(attempts), &mut digits));
+    let attempts = (attempts > 0).then(|| crate::http1::decimal(u64::from(attempts), &mut digits));
     let mut out = BytesMut::with_capacity(
         request_id.len()
             + backend.map_or(0, |b| b.len())
@@ -261,17 +257,13 @@ fn own_lines(
             + passed.len()
             + 80,
     );
-    let mut line = |name: &[u8], value: &[u8]| {
-        out.extend_from_slice(name);
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
-    line(b"x-request-id: ", request_id.as_bytes());
+    let mut line = |name: &[u8], value: &[u8]| put_line(&mut out, name, value);
+    line(b"x-request-id", request_id.as_bytes());
     if let Some(b) = backend {
-        line(b"x-switchyard-backend: ", b.as_bytes());
+        line(b"x-switchyard-backend", b.as_bytes());
     }
     if let Some(n) = attempts {
-        line(b"x-switchyard-attempts: ", n);
+        line(b"x-switchyard-attempts", n);
     }
     out.extend_from_slice(&passed);
     RawHeaders {

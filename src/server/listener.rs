@@ -24,9 +24,8 @@ use crate::http1::server as h1;
 use crate::live::CertSwap;
 use crate::stall::{StallLimit, WriteStall};
 
-/// The largest request head read from a client. Entra tokens, the largest headers SDKs send,
-/// are a few kilobytes.
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// The largest request head read from a client.
+const MAX_REQUEST_HEAD: usize = crate::http1::MAX_HEAD_BYTES;
 /// Streams one HTTP/2 connection may have open at once.
 const H2_MAX_STREAMS: u32 = 128;
 /// Streams a peer may reset before the server took them up; past it, GOAWAY.

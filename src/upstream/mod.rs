@@ -1,5 +1,6 @@
 //! One attempt against one backend: the pooled client, URL and header rewriting, timeouts.
 
+use crate::http1;
 use crate::http1::client as h1;
 
 use std::borrow::Cow;
@@ -382,19 +383,14 @@ fn forwarded<'a>(
         match name.as_str() {
             // Hop-by-hop (RFC 9110 §7.6.1), except what a WebSocket upgrade carries on.
             "connection" | "upgrade" => upgrade,
-            "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding" => false,
+            "transfer-encoding" => false,
             // The client's credentials for the gateway: a backend must never see them.
             "api-key" | "authorization" | "ocp-apim-subscription-key" => false,
             // The gateway sets its own from the backend URL and the body it holds; a
             // backend's 100-continue is moot once the whole body is here.
             "host" | "content-length" | "expect" => false,
             "x-request-id" => false,
+            n if http1::is_hop_by_hop(n) => false,
             n => !connection_listed(n),
         }
     })
@@ -434,10 +430,7 @@ pub fn encode_head(
     out.extend_from_slice(url.authority.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut line = |name: &HeaderName, value: &HeaderValue| {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        http1::put_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
     };
     for (name, value) in forwarded(req) {
         // Set below, once.
@@ -463,24 +456,11 @@ pub fn encode_head(
     if body_len > 0 || !bodiless {
         out.extend_from_slice(b"content-length: ");
         let mut digits = [0u8; 20];
-        out.extend_from_slice(decimal(body_len as u64, &mut digits));
+        out.extend_from_slice(http1::decimal(body_len as u64, &mut digits));
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     Ok(out)
-}
-
-/// `n` in decimal, written into the end of `buf`.
-pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
-    }
 }
 
 fn boxed(b: hyper::body::Incoming) -> BoxBody {
@@ -492,17 +472,16 @@ fn boxed(b: hyper::body::Incoming) -> BoxBody {
 fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     // Prepared names: removing by `&str` parses each name again for every response.
     static NAMES: [HeaderName; 12] = [
-        // The gateway answers with its own.
-        HeaderName::from_static("x-request-id"),
-        HeaderName::from_static("x-switchyard-backend"),
-        HeaderName::from_static("x-switchyard-attempts"),
+        HeaderName::from_static(http1::GATEWAY_SETS[0]),
+        HeaderName::from_static(http1::GATEWAY_SETS[1]),
+        HeaderName::from_static(http1::GATEWAY_SETS[2]),
+        HeaderName::from_static(http1::HOP_BY_HOP[0]),
+        HeaderName::from_static(http1::HOP_BY_HOP[1]),
+        HeaderName::from_static(http1::HOP_BY_HOP[2]),
+        HeaderName::from_static(http1::HOP_BY_HOP[3]),
+        HeaderName::from_static(http1::HOP_BY_HOP[4]),
+        HeaderName::from_static(http1::HOP_BY_HOP[5]),
         header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ];
@@ -523,7 +502,7 @@ mod tests {
     fn decimal_matches_display() {
         let mut buf = [0u8; 20];
         for n in [0, 7, 10, 99, 100, 65_536, 1 << 20, u64::MAX] {
-            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+            assert_eq!(http1::decimal(n, &mut buf), n.to_string().as_bytes());
         }
     }
 

@@ -30,8 +30,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::common::{GATEWAY_SETS, HOP_BY_HOP, MAX_HEADERS, RawHeaders, with_names};
 use super::common::{Lines, header_name, parse_length};
-use super::common::{MAX_HEADERS, RawHeaders};
 use crate::body::BoxError;
 
 mod body;
@@ -46,7 +46,7 @@ pub use pool::{HostPool, Pools, enter_worker};
 pub const INLINE_BODY: usize = 16 * 1024;
 /// A response head larger than this is refused (hyper's default limit is about 400 KB; Azure's
 /// heads are about 1.5 KB).
-const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = super::common::MAX_HEAD_BYTES;
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 /// What a read asks room for at first: an SSE event or a small answer fits, and 2,000 open
@@ -349,27 +349,25 @@ enum Role {
 }
 
 /// The response headers [`parse_head`] does not pass on as they came.
-const ROLES: [(&[u8], Role); 18] = [
-    (b"content-type", Role::Read),
-    (b"content-length", Role::ContentLength),
-    (b"date", Role::Passed { date: true }),
-    (b"retry-after", Role::Read),
-    (b"retry-after-ms", Role::Read),
-    (b"x-ms-retry-after-ms", Role::Read),
-    // The gateway sets these itself.
-    (b"x-request-id", Role::Dropped),
-    (b"x-switchyard-backend", Role::Dropped),
-    (b"x-switchyard-attempts", Role::Dropped),
-    (b"connection", Role::Connection),
-    (b"transfer-encoding", Role::TransferEncoding),
-    (b"keep-alive", Role::Dropped),
-    (b"proxy-connection", Role::Dropped),
-    (b"proxy-authenticate", Role::Dropped),
-    (b"proxy-authorization", Role::Dropped),
-    (b"te", Role::Dropped),
-    (b"trailer", Role::Dropped),
-    (b"upgrade", Role::Dropped),
-];
+const ROLES: [(&[u8], Role); 18] = with_names(
+    with_names::<_, 9, 3, 12>(
+        [
+            (b"content-type", Role::Read),
+            (b"content-length", Role::ContentLength),
+            (b"date", Role::Passed { date: true }),
+            (b"retry-after", Role::Read),
+            (b"retry-after-ms", Role::Read),
+            (b"x-ms-retry-after-ms", Role::Read),
+            (b"connection", Role::Connection),
+            (b"transfer-encoding", Role::TransferEncoding),
+            (b"upgrade", Role::Dropped),
+        ],
+        GATEWAY_SETS,
+        Role::Dropped,
+    ),
+    HOP_BY_HOP,
+    Role::Dropped,
+);
 
 /// The role of a response header by its name, in any case. Names are matched as sent first
 /// (backends send them in lowercase), and only a name that matched nothing and has capitals
