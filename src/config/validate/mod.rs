@@ -1,0 +1,264 @@
+//! Raw config → validated types. Every check names the field it concerns.
+
+mod consumers;
+mod server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use http::uri::Scheme;
+
+use super::*;
+use consumers::{validate_consumers, validate_limits};
+pub use server::parse_duration;
+use server::{opt_duration, parse_backend_url, validate_routing, validate_server};
+
+pub(super) fn validate(
+    raw: raw::RawConfig,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let server = validate_server(raw.server)?;
+    let routing = validate_routing(raw.routing)?;
+    if raw.backends.is_empty() {
+        return Err(ConfigError::field(
+            "backends",
+            "at least one [[backends]] entry is required",
+        ));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backends.len());
+    for (i, b) in raw.backends.into_iter().enumerate() {
+        let at = |field: &str| format!("backends[{i}].{field}");
+        let name = checked_name(&b.name, &at("name"))?;
+        if let Some(j) = backends.iter().position(|o| o.name == name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!("duplicate backend name {name:?} (also backends[{j}])"),
+            ));
+        }
+        let url = parse_backend_url(&b.url).map_err(|m| ConfigError::field(at("url"), m))?;
+        let priority = b.priority.unwrap_or(1);
+        if !(1..=MAX_PRIORITY).contains(&priority) {
+            return Err(ConfigError::field(
+                at("priority"),
+                format!("{priority} is out of range (1 = served first, up to {MAX_PRIORITY})"),
+            ));
+        }
+        let weight = b.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return Err(ConfigError::field(
+                at("weight"),
+                format!("{weight} is out of range (1 to 1000)"),
+            ));
+        }
+        let auth = match b.auth {
+            raw::RawAuth::ApiKey { key } => {
+                if key.is_empty() {
+                    return Err(ConfigError::field(at("auth.key"), "must not be empty"));
+                }
+                if http::HeaderValue::from_str(&key).is_err() {
+                    return Err(ConfigError::field(
+                        at("auth.key"),
+                        "contains characters not allowed in an HTTP header",
+                    ));
+                }
+                BackendAuth::ApiKey(Secret::new(key))
+            }
+            raw::RawAuth::None => BackendAuth::None,
+            other => BackendAuth::Entra(super::credential::validate(
+                other,
+                &at("auth"),
+                lookup,
+                super::credential::DEFAULT_SCOPE,
+            )?),
+        };
+        backends.push(BackendConfig {
+            name,
+            url,
+            auth,
+            priority,
+            weight,
+        });
+    }
+    let deployments = validate_deployments(raw.deployments, &backends)?;
+    let jwt = raw.jwt.map(validate_jwt).transpose()?;
+    let consumers = validate_consumers(raw.consumers, jwt.is_some())?;
+    let limits = validate_limits(raw.limits, lookup)?;
+    let affinity = validate_affinity(raw.affinity)?;
+    let tracing = raw.tracing.map(validate_tracing).transpose()?;
+    Ok(Config {
+        server,
+        routing,
+        backends,
+        deployments,
+        consumers,
+        limits,
+        affinity,
+        jwt,
+        tracing,
+    })
+}
+
+fn validate_affinity(raw: raw::RawAffinity) -> Result<AffinityConfig, ConfigError> {
+    let max_entries = raw.max_entries.unwrap_or(200_000);
+    if max_entries == 0 || max_entries > 100_000_000 {
+        return Err(ConfigError::field(
+            "affinity.max_entries",
+            format!("{max_entries} is out of range (1 to 100000000)"),
+        ));
+    }
+    Ok(AffinityConfig {
+        ttl: opt_duration(raw.ttl, "affinity.ttl", 30 * 24 * 3600 * 1000)?,
+        max_entries: max_entries as usize,
+    })
+}
+
+fn validate_tracing(raw: raw::RawTracing) -> Result<TracingConfig, ConfigError> {
+    let base = raw.otlp_endpoint.trim().trim_end_matches('/');
+    // A collector's base address gets the traces path; a full traces URL is taken as it is.
+    let url = if base.ends_with("/v1/traces") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/traces")
+    };
+    let endpoint = url
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .ok_or_else(|| {
+            ConfigError::field(
+                "tracing.otlp_endpoint",
+                format!(
+                    "{:?} is not an http(s) URL (e.g. \"http://localhost:4318\")",
+                    raw.otlp_endpoint
+                ),
+            )
+        })?;
+    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(ConfigError::field(
+            "tracing.sample_ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
+    let mut headers = Vec::with_capacity(raw.headers.len());
+    for (name, value) in raw.headers {
+        let path = format!("tracing.headers.{name}");
+        let n = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ConfigError::field(&path, "is not a valid header name"))?;
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(ConfigError::field(&path, "is not a valid header value"));
+        }
+        headers.push((n, Secret::new(value)));
+    }
+    Ok(TracingConfig {
+        endpoint,
+        service_name: raw
+            .service_name
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "switchyard".to_string()),
+        sample_ratio,
+        export_interval: opt_duration(raw.export_interval, "tracing.export_interval", 2000)?,
+        headers,
+    })
+}
+
+fn validate_jwt(raw: raw::RawJwt) -> Result<JwtConfig, ConfigError> {
+    let audiences = match raw.audience {
+        raw::OneOrMany::One(a) => vec![a],
+        raw::OneOrMany::Many(v) => v,
+    };
+    if audiences.is_empty() || audiences.iter().any(|a| a.trim().is_empty()) {
+        return Err(ConfigError::field(
+            "jwt.audience",
+            "needs at least one non-empty audience",
+        ));
+    }
+    if raw.issuer.trim().is_empty() {
+        return Err(ConfigError::field("jwt.issuer", "must not be empty"));
+    }
+    let ok_url =
+        raw.jwks_url.parse::<http::Uri>().ok().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        });
+    if !ok_url {
+        return Err(ConfigError::field(
+            "jwt.jwks_url",
+            format!("{:?} is not an http(s) URL", raw.jwks_url),
+        ));
+    }
+    Ok(JwtConfig {
+        issuer: raw.issuer,
+        audiences,
+        jwks_url: raw.jwks_url,
+        claim: raw.claim.unwrap_or_else(|| "azp".to_string()),
+    })
+}
+
+/// Names of backends and consumers: they appear in headers, logs and metric labels.
+fn name_chars_ok(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn checked_name(raw: &str, path: &str) -> Result<String, ConfigError> {
+    let name = raw.trim();
+    if name.is_empty() || !name_chars_ok(name) {
+        return Err(ConfigError::field(
+            path,
+            format!("{raw:?} is not a valid name (use letters, digits, '-', '_', '.')"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn validate_deployments(
+    raw: Vec<raw::RawDeployment>,
+    backends: &[BackendConfig],
+) -> Result<Vec<DeploymentConfig>, ConfigError> {
+    let mut out: Vec<DeploymentConfig> = Vec::with_capacity(raw.len());
+    for (i, d) in raw.into_iter().enumerate() {
+        let at = |field: &str| format!("deployments[{i}].{field}");
+        if !valid_deployment_name(&d.name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!(
+                    "{:?} is not a valid deployment name (1 to 64 letters, digits, '-', '_', '.')",
+                    d.name
+                ),
+            ));
+        }
+        if let Some(j) = out.iter().position(|o| o.name == d.name) {
+            return Err(ConfigError::field(
+                at("name"),
+                format!("duplicate deployment {:?} (also deployments[{j}])", d.name),
+            ));
+        }
+        if d.backends.is_empty() {
+            return Err(ConfigError::field(at("backends"), "names no backend"));
+        }
+        let mut mapped = Vec::with_capacity(d.backends.len());
+        for (backend, upstream) in d.backends {
+            let Some(idx) = backends.iter().position(|b| b.name == backend) else {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}")),
+                    format!("no backend is named {backend:?}"),
+                ));
+            };
+            if !valid_deployment_name(&upstream) {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}")),
+                    format!("{upstream:?} is not a valid deployment name"),
+                ));
+            }
+            mapped.push((idx, upstream));
+        }
+        // Config order of backends, not the map's alphabetical order.
+        mapped.sort_by_key(|(idx, _)| *idx);
+        out.push(DeploymentConfig {
+            name: d.name,
+            backends: mapped,
+        });
+    }
+    Ok(out)
+}
