@@ -8,6 +8,7 @@
 
 mod health;
 mod hints;
+mod lease;
 mod signals;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ use crate::sync::{lock, read, write};
 use health::Health;
 pub use health::{Availability, CircuitState};
 pub use hints::retry_hint;
+pub use lease::Lease;
 use signals::{Headroom, PeakEwma};
 
 /// Tables kept at most for deployments the config does not list; names past this share one
@@ -166,18 +168,6 @@ pub enum Verdict {
     Healthy,
     CooledDown(Duration),
     Failed { circuit_opened: bool },
-}
-
-/// One attempt's hold on a backend: counts as in flight until dropped (for a streamed answer,
-/// when the stream ends), and carries the attempt's outcome back to the health state.
-pub struct Lease {
-    table: Arc<Table>,
-    idx: usize,
-    /// Taken before the table was replaced by a reload (so it accounts in the successor).
-    pre_reload: bool,
-    probe: bool,
-    reported: bool,
-    expected_ttfb: Option<Duration>,
 }
 
 impl Balancer {
@@ -575,115 +565,5 @@ impl TableState {
             self.rr[level] = rr.wrapping_add(pos + 1);
         }
         chosen
-    }
-}
-
-impl Lease {
-    pub fn backend(&self) -> usize {
-        self.idx
-    }
-
-    /// This backend's recent time to first byte, if measured.
-    pub fn expected_ttfb(&self) -> Option<Duration> {
-        self.expected_ttfb
-    }
-
-    /// Feeds an attempt's outcome back. Call once per attempt.
-    pub fn report(&mut self, outcome: Outcome<'_>, now: Instant) -> Verdict {
-        self.reported = true;
-        let Some((table, idx)) = self.home() else {
-            return Verdict::Healthy;
-        };
-        let policy = &table.policy;
-        let mut st = lock(&table.state);
-        let Some(pair) = st.pairs.get_mut(idx) else {
-            return Verdict::Healthy;
-        };
-        match outcome {
-            Outcome::Response {
-                status,
-                headers,
-                retryable,
-                ttfb,
-            } => {
-                pair.headroom.observe(headers, now);
-                // Hints only matter on throttling answers; a 200 is not parsed for them.
-                let hint = matches!(
-                    status,
-                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-                )
-                .then(|| retry_hint(headers, SystemTime::now()))
-                .flatten();
-                let throttled = status == StatusCode::TOO_MANY_REQUESTS || hint.is_some();
-                if throttled {
-                    let wait = hint
-                        .unwrap_or(policy.default_cooldown)
-                        .min(policy.max_cooldown);
-                    pair.health.throttled(wait, now);
-                    Verdict::CooledDown(wait)
-                } else if retryable {
-                    pair.ttfb.observe(ttfb, now);
-                    Verdict::Failed {
-                        circuit_opened: pair.health.failure(&policy.breaker, now),
-                    }
-                } else {
-                    pair.ttfb.observe(ttfb, now);
-                    pair.health.success();
-                    if status.is_success() {
-                        pair.misfit = None;
-                    }
-                    Verdict::Healthy
-                }
-            }
-            Outcome::Misfit(m) => {
-                // An answer: the backend is up, and its circuit has nothing to learn.
-                pair.misfit = Some((m, now + MISFIT_TTL));
-                Verdict::Healthy
-            }
-            Outcome::Failure { elapsed } => {
-                // A timeout is the slowest answer there is: let the latency average see it.
-                pair.ttfb.observe(elapsed, now);
-                Verdict::Failed {
-                    circuit_opened: pair.health.failure(&policy.breaker, now),
-                }
-            }
-        }
-    }
-}
-
-impl Lease {
-    /// The table and index this lease accounts in: its own, or, when a reload replaced the
-    /// table after the lease was taken, the successor's (none if the backend was removed).
-    fn home(&self) -> Option<(Arc<Table>, usize)> {
-        let mut table = self.table.clone();
-        let mut idx = self.idx;
-        if !self.pre_reload {
-            return Some((table, idx));
-        }
-        loop {
-            let next = lock(&table.state).successor.clone();
-            match next {
-                None => return Some((table, idx)),
-                Some((t, map)) => {
-                    idx = map.get(idx).copied().flatten()?;
-                    table = t;
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let Some((table, idx)) = self.home() else {
-            return;
-        };
-        let mut st = lock(&table.state);
-        if let Some(pair) = st.pairs.get_mut(idx) {
-            pair.in_flight = pair.in_flight.saturating_sub(1);
-            if self.probe && !self.reported {
-                pair.health.abandon_probe();
-            }
-        }
     }
 }

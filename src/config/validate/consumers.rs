@@ -2,7 +2,6 @@
 
 use super::*;
 
-
 pub(super) fn validate_consumers(
     raw: Vec<raw::RawConsumer>,
     jwt_configured: bool,

@@ -2,7 +2,6 @@
 
 use super::*;
 
-
 pub(super) fn validate_server(raw: raw::RawServer) -> Result<ServerConfig, ConfigError> {
     let listen = parse_addr(raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))
         .map_err(|m| ConfigError::field("server.listen", m))?;
@@ -221,7 +220,11 @@ pub(super) fn validate_routing(raw: raw::RawRouting) -> Result<RoutingConfig, Co
     })
 }
 
-pub(super) fn opt_duration(raw: Option<String>, path: &str, default_ms: u64) -> Result<Duration, ConfigError> {
+pub(super) fn opt_duration(
+    raw: Option<String>,
+    path: &str,
+    default_ms: u64,
+) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(Duration::from_millis(default_ms)),
         Some(s) => match parse_duration(&s) {

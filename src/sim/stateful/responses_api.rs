@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 /// Reasoning tokens every simulated answer reports.
 pub(super) const REASONING_TOKENS: u64 = 4;
 
@@ -114,7 +113,11 @@ pub(super) fn visit_items(v: Option<&Value>, f: &mut impl FnMut(&Value)) {
     }
 }
 
-pub(super) async fn create_response(state: &SimState, headers: &HeaderMap, body: &[u8]) -> SimResult {
+pub(super) async fn create_response(
+    state: &SimState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> SimResult {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return oai_error(
             StatusCode::BAD_REQUEST,
