@@ -1,9 +1,10 @@
 //! Switchyard: a self-hosted gateway for Azure OpenAI.
 //!
-//! Request pipeline (see `pipeline`): `api` classifies the path, the body is read under
-//! `server.max_body_bytes`, `proxy` runs the attempt loop (`balancer` picks, `upstream` sends one
-//! attempt with the backend's own credential), and the response streams back through a body
-//! wrapper that ends the request's accounting in `telemetry`.
+//! The way of one request: `server` (listeners) hands it to [`pipeline::handle`], whose
+//! phases run in the order of its files (authenticate, read, route, admit, forward, respond,
+//! finish); `forward` runs the attempt loop in `proxy` (`balancer` picks, `upstream` sends one
+//! attempt over `http1::client`), and the answer streams back in a body that ends the
+//! request's accounting. `live` holds what every request reads and what a reload swaps.
 
 pub mod admin;
 pub mod affinity;

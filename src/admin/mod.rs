@@ -260,7 +260,7 @@ fn backends_json(rt: &Snapshot) -> serde_json::Value {
                     let (state_name, left) = match st.availability {
                         // Up, but unable to serve this deployment: passed over for it.
                         crate::balancer::Availability::Ready if st.misfit.is_some() => {
-                            (st.misfit.as_ref().map_or("healthy", |m| m.reason), None)
+                            (st.misfit.as_ref().map_or("healthy", |m| m.reason.label()), None)
                         }
                         crate::balancer::Availability::Ready => ("healthy", None),
                         crate::balancer::Availability::Cooling(d) => ("cooling_down", Some(d)),

@@ -34,7 +34,7 @@ pub const GATEWAY_SETS: [&str; 3] = [
 
 /// Writes one header line, `name: value\r\n`: every head the gateway writes, requests to
 /// backends and answers to clients, writes its lines with this.
-#[inline]
+#[inline(always)]
 pub fn put_line(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);
     out.put_slice(b": ");

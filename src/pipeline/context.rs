@@ -63,6 +63,9 @@ pub(super) struct RequestContext {
     /// Remembers the owners of the objects the answer makes known.
     pub(super) learner: Option<Learner>,
 
+    /// The answer is an event stream (a failure mid-stream gets a final `error` event).
+    pub(super) sse: bool,
+
     // Known as the body goes by:
     /// The backend's body failed after the headers went out.
     pub(super) stream_failed: bool,
@@ -98,6 +101,7 @@ impl RequestContext {
             tap: None,
             stats: None,
             learner: None,
+            sse: false,
             stream_failed: false,
             finished: false,
         };

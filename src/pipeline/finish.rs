@@ -2,8 +2,8 @@
 //! accounted for in one place: the access log line, token counts in the metrics and the status
 //! page's totals, the trace's spans, and the consumer's reservation settled with what was used.
 
-use crate::telemetry::BackendStats;
 use crate::telemetry::trace::{Attr, Span, SpanKind, Tracer};
+use crate::telemetry::{AttemptOutcome, BackendStats};
 use crate::usage::{Tap, Usage};
 
 use super::context::{RequestContext, first_chars};
@@ -159,11 +159,14 @@ impl RequestContext {
             attrs.push(("switchyard.backend", a.backend.to_string().into()));
             attrs.push(("switchyard.attempt", u64::from(a.attempt).into()));
             let error = match a.outcome {
-                Ok(status) => {
-                    attrs.push(("http.response.status_code", u64::from(status).into()));
-                    (status >= 400).then(|| status.to_string())
+                AttemptOutcome::Answered(status) => {
+                    attrs.push((
+                        "http.response.status_code",
+                        u64::from(status.as_u16()).into(),
+                    ));
+                    (status.as_u16() >= 400).then(|| status.as_str().to_string())
                 }
-                Err(label) => Some(label.to_string()),
+                other => Some(other.label().to_string()),
             };
             if let Some(e) = &error {
                 attrs.push(("error.type", e.clone().into()));

@@ -1,7 +1,8 @@
 //! The forward phase: the request goes to a backend through the attempt loop
-//! ([`crate::proxy::Proxy::forward`], the only place retries live), or, for a list of stored
-//! objects, to every backend, merged into one list. A good answer teaches the gateway who holds
-//! the objects it names or makes, and where a session was served.
+//! ([`crate::proxy::Proxy::forward`], the only place retries live, awaited in
+//! [`super::serve`]), or, for a list of stored objects, to every backend, merged into one list.
+//! A good answer teaches the gateway who holds the objects it names or makes, and where a
+//! session was served.
 
 use http::Response;
 use http::header::{self, HeaderValue};
@@ -10,30 +11,24 @@ use http_body::Body;
 use crate::affinity::{Learner, Owner, refs};
 use crate::body::BoxBody;
 use crate::live::{GatewayState, Snapshot};
-use crate::proxy::AttemptLog;
+use crate::proxy::{Answer, AttemptLog};
 use crate::upstream::OutboundRequest;
 
 use super::admit::Limit;
-use super::context::RequestContext;
 use super::read::{Inbound, Payload};
 use super::route::Placement;
 use super::{Failed, Served};
 
-pub(super) async fn forward(
-    state: &GatewayState,
-    snap: &Snapshot,
-    inbound: &Inbound<'_>,
+/// The request as the attempt loop sends it.
+pub(super) fn outbound<'a>(
+    inbound: &'a Inbound<'_>,
     payload: Payload,
     place: &Placement<'_>,
-    mut limit: Option<Limit>,
-    ctx: &mut RequestContext,
-) -> Result<Served, Failed> {
-    let request_id = &ctx.request_id;
-    let log = &mut ctx.attempts_log;
+    request_id: &'a HeaderValue,
+) -> OutboundRequest<'a> {
     let parts = inbound.parts;
     let endpoint = &inbound.endpoint;
-    let object = place.object.as_ref();
-    let outbound = OutboundRequest {
+    OutboundRequest {
         method: &parts.method,
         path_and_query: &endpoint.path_and_query,
         deployment_span: endpoint.deployment_span.clone(),
@@ -43,35 +38,63 @@ pub(super) async fn forward(
         body: payload.body,
         request_id,
         upgrade: inbound.upgrade,
-        creates: creates(&parts.method, object, place.stored),
-    };
-    if parts.method == http::Method::GET && object.is_some_and(|o| o.is_list()) {
-        let collection = object.map_or("", |o| o.collection);
-        let result = merged_list(
-            state,
-            snap,
-            &outbound,
-            collection,
-            place.owner_consumer.as_deref(),
-            log,
-        )
-        .await;
-        if let Some(l) = limit.take() {
-            l.admission.settle(Some(0));
-        }
-        return Ok(Served {
-            backend: None,
-            attempts: 0,
-            lease: None,
-            limit: None,
-            response: result.unwrap_or_else(|failed| failed),
-            learner: None,
-        });
+        creates: creates(&parts.method, place.object.as_ref(), place.stored),
     }
-    let answer = snap
-        .proxy
-        .forward(&outbound, inbound.deployment(), place.target(), log)
-        .await;
+}
+
+/// The collection a request lists (`GET /openai/files`, ...), answered with every backend's
+/// objects rather than one backend's.
+pub(super) fn listed(inbound: &Inbound<'_>, place: &Placement<'_>) -> Option<&'static str> {
+    place
+        .object
+        .as_ref()
+        .filter(|o| inbound.parts.method == http::Method::GET && o.is_list())
+        .map(|o| o.collection)
+}
+
+/// Every backend's objects of `collection`, merged into one list.
+pub(super) async fn list(
+    state: &GatewayState,
+    snap: &Snapshot,
+    outbound: &OutboundRequest<'_>,
+    collection: &str,
+    place: &Placement<'_>,
+    limit: Option<Limit>,
+    log: &mut AttemptLog,
+) -> Served {
+    let result = merged_list(
+        state,
+        snap,
+        outbound,
+        collection,
+        place.owner_consumer.as_deref(),
+        log,
+    )
+    .await;
+    if let Some(l) = limit {
+        l.admission.settle(Some(0));
+    }
+    Served {
+        backend: None,
+        attempts: 0,
+        lease: None,
+        limit: None,
+        response: result.unwrap_or_else(|failed| failed),
+        learner: None,
+    }
+}
+
+/// What the attempt loop's answer makes of the request: the answer to pass on, with the
+/// consumer's headroom; or, when no backend answered, the reservation given back.
+pub(super) fn answered(
+    state: &GatewayState,
+    snap: &Snapshot,
+    inbound: &Inbound<'_>,
+    place: &Placement<'_>,
+    limit: Option<Limit>,
+    answer: Answer,
+    request_id: &HeaderValue,
+) -> Result<Served, Failed> {
     match answer.result {
         Ok(mut resp) => {
             let learner = answer

@@ -7,8 +7,9 @@
 //! 4. [`route::route`]: the backend that holds the objects the request names, or the one its
 //!    session prefers, or any;
 //! 5. [`admit::admit`]: the consumer's limits checked and an estimate reserved;
-//! 6. [`forward::forward`]: the attempt loop ([`crate::proxy`], the only place retries live)
-//!    and what a good answer teaches about object owners and sessions;
+//! 6. forward (`forward.rs`): the attempt loop ([`crate::proxy`], the only place retries live),
+//!    or a list merged from every backend, and what a good answer teaches about object owners
+//!    and sessions;
 //! 7. [`respond::respond`]: counters, the gateway's own headers, usage read as the body passes,
 //!    WebSocket upgrades tunnelled;
 //! 8. [`RequestContext::finish`] (`finish.rs`), when the body ends or the client goes away:
@@ -52,13 +53,9 @@ pub async fn handle(
     // The config as of now, for the whole request: a reload does not change it half-way.
     let snap = state.snapshot();
     let outcome = serve(&state, &snap, req, &mut ctx).await;
-    Ok(respond::respond(
-        &state,
-        &snap,
-        ctx,
-        outcome,
-        client_upgrade,
-    ))
+    let resp = respond::respond(&state, &snap, &mut ctx, outcome, client_upgrade);
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, respond::track(body, ctx)))
 }
 
 /// The phases up to a backend's answer.
@@ -78,7 +75,30 @@ async fn serve(
     let (inbound, mut payload) = read::read(snap, &parts, body, consumer.as_ref(), ctx).await?;
     let place = route::route(state, snap, &inbound, &payload, consumer.as_ref()).await?;
     let limit = admit::admit(state, snap, consumer.as_ref(), &inbound, &mut payload.body).await?;
-    forward::forward(state, snap, &inbound, payload, &place, limit, ctx).await
+    let outbound = forward::outbound(&inbound, payload, &place, &ctx.request_id);
+    if let Some(collection) = forward::listed(&inbound, &place) {
+        let log = &mut ctx.attempts_log;
+        return Ok(forward::list(state, snap, &outbound, collection, &place, limit, log).await);
+    }
+    // The attempt loop, the only place retries live.
+    let answer = snap
+        .proxy
+        .forward(
+            &outbound,
+            inbound.deployment(),
+            place.target(),
+            &mut ctx.attempts_log,
+        )
+        .await;
+    forward::answered(
+        state,
+        snap,
+        &inbound,
+        &place,
+        limit,
+        answer,
+        &ctx.request_id,
+    )
 }
 
 /// Who is calling: a consumer's key, an Entra token, or no one where neither is configured.

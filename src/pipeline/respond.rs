@@ -21,11 +21,12 @@ use crate::usage::Tap;
 use super::context::RequestContext;
 use super::{Failed, Served};
 
-/// The response the client gets, carrying `ctx` to the end of its body.
+/// The response the client gets: its head, and its body with the gateway's own header lines
+/// ahead of the backend's, for [`track`] to carry `ctx` to its end.
 pub(super) fn respond(
     state: &GatewayState,
     snap: &Snapshot,
-    mut ctx: RequestContext,
+    ctx: &mut RequestContext,
     outcome: Result<Served, Failed>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<BoxBody> {
@@ -85,26 +86,34 @@ pub(super) fn respond(
     let tap = backend_name
         .as_ref()
         .and_then(|_| Tap::new(content_type, strip));
-    let (parts, body) = resp.into_parts();
-    let request_id = ctx.request_id.clone();
-    let name_header = answer_backend.and_then(|i| snap.proxy.backends[i].name_header.as_ref());
-    let attempts = ctx.attempts;
+    let passed = resp.body_mut().take_passthrough();
+    let lines = own_lines(
+        &ctx.request_id,
+        answer_backend.and_then(|i| snap.proxy.backends[i].name_header.as_ref()),
+        ctx.attempts,
+        passed,
+    );
+    ctx.sse = sse;
     ctx.backend = Some(backend_name.unwrap_or_else(|| Arc::from("none")));
     ctx.counters = Some(counters);
     ctx.success = status.is_success();
     ctx.reservation = limit.map(|l| l.admission);
     ctx.tap = tap;
     ctx.stats = stats;
-    let body = body.wrap(
-        |passed| Some(own_lines(&request_id, name_header, attempts, passed)),
-        |inner| TrackedBody {
-            inner,
-            sse,
-            ended: false,
-            ctx,
-        },
-    );
-    Response::from_parts(parts, body)
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.with_passthrough(Some(lines)))
+}
+
+/// `body` in a [`TrackedBody`] that ends `ctx` with it. Not [`BoxBody::wrap`]: its closure would
+/// copy the context (a large struct) once more per request.
+pub(super) fn track(mut body: BoxBody, ctx: RequestContext) -> BoxBody {
+    let lines = body.take_passthrough();
+    BoxBody::new(TrackedBody {
+        inner: body,
+        ended: false,
+        ctx,
+    })
+    .with_passthrough(lines)
 }
 
 /// Joins the client's and the backend's upgraded connections once both sides have switched.
@@ -142,7 +151,6 @@ pin_project_lite::pin_project! {
     pub(super) struct TrackedBody {
         #[pin]
         inner: BoxBody,
-        sse: bool,
         ended: bool,
         ctx: RequestContext,
     }
@@ -206,7 +214,7 @@ impl Body for TrackedBody {
                             backend: backend.to_string(),
                         })
                         .inc();
-                    if !*this.sse {
+                    if !this.ctx.sse {
                         return Poll::Ready(Some(Err(e)));
                     }
                     *this.ended = true;

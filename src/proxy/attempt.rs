@@ -37,8 +37,16 @@ impl Proxy {
                     answered,
                 );
                 let retried = retryable && !is_last;
-                self.note(backend, shown, status.as_str(), verdict, retried);
-                trail.0.push((backend.name.clone(), Ok(status.as_u16())));
+                self.note(
+                    backend,
+                    shown,
+                    AttemptOutcome::Answered(status),
+                    verdict,
+                    retried,
+                );
+                trail
+                    .0
+                    .push((backend.name.clone(), AttemptOutcome::Answered(status)));
                 retryable
             }
             Err(e) => {
@@ -55,11 +63,13 @@ impl Proxy {
                 self.note(
                     backend,
                     shown,
-                    e.kind.label(),
+                    AttemptOutcome::Failed(e.kind),
                     verdict,
                     retryable && !is_last,
                 );
-                trail.0.push((backend.name.clone(), Err(e.kind.label())));
+                trail
+                    .0
+                    .push((backend.name.clone(), AttemptOutcome::Failed(e.kind)));
                 retryable
             }
         }
@@ -117,8 +127,8 @@ impl Proxy {
                 start,
                 duration: waited,
                 outcome: match &sent_result {
-                    Ok(r) => Ok(r.status().as_u16()),
-                    Err(e) => Err(e.kind.label()),
+                    Ok(r) => AttemptOutcome::Answered(r.status()),
+                    Err(e) => AttemptOutcome::Failed(e.kind),
                 },
             });
         }
@@ -129,26 +139,24 @@ impl Proxy {
         &self,
         backend: &Backend,
         deployment: &str,
-        outcome: &str,
+        outcome: AttemptOutcome,
         verdict: Verdict,
         retried: bool,
     ) {
         let stats = &backend.stats;
         let labels = || AttemptLabels {
             backend: backend.name.to_string(),
-            outcome: outcome.to_string(),
+            outcome: outcome.label().to_string(),
         };
-        if outcome == "200" {
+        if outcome == AttemptOutcome::Answered(http::StatusCode::OK) {
             stats.attempts_ok.inc();
         } else {
             count(&self.metrics.attempts, &labels());
         }
-        match outcome {
-            "429" => BackendStats::add(&stats.throttled, 1),
-            o if o.starts_with('5') || !o.starts_with(|c: char| c.is_ascii_digit()) => {
-                BackendStats::add(&stats.failed, 1)
-            }
-            _ => {}
+        if outcome == AttemptOutcome::Answered(http::StatusCode::TOO_MANY_REQUESTS) {
+            BackendStats::add(&stats.throttled, 1);
+        } else if outcome.failed() {
+            BackendStats::add(&stats.failed, 1);
         }
         if retried {
             count(&self.metrics.retries, &labels());
@@ -162,11 +170,12 @@ impl Proxy {
             let what = match verdict {
                 Verdict::CooledDown(wait) => {
                     format!(
-                        "{outcome} on {deployment}: cooling down for {:.1} s",
+                        "{} on {deployment}: cooling down for {:.1} s",
+                        outcome.label(),
                         wait.as_secs_f64()
                     )
                 }
-                _ => format!("{outcome} on {deployment}"),
+                _ => format!("{} on {deployment}", outcome.label()),
             };
             *crate::sync::lock(&self.last_error[idx]) = Some((what, std::time::SystemTime::now()));
         }

@@ -9,9 +9,15 @@ impl Proxy {
     /// passed over, so it must not go unnoticed).
     pub(super) fn misfit_seen(&self, idx: usize, deployment: &str, m: &Misfit, retried: bool) {
         let backend = &self.backends[idx];
-        self.note(backend, deployment, m.reason, Verdict::Healthy, retried);
+        self.note(
+            backend,
+            deployment,
+            AttemptOutcome::Misfit(m.reason),
+            Verdict::Healthy,
+            retried,
+        );
         *crate::sync::lock(&self.last_error[idx]) = Some((
-            format!("{} on {deployment}: {}", m.reason, m.message),
+            format!("{} on {deployment}: {}", m.reason.label(), m.message),
             std::time::SystemTime::now(),
         ));
         use std::sync::atomic::Ordering::Relaxed;
@@ -29,19 +35,13 @@ impl Proxy {
             tracing::warn!(
                 backend = %backend.name,
                 deployment,
-                reason = m.reason,
+                reason = m.reason.label(),
                 answer = %m.message,
                 "a backend cannot serve a deployment; passed over for it (check backends[{idx}])"
             );
         }
     }
 }
-
-/// [`Misfit::reason`] for a deployment the backend does not have.
-pub(super) const NOT_DEPLOYED: &str = "not_deployed";
-
-/// [`Misfit::reason`] for a backend that refused the gateway's credential.
-pub(super) const AUTH_REJECTED: &str = "auth_rejected";
 
 /// Statuses that may say the backend cannot serve the deployment (the body says which).
 pub(super) fn may_be_misfit(status: http::StatusCode) -> bool {
@@ -55,9 +55,11 @@ pub(super) fn misfit(status: http::StatusCode, body: &[u8]) -> Option<Misfit> {
     let text = String::from_utf8_lossy(body);
     let lower = text.to_ascii_lowercase();
     let reason = match status.as_u16() {
-        401 => AUTH_REJECTED,
-        403 if !(lower.contains("content") || lower.contains("policy")) => AUTH_REJECTED,
-        404 if lower.contains("deploymentnotfound") => NOT_DEPLOYED,
+        401 => MisfitReason::AuthRejected,
+        403 if !(lower.contains("content") || lower.contains("policy")) => {
+            MisfitReason::AuthRejected
+        }
+        404 if lower.contains("deploymentnotfound") => MisfitReason::NotDeployed,
         _ => return None,
     };
     // The backend's own message when it gave one in the OpenAI shape, else its first words.

@@ -22,18 +22,18 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
-use crate::balancer::Misfit;
 use crate::balancer::{Balancer, Lease, Outcome, Pick, SCRATCH, Verdict, scratch};
+use crate::balancer::{Misfit, MisfitReason};
 use crate::body::{BoxBody, Whole};
 use crate::config::RoutingConfig;
 use crate::error::{ErrorKind, GatewayError};
 use crate::limits::Shared;
 use crate::routing::Router;
 use crate::telemetry::trace::{AttemptRecord, TraceContext};
-use crate::telemetry::{AttemptLabels, BackendLabels, BackendStats, Metrics};
+use crate::telemetry::{AttemptLabels, AttemptOutcome, BackendLabels, BackendStats, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
-use misfit::{NOT_DEPLOYED, auth_failed, may_be_misfit, misfit};
+use misfit::{auth_failed, may_be_misfit, misfit};
 pub use objects::not_found;
 
 /// A retried response is kept (up to this size) in case every later attempt fails without one:
@@ -56,7 +56,7 @@ pub struct AttemptLog {
 
 /// The attempts of one request, formatted only when a log line asks for them.
 #[derive(Debug, Default)]
-pub struct Trail(pub Vec<(Arc<str>, Result<u16, &'static str>)>);
+pub struct Trail(pub Vec<(Arc<str>, AttemptOutcome)>);
 
 impl std::fmt::Display for Trail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,10 +64,7 @@ impl std::fmt::Display for Trail {
             if i > 0 {
                 f.write_str(" ")?;
             }
-            match outcome {
-                Ok(status) => write!(f, "{backend}:{status}")?,
-                Err(label) => write!(f, "{backend}:{label}")?,
-            }
+            write!(f, "{backend}:{}", outcome.label())?;
         }
         Ok(())
     }
@@ -351,10 +348,11 @@ impl Proxy {
                     if let Some(m) = misfit(whole.status(), bytes) {
                         lease.report(Outcome::Misfit(m.clone()), answered);
                         self.misfit_seen(idx, shown, &m, !is_last);
-                        log.tried
-                            .0
-                            .push((backend.name.clone(), Ok(whole.status().as_u16())));
-                        if m.reason == NOT_DEPLOYED {
+                        log.tried.0.push((
+                            backend.name.clone(),
+                            AttemptOutcome::Answered(whole.status()),
+                        ));
+                        if m.reason == MisfitReason::NotDeployed {
                             // If no backend has it, the client gets this 404.
                             kept = Some((idx, whole));
                         } else {

@@ -247,12 +247,12 @@ impl Proxy {
                     let resp = match sent {
                         Ok(r) => r,
                         Err(e) => {
-                            own.tried.0.push((name, Err(e.kind.label())));
+                            own.tried.0.push((name, AttemptOutcome::Failed(e.kind)));
                             return (own, Err(e.into_response()));
                         }
                     };
                     let status = resp.status();
-                    own.tried.0.push((name, Ok(status.as_u16())));
+                    own.tried.0.push((name, AttemptOutcome::Answered(status)));
                     let whole = read_whole(resp, LIST_PAGE_BYTES).await;
                     let Some(bytes) = whole.body().bytes.clone() else {
                         let e = GatewayError::new(

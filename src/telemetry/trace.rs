@@ -124,7 +124,7 @@ pub struct AttemptRecord {
     /// Until the response headers (or the failure).
     pub duration: Duration,
     /// The backend's status, or the gateway's error label when there was no response.
-    pub outcome: Result<u16, &'static str>,
+    pub outcome: super::AttemptOutcome,
 }
 
 /// An attribute value, as OTLP types them.
