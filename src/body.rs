@@ -8,7 +8,18 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-use crate::http1::RawHeaders;
+/// Response header lines a backend sent that the gateway neither reads nor sets, kept as bytes
+/// (`name: value\r\n` each): filling a `HeaderMap` with them only to write them out again is
+/// dear, and Azure answers with a dozen such headers
+/// (`apim-request-id`, `x-ms-region`, `azureml-model-session`, ...). They travel with the
+/// response's body ([`BoxBody`]); the HTTP/1.1 server writes them after the map, and anything
+/// else puts them in the map first (`RawHeaders::append_to`, in `http1`).
+#[derive(Debug)]
+pub struct RawHeaders {
+    pub(crate) lines: Bytes,
+    /// Whether one of them is `date`, which the server would otherwise add.
+    pub(crate) date: bool,
+}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -3,6 +3,8 @@
 //! fast path (`http1::server`) and the backend client (`http1::client`) both read heads with these.
 
 use bytes::{Bytes, BytesMut};
+
+pub use crate::body::RawHeaders;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Headers in one head at most, in either direction: hyper's own default, which the client
@@ -156,19 +158,8 @@ pub(crate) fn append_lines(lines: &Bytes, headers: &mut HeaderMap) {
     }
 }
 
-/// Response header lines a backend sent that the gateway neither reads nor sets, kept as bytes
-/// (`name: value\r\n` each): filling a `HeaderMap` with them only to write them out again is
-/// dear, and Azure answers with a dozen such headers
-/// (`apim-request-id`, `x-ms-region`, `azureml-model-session`, ...). They travel with the
-/// response's body ([`crate::body::BoxBody`]); the HTTP/1.1 server writes them after the map,
-/// and anything else puts them in the map first ([`RawHeaders::append_to`]).
-#[derive(Debug)]
-pub struct RawHeaders {
-    pub(crate) lines: Bytes,
-    /// Whether one of them is `date`, which the server would otherwise add.
-    pub(crate) date: bool,
-}
-
+// `RawHeaders` is the body type's (`crate::body`), which carries them; reading them into a map
+// is HTTP/1.1's.
 impl RawHeaders {
     /// Adds the lines to `headers`, for hyper and for anything that reads a response's
     /// headers as a whole.

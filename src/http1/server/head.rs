@@ -148,8 +148,7 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
     })
 }
 
-/// What the fast path made of a request head, for the fuzz target (see
-/// [`crate::server::parse_request_head`]).
+/// What the fast path made of a request head, for the fuzz target (`request_head`).
 #[doc(hidden)]
 #[expect(
     clippy::large_enum_variant,
