@@ -1,5 +1,5 @@
 //! The client-facing routes: which paths are forwarded and how their path is rewritten.
-//! Thin by design; the request handling lives in `server::gateway`.
+//! Thin by design; the request handling lives in `pipeline`.
 
 use std::borrow::Cow;
 

@@ -239,7 +239,7 @@ impl Upstream {
 
 pin_project_lite::pin_project! {
     /// Fails a response body that goes quiet for longer than the idle timeout, so a stalled
-    /// stream ends (with an error event, see `server::gateway`) instead of hanging forever.
+    /// stream ends (with an error event, see `pipeline::respond`) instead of hanging forever.
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,
