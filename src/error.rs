@@ -48,6 +48,8 @@ pub enum ErrorKind {
     BackendAuthFailed,
     /// The caller's key is missing or not valid.
     Unauthorized,
+    /// The caller's key was valid until its `expires`.
+    KeyExpired,
     /// The caller is over its requests or tokens per minute.
     ConsumerRateLimited,
     /// The caller's token quota for the period is spent.
@@ -76,7 +78,7 @@ impl ErrorKind {
             ErrorKind::OwnerThrottled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthorized | ErrorKind::KeyExpired => StatusCode::UNAUTHORIZED,
             ErrorKind::ConsumerRateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::QuotaExceeded => StatusCode::FORBIDDEN,
             ErrorKind::NoBackendAvailable | ErrorKind::CredentialUnavailable => {
@@ -129,6 +131,7 @@ impl ErrorKind {
             ErrorKind::CredentialUnavailable => "backend_credential_unavailable",
             ErrorKind::BackendAuthFailed => "backend_auth_failed",
             ErrorKind::Unauthorized => "invalid_api_key",
+            ErrorKind::KeyExpired => "expired_api_key",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
             ErrorKind::ObjectNotFound => "not_found",
@@ -150,6 +153,7 @@ impl ErrorKind {
             | ErrorKind::MisdirectedRequest
             | ErrorKind::UnknownDeployment
             | ErrorKind::Unauthorized
+            | ErrorKind::KeyExpired
             | ErrorKind::ObjectNotFound
             | ErrorKind::ObjectsSplit
             | ErrorKind::OwnerGone => "invalid_request_error",

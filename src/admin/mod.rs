@@ -191,6 +191,7 @@ async fn admin_api(
     match (req.method().as_str(), path) {
         ("GET", "/admin/backends") => json(backends_json(&rt)),
         ("GET", "/admin/status") => json(status_json(state, &rt)),
+        ("GET", "/admin/consumers") => json(consumers_json(&rt)),
         ("GET", "/admin/config") => {
             let mut v = rt.config.redacted_json();
             v["generation"] = rt.generation.into();
@@ -242,6 +243,32 @@ async fn admin_api(
 
 /// Each backend's state: drained or not, credential, latest failure, and per deployment its
 /// availability (cooling down until when, circuit), in flight, latency and headroom.
+/// Each consumer's keys by the first digits of their hash, with their expiry: enough to see
+/// which keys a rotation left, nothing to sign in with.
+fn consumers_json(rt: &Snapshot) -> serde_json::Value {
+    let now = std::time::SystemTime::now();
+    let consumers: Vec<_> = rt
+        .config
+        .consumers
+        .iter()
+        .map(|c| {
+            let keys: Vec<_> = c
+                .keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({
+                        "sha256_prefix": k.prefix(),
+                        "expires": k.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        "expired": k.expires.is_some_and(|t| now >= t),
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": c.name, "keys": keys, "jwt": c.jwt.is_some()})
+        })
+        .collect();
+    serde_json::json!({ "consumers": consumers })
+}
+
 fn backends_json(rt: &Snapshot) -> serde_json::Value {
     use serde_json::json;
     let proxy = &rt.proxy;

@@ -5,13 +5,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
 use super::jwt::{JwtValidator, looks_like_jwt};
 use crate::config::sha256;
-use crate::config::{ConsumerConfig, JwtConfig};
+use crate::config::{ConsumerConfig, ConsumerKey, JwtConfig};
 use crate::error::{ErrorKind, GatewayError};
 use crate::http_client::HttpsClient;
 
@@ -22,7 +23,8 @@ pub struct Consumer {
 }
 
 pub struct Authenticator {
-    keys: Vec<(Arc<str>, [u8; 32])>,
+    /// Every consumer's keys: its name, the key's hash and when it expires.
+    keys: Vec<(Arc<str>, ConsumerKey)>,
     /// Consumers known by a claim of their token: claim value -> name.
     by_claim: HashMap<String, Arc<str>>,
     /// Shared with the next config's authenticator when `[jwt]` is unchanged, so a reload
@@ -47,7 +49,10 @@ impl Authenticator {
         Self {
             keys: consumers
                 .iter()
-                .filter_map(|c| c.key_sha256.map(|k| (Arc::from(c.name.as_str()), k)))
+                .flat_map(|c| {
+                    let name: Arc<str> = Arc::from(c.name.as_str());
+                    c.keys.iter().map(move |k| (name.clone(), k.clone()))
+                })
                 .collect(),
             by_claim: consumers
                 .iter()
@@ -100,14 +105,24 @@ impl Authenticator {
         let digest = sha256(key.as_bytes());
         // Compare against every consumer, in constant time, so timing says nothing of which
         // key came close.
-        let mut found: Option<&Arc<str>> = None;
-        for (name, expected) in &self.keys {
-            if bool::from(expected.ct_eq(&digest)) {
-                found = Some(name);
+        let mut found: Option<&(Arc<str>, ConsumerKey)> = None;
+        for entry in &self.keys {
+            if bool::from(entry.1.sha256.ct_eq(&digest)) {
+                found = Some(entry);
             }
         }
         match found {
-            Some(name) => Ok(Some(Consumer { name: name.clone() })),
+            Some((_, key)) if key.expires.is_some_and(|t| SystemTime::now() >= t) => {
+                let when = key.expires.map(humantime::format_rfc3339_seconds);
+                Err(GatewayError::new(
+                    ErrorKind::KeyExpired,
+                    format!(
+                        "Access denied: this key expired at {}. Use the key that replaced it.",
+                        when.map(|t| t.to_string()).unwrap_or_default()
+                    ),
+                ))
+            }
+            Some((name, _)) => Ok(Some(Consumer { name: name.clone() })),
             None => Err(unauthorized(
                 "Access denied: the key is not valid for this gateway.",
             )),
@@ -144,10 +159,49 @@ mod tests {
     fn consumer(name: &str, key: &[u8]) -> ConsumerConfig {
         ConsumerConfig {
             name: name.into(),
-            key_sha256: Some(sha256(key)),
+            keys: vec![ConsumerKey {
+                sha256: sha256(key),
+                expires: None,
+            }],
             jwt: None,
             limits: Default::default(),
             deployment_limits: Vec::new(),
+        }
+    }
+
+    /// A key past its `expires` is refused as expired, saying when; the consumer's other key
+    /// goes on working.
+    #[tokio::test]
+    async fn an_expired_key_is_refused_saying_so() {
+        let mut c = consumer("team-a", b"key-of-team-a-new-123");
+        c.keys.push(ConsumerKey {
+            sha256: sha256(b"key-of-team-a-old-123"),
+            expires: Some(humantime::parse_rfc3339("2020-01-31T00:00:00Z").unwrap()),
+        });
+        c.keys.push(ConsumerKey {
+            sha256: sha256(b"key-of-team-a-next-12"),
+            expires: Some(SystemTime::now() + std::time::Duration::from_secs(3600)),
+        });
+        let auth = Authenticator::new(&[c], None, &client(), None);
+        let with = |key: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("api-key", key.parse().unwrap());
+            h
+        };
+        let e = auth
+            .authenticate(&with("key-of-team-a-old-123"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::KeyExpired);
+        assert_eq!(e.kind.status(), http::StatusCode::UNAUTHORIZED);
+        assert!(
+            e.message.contains("expired at 2020-01-31T00:00:00Z"),
+            "{}",
+            e.message
+        );
+        for key in ["key-of-team-a-new-123", "key-of-team-a-next-12"] {
+            let who = auth.authenticate(&with(key)).await.unwrap().unwrap();
+            assert_eq!(&*who.name, "team-a");
         }
     }
 

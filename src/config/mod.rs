@@ -165,6 +165,25 @@ pub enum UnknownDeployments {
     Reject,
 }
 
+/// One of a consumer's keys: its SHA-256, all the gateway keeps whether the config gave the key
+/// or its hash, and when it stops being accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerKey {
+    pub sha256: [u8; 32],
+    pub expires: Option<std::time::SystemTime>,
+}
+
+impl ConsumerKey {
+    /// The first 8 hex digits of the hash: enough to tell a consumer's keys apart, nothing to
+    /// sign in with.
+    pub fn prefix(&self) -> String {
+        self.sha256[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -282,9 +301,9 @@ pub enum QuotaPeriod {
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub name: String,
-    /// SHA-256 of the key: all the gateway keeps, whether the config gave the key or its hash.
-    /// `None` for a consumer known only by its token's claim.
-    pub key_sha256: Option<[u8; 32]>,
+    /// The consumer's keys (`key`/`key_sha256` and `keys`); empty for a consumer known only
+    /// by its token's claim.
+    pub keys: Vec<ConsumerKey>,
     /// The `jwt.claim` value that identifies this consumer in a caller's token.
     pub jwt: Option<String>,
     pub limits: ConsumerLimits,

@@ -57,6 +57,9 @@ pub struct RawConsumer {
     pub name: String,
     pub key: Option<String>,
     pub key_sha256: Option<String>,
+    /// More keys, each with an optional expiry: a new key is added beside the old one, clients
+    /// move to it, and the old one expires.
+    pub keys: Option<Vec<RawKey>>,
     /// The value of `jwt.claim` in a caller's Entra ID token that makes it this consumer.
     pub jwt: Option<String>,
     pub requests_per_minute: Option<u32>,
@@ -65,6 +68,15 @@ pub struct RawConsumer {
     /// Limits for this consumer on one deployment, on top of its overall ones.
     #[serde(default)]
     pub deployments: std::collections::BTreeMap<String, RawLimitSet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub key: Option<String>,
+    pub key_sha256: Option<String>,
+    /// RFC 3339 (`2027-01-31T00:00:00Z`): the key is refused from then on.
+    pub expires: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

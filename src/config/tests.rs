@@ -275,8 +275,11 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
     )
     .unwrap();
     assert_eq!(
-        c.consumers[0].key_sha256,
-        Some(crate::config::sha256(b"east-secret-1-padding"))
+        c.consumers[0].keys,
+        vec![crate::config::ConsumerKey {
+            sha256: crate::config::sha256(b"east-secret-1-padding"),
+            expires: None
+        }]
     );
     assert!(!format!("{c:?}{}", c.summary()).contains("east-secret"));
     for (consumer, path) in [
@@ -294,6 +297,26 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
             "name = \"x\"\nkey = \"0123456789abcdef\"\nkey_sha256 = \"00\"\n",
             "consumers[0].key",
         ),
+        (
+            "name = \"x\"\nkeys = [{ key = \"short\" }]\n",
+            "consumers[0].keys[0].key",
+        ),
+        (
+            "name = \"x\"\nkeys = [{ key = \"0123456789abcdef\" }, { key_sha256 = \"00\" }]\n",
+            "consumers[0].keys[1].key_sha256",
+        ),
+        (
+            "name = \"x\"\nkeys = [{ key = \"0123456789abcdef\", expires = \"next week\" }]\n",
+            "consumers[0].keys[0].expires",
+        ),
+        (
+            "name = \"x\"\nkeys = [{ expires = \"2027-01-31T00:00:00Z\" }]\n",
+            "consumers[0].keys[0].key",
+        ),
+        (
+            "name = \"x\"\nkey = \"0123456789abcdef\"\nkeys = [{ key = \"0123456789abcdef\" }]\n",
+            "consumers[0].keys",
+        ),
     ] {
         let e = Config::parse(&format!("{base}[[consumers]]\n{consumer}"), &env).unwrap_err();
         assert_eq!(e.path, path, "{consumer}: {e}");
@@ -305,6 +328,22 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
         Config::parse(&twice, &env).unwrap_err().path,
         "consumers[1].key"
     );
+    let hash = "ab".repeat(32);
+    let rotated = Config::parse(
+        &format!(
+            "{base}[[consumers]]\nname = \"x\"\nkeys = [{{ key = \"0123456789abcdef\", expires = \"2027-01-31T00:00:00Z\" }}, {{ key_sha256 = \"{hash}\" }}]\n"
+        ),
+        &env,
+    )
+    .unwrap();
+    let keys = &rotated.consumers[0].keys;
+    assert_eq!(keys.len(), 2);
+    assert_eq!(
+        keys[0].expires,
+        Some(humantime::parse_rfc3339("2027-01-31T00:00:00Z").unwrap())
+    );
+    assert_eq!((keys[1].sha256, keys[1].expires), ([0xab; 32], None));
+    assert_eq!(keys[1].prefix(), "abababab");
 }
 
 #[test]

@@ -124,7 +124,7 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
     let l = Limiter::new(
         &[ConsumerConfig {
             name: "team".into(),
-            key_sha256: None,
+            keys: Vec::new(),
             jwt: None,
             limits: ConsumerLimits {
                 requests_per_minute: Some(100),

@@ -12,6 +12,7 @@ mod admin;
 #[path = "../common/mod.rs"]
 mod common;
 mod failover;
+mod keys;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -22,44 +22,45 @@ pub(super) fn validate_consumers(
                 "needs a [jwt] section saying which tokens to accept",
             ));
         }
-        let key_sha256 = match (c.key, c.key_sha256) {
-            (None, None) if c.jwt.is_some() => None,
-            (Some(key), None) => {
-                if key.len() < 16 {
-                    return Err(ConfigError::field(
-                        at("key"),
-                        "too short: use at least 16 characters (32 random bytes, hex or base64, is better)",
-                    ));
-                }
-                Some(crate::config::sha256(key.as_bytes()))
-            }
-            (None, Some(hex)) => Some(parse_sha256(&hex).ok_or_else(|| {
-                ConfigError::field(
-                    at("key_sha256"),
-                    "must be 64 hex digits (the SHA-256 of the key)",
-                )
-            })?),
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::field(
-                    at("key"),
-                    "give key or key_sha256, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::field(
-                    at("key"),
-                    "a consumer needs key, key_sha256 or jwt",
-                ));
-            }
-        };
-        if let Some(j) = out
-            .iter()
-            .position(|o| key_sha256.is_some() && o.key_sha256 == key_sha256)
-        {
+        let mut keys = Vec::new();
+        if c.key.is_some() || c.key_sha256.is_some() {
+            keys.push(consumer_key(c.key, c.key_sha256, None, &at(""))?);
+        }
+        for (j, k) in c.keys.into_iter().flatten().enumerate() {
+            let path = at(&format!("keys[{j}]."));
+            let expires = match k.expires {
+                None => None,
+                Some(t) => Some(humantime::parse_rfc3339_weak(t.trim()).map_err(|e| {
+                    ConfigError::field(
+                        format!("{path}expires"),
+                        format!("{t:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z ({e})"),
+                    )
+                })?),
+            };
+            keys.push(consumer_key(k.key, k.key_sha256, expires, &path)?);
+        }
+        if keys.is_empty() && c.jwt.is_none() {
             return Err(ConfigError::field(
                 at("key"),
-                format!("the same key as consumers[{j}]: each consumer needs its own"),
+                "a consumer needs key, key_sha256, keys or jwt",
             ));
+        }
+        for (j, k) in keys.iter().enumerate() {
+            if keys[..j].iter().any(|o| o.sha256 == k.sha256) {
+                return Err(ConfigError::field(
+                    at("keys"),
+                    "the same key twice: give each key once",
+                ));
+            }
+            if let Some(other) = out
+                .iter()
+                .position(|o| o.keys.iter().any(|o| o.sha256 == k.sha256))
+            {
+                return Err(ConfigError::field(
+                    at("key"),
+                    format!("the same key as consumers[{other}]: each consumer needs its own"),
+                ));
+            }
         }
         let limits = limit_set(
             c.requests_per_minute,
@@ -92,7 +93,7 @@ pub(super) fn validate_consumers(
         }
         out.push(ConsumerConfig {
             name,
-            key_sha256,
+            keys,
             jwt: c.jwt,
             limits,
             deployment_limits,
@@ -246,4 +247,43 @@ pub(super) fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// One key, given as `key` or as `key_sha256` (never both); `path` is where its fields are.
+fn consumer_key(
+    key: Option<String>,
+    key_sha256: Option<String>,
+    expires: Option<std::time::SystemTime>,
+    path: &str,
+) -> Result<ConsumerKey, ConfigError> {
+    let sha256 = match (key, key_sha256) {
+        (Some(key), None) => {
+            if key.len() < 16 {
+                return Err(ConfigError::field(
+                    format!("{path}key"),
+                    "too short: use at least 16 characters (32 random bytes, hex or base64, is better)",
+                ));
+            }
+            crate::config::sha256(key.as_bytes())
+        }
+        (None, Some(hex)) => parse_sha256(&hex).ok_or_else(|| {
+            ConfigError::field(
+                format!("{path}key_sha256"),
+                "must be 64 hex digits (the SHA-256 of the key)",
+            )
+        })?,
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::field(
+                format!("{path}key"),
+                "give key or key_sha256, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ConfigError::field(
+                format!("{path}key"),
+                "give key or key_sha256",
+            ));
+        }
+    };
+    Ok(ConsumerKey { sha256, expires })
 }

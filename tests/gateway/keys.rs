@@ -1,0 +1,67 @@
+//! Key rotation: a consumer with several keys, one of them expired.
+
+use super::*;
+
+/// A new key beside the old one: both work until the old one's `expires`, after which it gets a
+/// 401 saying it expired; the admin API lists each key by the first digits of its hash, never
+/// the key.
+#[tokio::test]
+async fn rotated_keys_work_until_they_expire_and_the_admin_api_lists_them() {
+    let s = start_sim(sim("east")).await;
+    // sha256("team-b-key-from-hash-0001"), valid until well after the test.
+    let hash = "3bf50e77847fad1ac7326414494664915786430d45319b71adfcd620f424ceaf";
+    let tail = format!(
+        "\n[[consumers]]\nname = \"team-a\"\nkeys = [\n  {{ key = \"team-a-new-key-0001\" }},\n  {{ key = \"team-a-old-key-0001\", expires = \"2020-01-31T00:00:00Z\" }},\n  {{ key_sha256 = \"{hash}\", expires = \"2999-01-01T00:00:00Z\" }},\n]\n"
+    );
+    let gw = gateway_env(&[B::sim(&s)], "", "", &tail, &[]).await;
+    let client = client();
+    let send = |key: &'static str| {
+        client
+            .post(gw.url(CHAT))
+            .header("content-type", "application/json")
+            .header("api-key", key)
+            .body(chat_body(false))
+            .send()
+    };
+    for key in ["team-a-new-key-0001", "team-b-key-from-hash-0001"] {
+        assert_eq!(send(key).await.unwrap().status(), 200, "{key}");
+    }
+    let r = send("team-a-old-key-0001").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "expired_api_key", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("expired at 2020-01-31T00:00:00Z"),
+        "{message}"
+    );
+    assert_eq!(s.requests().len(), 2, "the expired key reached no backend");
+
+    let listed: serde_json::Value = client
+        .get(format!("{}/admin/consumers", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keys = &listed["consumers"][0]["keys"];
+    assert_eq!(listed["consumers"][0]["name"], "team-a");
+    assert_eq!(keys.as_array().unwrap().len(), 3);
+    let prefix = |key: &str| -> String {
+        switchyard::config::sha256(key.as_bytes())[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(keys[0]["sha256_prefix"], prefix("team-a-new-key-0001"));
+    assert_eq!(keys[0]["expires"], serde_json::Value::Null);
+    assert_eq!(keys[0]["expired"], false);
+    assert_eq!(keys[1]["sha256_prefix"], prefix("team-a-old-key-0001"));
+    assert_eq!(keys[1]["expires"], "2020-01-31T00:00:00Z");
+    assert_eq!(keys[1]["expired"], true);
+    assert_eq!(keys[2]["sha256_prefix"], "3bf50e77");
+    assert_eq!(keys[2]["expired"], false);
+    assert!(!listed.to_string().contains("team-a-"), "{listed}");
+    gw.stop().await;
+}
