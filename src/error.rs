@@ -50,6 +50,8 @@ pub enum ErrorKind {
     Unauthorized,
     /// The caller's key was valid until its `expires`.
     KeyExpired,
+    /// The caller may not use the deployment it asked for (`consumers[].models`).
+    ModelNotAllowed,
     /// The caller is over its requests or tokens per minute.
     ConsumerRateLimited,
     /// The caller's token quota for the period is spent.
@@ -89,7 +91,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorKind::CrossOrigin => StatusCode::FORBIDDEN,
+            ErrorKind::CrossOrigin | ErrorKind::ModelNotAllowed => StatusCode::FORBIDDEN,
             ErrorKind::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UpstreamConnect
             | ErrorKind::UpstreamProtocol
@@ -132,6 +134,7 @@ impl ErrorKind {
             ErrorKind::BackendAuthFailed => "backend_auth_failed",
             ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::KeyExpired => "expired_api_key",
+            ErrorKind::ModelNotAllowed => "model_not_allowed",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
             ErrorKind::ObjectNotFound => "not_found",
@@ -154,6 +157,7 @@ impl ErrorKind {
             | ErrorKind::UnknownDeployment
             | ErrorKind::Unauthorized
             | ErrorKind::KeyExpired
+            | ErrorKind::ModelNotAllowed
             | ErrorKind::ObjectNotFound
             | ErrorKind::ObjectsSplit
             | ErrorKind::OwnerGone => "invalid_request_error",

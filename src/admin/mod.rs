@@ -263,7 +263,7 @@ fn consumers_json(rt: &Snapshot) -> serde_json::Value {
                     })
                 })
                 .collect();
-            serde_json::json!({"name": c.name, "keys": keys, "jwt": c.jwt.is_some()})
+            serde_json::json!({"name": c.name, "keys": keys, "jwt": c.jwt.is_some(), "models": c.models})
         })
         .collect();
     serde_json::json!({ "consumers": consumers })

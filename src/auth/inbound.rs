@@ -20,13 +20,31 @@ use crate::http_client::HttpsClient;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumer {
     pub name: Arc<str>,
+    /// The deployments it may use (`consumers[].models`); `None`: every one.
+    pub models: Option<Arc<[String]>>,
+}
+
+impl Consumer {
+    fn of(c: &ConsumerConfig) -> Consumer {
+        Consumer {
+            name: Arc::from(c.name.as_str()),
+            models: c.models.as_deref().map(Arc::from),
+        }
+    }
+
+    /// Whether it may use `deployment`.
+    pub fn may_use(&self, deployment: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|d| d == deployment))
+    }
 }
 
 pub struct Authenticator {
-    /// Every consumer's keys: its name, the key's hash and when it expires.
-    keys: Vec<(Arc<str>, ConsumerKey)>,
-    /// Consumers known by a claim of their token: claim value -> name.
-    by_claim: HashMap<String, Arc<str>>,
+    /// Every consumer's keys: the consumer, the key's hash and when it expires.
+    keys: Vec<(Consumer, ConsumerKey)>,
+    /// Consumers known by a claim of their token: claim value -> consumer.
+    by_claim: HashMap<String, Consumer>,
     /// Shared with the next config's authenticator when `[jwt]` is unchanged, so a reload
     /// keeps the signing keys it fetched.
     jwt: Option<Arc<JwtValidator>>,
@@ -50,13 +68,13 @@ impl Authenticator {
             keys: consumers
                 .iter()
                 .flat_map(|c| {
-                    let name: Arc<str> = Arc::from(c.name.as_str());
-                    c.keys.iter().map(move |k| (name.clone(), k.clone()))
+                    let consumer = Consumer::of(c);
+                    c.keys.iter().map(move |k| (consumer.clone(), k.clone()))
                 })
                 .collect(),
             by_claim: consumers
                 .iter()
-                .filter_map(|c| c.jwt.clone().map(|v| (v, Arc::from(c.name.as_str()))))
+                .filter_map(|c| c.jwt.clone().map(|v| (v, Consumer::of(c))))
                 .collect(),
             jwt: kept
                 .or_else(|| jwt.map(|j| Arc::new(JwtValidator::new(j.clone(), client.clone())))),
@@ -95,7 +113,7 @@ impl Authenticator {
                 .and_then(|v| v.as_str())
                 .unwrap_or("");
             return match self.by_claim.get(value) {
-                Some(name) => Ok(Some(Consumer { name: name.clone() })),
+                Some(consumer) => Ok(Some(consumer.clone())),
                 None => Err(unauthorized(&format!(
                     "Access denied: the token is valid but its {} claim names no consumer of this gateway.",
                     jwt.claim_name()
@@ -105,7 +123,7 @@ impl Authenticator {
         let digest = sha256(key.as_bytes());
         // Compare against every consumer, in constant time, so timing says nothing of which
         // key came close.
-        let mut found: Option<&(Arc<str>, ConsumerKey)> = None;
+        let mut found: Option<&(Consumer, ConsumerKey)> = None;
         for entry in &self.keys {
             if bool::from(entry.1.sha256.ct_eq(&digest)) {
                 found = Some(entry);
@@ -122,7 +140,7 @@ impl Authenticator {
                     ),
                 ))
             }
-            Some((name, _)) => Ok(Some(Consumer { name: name.clone() })),
+            Some((consumer, _)) => Ok(Some(consumer.clone())),
             None => Err(unauthorized(
                 "Access denied: the key is not valid for this gateway.",
             )),
@@ -164,6 +182,7 @@ mod tests {
                 expires: None,
             }],
             jwt: None,
+            models: None,
             limits: Default::default(),
             deployment_limits: Vec::new(),
         }

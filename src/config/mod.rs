@@ -306,6 +306,8 @@ pub struct ConsumerConfig {
     pub keys: Vec<ConsumerKey>,
     /// The `jwt.claim` value that identifies this consumer in a caller's token.
     pub jwt: Option<String>,
+    /// The deployments (client-facing names) it may use; `None`: every one.
+    pub models: Option<Vec<String>>,
     pub limits: ConsumerLimits,
     /// Limits on one deployment (the client-facing name), on top of `limits`.
     pub deployment_limits: Vec<(String, ConsumerLimits)>,

@@ -62,6 +62,8 @@ pub struct RawConsumer {
     pub keys: Option<Vec<RawKey>>,
     /// The value of `jwt.claim` in a caller's Entra ID token that makes it this consumer.
     pub jwt: Option<String>,
+    /// The deployments it may use; every one without it.
+    pub models: Option<Vec<String>>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,

@@ -42,7 +42,7 @@ impl Config {
             .map(|c| {
                 let per: serde_json::Map<String, serde_json::Value> =
                     c.deployment_limits.iter().map(|(d, l)| (d.clone(), limits(l))).collect();
-                json!({"name": c.name, "key": !c.keys.is_empty(), "keys": c.keys.len(), "jwt": c.jwt, "limits": limits(&c.limits), "deployments": per})
+                json!({"name": c.name, "key": !c.keys.is_empty(), "keys": c.keys.len(), "models": c.models, "jwt": c.jwt, "limits": limits(&c.limits), "deployments": per})
             })
             .collect();
         let store = match &self.limits.store {

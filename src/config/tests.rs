@@ -298,6 +298,10 @@ fn consumers_keep_only_key_hashes_and_name_their_errors() {
             "consumers[0].key",
         ),
         (
+            "name = \"x\"\nkey = \"0123456789abcdef\"\nmodels = [\"gpt-4o\", \"a b\"]\n",
+            "consumers[0].models[1]",
+        ),
+        (
             "name = \"x\"\nkeys = [{ key = \"short\" }]\n",
             "consumers[0].keys[0].key",
         ),

@@ -125,6 +125,7 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
         &[ConsumerConfig {
             name: "team".into(),
             keys: Vec::new(),
+            models: None,
             jwt: None,
             limits: ConsumerLimits {
                 requests_per_minute: Some(100),

@@ -20,6 +20,28 @@ pub(super) struct Limit {
     pub(super) strip: bool,
 }
 
+/// Whether `consumer` may use the deployment the request asks for (`consumers[].models`): a
+/// 403 `model_not_allowed` otherwise, before anything else is done for it.
+pub(super) fn allowed(
+    consumer: Option<&Consumer>,
+    inbound: &Inbound<'_>,
+) -> Result<(), GatewayError> {
+    let (Some(c), Some(deployment)) = (consumer, inbound.deployment()) else {
+        return Ok(());
+    };
+    if c.may_use(deployment) {
+        return Ok(());
+    }
+    let models = c.models.as_deref().unwrap_or_default().join(", ");
+    Err(GatewayError::new(
+        ErrorKind::ModelNotAllowed,
+        format!(
+            "Consumer '{}' may not use deployment '{deployment}'. It may use: {models}.",
+            c.name
+        ),
+    ))
+}
+
 /// Admits the request under `consumer`'s limits; `None` when it has none. A stream whose usage
 /// must be counted is made to report it (`body` gets `stream_options.include_usage`).
 pub(super) async fn admit(

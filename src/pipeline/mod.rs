@@ -73,6 +73,7 @@ async fn serve(
     }
     let (parts, body) = req.into_parts();
     let (inbound, mut payload) = read::read(snap, &parts, body, consumer.as_ref(), ctx).await?;
+    admit::allowed(consumer.as_ref(), &inbound)?;
     let place = route::route(state, snap, &inbound, &payload, consumer.as_ref()).await?;
     let limit = admit::admit(state, snap, consumer.as_ref(), &inbound, &mut payload.body).await?;
     let outbound = forward::outbound(&inbound, payload, &place, &ctx.request_id);

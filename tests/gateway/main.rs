@@ -11,8 +11,8 @@
 mod admin;
 #[path = "../common/mod.rs"]
 mod common;
+mod consumers;
 mod failover;
-mod keys;
 
 use std::collections::HashMap;
 use std::time::Duration;

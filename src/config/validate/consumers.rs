@@ -85,6 +85,16 @@ pub(super) fn validate_consumers(
             )?;
             deployment_limits.push((deployment, l));
         }
+        if let Some(models) = &c.models {
+            for (j, m) in models.iter().enumerate() {
+                if !valid_deployment_name(m) {
+                    return Err(ConfigError::field(
+                        at(&format!("models[{j}]")),
+                        format!("{m:?} is not a valid deployment name"),
+                    ));
+                }
+            }
+        }
         if let Some(j) = out.iter().position(|o| c.jwt.is_some() && o.jwt == c.jwt) {
             return Err(ConfigError::field(
                 at("jwt"),
@@ -95,6 +105,7 @@ pub(super) fn validate_consumers(
             name,
             keys,
             jwt: c.jwt,
+            models: c.models,
             limits,
             deployment_limits,
         });

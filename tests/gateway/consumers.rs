@@ -1,4 +1,4 @@
-//! Key rotation: a consumer with several keys, one of them expired.
+//! Consumers: key rotation, and the deployments a consumer may use.
 
 use super::*;
 
@@ -63,5 +63,78 @@ async fn rotated_keys_work_until_they_expire_and_the_admin_api_lists_them() {
     assert_eq!(keys[2]["sha256_prefix"], "3bf50e77");
     assert_eq!(keys[2]["expired"], false);
     assert!(!listed.to_string().contains("team-a-"), "{listed}");
+    gw.stop().await;
+}
+
+/// A consumer with `models` gets a 403 `model_not_allowed` for any other deployment, named in
+/// the path or in a v1 body's `model`, before any backend is asked; one without may use any.
+#[tokio::test]
+async fn a_consumer_may_use_only_its_models() {
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\nmodels = [\"gpt-4o\", \"text-embedding-3-large\"]\n\n[[consumers]]\nname = \"team-b\"\nkey = \"team-b-key-0123456789\"\n";
+    let gw = gateway_env(&[B::sim(&s)], "", "", tail, &[]).await;
+    let client = client();
+    let send = |key: &'static str, path: String, body: String| {
+        client
+            .post(gw.url(&path))
+            .header("content-type", "application/json")
+            .header("api-key", key)
+            .body(body)
+            .send()
+    };
+    let classic =
+        |d: &str| format!("/openai/deployments/{d}/chat/completions?api-version=2024-10-21");
+    let v1 = |m: &str| {
+        (
+            "/openai/v1/chat/completions".to_string(),
+            format!(r#"{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+        )
+    };
+    let r = send("team-a-key-0123456789", classic("gpt-4o"), chat_body(false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (path, body) = v1("gpt-4o");
+    assert_eq!(
+        send("team-a-key-0123456789", path, body)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let before = s.requests().len();
+    for (path, body) in [
+        (classic("gpt-4o-mini"), chat_body(false)),
+        v1("gpt-4o-mini"),
+    ] {
+        let r = send("team-a-key-0123456789", path.clone(), body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_allowed", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("'gpt-4o-mini'") && message.contains("gpt-4o, text-embedding-3-large"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        s.requests().len(),
+        before,
+        "a refused model reached no backend"
+    );
+    let r = send(
+        "team-b-key-0123456789",
+        classic("gpt-4o-mini"),
+        chat_body(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a consumer without models may use any deployment"
+    );
     gw.stop().await;
 }
