@@ -52,6 +52,8 @@ pub enum ErrorKind {
     KeyExpired,
     /// The caller may not use the deployment it asked for (`consumers[].models`).
     ModelNotAllowed,
+    /// The model list has no such entry (or the caller may not use it).
+    ModelNotFound,
     /// The caller is over its requests or tokens per minute.
     ConsumerRateLimited,
     /// The caller's token quota for the period is spent.
@@ -75,7 +77,8 @@ impl ErrorKind {
             ErrorKind::NotFound
             | ErrorKind::UnknownDeployment
             | ErrorKind::ObjectNotFound
-            | ErrorKind::OwnerGone => StatusCode::NOT_FOUND,
+            | ErrorKind::OwnerGone
+            | ErrorKind::ModelNotFound => StatusCode::NOT_FOUND,
             ErrorKind::ObjectsSplit => StatusCode::BAD_REQUEST,
             ErrorKind::OwnerThrottled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::OwnerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -135,6 +138,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::KeyExpired => "expired_api_key",
             ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
             ErrorKind::ObjectNotFound => "not_found",
@@ -158,6 +162,7 @@ impl ErrorKind {
             | ErrorKind::Unauthorized
             | ErrorKind::KeyExpired
             | ErrorKind::ModelNotAllowed
+            | ErrorKind::ModelNotFound
             | ErrorKind::ObjectNotFound
             | ErrorKind::ObjectsSplit
             | ErrorKind::OwnerGone => "invalid_request_error",

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub credentials: Vec<Arc<TokenProvider>>,
     /// 1 for the config the gateway started with, one more per applied reload.
     pub generation: u64,
+    /// When it was built, in seconds since the Unix epoch (the model list's `created`).
+    pub built_at: u64,
 }
 
 /// `map[i]`: the index in `new` of `old`'s backend `i`, when its name, URL and credential are
@@ -105,6 +107,9 @@ pub(super) fn build(
     }
     Ok(Snapshot {
         generation: previous.map_or(1, |p| p.generation + 1),
+        built_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         config: Arc::new(config),
         proxy,
         auth,

@@ -74,14 +74,7 @@ pub(super) async fn list(
     if let Some(l) = limit {
         l.admission.settle(Some(0));
     }
-    Served {
-        backend: None,
-        attempts: 0,
-        lease: None,
-        limit: None,
-        response: result.unwrap_or_else(|failed| failed),
-        learner: None,
-    }
+    Served::gateway(result.unwrap_or_else(|failed| failed))
 }
 
 /// What the attempt loop's answer makes of the request: the answer to pass on, with the

@@ -19,6 +19,7 @@ mod admit;
 mod context;
 mod finish;
 mod forward;
+mod models;
 mod read;
 mod respond;
 mod route;
@@ -74,6 +75,9 @@ async fn serve(
     let (parts, body) = req.into_parts();
     let (inbound, mut payload) = read::read(snap, &parts, body, consumer.as_ref(), ctx).await?;
     admit::allowed(consumer.as_ref(), &inbound)?;
+    if let Some(list) = models::answer(snap, &inbound, consumer.as_ref()) {
+        return list.map(Served::gateway).map_err(Failed::from);
+    }
     let place = route::route(state, snap, &inbound, &payload, consumer.as_ref()).await?;
     let limit = admit::admit(state, snap, consumer.as_ref(), &inbound, &mut payload.body).await?;
     let outbound = forward::outbound(&inbound, payload, &place, &ctx.request_id);
@@ -133,6 +137,20 @@ struct Failed {
     backend: Option<usize>,
     attempts: u32,
     error: GatewayError,
+}
+
+impl Served {
+    /// An answer the gateway made itself.
+    fn gateway(response: Response<BoxBody>) -> Served {
+        Served {
+            backend: None,
+            attempts: 0,
+            lease: None,
+            limit: None,
+            response,
+            learner: None,
+        }
+    }
 }
 
 impl From<GatewayError> for Failed {

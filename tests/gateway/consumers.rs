@@ -138,3 +138,90 @@ async fn a_consumer_may_use_only_its_models() {
     );
     gw.stop().await;
 }
+
+/// `GET /v1/models`, `/openai/v1/models` and `/openai/models` list the gateway's deployments,
+/// not a backend's base models, only those the caller may use; `…/models/{name}` gives one.
+#[tokio::test]
+async fn the_model_list_is_the_gateways_own_and_each_consumer_sees_its_models() {
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = \"gpt-4o\" }\n\n[[deployments]]\nname = \"gpt-4o-mini\"\nbackends = { east = \"gpt-4o-mini\" }\n\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\nmodels = [\"gpt-4o\"]\n\n[[consumers]]\nname = \"team-b\"\nkey = \"team-b-key-0123456789\"\n";
+    let gw = gateway_env(&[B::sim(&s)], "", "", tail, &[]).await;
+    let client = client();
+    let get = |key: &'static str, path: &'static str| {
+        client
+            .get(gw.url(path))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for path in [
+        "/v1/models",
+        "/openai/v1/models",
+        "/openai/models?api-version=2024-10-21",
+    ] {
+        let r = get("team-b-key-0123456789", path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(ids(&v), ["gpt-4o", "gpt-4o-mini"], "{path}");
+        assert_eq!(v["data"][0]["object"], "model");
+        assert!(v["data"][0]["created"].as_u64().unwrap() > 1_700_000_000);
+        assert!(v["note"].as_str().unwrap().contains("forwarded"), "{v}");
+        let r = get("team-a-key-0123456789", path).await.unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(ids(&v), ["gpt-4o"], "team-a sees only its model: {path}");
+    }
+    let r = get("team-a-key-0123456789", "/v1/models/gpt-4o")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["id"], "gpt-4o");
+    for (key, path) in [
+        ("team-a-key-0123456789", "/v1/models/gpt-4o-mini"),
+        ("team-b-key-0123456789", "/openai/v1/models/dall-e-3"),
+    ] {
+        let r = get(key, path).await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    }
+    assert_eq!(
+        get("wrong-key-0123456789", "/v1/models")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert!(s.requests().is_empty(), "no backend was asked");
+    gw.stop().await;
+
+    // Only listed names served: no note.
+    let tail = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = \"gpt-4o\" }\n";
+    let gw = gateway_env(
+        &[B::sim(&s)],
+        "unknown_deployments = \"reject\"\n",
+        "",
+        tail,
+        &[],
+    )
+    .await;
+    let v: serde_json::Value = client
+        .get(gw.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&v), ["gpt-4o"]);
+    assert!(v.get("note").is_none(), "{v}");
+    gw.stop().await;
+}
