@@ -158,14 +158,18 @@ async fn bodies_paths_and_queries_are_forwarded_byte_exact() {
         "/openai/v1/chat/completions"
     );
     let r = client
-        .get(gw.url("/openai/v1/models?api-version=preview"))
+        .get(gw.url("/openai/operations/deployments/op-1?api-version=preview"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    // The simulator knows no such operation: its own 404, passed on.
+    assert_eq!(r.status(), 404);
     let rec = s.requests().pop().unwrap();
     assert_eq!(rec.method, http::Method::GET);
-    assert_eq!(rec.path_and_query, "/openai/v1/models?api-version=preview");
+    assert_eq!(
+        rec.path_and_query,
+        "/openai/operations/deployments/op-1?api-version=preview"
+    );
     gw.stop().await;
 }
 
