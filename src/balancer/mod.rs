@@ -75,9 +75,41 @@ impl Policy {
 pub struct Balancer {
     policy: Arc<Policy>,
     tables: RwLock<Tables>,
-    /// The deployments the config lists.
-    listed: std::collections::HashSet<Arc<str>, FnvBuild>,
+    /// The deployments the config lists, with each one's backend ranks.
+    listed: HashMap<Arc<str>, Arc<Ranks>, FnvBuild>,
+    /// The backends' own priorities and weights, for deployments without ranks of their own.
+    ranks: Arc<Ranks>,
     overflow: Arc<Table>,
+}
+
+/// Each backend's priority and weight for one deployment: the backends' own, or what the
+/// deployment's `[[deployments]]` entry says for some of them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ranks {
+    priority: Box<[u32]>,
+    weight: Box<[u32]>,
+}
+
+impl Ranks {
+    /// The backends' own ranks, with `overrides` (backend index, priority, weight) applied.
+    fn of(policy: &Policy, overrides: &[(usize, u32, u32)]) -> Ranks {
+        let mut ranks = Ranks {
+            priority: policy.priority.clone().into(),
+            weight: policy.weight.clone().into(),
+        };
+        for &(idx, priority, weight) in overrides {
+            if let (Some(p), Some(w)) = (ranks.priority.get_mut(idx), ranks.weight.get_mut(idx)) {
+                *p = priority;
+                *w = weight;
+            }
+        }
+        ranks
+    }
+
+    /// Backend `idx`'s priority here (1 is served first).
+    pub fn priority(&self, idx: usize) -> u32 {
+        self.priority.get(idx).copied().unwrap_or(u32::MAX)
+    }
 }
 
 #[derive(Default)]
@@ -91,6 +123,7 @@ struct Tables {
 pub struct Table {
     name: Arc<str>,
     policy: Arc<Policy>,
+    ranks: Arc<Ranks>,
     state: Mutex<TableState>,
 }
 
@@ -190,20 +223,39 @@ pub enum Verdict {
 
 impl Balancer {
     pub fn new(policy: Policy) -> Self {
-        Self::with_listed(policy, std::iter::empty::<&str>())
+        Self::with_listed(policy, std::iter::empty::<(&str, &[(usize, u32, u32)])>())
     }
 
-    /// A balancer with a table made up front for each of the `listed` deployments.
-    pub fn with_listed<'a>(policy: Policy, listed: impl IntoIterator<Item = &'a str>) -> Self {
+    /// A balancer with a table made up front for each of the `listed` deployments, each with
+    /// its backends' ranks where they differ from the backends' own (backend index,
+    /// priority, weight).
+    pub fn with_listed<'a>(
+        policy: Policy,
+        listed: impl IntoIterator<Item = (&'a str, &'a [(usize, u32, u32)])>,
+    ) -> Self {
         let policy = Arc::new(policy);
-        let listed: std::collections::HashSet<Arc<str>, FnvBuild> =
-            listed.into_iter().map(Arc::from).collect();
+        let ranks = Arc::new(Ranks::of(&policy, &[]));
+        let listed: HashMap<Arc<str>, Arc<Ranks>, FnvBuild> = listed
+            .into_iter()
+            .map(|(name, overrides)| {
+                let own = if overrides.is_empty() {
+                    ranks.clone()
+                } else {
+                    Arc::new(Ranks::of(&policy, overrides))
+                };
+                (Arc::from(name), own)
+            })
+            .collect();
         let by_name = listed
             .iter()
-            .map(|n| (n.clone(), Arc::new(Table::new(n.clone(), policy.clone()))))
+            .map(|(n, r)| {
+                let t = Table::new(n.clone(), policy.clone(), r.clone());
+                (n.clone(), Arc::new(t))
+            })
             .collect();
         Self {
-            overflow: Arc::new(Table::new(Arc::from("*"), policy.clone())),
+            overflow: Arc::new(Table::new(Arc::from("*"), policy.clone(), ranks.clone())),
+            ranks,
             policy,
             tables: RwLock::new(Tables {
                 by_name,
@@ -243,7 +295,11 @@ impl Balancer {
         }
         tables.unlisted += 1;
         let name: Arc<str> = Arc::from(deployment);
-        let t = Arc::new(Table::new(name.clone(), self.policy.clone()));
+        let t = Arc::new(Table::new(
+            name.clone(),
+            self.policy.clone(),
+            self.ranks.clone(),
+        ));
         tables.by_name.insert(name, t.clone());
         t
     }
@@ -263,13 +319,15 @@ impl Balancer {
         let old_tables: Vec<Arc<Table>> = read(&old.tables).by_name.values().cloned().collect();
         let mut tables = write(&self.tables);
         for ot in old_tables {
-            if !self.listed.contains(&ot.name) {
-                if tables.unlisted >= MAX_TABLES {
-                    continue;
+            let ranks = match self.listed.get(&ot.name) {
+                Some(r) => r.clone(),
+                None if tables.unlisted >= MAX_TABLES => continue,
+                None => {
+                    tables.unlisted += 1;
+                    self.ranks.clone()
                 }
-                tables.unlisted += 1;
-            }
-            let nt = Arc::new(Table::new(ot.name.clone(), self.policy.clone()));
+            };
+            let nt = Arc::new(Table::new(ot.name.clone(), self.policy.clone(), ranks));
             {
                 // Old before new, always: a lease ending on the old table locks in that order.
                 let mut os = lock(&ot.state);
@@ -299,7 +357,7 @@ impl Balancer {
 }
 
 impl Table {
-    fn new(name: Arc<str>, policy: Arc<Policy>) -> Self {
+    fn new(name: Arc<str>, policy: Arc<Policy>, ranks: Arc<Ranks>) -> Self {
         let n = policy.priority.len();
         // Seeded from the name so runs repeat; only `latency`'s coin flips use it.
         let seed = name
@@ -308,6 +366,7 @@ impl Table {
         Self {
             name,
             policy,
+            ranks,
             state: Mutex::new(TableState {
                 pairs: (0..n).map(|_| Pair::default()).collect(),
                 rr: vec![0; MAX_PRIORITY + 1],
@@ -321,10 +380,16 @@ impl Table {
         &self.name
     }
 
+    /// Each backend's priority and weight for this deployment.
+    pub fn ranks(&self) -> &Ranks {
+        &self.ranks
+    }
+
     /// Chooses a backend among `candidates` (backend indices). Backends marked in `tried` are
     /// taken only when no other candidate can take the attempt.
     pub fn pick(self: &Arc<Self>, candidates: &[usize], tried: &[bool], now: Instant) -> Pick {
         let policy = &self.policy;
+        let ranks = &*self.ranks;
         let mut st = lock(&self.state);
         let n = st.pairs.len();
         let usable = |c: usize| c < n && !policy.is_drained(c);
@@ -362,7 +427,7 @@ impl Table {
         if untried {
             len = retain(&mut buf[..len], |c| !tried.get(c).copied().unwrap_or(false));
         }
-        let Some(best) = buf[..len].iter().map(|&c| policy.priority[c]).min() else {
+        let Some(best) = buf[..len].iter().map(|&c| ranks.priority[c]).min() else {
             // Nothing ready: what each is waiting for (asked again at the same instant, so
             // the answers are the ones above).
             let avail: Vec<(usize, Availability)> = candidates
@@ -372,9 +437,9 @@ impl Table {
                 .collect();
             return exhausted(&avail);
         };
-        let len = retain(&mut buf[..len], |c| policy.priority[c] == best);
+        let len = retain(&mut buf[..len], |c| ranks.priority[c] == best);
         let group = &buf[..len];
-        let idx = st.choose(policy, candidates, group, now);
+        let idx = st.choose(policy, ranks, candidates, group, now);
         let pair = &mut st.pairs[idx];
         pair.in_flight += 1;
         let probe = pair.health.begin();
@@ -485,11 +550,12 @@ impl TableState {
     fn choose(
         &mut self,
         policy: &Policy,
+        ranks: &Ranks,
         candidates: &[usize],
         group: &[usize],
         now: Instant,
     ) -> usize {
-        let level = (policy.priority[group[0]] as usize).min(MAX_PRIORITY);
+        let level = (ranks.priority[group[0]] as usize).min(MAX_PRIORITY);
         let rr = self.rr[level];
         if group.len() == 1 {
             // Keep the rotation moving so round-robin stays fair once the others return.
@@ -514,9 +580,9 @@ impl TableState {
         let chosen = match policy.strategy {
             Strategy::RoundRobin => rotation[0],
             Strategy::Weighted => {
-                let total: i64 = group.iter().map(|&c| i64::from(policy.weight[c])).sum();
+                let total: i64 = group.iter().map(|&c| i64::from(ranks.weight[c])).sum();
                 for &c in group {
-                    self.pairs[c].wrr += i64::from(policy.weight[c]);
+                    self.pairs[c].wrr += i64::from(ranks.weight[c]);
                 }
                 let best = rotation
                     .iter()
@@ -537,8 +603,8 @@ impl TableState {
                 .copied()
                 .reduce(|a, b| {
                     // in_flight / weight, compared without division.
-                    let la = u64::from(self.pairs[a].in_flight) * u64::from(policy.weight[b]);
-                    let lb = u64::from(self.pairs[b].in_flight) * u64::from(policy.weight[a]);
+                    let la = u64::from(self.pairs[a].in_flight) * u64::from(ranks.weight[b]);
+                    let lb = u64::from(self.pairs[b].in_flight) * u64::from(ranks.weight[a]);
                     if lb < la { b } else { a }
                 })
                 .unwrap_or(rotation[0]),
@@ -564,7 +630,7 @@ impl TableState {
                 let cost = |c: usize| {
                     let p = &self.pairs[c];
                     p.ttfb.get().unwrap_or(prior) * f64::from(p.in_flight + 1)
-                        / f64::from(policy.weight[c])
+                        / f64::from(ranks.weight[c])
                 };
                 if cost(b) < cost(a) { b } else { a }
             }

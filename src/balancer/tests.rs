@@ -276,7 +276,7 @@ fn deployment_tables_are_separate_and_bounded() {
 fn invented_names_cannot_take_tracking_from_listed_deployments() {
     let b = Balancer::with_listed(
         policy(Strategy::RoundRobin, &[1, 1], &[1, 1]),
-        ["gpt-4o", "embed"],
+        [("gpt-4o", &[][..]), ("embed", &[][..])],
     );
     for i in 0..(MAX_TABLES + 10) {
         b.table(&format!("made-up-{i}"));
@@ -294,6 +294,35 @@ fn invented_names_cannot_take_tracking_from_listed_deployments() {
     );
     assert!(!b.tracks("made-up-2000"));
     assert_eq!(b.tables().len(), MAX_TABLES + 2);
+}
+
+/// A deployment's own priorities and weights: backend 1 is the PTU for `gpt-4o` only, and
+/// takes every `gpt-4o` request while it can; `embed` keeps the backends' own (0 first), and
+/// spills to 1 when 0 is throttled. Weights apply per deployment too.
+#[test]
+fn a_deployment_may_rank_its_backends_its_own_way() {
+    let b = Balancer::with_listed(
+        policy(Strategy::Weighted, &[1, 2, 2], &[1, 1, 1]),
+        [
+            ("gpt-4o", &[(0, 2, 1), (1, 1, 1)][..]),
+            ("embed", &[][..]),
+            ("mini", &[(1, 1, 3), (2, 1, 1), (0, 2, 1)][..]),
+        ],
+    );
+    assert_eq!(spread(&b.table("gpt-4o"), &[0, 1, 2], 4), vec![0, 4, 0]);
+    assert_eq!(spread(&b.table("embed"), &[0, 1, 2], 4), vec![4, 0, 0]);
+    assert_eq!(spread(&b.table("mini"), &[0, 1, 2], 8), vec![0, 6, 2]);
+    let t = b.table("gpt-4o");
+    let mut l = lease(&t, &[0, 1, 2], &[]);
+    assert_eq!(l.backend(), 1);
+    respond(&mut l, 429, &[("retry-after", "5")], 1);
+    assert_eq!(
+        spread(&b.table("gpt-4o"), &[0, 1, 2], 4),
+        vec![2, 0, 2],
+        "spills to its own next priority, where backend 0 now is"
+    );
+    assert_eq!(b.table("gpt-4o").ranks().priority(1), 1);
+    assert_eq!(b.table("embed").ranks().priority(1), 2);
 }
 
 #[test]

@@ -319,6 +319,9 @@ pub struct DeploymentConfig {
     pub name: String,
     /// (index into `Config::backends`, the deployment's name on that backend), in config order.
     pub backends: Vec<(usize, String)>,
+    /// Priority and weight of a backend for this deployment, where they differ from the
+    /// backend's own: (index into `Config::backends`, priority, weight).
+    pub ranks: Vec<(usize, u32, u32)>,
 }
 
 #[derive(Debug, Clone)]

@@ -164,9 +164,26 @@ pub struct RawCircuitBreaker {
 #[serde(deny_unknown_fields)]
 pub struct RawDeployment {
     pub name: String,
-    /// Backend name -> the deployment's name on that backend. A `BTreeMap` keeps the
-    /// order stable, so errors and summaries read the same on every run.
-    pub backends: std::collections::BTreeMap<String, String>,
+    /// Backend name -> the deployment's name on that backend (or a table with it and the
+    /// backend's priority and weight for this deployment). A `BTreeMap` keeps the order
+    /// stable, so errors and summaries read the same on every run.
+    pub backends: std::collections::BTreeMap<String, RawDeploymentBackend>,
+}
+
+/// `"gpt-4o"`, or `{ deployment = "gpt-4o", priority = 1, weight = 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawDeploymentBackend {
+    Name(String),
+    Table(RawDeploymentTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeploymentTable {
+    pub deployment: String,
+    pub priority: Option<u32>,
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -561,3 +561,41 @@ fn errors_point_at_the_place() {
         .is_ok()
     );
 }
+
+#[test]
+fn a_deployment_backend_may_be_a_table_with_its_own_priority_and_weight() {
+    let base = "[[backends]]\nname = \"ptu\"\nurl = \"http://127.0.0.1:1\"\nauth = { type = \"none\" }\npriority = 2\nweight = 5\n[[backends]]\nname = \"paygo\"\nurl = \"http://127.0.0.1:2\"\nauth = { type = \"none\" }\n";
+    let c = Config::parse(
+        &format!("{base}[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ ptu = {{ deployment = \"gpt-4o-ptu\", priority = 1 }}, paygo = \"gpt-4o\" }}\n"),
+        &env,
+    )
+    .unwrap();
+    let d = &c.deployments[0];
+    assert_eq!(
+        d.backends,
+        vec![(0, "gpt-4o-ptu".to_string()), (1, "gpt-4o".to_string())]
+    );
+    // The priority given, the backend's own weight.
+    assert_eq!(d.ranks, vec![(0, 1, 5)]);
+    for (entry, path) in [
+        (
+            "ptu = { deployment = \"gpt-4o\", priority = 0 }",
+            "deployments[0].backends.ptu.priority",
+        ),
+        (
+            "ptu = { deployment = \"gpt-4o\", weight = 1001 }",
+            "deployments[0].backends.ptu.weight",
+        ),
+        (
+            "ptu = { deployment = \"a b\" }",
+            "deployments[0].backends.ptu",
+        ),
+    ] {
+        let e = Config::parse(
+            &format!("{base}[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ {entry} }}\n"),
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, path, "{entry}: {e}");
+    }
+}

@@ -81,7 +81,10 @@ pub(super) fn build(
         backends,
         Balancer::with_listed(
             Policy::from_config(&config),
-            config.deployments.iter().map(|d| d.name.as_str()),
+            config
+                .deployments
+                .iter()
+                .map(|d| (d.name.as_str(), d.ranks.as_slice())),
         ),
         Router::new(&config),
         upstream,

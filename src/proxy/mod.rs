@@ -419,15 +419,17 @@ impl Proxy {
     pub fn rendezvous(&self, deployment: Option<&str>, key: &str) -> Option<usize> {
         let candidates = self.router.resolve(deployment).ok()?;
         let policy = self.balancer.policy();
+        let table = self.balancer.table(deployment.unwrap_or(""));
+        let ranks = table.ranks();
         let open = || {
             candidates
                 .iter()
                 .map(|c| c.backend)
                 .filter(|&b| !policy.is_drained(b))
         };
-        let best = open().map(|b| policy.priority[b]).min()?;
+        let best = open().map(|b| ranks.priority(b)).min()?;
         open()
-            .filter(|&b| policy.priority[b] == best)
+            .filter(|&b| ranks.priority(b) == best)
             .max_by_key(|&b| rendezvous_score(key, &self.backends[b].name))
     }
 

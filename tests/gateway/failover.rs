@@ -265,3 +265,55 @@ async fn fails_over_on_dropped_connections() {
     })
     .await;
 }
+
+/// Priority per deployment: `west` is the PTU for `gpt-4o` only (its `[[deployments]]` table
+/// gives it priority 1 and `east` 2), while `embed` keeps the backends' own order (`east`
+/// first). A throttled `west` spills `gpt-4o` over to `east`.
+#[tokio::test]
+async fn a_deployment_ranks_its_backends_its_own_way_and_spills_over() {
+    let (sims, _) = start_sims(&["east", "west"]).await;
+    let backends = [
+        B::sim(&sims[0]).with("priority = 1"),
+        B::sim(&sims[1]).with("priority = 2"),
+    ];
+    let tail = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = { deployment = \"gpt-4o\", priority = 2 }, west = { deployment = \"gpt-4o\", priority = 1 } }\n\n[[deployments]]\nname = \"embed\"\nbackends = { east = \"embed\", west = \"embed\" }\n";
+    let gw = gateway_with(&backends, "", "", tail).await;
+    let client = client();
+    let served_by = |deployment: &'static str| {
+        let client = client.clone();
+        let url = gw.url(&format!(
+            "/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21"
+        ));
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(chat_body(false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            header(&r, "x-switchyard-backend")
+        }
+    };
+    for _ in 0..4 {
+        assert_eq!(served_by("gpt-4o").await, "west", "gpt-4o: west first");
+        assert_eq!(served_by("embed").await, "east", "embed: east first");
+    }
+    sims[1]
+        .set_faults(Faults {
+            error_rate: 1.0,
+            error_status: 429,
+            retry_after_ms: Some(30_000),
+            ..Faults::default()
+        })
+        .await;
+    for _ in 0..4 {
+        assert_eq!(
+            served_by("gpt-4o").await,
+            "east",
+            "spilled over while west cools down"
+        );
+    }
+    gw.stop().await;
+}

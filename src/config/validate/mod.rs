@@ -238,7 +238,12 @@ fn validate_deployments(
             return Err(ConfigError::field(at("backends"), "names no backend"));
         }
         let mut mapped = Vec::with_capacity(d.backends.len());
-        for (backend, upstream) in d.backends {
+        let mut ranks = Vec::new();
+        for (backend, entry) in d.backends {
+            let (upstream, priority, weight) = match entry {
+                raw::RawDeploymentBackend::Name(n) => (n, None, None),
+                raw::RawDeploymentBackend::Table(t) => (t.deployment, t.priority, t.weight),
+            };
             let Some(idx) = backends.iter().position(|b| b.name == backend) else {
                 return Err(ConfigError::field(
                     at(&format!("backends.{backend}")),
@@ -251,6 +256,30 @@ fn validate_deployments(
                     format!("{upstream:?} is not a valid deployment name"),
                 ));
             }
+            if let Some(p) = priority
+                && !(1..=MAX_PRIORITY).contains(&p)
+            {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}.priority")),
+                    format!("{p} is out of range (1 = served first, up to {MAX_PRIORITY})"),
+                ));
+            }
+            if let Some(w) = weight
+                && !(1..=1000).contains(&w)
+            {
+                return Err(ConfigError::field(
+                    at(&format!("backends.{backend}.weight")),
+                    format!("{w} is out of range (1 to 1000)"),
+                ));
+            }
+            if priority.is_some() || weight.is_some() {
+                let own = &backends[idx];
+                ranks.push((
+                    idx,
+                    priority.unwrap_or(own.priority),
+                    weight.unwrap_or(own.weight),
+                ));
+            }
             mapped.push((idx, upstream));
         }
         // Config order of backends, not the map's alphabetical order.
@@ -258,6 +287,7 @@ fn validate_deployments(
         out.push(DeploymentConfig {
             name: d.name,
             backends: mapped,
+            ranks,
         });
     }
     Ok(out)
