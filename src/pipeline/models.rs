@@ -29,7 +29,8 @@ pub(super) fn answer(
     let path = pq.split_once('?').map_or(&pq[..], |(p, _)| p);
     let rest = path
         .strip_prefix("/openai/v1/models")
-        .or_else(|| path.strip_prefix("/openai/models"))?;
+        .or_else(|| path.strip_prefix("/openai/models"))
+        .filter(|r| r.is_empty() || r.starts_with('/'))?;
     let visible = |name: &str| consumer.is_none_or(|c| c.may_use(name));
     let entry = |name: &str| json!({"id": name, "object": "model", "created": snap.built_at, "owned_by": "switchyard"});
     let deployments = snap.config.deployments.iter().map(|d| d.name.as_str());
