@@ -1,20 +1,20 @@
 //! The client request path, one phase a file, in the order a request meets them:
 //!
-//! 1. [`RequestContext::start`] (`context.rs`): the request id, the trace, in flight;
-//! 2. [`authenticate`]: who is calling (a key or an Entra token), before anything else is read;
-//! 3. [`read::read`]: the head checked, the path classified ([`crate::api`]), the body read, the
+//! 1. `RequestContext::start` (`context.rs`): the request id, the trace, in flight;
+//! 2. `authenticate`: who is calling (a key or an Entra token), before anything else is read;
+//! 3. `read::read`: the head checked, the path classified (`crate::api`), the body read, the
 //!    deployment found;
-//! 4. [`admit::allowed`]: the deployment is one the consumer may use; [`models::answer`]: the
+//! 4. `admit::allowed`: the deployment is one the consumer may use; `models::answer`: the
 //!    model list, which the gateway answers itself;
-//! 5. [`route::route`]: the backend that holds the objects the request names, or the one its
+//! 5. `route::route`: the backend that holds the objects the request names, or the one its
 //!    session prefers, or any;
-//! 6. [`admit::admit`]: the consumer's limits checked and an estimate reserved;
-//! 7. forward (`forward.rs`): the attempt loop ([`crate::proxy`], the only place retries live),
+//! 6. `admit::admit`: the consumer's limits checked and an estimate reserved;
+//! 7. forward (`forward.rs`): the attempt loop (`crate::proxy`, the only place retries live),
 //!    or a list merged from every backend, and what a good answer teaches about object owners
 //!    and sessions;
-//! 8. [`respond::respond`]: counters, the gateway's own headers, usage read as the body passes,
+//! 8. `respond::respond`: counters, the gateway's own headers, usage read as the body passes,
 //!    WebSocket upgrades tunnelled;
-//! 9. [`RequestContext::finish`] (`finish.rs`), when the body ends or the client goes away:
+//! 9. `RequestContext::finish` (`finish.rs`), when the body ends or the client goes away:
 //!    access log, token metrics, spans, and the reservation settled, in one place.
 
 mod admit;

@@ -95,7 +95,7 @@ impl Workers {
     }
 
     /// Stops the runtimes and waits for their threads; tasks still on them are dropped, so
-    /// call it after [`Gateway::wait`].
+    /// call it after [`super::Gateway::wait`].
     pub fn stop(self) {
         drop(self);
     }
