@@ -9,6 +9,8 @@
 mod health;
 mod hints;
 mod lease;
+mod misfit;
+mod ranks;
 mod signals;
 #[cfg(test)]
 mod tests;
@@ -29,6 +31,8 @@ use health::Health;
 pub use health::{Availability, CircuitState};
 pub use hints::retry_hint;
 pub use lease::Lease;
+pub use misfit::{MISFIT_TTL, Misfit, MisfitReason};
+pub use ranks::Ranks;
 use signals::{Headroom, PeakEwma};
 
 /// Tables kept at most for deployments the config does not list; names past this share one
@@ -82,36 +86,6 @@ pub struct Balancer {
     overflow: Arc<Table>,
 }
 
-/// Each backend's priority and weight for one deployment: the backends' own, or what the
-/// deployment's `[[deployments]]` entry says for some of them.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Ranks {
-    priority: Box<[u32]>,
-    weight: Box<[u32]>,
-}
-
-impl Ranks {
-    /// The backends' own ranks, with `overrides` (backend index, priority, weight) applied.
-    fn of(policy: &Policy, overrides: &[(usize, u32, u32)]) -> Ranks {
-        let mut ranks = Ranks {
-            priority: policy.priority.clone().into(),
-            weight: policy.weight.clone().into(),
-        };
-        for &(idx, priority, weight) in overrides {
-            if let (Some(p), Some(w)) = (ranks.priority.get_mut(idx), ranks.weight.get_mut(idx)) {
-                *p = priority;
-                *w = weight;
-            }
-        }
-        ranks
-    }
-
-    /// Backend `idx`'s priority here (1 is served first).
-    pub fn priority(&self, idx: usize) -> u32 {
-        self.priority.get(idx).copied().unwrap_or(u32::MAX)
-    }
-}
-
 #[derive(Default)]
 struct Tables {
     by_name: HashMap<Arc<str>, Arc<Table>, FnvBuild>,
@@ -153,37 +127,6 @@ struct Pair {
     /// refused, the deployment is not there): passed over while others can serve, until then.
     misfit: Option<(Misfit, Instant)>,
 }
-
-/// Why a backend cannot serve a deployment, from its own answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Misfit {
-    pub reason: MisfitReason,
-    /// The backend's own words, shortened.
-    pub message: String,
-}
-
-/// Why a backend cannot serve a deployment at all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MisfitReason {
-    /// It refused the gateway's credential.
-    AuthRejected,
-    /// It has no such deployment.
-    NotDeployed,
-}
-
-impl MisfitReason {
-    /// As metrics, logs and the admin API name it.
-    pub fn label(self) -> &'static str {
-        match self {
-            MisfitReason::AuthRejected => "auth_rejected",
-            MisfitReason::NotDeployed => "not_deployed",
-        }
-    }
-}
-
-/// How long a misfit backend is passed over before it is asked again: a role assignment that
-/// propagates, a deployment that gets created, a key that is fixed, are picked up by then.
-pub const MISFIT_TTL: Duration = Duration::from_secs(60);
 
 /// The result of a pick.
 pub enum Pick {
