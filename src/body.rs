@@ -27,9 +27,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// It also carries the header lines of a backend's response that the gateway passes on
 /// unread ([`RawHeaders`]). They travel with the body rather than in the response's
-/// extensions, where an entry costs a hash map and three allocations per response; a wrapper
-/// goes around a body with [`BoxBody::wrap`], and a body read whole becomes a [`Whole`], so
-/// the lines go wherever the body goes without anyone moving them by hand. They sit in the box's one
+/// extensions, where an entry costs a hash map and three allocations per response; a body read
+/// whole becomes a [`Whole`], which keeps them, and the one wrapper put around a backend's body
+/// on its way to the client moves them in its constructor (`pipeline::respond::track`). They
+/// sit in the box's one
 /// allocation, so that a `Response<BoxBody>` stays 128 bytes: responses move through several
 /// futures, and a larger one is moved with calls to `memcpy` instead of a few instructions.
 pub struct BoxBody(Pin<Box<Boxed<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>>);
@@ -60,19 +61,6 @@ impl BoxBody {
 
     pub fn take_passthrough(&mut self) -> Option<RawHeaders> {
         self.0.as_mut().project().passthrough.take()
-    }
-
-    /// This body inside `wrap`'s, its header lines (edited by `lines`) in the new box.
-    pub fn wrap<B>(
-        mut self,
-        lines: impl FnOnce(Option<RawHeaders>) -> Option<RawHeaders>,
-        wrap: impl FnOnce(BoxBody) -> B,
-    ) -> BoxBody
-    where
-        B: Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
-    {
-        let kept = lines(self.take_passthrough());
-        BoxBody::new(wrap(self)).with_passthrough(kept)
     }
 
     /// The whole body, when it ends within `max` bytes and `timeout`, and its header lines.

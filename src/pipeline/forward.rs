@@ -229,12 +229,7 @@ async fn merged_list(
     }
     let query = req.path_and_query.split_once('?').map_or("", |(_, q)| q);
     let page = refs::merge_page(collection, query, items);
-    let mut resp = Response::new(crate::body::full(bytes::Bytes::from(page.to_string())));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    Ok(super::json(&page))
 }
 
 /// Whether a request makes an object on the backend that gets it: a POST about stored

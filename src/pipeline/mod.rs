@@ -155,6 +155,16 @@ impl Served {
     }
 }
 
+/// An answer of the gateway's own: 200, `value` as JSON.
+fn json(value: &serde_json::Value) -> Response<BoxBody> {
+    let mut resp = Response::new(crate::body::full(value.to_string()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 impl From<GatewayError> for Failed {
     fn from(error: GatewayError) -> Failed {
         Failed {

@@ -3,9 +3,7 @@
 //! its region's base models rather than the deployments the gateway serves. One entry per
 //! `[[deployments]]` name, in the OpenAI list shape, only those the caller may use.
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::Response;
 use serde_json::{Value, json};
 
 use crate::auth::inbound::Consumer;
@@ -59,11 +57,5 @@ pub(super) fn answer(
             }
         }
     };
-    let mut resp = Response::new(crate::body::full(Bytes::from(body.to_string())));
-    *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Some(Ok(resp))
+    Some(Ok(super::json(&body)))
 }

@@ -104,8 +104,9 @@ pub(super) fn respond(
     Response::from_parts(parts, body.with_passthrough(Some(lines)))
 }
 
-/// `body` in a [`TrackedBody`] that ends `ctx` with it. Not [`BoxBody::wrap`]: its closure would
-/// copy the context (a large struct) once more per request.
+/// `body` in a [`TrackedBody`] that ends `ctx` with it, its header lines moved to the new box.
+/// The context is moved here once: it is large, and every move is a `memcpy`
+/// (bench/results/pipeline-2026-12-02.md).
 pub(super) fn track(mut body: BoxBody, ctx: RequestContext) -> BoxBody {
     let lines = body.take_passthrough();
     BoxBody::new(TrackedBody {
