@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, UnknownDeployments};
+use crate::config::{Config, FallbackOn, UnknownDeployments};
 use crate::error::{ErrorKind, GatewayError};
 
 /// A backend that may serve a request, and the deployment name to use there.
@@ -20,11 +20,20 @@ pub struct Candidate {
     pub rename: Option<Arc<str>>,
 }
 
+/// A deployment's fallbacks, in the order they are tried, and what sends a request on to them.
+#[derive(Debug)]
+pub struct Fallbacks {
+    pub to: Vec<Arc<str>>,
+    pub on: FallbackOn,
+}
+
 #[derive(Debug)]
 pub struct Router {
     by_name: HashMap<String, Arc<[Candidate]>, crate::fnv::FnvBuild>,
     all: Arc<[Candidate]>,
     reject_unknown: bool,
+    /// The deployments that have fallbacks (most configs: none, and no lookup is made).
+    chains: HashMap<String, Fallbacks, crate::fnv::FnvBuild>,
 }
 
 impl Router {
@@ -50,11 +59,35 @@ impl Router {
                 (d.name.clone(), cands)
             })
             .collect();
+        let chains = config
+            .deployments
+            .iter()
+            .filter(|d| !d.fallbacks.is_empty())
+            .map(|d| {
+                let to = d.fallbacks.iter().map(|f| Arc::from(f.as_str())).collect();
+                (
+                    d.name.clone(),
+                    Fallbacks {
+                        to,
+                        on: d.fallback_on,
+                    },
+                )
+            })
+            .collect();
         Self {
             by_name,
             all,
             reject_unknown: config.routing.unknown_deployments == UnknownDeployments::Reject,
+            chains,
         }
+    }
+
+    /// The fallbacks of `deployment`, if it has any.
+    pub fn fallbacks(&self, deployment: &str) -> Option<&Fallbacks> {
+        if self.chains.is_empty() {
+            return None;
+        }
+        self.chains.get(deployment)
     }
 
     /// The candidates for a request naming `deployment` (in its path or its body's `model`).
@@ -153,5 +186,49 @@ backends = { nowhere = "x" }
         )
         .unwrap_err();
         assert_eq!(e.path, "deployments[0].backends.eastus");
+    }
+
+    #[test]
+    fn fallback_chains_name_configured_deployments() {
+        let mini = "[[deployments]]\nname = \"mini\"\nbackends = { swe = \"gpt-4o-mini\" }\n";
+        let chain = |d: &str| format!("fallbacks = [\"mini\"]\n{d}\n{mini}");
+        let r = Router::new(&config(&chain(
+            "fallback_on = [\"throttled\", \"content_filter\"]",
+        )));
+        let f = r.fallbacks("gpt-4o").unwrap();
+        assert_eq!(f.to.iter().map(|d| &**d).collect::<Vec<_>>(), ["mini"]);
+        assert!(f.on.throttled && f.on.content_filter);
+        assert!(!f.on.unavailable && !f.on.context_length_exceeded);
+        assert!(r.fallbacks("mini").is_none());
+        // The default: throttled and unavailable.
+        let r = Router::new(&config(&chain("")));
+        assert_eq!(r.fallbacks("gpt-4o").unwrap().on, FallbackOn::default());
+        assert!(Router::new(&config("")).fallbacks("gpt-4o").is_none());
+
+        let refused = |extra: &str| {
+            let base = r#"
+[[backends]]
+name = "eastus"
+url = "http://127.0.0.1:1"
+auth = { type = "none" }
+[[deployments]]
+name = "gpt-4o"
+backends = { eastus = "gpt-4o" }
+"#;
+            Config::parse(&format!("{base}{extra}"), &|_| None).unwrap_err()
+        };
+        let e = refused("fallbacks = [\"nowhere\"]\n");
+        assert_eq!(e.path, "deployments[0].fallbacks[0]");
+        assert!(e.to_string().contains("nowhere"), "{e}");
+        let e = refused("fallbacks = [\"gpt-4o\"]\n");
+        assert!(e.to_string().contains("itself"), "{e}");
+        let e = refused(&chain("fallback_on = [\"slow\"]").replace("swe", "eastus"));
+        assert_eq!(e.path, "deployments[0].fallback_on[0]");
+        assert!(e.to_string().contains("context_length_exceeded"), "{e}");
+        let e = refused("fallback_on = [\"throttled\"]\n");
+        assert_eq!(e.path, "deployments[0].fallback_on");
+        let e =
+            refused(&format!("fallbacks = [\"mini\", \"mini\"]\n{mini}").replace("swe", "eastus"));
+        assert_eq!(e.path, "deployments[0].fallbacks[1]");
     }
 }

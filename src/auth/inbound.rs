@@ -22,6 +22,8 @@ pub struct Consumer {
     pub name: Arc<str>,
     /// The deployments it may use (`consumers[].models`); `None`: every one.
     pub models: Option<Arc<[String]>>,
+    /// Whether a fallback deployment may serve it (`consumers[].fallbacks`).
+    pub fallbacks: bool,
 }
 
 impl Consumer {
@@ -29,6 +31,7 @@ impl Consumer {
         Consumer {
             name: Arc::from(c.name.as_str()),
             models: c.models.as_deref().map(Arc::from),
+            fallbacks: c.fallbacks,
         }
     }
 
@@ -183,6 +186,7 @@ mod tests {
             }],
             jwt: None,
             models: None,
+            fallbacks: true,
             limits: Default::default(),
             deployment_limits: Vec::new(),
         }

@@ -150,6 +150,21 @@ struct SimulateArgs {
     /// Wait asked for by injected 429/503 answers, in milliseconds (`retry-after: 1` if unset).
     #[arg(long)]
     retry_after_ms: Option<u64>,
+    /// A model's context window, `name=tokens` (repeatable): longer chat completions get
+    /// 400 `context_length_exceeded`.
+    #[arg(long = "context-window", value_parser = parse_context_window)]
+    context_windows: Vec<(String, u32)>,
+}
+
+fn parse_context_window(s: &str) -> Result<(String, u32), String> {
+    let (name, tokens) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=tokens"))?;
+    let tokens = tokens
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?}: the token count: {e}"))?;
+    Ok((name.trim().to_string(), tokens))
 }
 
 /// Parses the command line and runs it. `chore`: what each of `serve`'s runtime threads does
@@ -257,6 +272,7 @@ async fn run(command: Command, workers: &[tokio::runtime::Handle]) -> ExitCode {
                 record: false,
                 tls: None,
                 object_delay: Duration::from_secs(2),
+                context_windows: a.context_windows,
                 faults: Faults {
                     error_rate: a.error_rate,
                     error_status: a.error_status,

@@ -308,6 +308,8 @@ pub struct ConsumerConfig {
     pub jwt: Option<String>,
     /// The deployments (client-facing names) it may use; `None`: every one.
     pub models: Option<Vec<String>>,
+    /// Whether a fallback deployment may serve it (`consumers[].fallbacks`, default true).
+    pub fallbacks: bool,
     pub limits: ConsumerLimits,
     /// Limits on one deployment (the client-facing name), on top of `limits`.
     pub deployment_limits: Vec<(String, ConsumerLimits)>,
@@ -322,6 +324,74 @@ pub struct DeploymentConfig {
     /// Priority and weight of a backend for this deployment, where they differ from the
     /// backend's own: (index into `Config::backends`, priority, weight).
     pub ranks: Vec<(usize, u32, u32)>,
+    /// Deployments (configured ones, client-facing names) tried in turn when this one cannot
+    /// serve a request; empty: none.
+    pub fallbacks: Vec<String>,
+    /// What makes a request go on to the next of `fallbacks`.
+    pub fallback_on: FallbackOn,
+}
+
+/// What makes a request go on to a deployment's next fallback (`fallback_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackOn {
+    /// Every backend of the deployment is rate limited (cooling down, or answered 429).
+    pub throttled: bool,
+    /// Every backend of the deployment is down (circuit open, or failed).
+    pub unavailable: bool,
+    /// A 400 whose error code is `context_length_exceeded`: the prompt is too long for it.
+    pub context_length_exceeded: bool,
+    /// A 400 whose error code is `content_filter`: its filter refused the prompt.
+    pub content_filter: bool,
+}
+
+impl Default for FallbackOn {
+    fn default() -> Self {
+        Self {
+            throttled: true,
+            unavailable: true,
+            context_length_exceeded: false,
+            content_filter: false,
+        }
+    }
+}
+
+impl FallbackOn {
+    /// The `fallback_on` values, as written in the config.
+    pub const NAMES: [&'static str; 4] = [
+        "throttled",
+        "unavailable",
+        "context_length_exceeded",
+        "content_filter",
+    ];
+
+    /// Whether a 400 with this error code calls for the next fallback.
+    pub fn on_code(&self, code: &str) -> bool {
+        match code {
+            "context_length_exceeded" => self.context_length_exceeded,
+            "content_filter" => self.content_filter,
+            _ => false,
+        }
+    }
+
+    /// Whether any 400's error code calls for a fallback (its body is then read).
+    pub fn on_any_code(&self) -> bool {
+        self.context_length_exceeded || self.content_filter
+    }
+
+    /// The values set, as written in the config.
+    pub fn names(&self) -> Vec<&'static str> {
+        let set = [
+            self.throttled,
+            self.unavailable,
+            self.context_length_exceeded,
+            self.content_filter,
+        ];
+        Self::NAMES
+            .iter()
+            .zip(set)
+            .filter_map(|(n, on)| on.then_some(*n))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]

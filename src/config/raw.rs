@@ -64,6 +64,8 @@ pub struct RawConsumer {
     pub jwt: Option<String>,
     /// The deployments it may use; every one without it.
     pub models: Option<Vec<String>>,
+    /// `false`: never served by a fallback deployment, only by the one asked for.
+    pub fallbacks: Option<bool>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,
@@ -168,6 +170,10 @@ pub struct RawDeployment {
     /// backend's priority and weight for this deployment). A `BTreeMap` keeps the order
     /// stable, so errors and summaries read the same on every run.
     pub backends: std::collections::BTreeMap<String, RawDeploymentBackend>,
+    /// Deployments tried in turn when this one cannot serve a request.
+    pub fallbacks: Option<Vec<String>>,
+    /// What makes a request go on to the next fallback.
+    pub fallback_on: Option<Vec<String>>,
 }
 
 /// `"gpt-4o"`, or `{ deployment = "gpt-4o", priority = 1, weight = 3 }`.

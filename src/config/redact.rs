@@ -26,7 +26,17 @@ impl Config {
                     .iter()
                     .map(|(i, n)| (self.backends[*i].name.clone(), json!(n)))
                     .collect();
-                json!({"name": d.name, "backends": map})
+                let ranks: Vec<_> = d
+                    .ranks
+                    .iter()
+                    .map(|(i, p, w)| json!({"backend": self.backends[*i].name, "priority": p, "weight": w}))
+                    .collect();
+                let mut v = json!({"name": d.name, "backends": map, "ranks": ranks});
+                if !d.fallbacks.is_empty() {
+                    v["fallbacks"] = json!(d.fallbacks);
+                    v["fallback_on"] = json!(d.fallback_on.names());
+                }
+                v
             })
             .collect();
         let limits = |l: &ConsumerLimits| {
@@ -42,7 +52,7 @@ impl Config {
             .map(|c| {
                 let per: serde_json::Map<String, serde_json::Value> =
                     c.deployment_limits.iter().map(|(d, l)| (d.clone(), limits(l))).collect();
-                json!({"name": c.name, "key": !c.keys.is_empty(), "keys": c.keys.len(), "models": c.models, "jwt": c.jwt, "limits": limits(&c.limits), "deployments": per})
+                json!({"name": c.name, "key": !c.keys.is_empty(), "keys": c.keys.len(), "models": c.models, "fallbacks": c.fallbacks, "jwt": c.jwt, "limits": limits(&c.limits), "deployments": per})
             })
             .collect();
         let store = match &self.limits.store {

@@ -28,10 +28,11 @@ pub const HOP_BY_HOP: [&str; 6] = [
 ];
 
 /// Headers the gateway sets on every answer: a backend's own of these names are dropped.
-pub const GATEWAY_SETS: [&str; 3] = [
+pub const GATEWAY_SETS: [&str; 4] = [
     "x-request-id",
     "x-switchyard-backend",
     "x-switchyard-attempts",
+    "x-switchyard-deployment",
 ];
 
 /// Writes one header line, `name: value\r\n`: every head the gateway writes, requests to

@@ -116,6 +116,8 @@ pub struct Reservation {
 
 pub struct ConsumerLimiter {
     limits: ConsumerLimits,
+    /// The deployment these limits are on; `None`: the consumer's overall limits.
+    scope: Option<String>,
     state: Mutex<State>,
 }
 
@@ -146,7 +148,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct Admission {
     reservations: Vec<Reservation>,
-    shared: Option<SharedHold>,
+    /// One hold per admission joined in (the asked deployment's, a fallback's).
+    shared: Vec<SharedHold>,
     /// The tightest headroom among the limits that apply.
     pub remaining: Remaining,
     /// Whether any applying limit counts tokens (and so needs the response's usage).
@@ -159,18 +162,48 @@ impl Admission {
         for r in self.reservations {
             r.settle(used);
         }
-        if let Some(h) = self.shared {
+        for h in self.shared {
             h.settle(used);
         }
     }
+
+    /// The request goes on from `deployment` to a fallback, not served there: the tokens
+    /// reserved on the consumer's limits for that deployment are given back (that the request
+    /// was sent there stays counted).
+    pub fn leave(&mut self, deployment: &str) {
+        let (left, kept) = std::mem::take(&mut self.reservations)
+            .into_iter()
+            .partition(|r| r.consumer.scope.as_deref() == Some(deployment));
+        self.reservations = kept;
+        for r in left {
+            r.settle(Some(0));
+        }
+        for h in &mut self.shared {
+            h.leave(deployment);
+        }
+    }
+
+    /// Takes in the admission of the same request under more limits (a fallback's).
+    fn join(&mut self, other: Admission) {
+        self.reservations.extend(other.reservations);
+        self.shared.extend(other.shared);
+        self.remaining.requests = tighter(self.remaining.requests, other.remaining.requests);
+        self.remaining.tokens = tighter(self.remaining.tokens, other.remaining.tokens);
+        self.counts_tokens |= other.counts_tokens;
+    }
 }
 
-fn limiter_for(limits: &ConsumerLimits, now: Instant) -> Option<Arc<ConsumerLimiter>> {
+fn limiter_for(
+    limits: &ConsumerLimits,
+    scope: Option<&str>,
+    now: Instant,
+) -> Option<Arc<ConsumerLimiter>> {
     if *limits == ConsumerLimits::default() {
         return None;
     }
     Some(Arc::new(ConsumerLimiter {
         limits: limits.clone(),
+        scope: scope.map(str::to_string),
         state: Mutex::new(State {
             requests: limits.requests_per_minute.map(|r| Bucket::new(r, now)),
             tokens: limits.tokens_per_minute.map(|t| Bucket::new(t, now)),
@@ -223,7 +256,7 @@ impl Limiter {
             (old.limits == *limits).then(|| old.clone())
         };
         let limiter = |name: &str, scope: Option<&str>, limits: &ConsumerLimits| {
-            kept(name, scope, limits).or_else(|| limiter_for(limits, now))
+            kept(name, scope, limits).or_else(|| limiter_for(limits, scope, now))
         };
         let counts_tokens = consumers.iter().any(|c| {
             c.limits.counts_tokens() || c.deployment_limits.iter().any(|(_, l)| l.counts_tokens())
@@ -271,12 +304,49 @@ impl Limiter {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Option<Admission>, Refusal> {
+        self.admit_on(consumer, deployment, true, body, now, wall)
+            .await
+    }
+
+    /// Admits a request going on to fallback `deployment` under the consumer's limits on that
+    /// deployment (its overall limits hold it already), joined into `admission`.
+    pub async fn enter(
+        &self,
+        admission: &mut Option<Admission>,
+        consumer: &str,
+        deployment: &str,
+        body: &Bytes,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(), Refusal> {
+        let more = self
+            .admit_on(consumer, Some(deployment), false, body, now, wall)
+            .await?;
+        match (admission.as_mut(), more) {
+            (Some(a), Some(more)) => a.join(more),
+            (None, more) => *admission = more,
+            (Some(_), None) => {}
+        }
+        Ok(())
+    }
+
+    /// [`Limiter::admit`], with the consumer's overall limits or without (`overall`).
+    async fn admit_on(
+        &self,
+        consumer: &str,
+        deployment: Option<&str>,
+        overall: bool,
+        body: &Bytes,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Option<Admission>, Refusal> {
         let Some(entry) = self.consumers.get(consumer) else {
             return Ok(None);
         };
         let applying: Vec<(&str, &Arc<ConsumerLimiter>)> = entry
             .overall
             .iter()
+            .filter(|_| overall)
             .map(|l| ("*", l))
             .chain(deployment.and_then(|d| {
                 entry
@@ -302,7 +372,7 @@ impl Limiter {
             return match shared.reserve(consumer, &scopes, tokens, wall).await? {
                 SharedOutcome::Admitted(hold, remaining) => Ok(Some(Admission {
                     reservations: Vec::new(),
-                    shared: Some(hold),
+                    shared: vec![hold],
                     remaining,
                     counts_tokens,
                 })),
@@ -312,7 +382,7 @@ impl Limiter {
                 // Fail open: serve, uncounted, until Redis is back.
                 SharedOutcome::Unavailable(_) => Ok(Some(Admission {
                     reservations: Vec::new(),
-                    shared: None,
+                    shared: Vec::new(),
                     remaining: Remaining::default(),
                     counts_tokens,
                 })),
@@ -338,7 +408,7 @@ impl Limiter {
         }
         Ok(Some(Admission {
             reservations,
-            shared: None,
+            shared: Vec::new(),
             remaining,
             counts_tokens,
         }))

@@ -168,8 +168,12 @@ return out
 #[derive(Debug)]
 pub struct SharedHold {
     shared: Arc<Shared>,
+    /// Each scope's token bucket and quota keys, two a scope.
     keys: Vec<String>,
+    /// Each scope's tokens per minute and whether it has a quota, two a scope.
     args: Vec<String>,
+    /// The scopes (`*`, or a deployment), one a pair of keys.
+    scopes: Vec<String>,
     tokens: u64,
 }
 
@@ -341,6 +345,7 @@ impl Shared {
                 // Settlement touches the token buckets and quota counters of each scope.
                 let mut skeys = Vec::new();
                 let mut sargs = Vec::new();
+                let names = scopes.iter().map(|(s, _)| s.to_string()).collect();
                 for (i, (_, l)) in scopes.iter().enumerate() {
                     skeys.push(keys[i * 3 + 1].clone());
                     skeys.push(keys[i * 3 + 2].clone());
@@ -356,6 +361,7 @@ impl Shared {
                         shared: self.clone(),
                         keys: skeys,
                         args: sargs,
+                        scopes: names,
                         tokens,
                     },
                     remaining,
@@ -498,14 +504,28 @@ impl SharedHold {
     pub fn settle(self, used: Option<u64>) {
         let Some(used) = used else { return };
         let delta = used as i64 - self.tokens as i64;
-        if delta == 0 {
-            return;
-        }
-        let mut args = vec![delta.to_string(), (self.keys.len() / 2).to_string()];
-        args.extend(self.args);
-        let _ = self.shared.jobs.try_send(Job::Settle {
-            keys: self.keys,
-            args,
-        });
+        queue_settle(&self.shared, delta, self.keys, self.args);
     }
+
+    /// Gives back the tokens held on scope `deployment` at once, and leaves it out of the
+    /// settlement (the request went on to a fallback without being served there).
+    pub fn leave(&mut self, deployment: &str) {
+        let Some(i) = self.scopes.iter().position(|s| s == deployment) else {
+            return;
+        };
+        self.scopes.remove(i);
+        let keys = self.keys.drain(i * 2..i * 2 + 2).collect();
+        let args = self.args.drain(i * 2..i * 2 + 2).collect();
+        queue_settle(&self.shared, -(self.tokens as i64), keys, args);
+    }
+}
+
+/// Queues a settlement of `delta` tokens on the scopes whose keys and arguments are given.
+fn queue_settle(shared: &Shared, delta: i64, keys: Vec<String>, rest: Vec<String>) {
+    if delta == 0 || keys.is_empty() {
+        return;
+    }
+    let mut args = vec![delta.to_string(), (keys.len() / 2).to_string()];
+    args.extend(rest);
+    let _ = shared.jobs.try_send(Job::Settle { keys, args });
 }

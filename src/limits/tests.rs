@@ -2,7 +2,7 @@ use super::*;
 use crate::config::Quota;
 
 fn limiter(limits: ConsumerLimits) -> Arc<ConsumerLimiter> {
-    limiter_for(&limits, Instant::now()).unwrap()
+    limiter_for(&limits, None, Instant::now()).unwrap()
 }
 
 fn at(s: &str) -> SystemTime {
@@ -126,6 +126,7 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
             name: "team".into(),
             keys: Vec::new(),
             models: None,
+            fallbacks: true,
             jwt: None,
             limits: ConsumerLimits {
                 requests_per_minute: Some(100),
@@ -162,4 +163,73 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
     assert_eq!(other.remaining.requests, Some(97));
     let stranger = l.admit("stranger", None, &body, Instant::now(), wall).await;
     assert!(stranger.unwrap().is_none());
+}
+
+/// A request that goes on to a fallback gives back the tokens it held on the asked
+/// deployment's own limits and is counted on the fallback's; its overall limits hold it once.
+#[tokio::test(start_paused = true)]
+async fn a_fallback_moves_the_tokens_to_the_deployment_that_served() {
+    let per = |tokens| ConsumerLimits {
+        tokens_per_minute: Some(tokens),
+        ..Default::default()
+    };
+    let l = Limiter::new(
+        &[ConsumerConfig {
+            name: "team".into(),
+            keys: Vec::new(),
+            models: None,
+            fallbacks: true,
+            jwt: None,
+            limits: ConsumerLimits {
+                requests_per_minute: Some(10),
+                tokens_per_minute: Some(100_000),
+                ..Default::default()
+            },
+            deployment_limits: vec![("gpt-4o".into(), per(10_000)), ("mini".into(), per(5_000))],
+        }],
+        500,
+        None,
+        None,
+    );
+    let wall = SystemTime::now();
+    let body =
+        Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100}"#);
+    let now = Instant::now();
+    let a = l
+        .admit("team", Some("gpt-4o"), &body, now, wall)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = 10_000 - a.remaining.tokens.unwrap();
+    assert!(held > 100, "the estimate is held on gpt-4o: {held}");
+    let mut admission = Some(a);
+    admission.as_mut().unwrap().leave("gpt-4o");
+    l.enter(&mut admission, "team", "mini", &body, now, wall)
+        .await
+        .unwrap();
+    let a = admission.unwrap();
+    assert_eq!(a.remaining.tokens, Some(5_000 - held), "held on mini now");
+    a.settle(Some(40));
+    // gpt-4o got its tokens back; mini and the overall limits were charged what was used.
+    let probe = |d: &'static str| {
+        let l = &l;
+        let body = Bytes::from_static(b"{}");
+        async move {
+            l.admit("team", Some(d), &body, now, wall)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let gpt = probe("gpt-4o").await;
+    assert_eq!(
+        gpt.remaining.requests,
+        Some(8),
+        "the overall request count: two, once each"
+    );
+    let on_gpt = 10_000 - gpt.remaining.tokens.unwrap();
+    let mini = probe("mini").await;
+    let on_mini = 5_000 - mini.remaining.tokens.unwrap();
+    // Each probe holds its own small estimate (the same on both deployments).
+    assert_eq!(on_mini - on_gpt, 40, "gpt-4o {on_gpt}, mini {on_mini}");
 }

@@ -80,7 +80,11 @@ pub(super) async fn admit(
     };
     // Settling needs a stream's usage: ask for it, and take it out again on the way back.
     let mut strip = false;
-    if admission.counts_tokens
+    // A fallback's limits may count tokens where the asked deployment's do not.
+    let counts_tokens = admission.counts_tokens
+        || (snap.proxy.fallbacks(inbound.deployment()).is_some()
+            && snap.limiter.counts_tokens(&c.name));
+    if counts_tokens
         && takes_usage_chunk(&inbound.endpoint.path_and_query)
         && let Some(b) = usage::request_usage_chunk(body)
     {
@@ -88,6 +92,64 @@ pub(super) async fn admit(
         strip = true;
     }
     Ok(Some(Limit { admission, strip }))
+}
+
+/// What lets a request go on to a fallback deployment: the caller may use it
+/// (`consumers[].models`), and its limits there admit the request, which then count it there.
+pub(super) struct FallbackGate<'a> {
+    pub(super) state: &'a GatewayState,
+    pub(super) snap: &'a Snapshot,
+    pub(super) consumer: Option<&'a Consumer>,
+    pub(super) body: &'a Bytes,
+    pub(super) limit: &'a mut Option<Limit>,
+}
+
+impl crate::proxy::Gate for FallbackGate<'_> {
+    async fn enter(&mut self, from: &str, to: &str) -> bool {
+        let Some(c) = self.consumer else {
+            return true;
+        };
+        if !c.may_use(to) {
+            return false;
+        }
+        let mut admission = self.limit.take().map(|l| {
+            let mut a = l.admission;
+            a.leave(from);
+            (a, l.strip)
+        });
+        let (mut joined, strip) = match admission.take() {
+            Some((a, strip)) => (Some(a), strip),
+            None => (None, false),
+        };
+        let entered = self
+            .snap
+            .limiter
+            .enter(
+                &mut joined,
+                &c.name,
+                to,
+                self.body,
+                tokio::time::Instant::now(),
+                std::time::SystemTime::now(),
+            )
+            .await;
+        *self.limit = joined.map(|admission| Limit { admission, strip });
+        match entered {
+            Ok(()) => true,
+            Err(r) => {
+                self.state
+                    .metrics
+                    .consumer_rejections
+                    .get_or_create(&ConsumerRejectionLabels {
+                        consumer: c.name.to_string(),
+                        reason: r.reason(),
+                    })
+                    .inc();
+                tracing::debug!(consumer = %c.name, fallback = to, "the consumer's limits on the fallback refuse the request");
+                false
+            }
+        }
+    }
 }
 
 fn refusal(consumer: &str, r: Refusal) -> GatewayError {

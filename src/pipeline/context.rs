@@ -32,8 +32,11 @@ pub(super) struct RequestContext {
     pub(super) uri: Uri,
     /// Who is calling (`-` when no key or token named anyone); set by `authenticate`.
     pub(super) consumer: Arc<str>,
-    /// The deployment asked for, as logged (at most 128 characters); set by `read`.
+    /// The deployment asked for, as logged (at most 128 characters); set by `read`, and to
+    /// the one that served when that is a fallback.
     pub(super) deployment: Option<String>,
+    /// The deployment asked for, when a fallback served the request.
+    pub(super) requested: Option<String>,
     /// `gen_ai.operation.name`, for known Azure OpenAI operations (sampled traces only).
     pub(super) operation: Option<&'static str>,
     /// The request's generation parameters (sampled traces only).
@@ -86,6 +89,7 @@ impl RequestContext {
             uri: req.uri().clone(),
             consumer: anonymous(),
             deployment: None,
+            requested: None,
             operation: None,
             params: None,
             attempts_log: AttemptLog::default(),

@@ -24,6 +24,7 @@ impl RequestContext {
             method = %l.method,
             path = first_chars(l.uri.path(), 256),
             deployment = l.deployment.as_deref().unwrap_or("-"),
+            requested = l.requested.as_deref(),
             consumer = %self.consumer,
             status = l.status,
             backend = self.backend.as_deref().unwrap_or("none"),
@@ -85,8 +86,12 @@ impl RequestContext {
             attrs.push(("gen_ai.operation.name", op.into()));
             attrs.extend(provider());
         }
-        if let Some(d) = &l.deployment {
-            attrs.push(("gen_ai.request.model", d.clone().into()));
+        let asked = l.requested.as_deref().or(l.deployment.as_deref());
+        if let Some(d) = asked {
+            attrs.push(("gen_ai.request.model", d.to_string().into()));
+        }
+        if let (Some(_), Some(served)) = (&l.requested, &l.deployment) {
+            attrs.push(("switchyard.fallback", served.clone().into()));
         }
         if let Some(p) = &l.params {
             if let Some(n) = p.max_tokens.or(p.max_completion_tokens) {
@@ -137,7 +142,7 @@ impl RequestContext {
             trace_id: ctx.trace_id,
             span_id: ctx.span_id,
             parent: ctx.parent,
-            name: name(l.deployment.as_deref()),
+            name: name(asked),
             kind: SpanKind::Server,
             start: l.wall_start,
             end: l.wall_start + self.started.elapsed(),
@@ -145,7 +150,7 @@ impl RequestContext {
             error,
         });
         for a in attempt_spans {
-            let model = a.model.as_deref().or(l.deployment.as_deref());
+            let model = a.model.as_deref().or(asked);
             let mut attrs: Vec<(&'static str, Attr)> = Vec::with_capacity(12);
             if let Some(op) = l.operation {
                 attrs.push(("gen_ai.operation.name", op.into()));

@@ -11,7 +11,7 @@ use http_body::Body;
 use crate::affinity::{Learner, Owner, refs};
 use crate::body::BoxBody;
 use crate::live::{GatewayState, Snapshot};
-use crate::proxy::{Answer, AttemptLog};
+use crate::proxy::{Answer, AttemptLog, Target};
 use crate::upstream::OutboundRequest;
 
 use super::admit::Limit;
@@ -40,6 +40,23 @@ pub(super) fn outbound<'a>(
         upgrade: inbound.upgrade,
         creates: creates(&parts.method, place.object.as_ref(), place.stored),
     }
+}
+
+/// The deployment a request asks for and its fallbacks, when it may be served by them: not
+/// for a consumer that turned them off (`consumers[].fallbacks = false`), nor for a search of
+/// the backends for objects no owner is known for.
+pub(super) fn chain<'s, 'a>(
+    snap: &'s Snapshot,
+    inbound: &'a Inbound<'_>,
+    place: &Placement<'_>,
+    consumer: Option<&crate::auth::inbound::Consumer>,
+) -> Option<(&'a str, &'s crate::routing::Fallbacks)> {
+    let asked = inbound.deployment()?;
+    let chain = snap.proxy.fallbacks(Some(asked))?;
+    if consumer.is_some_and(|c| !c.fallbacks) || matches!(place.target(), Target::Search { .. }) {
+        return None;
+    }
+    Some((asked, chain))
 }
 
 /// The collection a request lists (`GET /openai/files`, ...), answered with every backend's

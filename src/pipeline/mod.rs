@@ -87,16 +87,34 @@ async fn serve(
         let log = &mut ctx.attempts_log;
         return Ok(forward::list(state, snap, &outbound, collection, &place, limit, log).await);
     }
-    // The attempt loop, the only place retries live.
-    let answer = snap
-        .proxy
-        .forward(
-            &outbound,
-            inbound.deployment(),
-            place.target(),
-            &mut ctx.attempts_log,
-        )
-        .await;
+    // The attempt loop, the only place retries live; with fallbacks, one round a deployment.
+    let log = &mut ctx.attempts_log;
+    let mut limit = limit;
+    let answer = match forward::chain(snap, &inbound, &place, consumer.as_ref()) {
+        Some((asked, chain)) => {
+            let mut gate = admit::FallbackGate {
+                state,
+                snap,
+                consumer: consumer.as_ref(),
+                body: &outbound.body,
+                limit: &mut limit,
+            };
+            let target = place.target();
+            let proxy = &snap.proxy;
+            proxy
+                .forward_chain(&outbound, asked, chain, target, log, &mut gate)
+                .await
+        }
+        None => {
+            let round = snap.proxy.round(inbound.deployment());
+            snap.proxy
+                .forward(&outbound, round, place.target(), log)
+                .await
+        }
+    };
+    if let Some(d) = &answer.fallback {
+        ctx.requested = ctx.deployment.replace(d.to_string());
+    }
     forward::answered(
         state,
         snap,

@@ -87,9 +87,16 @@ pub(super) fn respond(
         .as_ref()
         .and_then(|_| Tap::new(content_type, strip));
     let passed = resp.body_mut().take_passthrough();
+    // Who served: the deployment asked for, or the fallback that answered instead. A body's
+    // `model` may hold anything; only a name fit for a header line is sent back.
+    let deployment = answer_backend
+        .and(ctx.deployment.as_deref())
+        .map(str::as_bytes)
+        .filter(|d| d.iter().all(|b| (0x21..0x7f).contains(b)));
     let lines = own_lines(
         &ctx.request_id,
         answer_backend.and_then(|i| snap.proxy.backends[i].name_header.as_ref()),
+        deployment,
         ctx.attempts,
         passed,
     );
@@ -245,14 +252,16 @@ impl Body for TrackedBody {
     }
 }
 
-/// The headers the gateway sets on every answer (`x-request-id`, and `x-switchyard-backend` and
-/// `-attempts` when a backend was tried), as lines ahead of those passed on from the backend:
+/// The headers the gateway sets on every answer (`x-request-id`, and `x-switchyard-backend`,
+/// `-deployment` and `-attempts` when a backend was tried), as lines ahead of those passed on
+/// from the backend:
 /// cheaper than three inserts into the response's map, a name hash and a probe each
 /// (bench/results/profile-2026-11-26.md). A backend's own headers of these names never get this far (the
 /// backend clients drop them).
 fn own_lines(
     request_id: &HeaderValue,
     backend: Option<&HeaderValue>,
+    deployment: Option<&[u8]>,
     attempts: u32,
     passed: Option<RawHeaders>,
 ) -> RawHeaders {
@@ -262,6 +271,7 @@ fn own_lines(
     let mut out = BytesMut::with_capacity(
         request_id.len()
             + backend.map_or(0, |b| b.len())
+            + deployment.map_or(0, <[u8]>::len)
             + attempts.map_or(0, <[u8]>::len)
             + passed.len()
             + 80,
@@ -270,6 +280,9 @@ fn own_lines(
     line(b"x-request-id", request_id.as_bytes());
     if let Some(b) = backend {
         line(b"x-switchyard-backend", b.as_bytes());
+    }
+    if let Some(d) = deployment {
+        line(b"x-switchyard-deployment", d);
     }
     if let Some(n) = attempts {
         line(b"x-switchyard-attempts", n);

@@ -10,6 +10,7 @@
 //! if there was one, else a 503.
 
 mod attempt;
+mod fallback;
 mod misfit;
 mod objects;
 
@@ -33,6 +34,7 @@ use crate::telemetry::trace::{AttemptRecord, TraceContext};
 use crate::telemetry::{AttemptLabels, AttemptOutcome, BackendLabels, BackendStats, Metrics};
 use crate::upstream::{Backend, OutboundRequest, Upstream};
 
+pub use fallback::Gate;
 use misfit::{auth_failed, may_be_misfit, misfit};
 pub use objects::not_found;
 
@@ -79,6 +81,8 @@ pub struct Answer {
     pub attempts: u32,
     /// The serving backend's in-flight slot, held until the response body ends.
     pub lease: Option<Lease>,
+    /// The fallback deployment this answer is from; `None`: the one the request asked for.
+    pub fallback: Option<Arc<str>>,
 }
 
 impl Answer {
@@ -88,8 +92,22 @@ impl Answer {
             backend: None,
             attempts,
             lease: None,
+            fallback: None,
         }
     }
+}
+
+/// One round of attempts: the deployment they serve, and by when.
+#[derive(Debug, Clone, Copy)]
+pub struct Round<'a> {
+    /// The client-facing deployment name (from the path or the body's `model`, or a fallback),
+    /// the key health is tracked under.
+    pub deployment: Option<&'a str>,
+    /// A fallback's round: a backend with no name of its own for the deployment gets this
+    /// one, as the request names another.
+    pub fallback: bool,
+    /// When the request's time (`routing.request_timeout`) runs out.
+    pub deadline: Instant,
 }
 
 /// Where a request may go, as the objects it names decide (see `affinity`).
@@ -181,17 +199,26 @@ impl Proxy {
         &self.balancer
     }
 
-    /// Runs the attempts for one request. `deployment` is the client-facing deployment name
-    /// (from the path or the body's `model`), the key health is tracked under.
-    /// `log` receives one `backend:outcome` entry per attempt and the time spent waiting on
-    /// backends, for the access log and the overhead metric.
+    /// The round of attempts a request for `deployment` starts with, its time starting now.
+    pub fn round<'a>(&self, deployment: Option<&'a str>) -> Round<'a> {
+        Round {
+            deployment,
+            fallback: false,
+            deadline: Instant::now() + self.routing.request_timeout,
+        }
+    }
+
+    /// Runs one round of attempts for a request (`forward_chain` runs one a deployment of a
+    /// fallback chain). `log` receives one `backend:outcome` entry per attempt and the time
+    /// spent waiting on backends, for the access log and the overhead metric.
     pub async fn forward(
         &self,
         req: &OutboundRequest<'_>,
-        deployment: Option<&str>,
+        round: Round<'_>,
         target: Target<'_>,
         log: &mut AttemptLog,
     ) -> Answer {
+        let deployment = round.deployment;
         let candidates = match self.router.resolve(deployment) {
             Ok(c) => c,
             Err(e) => return Answer::error(e, 0),
@@ -223,7 +250,7 @@ impl Proxy {
         let table = self.balancer.table(deployment.unwrap_or(""));
         let shown = deployment.unwrap_or("(none)");
         let mut now = Instant::now();
-        let deadline = now + self.routing.request_timeout;
+        let deadline = round.deadline;
         let (mut tried_stack, mut tried_heap) = ([false; SCRATCH], Vec::new());
         let tried = scratch(&mut tried_stack, &mut tried_heap, self.backends.len());
         let mut kept: Option<Kept> = None;
@@ -316,7 +343,10 @@ impl Proxy {
             tried[idx] = true;
             attempts = attempt;
             let backend = &self.backends[idx];
-            let rename = rename_for(&candidates, idx);
+            let rename = match rename_for(&candidates, idx) {
+                None if round.fallback => deployment,
+                own => own,
+            };
             let is_last = attempt == self.routing.max_attempts;
             let (sent_result, waited, answered) = self
                 .send_attempt(idx, rename, req, remaining, attempt, now, log)
@@ -343,6 +373,7 @@ impl Proxy {
                             backend: Some(idx),
                             attempts,
                             lease: None,
+                            fallback: None,
                         };
                     };
                     if let Some(m) = misfit(whole.status(), bytes) {
@@ -385,6 +416,7 @@ impl Proxy {
                             backend: Some(idx),
                             attempts,
                             lease: Some(lease),
+                            fallback: None,
                         };
                     }
                     tracing::debug!(backend = %backend.name, status = %resp.status(), attempt, "retrying on another backend");
@@ -400,6 +432,7 @@ impl Proxy {
                             backend: Some(idx),
                             attempts,
                             lease: None,
+                            fallback: None,
                         };
                     }
                     tracing::debug!(backend = %backend.name, error = %e, attempt, "attempt failed");
@@ -442,6 +475,7 @@ impl Proxy {
                 backend: Some(idx),
                 attempts,
                 lease: None,
+                fallback: None,
             },
             None => Answer::error(
                 error.unwrap_or_else(|| {

@@ -152,6 +152,7 @@ impl Proxy {
                         backend: Some(idx),
                         attempts,
                         lease: Some(lease),
+                        fallback: None,
                     };
                 }
                 Err(e) => {
@@ -161,6 +162,7 @@ impl Proxy {
                             backend: Some(idx),
                             attempts,
                             lease: None,
+                            fallback: None,
                         };
                     }
                     failures += 1;

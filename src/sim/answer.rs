@@ -151,6 +151,23 @@ pub(super) async fn answer(
         _ => "embeddings",
     };
     let ask = responses::parse_ask(op_name, &json);
+    let asked_model = ask.model.as_deref().unwrap_or(deployment);
+    if !matches!(op, Op::Embeddings)
+        && let Some((_, window)) = state
+            .cfg
+            .context_windows
+            .iter()
+            .find(|(m, _)| m == asked_model)
+    {
+        let completion = ask.max_tokens.unwrap_or(0);
+        if ask.prompt_tokens + completion > *window {
+            return Ok(context_length_exceeded(
+                *window,
+                ask.prompt_tokens,
+                ask.max_tokens,
+            ));
+        }
+    }
     let completion = match op {
         Op::Embeddings => 0,
         _ => ask
@@ -235,6 +252,26 @@ pub(super) async fn answer(
         HeaderValue::from(remaining.1),
     );
     Ok(resp)
+}
+
+/// Azure's answer to a prompt (and completion) longer than the model's context window.
+fn context_length_exceeded(window: u32, prompt: u32, max_tokens: Option<u32>) -> Response<BoxBody> {
+    let message = match max_tokens {
+        Some(m) => format!(
+            "This model's maximum context length is {window} tokens. However, you requested {} tokens ({prompt} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+            prompt + m
+        ),
+        None => format!(
+            "This model's maximum context length is {window} tokens. However, your messages resulted in {prompt} tokens. Please reduce the length of the messages."
+        ),
+    };
+    let body = serde_json::json!({"error": {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }});
+    json_response(StatusCode::BAD_REQUEST, Bytes::from(body.to_string()))
 }
 
 pub(super) async fn stream_or_plain(

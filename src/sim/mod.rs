@@ -67,6 +67,10 @@ pub struct SimConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// How long a batch, or a background response, takes to complete.
     pub object_delay: Duration,
+    /// The context window of a model (by the name the request uses, path or body `model`):
+    /// a chat completion or completion whose prompt and `max_tokens` together are over it gets
+    /// Azure's 400 `context_length_exceeded`. Unlisted models take any length.
+    pub context_windows: Vec<(String, u32)>,
 }
 
 impl Default for SimConfig {
@@ -86,6 +90,7 @@ impl Default for SimConfig {
             faults: Faults::default(),
             tls: None,
             object_delay: Duration::from_secs(2),
+            context_windows: Vec::new(),
         }
     }
 }

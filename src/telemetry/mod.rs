@@ -66,6 +66,16 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The deployment that could not serve the request.
+    pub deployment: String,
+    /// The deployment the request went on to.
+    pub fallback: String,
+    /// `throttled`, `unavailable`, `context_length_exceeded` or `content_filter`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerRejectionLabels {
     /// The consumer's configured name.
     pub consumer: String,
@@ -186,6 +196,8 @@ pub struct Metrics {
     pub owner_searches: Family<ReasonLabels, Counter>,
     /// Requests sent to the backend holding an object they name.
     pub owner_routed: Counter,
+    /// Requests that went on from their deployment to a fallback, by both and why.
+    pub fallbacks: Family<FallbackLabels, Counter>,
     /// The per-request counters of each label set seen, found in the families once.
     request_counters: std::sync::RwLock<
         std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
@@ -418,7 +430,14 @@ impl Metrics {
             "Requests sent to the backend that holds an object they name",
             owner_routed.clone(),
         );
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Requests that went on from their deployment to a fallback deployment, by both and why (throttled, unavailable, context_length_exceeded, content_filter)",
+            fallbacks.clone(),
+        );
         Self {
+            fallbacks,
             owners,
             owner_evictions,
             owner_searches,

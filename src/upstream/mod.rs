@@ -471,10 +471,11 @@ fn boxed(b: hyper::body::Incoming) -> BoxBody {
 /// response before it goes to the client.
 fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     // Prepared names: removing by `&str` parses each name again for every response.
-    static NAMES: [HeaderName; 12] = [
+    static NAMES: [HeaderName; 13] = [
         HeaderName::from_static(http1::GATEWAY_SETS[0]),
         HeaderName::from_static(http1::GATEWAY_SETS[1]),
         HeaderName::from_static(http1::GATEWAY_SETS[2]),
+        HeaderName::from_static(http1::GATEWAY_SETS[3]),
         HeaderName::from_static(http1::HOP_BY_HOP[0]),
         HeaderName::from_static(http1::HOP_BY_HOP[1]),
         HeaderName::from_static(http1::HOP_BY_HOP[2]),

@@ -13,6 +13,7 @@ mod admin;
 mod common;
 mod consumers;
 mod failover;
+mod fallbacks;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use futures_util::StreamExt;
-use switchyard::sim::Faults;
+use switchyard::sim::{Faults, SimConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_never_sees_the_clients_credentials() {
@@ -63,6 +64,7 @@ async fn the_gateway_headers_replace_a_backends_own() {
             ("x-request-id", "from-backend".to_string()),
             ("x-switchyard-backend", "spoofed".to_string()),
             ("x-switchyard-attempts", "9".to_string()),
+            ("x-switchyard-deployment", "spoofed".to_string()),
             ("x-switchyard-hop", "inner".to_string()),
         ],
     )
@@ -79,6 +81,7 @@ async fn the_gateway_headers_replace_a_backends_own() {
     };
     assert_eq!(all("x-switchyard-backend"), ["only"]);
     assert_eq!(all("x-switchyard-attempts"), ["1"]);
+    assert_eq!(all("x-switchyard-deployment"), ["gpt-4o"]);
     assert_eq!(all("x-switchyard-hop"), ["inner"]);
     let ids = all("x-request-id");
     assert_eq!(ids.len(), 1, "{ids:?}");

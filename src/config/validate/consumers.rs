@@ -106,6 +106,7 @@ pub(super) fn validate_consumers(
             keys,
             jwt: c.jwt,
             models: c.models,
+            fallbacks: c.fallbacks.unwrap_or(true),
             limits,
             deployment_limits,
         });

@@ -217,8 +217,10 @@ fn validate_deployments(
     backends: &[BackendConfig],
 ) -> Result<Vec<DeploymentConfig>, ConfigError> {
     let mut out: Vec<DeploymentConfig> = Vec::with_capacity(raw.len());
+    let mut chains = Vec::with_capacity(raw.len());
     for (i, d) in raw.into_iter().enumerate() {
         let at = |field: &str| format!("deployments[{i}].{field}");
+        chains.push((d.fallbacks, d.fallback_on));
         if !valid_deployment_name(&d.name) {
             return Err(ConfigError::field(
                 at("name"),
@@ -288,7 +290,73 @@ fn validate_deployments(
             name: d.name,
             backends: mapped,
             ranks,
+            fallbacks: Vec::new(),
+            fallback_on: FallbackOn::default(),
         });
     }
+    // Fallbacks name deployments, later ones too: checked once every name is known.
+    for (i, (fallbacks, on)) in chains.into_iter().enumerate() {
+        let at = |field: &str| format!("deployments[{i}].{field}");
+        let fallbacks = fallbacks.unwrap_or_default();
+        for (j, f) in fallbacks.iter().enumerate() {
+            let path = at(&format!("fallbacks[{j}]"));
+            if *f == out[i].name {
+                return Err(ConfigError::field(
+                    path,
+                    format!("{f:?} is the deployment itself"),
+                ));
+            }
+            if !out.iter().any(|d| d.name == *f) {
+                return Err(ConfigError::field(
+                    path,
+                    format!("no [[deployments]] entry is named {f:?}: a fallback must be one"),
+                ));
+            }
+            if fallbacks[..j].contains(f) {
+                return Err(ConfigError::field(path, format!("{f:?} is listed twice")));
+            }
+        }
+        if let Some(on) = on {
+            if fallbacks.is_empty() {
+                return Err(ConfigError::field(
+                    at("fallback_on"),
+                    "has no effect without fallbacks",
+                ));
+            }
+            out[i].fallback_on = fallback_on(&on, &at("fallback_on"))?;
+        }
+        out[i].fallbacks = fallbacks;
+    }
     Ok(out)
+}
+
+/// `fallback_on = ["throttled", ...]`: each value once, from [`FallbackOn::NAMES`].
+fn fallback_on(values: &[String], path: &str) -> Result<FallbackOn, ConfigError> {
+    let mut on = FallbackOn {
+        throttled: false,
+        unavailable: false,
+        context_length_exceeded: false,
+        content_filter: false,
+    };
+    for (j, v) in values.iter().enumerate() {
+        let flag = match v.as_str() {
+            "throttled" => &mut on.throttled,
+            "unavailable" => &mut on.unavailable,
+            "context_length_exceeded" => &mut on.context_length_exceeded,
+            "content_filter" => &mut on.content_filter,
+            _ => {
+                return Err(ConfigError::field(
+                    format!("{path}[{j}]"),
+                    format!("{v:?} is not one of {}", FallbackOn::NAMES.join(", ")),
+                ));
+            }
+        };
+        if std::mem::replace(flag, true) {
+            return Err(ConfigError::field(
+                format!("{path}[{j}]"),
+                format!("{v:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(on)
 }

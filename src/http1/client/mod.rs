@@ -336,7 +336,7 @@ enum Role {
     Connection,
     TransferEncoding,
     /// Hop-by-hop, or one the gateway answers with its own (`x-request-id`,
-    /// `x-switchyard-backend`, `x-switchyard-attempts`).
+    /// `x-switchyard-backend`, `-attempts`, `-deployment`).
     Dropped,
     ContentLength,
     /// Read by the gateway (`balancer::hints`, `balancer::signals`, the handler), or set by
@@ -349,8 +349,8 @@ enum Role {
 }
 
 /// The response headers [`parse_head`] does not pass on as they came.
-const ROLES: [(&[u8], Role); 18] = with_names(
-    with_names::<_, 9, 3, 12>(
+const ROLES: [(&[u8], Role); 19] = with_names(
+    with_names::<_, 9, 4, 13>(
         [
             (b"content-type", Role::Read),
             (b"content-length", Role::ContentLength),
