@@ -1,6 +1,8 @@
-//! `switchyard demo`: three simulated Azure OpenAI instances on loopback (one with a small
-//! tokens-per-minute quota, so it throttles), the gateway in front, a mix of streaming and plain
-//! chat requests, then a table of what each backend served; then the stateful half of the API
+//! `switchyard demo`: three simulated Azure OpenAI instances on loopback, the gateway in front,
+//! a mix of streaming and plain chat requests for `gpt-4o`, then a table of what each backend
+//! served. The two serving `gpt-4o` have small tokens-per-minute quotas, so they throttle: the
+//! gateway works around one, and when both cool down it falls back to `gpt-4o-mini` on the
+//! third. Then the stateful half of the API
 //! (a file and a batch on it, a Responses conversation of several turns), showing which
 //! instance held each object.
 
@@ -25,12 +27,17 @@ pub struct DemoOptions {
     pub admin_listen: SocketAddr,
 }
 
+/// Name, tokens per minute, time to first token (ms).
 const BACKENDS: [(&str, Option<u32>, u64); 3] = [
-    ("eastus", None, 30),
-    ("westus", None, 45),
-    // A small quota: this one throttles within the first seconds and the gateway works around it.
+    // Small quotas: these throttle within the first seconds; the gateway works around one, and
+    // falls back to gpt-4o-mini while both cool down.
+    ("eastus", Some(5_000), 30),
     ("swedencentral", Some(3_000), 25),
+    ("westus", None, 45),
 ];
+
+/// `gpt-4o` on the two with quotas, falling back to `gpt-4o-mini` on the third.
+const DEPLOYMENTS: &str = "\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { eastus = \"gpt-4o\", swedencentral = \"gpt-4o\" }\nfallbacks = [\"gpt-4o-mini\"]\n\n[[deployments]]\nname = \"gpt-4o-mini\"\nbackends = { westus = \"gpt-4o-mini\" }\n";
 
 pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), String> {
     let mut sims = Vec::new();
@@ -67,6 +74,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), S
             u = sim.url()
         ));
     }
+    toml.push_str(DEPLOYMENTS);
     let config = Config::parse(&toml, &|_| None).map_err(|e| format!("demo config: {e}"))?;
     let gateway = crate::server::start(config, shutdown.clone())
         .await
@@ -307,37 +315,59 @@ fn free_or_any(addr: SocketAddr) -> SocketAddr {
 
 fn print_table(outcomes: &[Outcome], sims: &[Simulator], metrics: &crate::telemetry::Metrics) {
     println!(
-        "\n{:<15} {:>8} {:>14} {:>9} {:>9}",
-        "backend", "served", "429s absorbed", "p50 ms", "p99 ms"
+        "\n{:<15} {:<13} {:>8} {:>14} {:>9} {:>9}",
+        "backend", "deployment", "served", "429s absorbed", "p50 ms", "p99 ms"
     );
     for sim in sims {
-        let mut lat: Vec<Duration> = outcomes
+        let mut served: Vec<&str> = outcomes
             .iter()
             .filter(|o| o.served_by.as_deref() == Some(sim.name()) && o.status.is_success())
-            .map(|o| o.latency)
+            .map(|o| o.deployment.as_deref().unwrap_or("-"))
             .collect();
-        lat.sort();
-        println!(
-            "{:<15} {:>8} {:>14} {:>9.1} {:>9.1}",
-            sim.name(),
-            lat.len(),
-            metrics.retried(sim.name(), "429"),
-            percentile(&lat, 0.5).as_secs_f64() * 1000.0,
-            percentile(&lat, 0.99).as_secs_f64() * 1000.0,
-        );
+        served.sort_unstable();
+        served.dedup();
+        if served.is_empty() {
+            served.push("-");
+        }
+        for deployment in served {
+            let mut lat: Vec<Duration> = outcomes
+                .iter()
+                .filter(|o| {
+                    o.served_by.as_deref() == Some(sim.name())
+                        && o.status.is_success()
+                        && o.deployment.as_deref().unwrap_or("-") == deployment
+                })
+                .map(|o| o.latency)
+                .collect();
+            lat.sort();
+            println!(
+                "{:<15} {:<13} {:>8} {:>14} {:>9.1} {:>9.1}",
+                sim.name(),
+                deployment,
+                lat.len(),
+                metrics.retried(sim.name(), "429"),
+                percentile(&lat, 0.5).as_secs_f64() * 1000.0,
+                percentile(&lat, 0.99).as_secs_f64() * 1000.0,
+            );
+        }
     }
     let ok = outcomes
         .iter()
         .filter(|o| o.status.is_success() && o.complete)
         .count();
     let retried = outcomes.iter().filter(|o| o.attempts > 1).count();
+    let fell_back = outcomes
+        .iter()
+        .filter(|o| o.status.is_success() && o.deployment.as_deref() == Some("gpt-4o-mini"))
+        .count();
     let rate = if outcomes.is_empty() {
         0.0
     } else {
         100.0 * ok as f64 / outcomes.len() as f64
     };
     println!(
-        "\nclient-visible success: {ok}/{} ({rate:.1}%), {retried} requests needed a second backend",
+        "\nclient-visible success: {ok}/{} ({rate:.1}%), {retried} requests needed a second backend, \
+         {fell_back} were served by the fallback gpt-4o-mini while gpt-4o's backends cooled down",
         outcomes.len()
     );
 }

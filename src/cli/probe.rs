@@ -64,6 +64,8 @@ pub struct Outcome {
     pub error_body: Option<String>,
     /// `x-switchyard-backend`, else `x-ms-region`.
     pub served_by: Option<String>,
+    /// `x-switchyard-deployment`: the deployment that served (a fallback, when one did).
+    pub deployment: Option<String>,
     pub attempts: u32,
     pub latency: Duration,
     /// A whole JSON answer, or a stream that ended with `[DONE]`.
@@ -122,6 +124,7 @@ impl Outcome {
             failure: Some(why),
             error_body: None,
             served_by: None,
+            deployment: None,
             attempts: 0,
             latency,
             complete: false,
@@ -187,6 +190,7 @@ async fn exchange(
             .map(str::to_string)
     };
     let served_by = header("x-switchyard-backend").or_else(|| header("x-ms-region"));
+    let deployment = header("x-switchyard-deployment");
     let attempts = header("x-switchyard-attempts")
         .and_then(|a| a.parse().ok())
         .unwrap_or(1);
@@ -223,6 +227,7 @@ async fn exchange(
         failure,
         error_body,
         served_by,
+        deployment,
         attempts,
         latency: started.elapsed(),
         complete,

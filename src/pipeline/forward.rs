@@ -131,7 +131,15 @@ pub(super) fn answered(
             })
         }
         Err(error) => {
-            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %error, "no backend answered");
+            // Throttling is capacity doing its job, not a fault to warn of.
+            let id = request_id.to_str().unwrap_or("");
+            if error.kind == crate::error::ErrorKind::AllThrottled
+                || error.kind == crate::error::ErrorKind::OwnerThrottled
+            {
+                tracing::info!(request_id = id, error = %error, "no backend answered");
+            } else {
+                tracing::warn!(request_id = id, error = %error, "no backend answered");
+            }
             // Nothing was served: the reservation is given back, not charged.
             if let Some(l) = limit {
                 l.admission.settle(Some(0));

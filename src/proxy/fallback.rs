@@ -45,7 +45,8 @@ impl Proxy {
     /// Runs a round of attempts for `asked`, then for each fallback of `chain` in turn while
     /// the last did not serve the request for a reason `chain.on` lists and `gate` lets it
     /// go on. An exhausted chain answers as one deployment's exhaustion does: 429 with the
-    /// soonest `retry-after` when any was throttled, else the last round's answer.
+    /// soonest `retry-after` when any was throttled, else the last round's answer (the asked
+    /// deployment's own when no fallback could be tried).
     pub async fn forward_chain<G: Gate>(
         &self,
         req: &OutboundRequest<'_>,
@@ -113,7 +114,8 @@ impl Proxy {
         }
         note_throttled(&mut soonest, miss);
         answer.attempts = attempts;
-        let Some(retry_after) = soonest else {
+        // No fallback could take it (or none was tried): the answer as without a chain.
+        let Some(retry_after) = soonest.filter(|_| answer.fallback.is_some()) else {
             return answer;
         };
         self.metrics

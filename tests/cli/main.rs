@@ -408,6 +408,49 @@ async fn access_log_lines_are_json_when_asked() {
     let _ = child.kill().await;
 }
 
+/// A request a fallback served is logged under the deployment that served it, with the one it
+/// asked for beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_fallback_that_served() {
+    let good = common::start_sim(common::sim("good")).await;
+    let dir = tmp("access-log-fallback");
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[routing]\nmax_attempts = 1\n\n[[backends]]\nname = \"dead\"\nurl = \"{}\"\nauth = {{ type = \"none\" }}\n\n[[backends]]\nname = \"good\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-good\" }}\n\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ dead = \"gpt-4o\" }}\nfallbacks = [\"gpt-4o-mini\"]\n\n[[deployments]]\nname = \"gpt-4o-mini\"\nbackends = {{ good = \"gpt-4o-mini\" }}\n",
+        common::dead_url(),
+        good.url()
+    );
+    let p = write_config(&dir, &cfg);
+    let (mut child, mut lines) = serve_json_logs(&p);
+    let addr = next_message(&mut lines, "switchyard listening").await["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = common::client()
+        .post(format!("http://{addr}{}", common::CHAT))
+        .header("content-type", "application/json")
+        .body(common::chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(common::header(&r, "x-switchyard-deployment"), "gpt-4o-mini");
+    let _ = r.bytes().await;
+    let access = loop {
+        let line = lines.next_line().await.unwrap().expect("an access line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["target"] == "switchyard::access" {
+            break v;
+        }
+    };
+    assert_eq!(access["deployment"], "gpt-4o-mini", "{access}");
+    assert_eq!(access["requested"], "gpt-4o", "{access}");
+    assert_eq!(access["backend"], "good");
+    assert_eq!(access["attempts"], 2);
+    assert_eq!(access["tried"], "dead:backend_connect_error good:200");
+    assert_eq!(access["completion_tokens"], 8);
+    let _ = child.kill().await;
+}
+
 /// A backend whose key is wrong is logged as a WARN naming it and the config to check, once,
 /// while its requests are served by the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
