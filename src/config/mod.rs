@@ -619,6 +619,15 @@ impl Config {
                 .map(|(i, n)| format!("{}={n}", self.backends[*i].name))
                 .collect();
             let _ = writeln!(s, "  - {:<16} {}", d.name, names.join(", "));
+            if !d.fallbacks.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "    {:<16} falls back to {} on {}",
+                    "",
+                    d.fallbacks.join(", then "),
+                    d.fallback_on.names().join(", ")
+                );
+            }
         }
         if let Some(t) = &self.tracing {
             let _ = writeln!(

@@ -274,7 +274,8 @@ fn own_lines(
             + deployment.map_or(0, <[u8]>::len)
             + attempts.map_or(0, <[u8]>::len)
             + passed.len()
-            + 80,
+            // The four names, their `: ` and line ends.
+            + 96,
     );
     let mut line = |name: &[u8], value: &[u8]| put_line(&mut out, name, value);
     line(b"x-request-id", request_id.as_bytes());
