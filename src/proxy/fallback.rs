@@ -61,7 +61,7 @@ impl Proxy {
         let mut attempts = answer.attempts;
         let mut from: &str = asked;
         let mut soonest: Option<Option<Duration>> = None;
-        let mut miss = match self.missed(&mut answer, chain.on, true).await {
+        let mut miss = match self.missed(&mut answer, chain.on, true, req.creates).await {
             Some(m) => m,
             None => return answer,
         };
@@ -107,7 +107,7 @@ impl Proxy {
             answer.fallback = Some(to.clone());
             from = to;
             let last = i + 1 == chain.to.len();
-            miss = match self.missed(&mut answer, chain.on, !last).await {
+            miss = match self.missed(&mut answer, chain.on, !last, req.creates).await {
                 Some(m) => m,
                 None => return answer,
             };
@@ -139,9 +139,18 @@ impl Proxy {
 
     /// Why `answer` did not serve the request, when `on` lists the reason; `None`: it is the
     /// answer. A 400's body is read for its error code only when `codes` (a fallback follows)
-    /// and `on` lists a code; read or not, the answer stays whole.
-    async fn missed(&self, answer: &mut Answer, on: FallbackOn, codes: bool) -> Option<Miss> {
+    /// and `on` lists a code; read or not, the answer stays whole. A request that `creates` an
+    /// object and reached a backend whole before it failed goes nowhere else, as within a
+    /// round: a second object is worse than an error.
+    async fn missed(
+        &self,
+        answer: &mut Answer,
+        on: FallbackOn,
+        codes: bool,
+        creates: bool,
+    ) -> Option<Miss> {
         let resp = match &answer.result {
+            Err(e) if e.delivered && creates => return None,
             Err(e) => {
                 return match e.kind {
                     ErrorKind::AllThrottled | ErrorKind::OwnerThrottled if on.throttled => {

@@ -268,3 +268,34 @@ async fn an_exhausted_chain_answers_429_with_the_soonest_retry_after() {
     assert!(message.contains("gpt-4o-mini"), "{message}");
     gw.stop().await;
 }
+
+/// A request that reached a backend whole and got no answer may have been acted on: one that
+/// makes an object (a stored chat completion) goes to no fallback, as it goes to no other
+/// backend; one that makes none goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_may_have_made_an_object_is_not_sent_to_a_fallback() {
+    let (sims, backends) = start_sims(&["east", "west"]).await;
+    sims[0]
+        .set_faults(Faults {
+            drop_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let gw = gateway_with(&backends, "max_attempts = 1", "", &chain("")).await;
+    let key = "app-key-00000001";
+    let v1 = "/openai/v1/chat/completions";
+    let stored = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "store": true
+    })
+    .to_string();
+    let r = chat(&gw, key, v1, stored).await;
+    assert_eq!(r.status(), 502);
+    assert!(sims[1].requests().is_empty(), "not made twice");
+
+    let r = chat(&gw, key, v1, v1_body("gpt-4o", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-switchyard-deployment"), "gpt-4o-mini");
+    gw.stop().await;
+}
