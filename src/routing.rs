@@ -167,9 +167,8 @@ backends = {{ westus = "gpt-4o-2024-08-06", eastus = "gpt-4o" }}
         assert_eq!(r.resolve(None).unwrap().len(), 3);
     }
 
-    #[test]
-    fn bad_mappings_are_config_errors() {
-        let text = r#"
+    /// One backend, and a deployment mapped to a backend no entry names.
+    const ONE_BACKEND: &str = r#"
 [[backends]]
 name = "eastus"
 url = "http://127.0.0.1:1"
@@ -178,6 +177,10 @@ auth = { type = "none" }
 name = "gpt-4o"
 backends = { nowhere = "x" }
 "#;
+
+    #[test]
+    fn bad_mappings_are_config_errors() {
+        let text = ONE_BACKEND;
         let e = Config::parse(text, &|_| None).unwrap_err();
         assert_eq!(e.path, "deployments[0].backends.nowhere");
         let e = Config::parse(
@@ -206,15 +209,7 @@ backends = { nowhere = "x" }
         assert!(Router::new(&config("")).fallbacks("gpt-4o").is_none());
 
         let refused = |extra: &str| {
-            let base = r#"
-[[backends]]
-name = "eastus"
-url = "http://127.0.0.1:1"
-auth = { type = "none" }
-[[deployments]]
-name = "gpt-4o"
-backends = { eastus = "gpt-4o" }
-"#;
+            let base = ONE_BACKEND.replace("nowhere = \"x\"", "eastus = \"gpt-4o\"");
             Config::parse(&format!("{base}{extra}"), &|_| None).unwrap_err()
         };
         let e = refused("fallbacks = [\"nowhere\"]\n");

@@ -119,30 +119,38 @@ fn month_windows_follow_the_calendar() {
     assert_eq!(days_from_civil(2026, 11, 26), 20_783);
 }
 
-#[tokio::test(start_paused = true)]
-async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
-    let l = Limiter::new(
+/// A limiter for one consumer, `team`, with these overall and per-deployment limits.
+fn team(limits: ConsumerLimits, per_deployment: Vec<(String, ConsumerLimits)>) -> Limiter {
+    Limiter::new(
         &[ConsumerConfig {
             name: "team".into(),
             keys: Vec::new(),
             models: None,
             fallbacks: true,
             jwt: None,
-            limits: ConsumerLimits {
-                requests_per_minute: Some(100),
-                ..Default::default()
-            },
-            deployment_limits: vec![(
-                "gpt-4o".into(),
-                ConsumerLimits {
-                    requests_per_minute: Some(2),
-                    ..Default::default()
-                },
-            )],
+            limits,
+            deployment_limits: per_deployment,
         }],
         500,
         None,
         None,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
+    let l = team(
+        ConsumerLimits {
+            requests_per_minute: Some(100),
+            ..Default::default()
+        },
+        vec![(
+            "gpt-4o".into(),
+            ConsumerLimits {
+                requests_per_minute: Some(2),
+                ..Default::default()
+            },
+        )],
     );
     let wall = SystemTime::now();
     let body = Bytes::from_static(b"{}");
@@ -173,23 +181,13 @@ async fn a_fallback_moves_the_tokens_to_the_deployment_that_served() {
         tokens_per_minute: Some(tokens),
         ..Default::default()
     };
-    let l = Limiter::new(
-        &[ConsumerConfig {
-            name: "team".into(),
-            keys: Vec::new(),
-            models: None,
-            fallbacks: true,
-            jwt: None,
-            limits: ConsumerLimits {
-                requests_per_minute: Some(10),
-                tokens_per_minute: Some(100_000),
-                ..Default::default()
-            },
-            deployment_limits: vec![("gpt-4o".into(), per(10_000)), ("mini".into(), per(5_000))],
-        }],
-        500,
-        None,
-        None,
+    let l = team(
+        ConsumerLimits {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(100_000),
+            ..Default::default()
+        },
+        vec![("gpt-4o".into(), per(10_000)), ("mini".into(), per(5_000))],
     );
     let wall = SystemTime::now();
     let body =

@@ -65,14 +65,7 @@ pub(super) async fn admit(
         )
         .await
         .map_err(|r| {
-            state
-                .metrics
-                .consumer_rejections
-                .get_or_create(&ConsumerRejectionLabels {
-                    consumer: c.name.to_string(),
-                    reason: r.reason(),
-                })
-                .inc();
+            count_refusal(state, &c.name, &r);
             refusal(&c.name, r)
         })?;
     let Some(admission) = admitted else {
@@ -137,19 +130,23 @@ impl crate::proxy::Gate for FallbackGate<'_> {
         match entered {
             Ok(()) => true,
             Err(r) => {
-                self.state
-                    .metrics
-                    .consumer_rejections
-                    .get_or_create(&ConsumerRejectionLabels {
-                        consumer: c.name.to_string(),
-                        reason: r.reason(),
-                    })
-                    .inc();
+                count_refusal(self.state, &c.name, &r);
                 tracing::debug!(consumer = %c.name, fallback = to, "the consumer's limits on the fallback refuse the request");
                 false
             }
         }
     }
+}
+
+fn count_refusal(state: &GatewayState, consumer: &str, r: &Refusal) {
+    state
+        .metrics
+        .consumer_rejections
+        .get_or_create(&ConsumerRejectionLabels {
+            consumer: consumer.to_string(),
+            reason: r.reason(),
+        })
+        .inc();
 }
 
 fn refusal(consumer: &str, r: Refusal) -> GatewayError {

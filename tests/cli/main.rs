@@ -358,18 +358,15 @@ async fn probe_says_why_requests_failed() {
     assert!(text.contains("429: {"), "{text}");
 }
 
-/// The access log: one JSON line per request with its id, every backend tried and how, status,
-/// tokens and durations; never a key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_lines_are_json_when_asked() {
-    let good = common::start_sim(common::sim("good")).await;
-    let dir = tmp("access-log");
-    let cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[backends]]\nname = \"dead\"\nurl = \"{}\"\nauth = {{ type = \"none\" }}\n\n[[backends]]\nname = \"good\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-good\" }}\n",
-        common::dead_url(),
-        good.url()
-    );
-    let p = write_config(&dir, &cfg);
+/// `switchyard serve` on `cfg` (written under `dir`) with JSON logs, one chat completion sent
+/// to it, and what came of it: the answer's headers (status checked to be 200) and the
+/// request's access line, each log line before it checked to hold none of `secrets`.
+async fn one_logged_chat(
+    dir: &str,
+    cfg: &str,
+    secrets: &[&str],
+) -> (reqwest::header::HeaderMap, serde_json::Value) {
+    let p = write_config(&tmp(dir), cfg);
     let (mut child, mut lines) = serve_json_logs(&p);
     let addr = next_message(&mut lines, "switchyard listening").await["addr"]
         .as_str()
@@ -384,28 +381,44 @@ async fn access_log_lines_are_json_when_asked() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let rid = common::header(&r, "x-request-id");
+    let headers = r.headers().clone();
     let _ = r.bytes().await;
     let access = loop {
         let line = lines.next_line().await.unwrap().expect("an access line");
-        assert!(
-            !line.contains("client-secret-key") && !line.contains("key-good"),
-            "{line}"
-        );
+        assert!(!secrets.iter().any(|s| line.contains(s)), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["target"] == "switchyard::access" {
             break v;
         }
     };
-    assert_eq!(access["request_id"], rid.as_str());
+    let _ = child.kill().await;
+    (headers, access)
+}
+
+/// The access log: one JSON line per request with its id, every backend tried and how, status,
+/// tokens and durations; never a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_are_json_when_asked() {
+    let good = common::start_sim(common::sim("good")).await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[backends]]\nname = \"dead\"\nurl = \"{}\"\nauth = {{ type = \"none\" }}\n\n[[backends]]\nname = \"good\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-good\" }}\n",
+        common::dead_url(),
+        good.url()
+    );
+    let (headers, access) =
+        one_logged_chat("access-log", &cfg, &["client-secret-key", "key-good"]).await;
+    assert_eq!(
+        access["request_id"],
+        headers["x-request-id"].to_str().unwrap()
+    );
     assert_eq!(access["deployment"], "gpt-4o");
+    assert!(access.get("requested").is_none(), "{access}");
     assert_eq!(access["status"], 200);
     assert_eq!(access["backend"], "good");
     assert_eq!(access["attempts"], 2);
     assert_eq!(access["tried"], "dead:backend_connect_error good:200");
     assert_eq!(access["completion_tokens"], 8);
     assert!(access["total_ms"].as_f64().unwrap() >= access["first_byte_ms"].as_f64().unwrap());
-    let _ = child.kill().await;
 }
 
 /// A request a fallback served is logged under the deployment that served it, with the one it
@@ -413,42 +426,19 @@ async fn access_log_lines_are_json_when_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_names_the_fallback_that_served() {
     let good = common::start_sim(common::sim("good")).await;
-    let dir = tmp("access-log-fallback");
     let cfg = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[routing]\nmax_attempts = 1\n\n[[backends]]\nname = \"dead\"\nurl = \"{}\"\nauth = {{ type = \"none\" }}\n\n[[backends]]\nname = \"good\"\nurl = \"{}\"\nauth = {{ type = \"api_key\", key = \"key-good\" }}\n\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ dead = \"gpt-4o\" }}\nfallbacks = [\"gpt-4o-mini\"]\n\n[[deployments]]\nname = \"gpt-4o-mini\"\nbackends = {{ good = \"gpt-4o-mini\" }}\n",
         common::dead_url(),
         good.url()
     );
-    let p = write_config(&dir, &cfg);
-    let (mut child, mut lines) = serve_json_logs(&p);
-    let addr = next_message(&mut lines, "switchyard listening").await["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = common::client()
-        .post(format!("http://{addr}{}", common::CHAT))
-        .header("content-type", "application/json")
-        .body(common::chat_body(false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(common::header(&r, "x-switchyard-deployment"), "gpt-4o-mini");
-    let _ = r.bytes().await;
-    let access = loop {
-        let line = lines.next_line().await.unwrap().expect("an access line");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["target"] == "switchyard::access" {
-            break v;
-        }
-    };
+    let (headers, access) = one_logged_chat("access-log-fallback", &cfg, &[]).await;
+    assert_eq!(headers["x-switchyard-deployment"], "gpt-4o-mini");
     assert_eq!(access["deployment"], "gpt-4o-mini", "{access}");
     assert_eq!(access["requested"], "gpt-4o", "{access}");
     assert_eq!(access["backend"], "good");
     assert_eq!(access["attempts"], 2);
     assert_eq!(access["tried"], "dead:backend_connect_error good:200");
     assert_eq!(access["completion_tokens"], 8);
-    let _ = child.kill().await;
 }
 
 /// A backend whose key is wrong is logged as a WARN naming it and the config to check, once,

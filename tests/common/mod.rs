@@ -19,6 +19,16 @@ pub const ANY: &str = "127.0.0.1:0";
 mod stores;
 pub use stores::*;
 
+/// Faults that answer every request 429, asking to wait `retry_after_ms`.
+pub fn throttling(retry_after_ms: u64) -> switchyard::sim::Faults {
+    switchyard::sim::Faults {
+        error_rate: 1.0,
+        error_status: 429,
+        retry_after_ms: Some(retry_after_ms),
+        ..switchyard::sim::Faults::default()
+    }
+}
+
 /// A simulator config that records requests and requires the key `key-{name}`.
 pub fn sim(name: &str) -> SimConfig {
     SimConfig {

@@ -300,14 +300,7 @@ async fn a_deployment_ranks_its_backends_its_own_way_and_spills_over() {
         assert_eq!(served_by("gpt-4o").await, "west", "gpt-4o: west first");
         assert_eq!(served_by("embed").await, "east", "embed: east first");
     }
-    sims[1]
-        .set_faults(Faults {
-            error_rate: 1.0,
-            error_status: 429,
-            retry_after_ms: Some(30_000),
-            ..Faults::default()
-        })
-        .await;
+    sims[1].set_faults(throttling(30_000)).await;
     for _ in 0..4 {
         assert_eq!(
             served_by("gpt-4o").await,

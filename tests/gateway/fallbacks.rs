@@ -66,14 +66,7 @@ async fn a_throttled_deployment_falls_back_to_the_next_model() {
     );
     assert_eq!(header(&r, "x-switchyard-backend"), "east");
 
-    sims[0]
-        .set_faults(Faults {
-            error_rate: 1.0,
-            error_status: 429,
-            retry_after_ms: Some(30_000),
-            ..Faults::default()
-        })
-        .await;
+    sims[0].set_faults(throttling(30_000)).await;
     // The first meets east's 429 and goes on; the next find east cooling down and go on at once.
     for i in 0..3 {
         let r = chat(&gw, key, CHAT, chat_body(false)).await;
@@ -249,13 +242,7 @@ async fn a_prompt_too_long_for_the_model_goes_on_to_a_larger_one() {
 async fn an_exhausted_chain_answers_429_with_the_soonest_retry_after() {
     let (sims, backends) = start_sims(&["east", "west"]).await;
     for (s, ms) in sims.iter().zip([30_000, 8_000]) {
-        s.set_faults(Faults {
-            error_rate: 1.0,
-            error_status: 429,
-            retry_after_ms: Some(ms),
-            ..Faults::default()
-        })
-        .await;
+        s.set_faults(throttling(ms)).await;
     }
     let gw = gateway_with(&backends, "", "", &chain("")).await;
     let r = chat(&gw, "app-key-00000001", CHAT, chat_body(false)).await;
