@@ -105,20 +105,16 @@ impl crate::proxy::Gate for FallbackGate<'_> {
         if !c.may_use(to) {
             return false;
         }
-        let mut admission = self.limit.take().map(|l| {
-            let mut a = l.admission;
+        let strip = self.limit.as_ref().is_some_and(|l| l.strip);
+        let mut admission = self.limit.take().map(|l| l.admission);
+        if let Some(a) = admission.as_mut() {
             a.leave(from);
-            (a, l.strip)
-        });
-        let (mut joined, strip) = match admission.take() {
-            Some((a, strip)) => (Some(a), strip),
-            None => (None, false),
-        };
+        }
         let entered = self
             .snap
             .limiter
             .enter(
-                &mut joined,
+                &mut admission,
                 &c.name,
                 to,
                 self.body,
@@ -126,7 +122,7 @@ impl crate::proxy::Gate for FallbackGate<'_> {
                 std::time::SystemTime::now(),
             )
             .await;
-        *self.limit = joined.map(|admission| Limit { admission, strip });
+        *self.limit = admission.map(|admission| Limit { admission, strip });
         match entered {
             Ok(()) => true,
             Err(r) => {

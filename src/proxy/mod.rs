@@ -7,7 +7,8 @@
 //! is retried only before any of it reached the client: the loop hands back headers and body
 //! together, so that holds by construction. When every candidate is throttled the client gets
 //! a 429 with the soonest `retry-after`; when every one is down, the last real backend answer
-//! if there was one, else a 503.
+//! if there was one, else a 503. A deployment with fallbacks gets one such round, then each
+//! fallback in turn (`fallback.rs`).
 
 mod attempt;
 mod fallback;
