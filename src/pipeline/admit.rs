@@ -9,15 +9,12 @@ use crate::error::{ErrorKind, GatewayError};
 use crate::limits::{Admission, Refusal};
 use crate::live::{GatewayState, Snapshot};
 use crate::telemetry::ConsumerRejectionLabels;
-use crate::usage;
 
 use super::read::Inbound;
 
 /// A request's hold on its consumer's limits.
 pub(super) struct Limit {
     pub(super) admission: Admission,
-    /// The usage chunk was asked for by the gateway: strip it from the client's stream.
-    pub(super) strip: bool,
 }
 
 /// Whether `consumer` may use the deployment the request asks for (`consumers[].models`): a
@@ -42,14 +39,13 @@ pub(super) fn allowed(
     ))
 }
 
-/// Admits the request under `consumer`'s limits; `None` when it has none. A stream whose usage
-/// must be counted is made to report it (`body` gets `stream_options.include_usage`).
+/// Admits the request under `consumer`'s limits; `None` when it has none.
 pub(super) async fn admit(
     state: &GatewayState,
     snap: &Snapshot,
     consumer: Option<&Consumer>,
     inbound: &Inbound<'_>,
-    body: &mut Bytes,
+    body: &Bytes,
 ) -> Result<Option<Limit>, GatewayError> {
     let Some(c) = consumer else {
         return Ok(None);
@@ -68,23 +64,7 @@ pub(super) async fn admit(
             count_refusal(state, &c.name, &r);
             refusal(&c.name, r)
         })?;
-    let Some(admission) = admitted else {
-        return Ok(None);
-    };
-    // Settling needs a stream's usage: ask for it, and take it out again on the way back.
-    let mut strip = false;
-    // A fallback's limits may count tokens where the asked deployment's do not.
-    let counts_tokens = admission.counts_tokens
-        || (snap.proxy.fallbacks(inbound.deployment()).is_some()
-            && snap.limiter.counts_tokens(&c.name));
-    if counts_tokens
-        && takes_usage_chunk(&inbound.endpoint.path_and_query)
-        && let Some(b) = usage::request_usage_chunk(body)
-    {
-        *body = b;
-        strip = true;
-    }
-    Ok(Some(Limit { admission, strip }))
+    Ok(admitted.map(|admission| Limit { admission }))
 }
 
 /// What lets a request go on to a fallback deployment: the caller may use it
@@ -105,7 +85,6 @@ impl crate::proxy::Gate for FallbackGate<'_> {
         if !c.may_use(to) {
             return false;
         }
-        let strip = self.limit.as_ref().is_some_and(|l| l.strip);
         let mut admission = self.limit.take().map(|l| l.admission);
         if let Some(a) = admission.as_mut() {
             a.leave(from);
@@ -122,7 +101,7 @@ impl crate::proxy::Gate for FallbackGate<'_> {
                 std::time::SystemTime::now(),
             )
             .await;
-        *self.limit = admission.map(|admission| Limit { admission, strip });
+        *self.limit = admission.map(|admission| Limit { admission });
         match entered {
             Ok(()) => true,
             Err(r) => {
@@ -174,11 +153,4 @@ fn refusal(consumer: &str, r: Refusal) -> GatewayError {
         )
         .with_retry_after(Some(std::time::Duration::from_secs(1))),
     }
-}
-
-/// Only chat completions and completions have `stream_options.include_usage`; the Responses
-/// API reports usage by itself and refuses the option.
-fn takes_usage_chunk(path_and_query: &str) -> bool {
-    let path = path_and_query.split('?').next().unwrap_or("");
-    path.ends_with("/chat/completions") || path.ends_with("/completions")
 }

@@ -68,6 +68,9 @@ pub(super) struct RequestContext {
 
     /// The answer is an event stream (a failure mid-stream gets a final `error` event).
     pub(super) sse: bool,
+    /// The gateway asked for the stream's usage chunk (the client did not): it is taken out
+    /// of the stream again.
+    pub(super) usage_asked: bool,
 
     // Known as the body goes by:
     /// The backend's body failed after the headers went out.
@@ -106,6 +109,7 @@ impl RequestContext {
             stats: None,
             learner: None,
             sse: false,
+            usage_asked: false,
             stream_failed: false,
             finished: false,
         };

@@ -34,6 +34,7 @@ impl RequestContext {
             completion_tokens = usage.map(|u| u.completion_tokens),
             cached_tokens = usage.map(|u| u.cached_tokens),
             reasoning_tokens = usage.map(|u| u.reasoning_tokens),
+            audio_tokens = usage.map(|u| u.audio_tokens),
             first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
             total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"
@@ -43,7 +44,7 @@ impl RequestContext {
                 BackendStats::add(&s.tokens, u.total_tokens);
             }
             if let Some(c) = &self.counters {
-                c.add_tokens(&self.metrics, u.prompt_tokens, u.completion_tokens);
+                c.add_usage(&self.metrics, &u);
             }
         }
         if let Some(tracer) = self.tracer.take() {
@@ -112,6 +113,7 @@ impl RequestContext {
                 u.cached_tokens.into(),
             ));
             attrs.push(("gen_ai.usage.reasoning_tokens", u.reasoning_tokens.into()));
+            attrs.push(("switchyard.usage.audio_tokens", u.audio_tokens.into()));
         }
         attrs.push(("http.request.method", l.method.to_string().into()));
         attrs.push((

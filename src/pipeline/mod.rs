@@ -75,13 +75,13 @@ async fn serve(
         );
     }
     let (parts, body) = req.into_parts();
-    let (inbound, mut payload) = read::read(snap, &parts, body, consumer.as_ref(), ctx).await?;
+    let (inbound, payload) = read::read(snap, &parts, body, consumer.as_ref(), ctx).await?;
     admit::allowed(consumer.as_ref(), &inbound)?;
     if let Some(list) = models::answer(snap, &inbound, consumer.as_ref()) {
         return list.map(Served::gateway).map_err(Failed::from);
     }
     let place = route::route(state, snap, &inbound, &payload, consumer.as_ref()).await?;
-    let limit = admit::admit(state, snap, consumer.as_ref(), &inbound, &mut payload.body).await?;
+    let limit = admit::admit(state, snap, consumer.as_ref(), &inbound, &payload.body).await?;
     let outbound = forward::outbound(&inbound, payload, &place, &ctx.request_id);
     if let Some(collection) = forward::listed(&inbound, &place) {
         let log = &mut ctx.attempts_log;

@@ -105,12 +105,43 @@ pub(super) async fn read<'a>(
     ctx.deployment = inbound
         .deployment()
         .map(|d| first_chars(d, 128).to_string());
+    let body = match ask_usage(&inbound, &body) {
+        Some(asked) => {
+            ctx.usage_asked = true;
+            asked
+        }
+        None => body,
+    };
     // Only a sampled trace's spans read these.
     if ctx.sampled() {
         ctx.operation = trace::operation_name(path);
         ctx.params = serde_json::from_slice(&body).ok();
     }
     Ok((inbound, Payload { body, passthrough }))
+}
+
+/// A streamed chat completion (or completion) that did not ask for its usage is made to: its
+/// tokens are counted for every request, not only those of consumers with token limits. The
+/// gateway takes the usage chunk out of the stream again (`ctx.usage_asked`), so the client sees
+/// the stream it asked for. `None`: the body goes as sent.
+fn ask_usage(inbound: &Inbound<'_>, body: &[u8]) -> Option<Bytes> {
+    if inbound.parts.method != http::Method::POST {
+        return None;
+    }
+    let path = inbound
+        .endpoint
+        .path_and_query
+        .split('?')
+        .next()
+        .unwrap_or("");
+    // Only these have `stream_options.include_usage`; the Responses API reports usage by
+    // itself and refuses the option.
+    if !(path.ends_with("/chat/completions") || path.ends_with("/completions")) {
+        return None;
+    }
+    // Most requests are not streams and never say `stream`: no parse for them.
+    memchr::memmem::find(body, b"\"stream\"")?;
+    crate::usage::request_usage_chunk(body)
 }
 
 async fn read_body(

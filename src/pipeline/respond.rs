@@ -81,7 +81,7 @@ pub(super) fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let sse = content_type.is_some_and(|v| v.starts_with("text/event-stream"));
-    let strip = limit.as_ref().is_some_and(|l| l.strip);
+    let strip = ctx.usage_asked;
     // Usage is read from whatever a backend answered (never from the gateway's own errors).
     let tap = backend_name
         .as_ref()

@@ -215,19 +215,32 @@ pub struct RequestCounters {
 /// usage (the gateway's own errors) add no token series.
 struct TokenCounters {
     labels: TokenLabels,
-    counters: std::sync::OnceLock<[Counter; 2]>,
+    counters: std::sync::OnceLock<[Counter; TOKEN_KINDS.len()]>,
 }
 
+/// The `kind`s of `switchyard_tokens_total`: prompt and completion as the answer counts them,
+/// and the parts of them it breaks out (cached prompt, reasoning, audio).
+pub const TOKEN_KINDS: [&str; 5] = ["prompt", "completion", "cached", "reasoning", "audio"];
+
 impl RequestCounters {
-    pub fn add_tokens(&self, metrics: &Metrics, prompt: u64, completion: u64) {
-        let [p, c] = self.tokens.counters.get_or_init(|| {
+    pub fn add_usage(&self, metrics: &Metrics, u: &crate::usage::Usage) {
+        let counters = self.tokens.counters.get_or_init(|| {
             let mut labels = self.tokens.labels.clone();
-            let prompt = metrics.tokens.get_or_create(&labels).clone();
-            labels.kind = "completion";
-            [prompt, metrics.tokens.get_or_create(&labels).clone()]
+            TOKEN_KINDS.map(|kind| {
+                labels.kind = kind;
+                metrics.tokens.get_or_create(&labels).clone()
+            })
         });
-        p.inc_by(prompt);
-        c.inc_by(completion);
+        let counts = [
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens,
+            u.reasoning_tokens,
+            u.audio_tokens,
+        ];
+        for (c, n) in counters.iter().zip(counts) {
+            c.inc_by(n);
+        }
     }
 }
 
@@ -606,13 +619,31 @@ mod tests {
         assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4o",backend="east",status_class="2xx",consumer="-"} 2"#), "{text}");
         assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4",backend="oeast",status_class="2xx",consumer="-"} 1"#), "{text}");
         assert!(text.contains(r#"switchyard_requests_total{deployment="gpt-4o",backend="east",status_class="5xx",consumer="-"} 1"#), "{text}");
-        // No token series until usage is reported, then both kinds.
+        // No token series until usage is reported, then every kind.
         assert!(!text.contains("switchyard_tokens_total{"), "{text}");
-        a.add_tokens(&m, 10, 3);
+        let usage = |prompt, completion, cached, reasoning, audio| crate::usage::Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: cached,
+            reasoning_tokens: reasoning,
+            audio_tokens: audio,
+        };
+        a.add_usage(&m, &usage(10, 3, 8, 2, 0));
         m.request_counters("gpt-4o", "east", "2xx", "-")
-            .add_tokens(&m, 1, 1);
+            .add_usage(&m, &usage(1, 1, 0, 0, 1));
         let text = m.render();
-        assert!(text.contains(r#"switchyard_tokens_total{deployment="gpt-4o",backend="east",consumer="-",kind="prompt"} 11"#), "{text}");
-        assert!(text.contains(r#"switchyard_tokens_total{deployment="gpt-4o",backend="east",consumer="-",kind="completion"} 4"#), "{text}");
+        for (kind, n) in [
+            ("prompt", 11),
+            ("completion", 4),
+            ("cached", 8),
+            ("reasoning", 2),
+            ("audio", 1),
+        ] {
+            let line = format!(
+                r#"switchyard_tokens_total{{deployment="gpt-4o",backend="east",consumer="-",kind="{kind}"}} {n}"#
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
     }
 }

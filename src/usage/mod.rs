@@ -18,6 +18,8 @@ pub struct Usage {
     pub cached_tokens: u64,
     /// Of the completion tokens, those spent on reasoning.
     pub reasoning_tokens: u64,
+    /// Audio tokens, prompt and completion together (`audio_tokens` in the `*_details`).
+    pub audio_tokens: u64,
 }
 
 /// How much of a JSON body's end is kept to find `usage` in (it comes last in Azure's answers).
@@ -280,6 +282,9 @@ fn counts(value: &[u8]) -> Option<Usage> {
 /// times more.
 fn usage_object(obj: &[u8]) -> Option<Usage> {
     let mut u = Usage::default();
+    // The audio tokens of the first two details objects that have them (prompt, completion).
+    let mut audio = [0u64; 2];
+    let mut audio_slots = 0;
     let mut depth = 0usize;
     // After `{` or `,`: the next string is a key.
     let mut key_next = false;
@@ -309,7 +314,9 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
                         (2, b"cached_tokens")
                             if matches!(
                                 parent,
-                                b"prompt_tokens_details" | b"input_tokens_details"
+                                b"prompt_tokens_details"
+                                    | b"input_tokens_details"
+                                    | b"input_token_details"
                             ) =>
                         {
                             &mut u.cached_tokens
@@ -321,6 +328,15 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
                             ) =>
                         {
                             &mut u.reasoning_tokens
+                        }
+                        // Prompt and completion audio add up: two slots would be one kind.
+                        (2, b"audio_tokens") if is_details(parent) => {
+                            audio_slots += 1;
+                            if audio_slots == 1 {
+                                &mut audio[0]
+                            } else {
+                                &mut audio[1]
+                            }
                         }
                         (1, _) => {
                             parent = key;
@@ -351,6 +367,7 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
             b'}' | b']' => {
                 depth = depth.checked_sub(1)?;
                 if depth == 0 {
+                    u.audio_tokens = audio[0].saturating_add(audio[1]);
                     return Some(u);
                 }
             }
@@ -362,6 +379,22 @@ fn usage_object(obj: &[u8]) -> Option<Usage> {
         i += 1;
     }
     None
+}
+
+/// A usage object's `*_details` objects, where token kinds are broken down: chat's
+/// `prompt_tokens_details` / `completion_tokens_details`, the Responses API's
+/// `input_tokens_details` / `output_tokens_details`, audio transcription's and Realtime's
+/// `input_token_details` / `output_token_details`.
+fn is_details(key: &[u8]) -> bool {
+    matches!(
+        key,
+        b"prompt_tokens_details"
+            | b"completion_tokens_details"
+            | b"input_tokens_details"
+            | b"output_tokens_details"
+            | b"input_token_details"
+            | b"output_token_details"
+    )
 }
 
 // memchr's searches: comparing a window at every position cost more than the rest of reading

@@ -182,6 +182,7 @@ mod basics {
             total_tokens: 1220,
             cached_tokens: 1024,
             reasoning_tokens: 4,
+            audio_tokens: 0,
         });
         let mut tap = Tap::new(Some("application/json"), false).unwrap();
         assert_eq!(run(&mut tap, &[body]).1, want);
@@ -195,6 +196,55 @@ mod basics {
         let (out, usage) = run(&mut tap, &[stream.as_bytes()]);
         assert_eq!(out, stream.as_bytes());
         assert_eq!(usage, want);
+    }
+
+    /// Every token kind, as each operation's answer states it.
+    #[test]
+    fn reads_every_token_kind_of_every_operation() {
+        let u = |s: &str| usage_in(s.as_bytes()).unwrap();
+        // Chat with audio in and out (gpt-4o-audio-preview).
+        let chat = u(
+            r#"{"usage":{"prompt_tokens":30,"completion_tokens":50,"total_tokens":80,
+            "prompt_tokens_details":{"cached_tokens":16,"audio_tokens":10},
+            "completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":40,
+            "accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#,
+        );
+        assert_eq!(
+            (chat.cached_tokens, chat.audio_tokens, chat.reasoning_tokens),
+            (16, 50, 0)
+        );
+        // Audio transcription (gpt-4o-transcribe): `input_token_details`, singular.
+        let transcribe = u(r#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,
+            "input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":45,"total_tokens":59}}"#);
+        assert_eq!(
+            (
+                transcribe.prompt_tokens,
+                transcribe.completion_tokens,
+                transcribe.audio_tokens
+            ),
+            (14, 45, 14)
+        );
+        // Images (gpt-image-1): text and image input, counted as prompt tokens.
+        let image = u(
+            r#"{"data":[],"usage":{"total_tokens":100,"input_tokens":50,"output_tokens":50,
+            "input_tokens_details":{"text_tokens":10,"image_tokens":40}}}"#,
+        );
+        assert_eq!(
+            (
+                image.prompt_tokens,
+                image.completion_tokens,
+                image.total_tokens
+            ),
+            (50, 50, 100)
+        );
+        // Embeddings: prompt tokens only.
+        let embed = u(
+            r#"{"data":[],"model":"text-embedding-3-large","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+        );
+        assert_eq!(
+            (embed.prompt_tokens, embed.total_tokens, embed.audio_tokens),
+            (8, 8, 0)
+        );
     }
 
     #[test]
@@ -212,6 +262,7 @@ mod basics {
                 total_tokens: 18,
                 cached_tokens: 0,
                 reasoning_tokens: 3,
+                audio_tokens: 0,
             })
         );
         // Embeddings: no completion count; the total is made up when missing.

@@ -14,6 +14,7 @@ mod common;
 mod consumers;
 mod failover;
 mod fallbacks;
+mod usage;
 
 use std::collections::HashMap;
 use std::time::Duration;
