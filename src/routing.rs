@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, FallbackOn, UnknownDeployments};
+use crate::config::{Config, FallbackOn, Price, UnknownDeployments};
 use crate::error::{ErrorKind, GatewayError};
 
 /// A backend that may serve a request, and the deployment name to use there.
@@ -34,6 +34,8 @@ pub struct Router {
     reject_unknown: bool,
     /// The deployments that have fallbacks (most configs: none, and no lookup is made).
     chains: HashMap<String, Fallbacks, crate::fnv::FnvBuild>,
+    /// The deployments that have a price.
+    prices: HashMap<String, Price, crate::fnv::FnvBuild>,
 }
 
 impl Router {
@@ -74,12 +76,26 @@ impl Router {
                 )
             })
             .collect();
+        let prices = config
+            .deployments
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), d.price?)))
+            .collect();
         Self {
             by_name,
             all,
             reject_unknown: config.routing.unknown_deployments == UnknownDeployments::Reject,
             chains,
+            prices,
         }
+    }
+
+    /// What `deployment`'s tokens cost, if it has a price.
+    pub fn price(&self, deployment: &str) -> Option<Price> {
+        if self.prices.is_empty() {
+            return None;
+        }
+        self.prices.get(deployment).copied()
     }
 
     /// The fallbacks of `deployment`, if it has any.

@@ -3,6 +3,7 @@
 //! Everything is checked before a port is bound; every error names the field path.
 
 mod credential;
+mod deployment;
 mod env;
 mod raw;
 mod redact;
@@ -12,6 +13,7 @@ mod tls;
 mod validate;
 
 pub use credential::{DEFAULT_SCOPE, EntraCredential, EntraFlow, ManagedIdentityId, MiSource};
+pub use deployment::{DeploymentConfig, FallbackOn, Price};
 
 pub use validate::parse_duration;
 
@@ -200,6 +202,15 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// OpenTelemetry trace export; off when absent.
     pub tracing: Option<TracingConfig>,
+    /// Usage and cost accounting.
+    pub usage: UsageConfig,
+}
+
+/// `[usage]`: how usage is priced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageConfig {
+    /// The currency of `[[deployments]] price` and of every cost shown (ISO 4217, e.g. `USD`).
+    pub currency: String,
 }
 
 /// Where and how spans are exported (OTLP over HTTP, JSON encoding).
@@ -313,85 +324,6 @@ pub struct ConsumerConfig {
     pub limits: ConsumerLimits,
     /// Limits on one deployment (the client-facing name), on top of `limits`.
     pub deployment_limits: Vec<(String, ConsumerLimits)>,
-}
-
-/// A deployment clients ask for, and what each backend that serves it calls it.
-#[derive(Debug, Clone)]
-pub struct DeploymentConfig {
-    pub name: String,
-    /// (index into `Config::backends`, the deployment's name on that backend), in config order.
-    pub backends: Vec<(usize, String)>,
-    /// Priority and weight of a backend for this deployment, where they differ from the
-    /// backend's own: (index into `Config::backends`, priority, weight).
-    pub ranks: Vec<(usize, u32, u32)>,
-    /// Deployments (configured ones, client-facing names) tried in turn when this one cannot
-    /// serve a request; empty: none.
-    pub fallbacks: Vec<String>,
-    /// What makes a request go on to the next of `fallbacks`.
-    pub fallback_on: FallbackOn,
-}
-
-/// What makes a request go on to a deployment's next fallback (`fallback_on`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FallbackOn {
-    /// Every backend of the deployment is rate limited (cooling down, or answered 429).
-    pub throttled: bool,
-    /// Every backend of the deployment is down (circuit open, or failed).
-    pub unavailable: bool,
-    /// A 400 whose error code is `context_length_exceeded`: the prompt is too long for it.
-    pub context_length_exceeded: bool,
-    /// A 400 whose error code is `content_filter`: its filter refused the prompt.
-    pub content_filter: bool,
-}
-
-impl Default for FallbackOn {
-    fn default() -> Self {
-        Self {
-            throttled: true,
-            unavailable: true,
-            context_length_exceeded: false,
-            content_filter: false,
-        }
-    }
-}
-
-impl FallbackOn {
-    /// The `fallback_on` values, as written in the config.
-    pub const NAMES: [&'static str; 4] = [
-        "throttled",
-        "unavailable",
-        "context_length_exceeded",
-        "content_filter",
-    ];
-
-    /// Whether a 400 with this error code calls for the next fallback.
-    pub fn on_code(&self, code: &str) -> bool {
-        match code {
-            "context_length_exceeded" => self.context_length_exceeded,
-            "content_filter" => self.content_filter,
-            _ => false,
-        }
-    }
-
-    /// Whether any 400's error code calls for a fallback (its body is then read).
-    pub fn on_any_code(&self) -> bool {
-        self.context_length_exceeded || self.content_filter
-    }
-
-    /// The values set, as written in the config.
-    pub fn names(&self) -> Vec<&'static str> {
-        let set = [
-            self.throttled,
-            self.unavailable,
-            self.context_length_exceeded,
-            self.content_filter,
-        ];
-        Self::NAMES
-            .iter()
-            .zip(set)
-            .filter_map(|(n, on)| on.then_some(*n))
-            .collect()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -626,6 +558,13 @@ impl Config {
                     "",
                     d.fallbacks.join(", then "),
                     d.fallback_on.names().join(", ")
+                );
+            }
+            if let Some(p) = d.price {
+                let _ = writeln!(
+                    s,
+                    "    {:<16} price per million tokens: input {}, cached input {}, output {} {}",
+                    "", p.input, p.cached_input, p.output, self.usage.currency
                 );
             }
         }

@@ -22,6 +22,23 @@ pub struct RawConfig {
     pub affinity: RawAffinity,
     pub jwt: Option<RawJwt>,
     pub tracing: Option<RawTracing>,
+    #[serde(default)]
+    pub usage: RawUsage,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    pub currency: Option<String>,
+}
+
+/// Per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub cached_input: Option<f64>,
+    pub output: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +191,8 @@ pub struct RawDeployment {
     pub fallbacks: Option<Vec<String>>,
     /// What makes a request go on to the next fallback.
     pub fallback_on: Option<Vec<String>>,
+    /// What its tokens cost, per million.
+    pub price: Option<RawPrice>,
 }
 
 /// `"gpt-4o"`, or `{ deployment = "gpt-4o", priority = 1, weight = 3 }`.

@@ -36,6 +36,9 @@ impl Config {
                     v["fallbacks"] = json!(d.fallbacks);
                     v["fallback_on"] = json!(d.fallback_on.names());
                 }
+                if let Some(p) = d.price {
+                    v["price"] = json!({"input": p.input, "cached_input": p.cached_input, "output": p.output});
+                }
                 v
             })
             .collect();
@@ -84,6 +87,7 @@ impl Config {
             "backends": backends,
             "deployments": deployments,
             "consumers": consumers,
+            "usage": {"currency": self.usage.currency},
             "limits": store,
             "jwt": self.jwt.as_ref().map(|j| json!({"issuer": j.issuer, "audience": j.audiences, "jwks_url": j.jwks_url, "claim": j.claim})),
             // Header values are secrets: only their names are shown.

@@ -68,6 +68,8 @@ pub(super) struct RequestContext {
 
     /// The answer is an event stream (a failure mid-stream gets a final `error` event).
     pub(super) sse: bool,
+    /// What the serving deployment's tokens cost, when it has a price.
+    pub(super) price: Option<crate::config::Price>,
     /// The gateway asked for the stream's usage chunk (the client did not): it is taken out
     /// of the stream again.
     pub(super) usage_asked: bool,
@@ -110,6 +112,7 @@ impl RequestContext {
             learner: None,
             sse: false,
             usage_asked: false,
+            price: None,
             stream_failed: false,
             finished: false,
         };

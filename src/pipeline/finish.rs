@@ -17,6 +17,11 @@ impl RequestContext {
         if let Some(l) = self.learner.as_mut() {
             l.finish();
         }
+        // What it cost: only answers that served something are charged.
+        let cost = self
+            .price
+            .zip(usage.filter(|_| self.success))
+            .map(|(p, u)| p.cost(&u));
         let l = &*self;
         tracing::info!(
             target: "switchyard::access",
@@ -35,6 +40,7 @@ impl RequestContext {
             cached_tokens = usage.map(|u| u.cached_tokens),
             reasoning_tokens = usage.map(|u| u.reasoning_tokens),
             audio_tokens = usage.map(|u| u.audio_tokens),
+            cost,
             first_byte_ms = l.first_byte.as_secs_f64() * 1000.0,
             total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"
@@ -45,10 +51,13 @@ impl RequestContext {
             }
             if let Some(c) = &self.counters {
                 c.add_usage(&self.metrics, &u);
+                if let Some(cost) = cost {
+                    c.add_cost(&self.metrics, cost);
+                }
             }
         }
         if let Some(tracer) = self.tracer.take() {
-            self.record_spans(&tracer, usage);
+            self.record_spans(&tracer, usage, cost);
         }
         if let Some(r) = self.reservation.take() {
             // A failed answer used nothing; a good one without readable usage keeps the estimate.
@@ -64,7 +73,7 @@ impl RequestContext {
 
 impl RequestContext {
     /// The request's SERVER span and a CLIENT span per attempt, with the GenAI attributes.
-    fn record_spans(&mut self, tracer: &Tracer, usage: Option<Usage>) {
+    fn record_spans(&mut self, tracer: &Tracer, usage: Option<Usage>, cost: Option<f64>) {
         let attempt_spans = std::mem::take(&mut self.attempts_log.spans);
         let l = &*self;
         let Some(ctx) = l.attempts_log.trace else {
@@ -114,6 +123,9 @@ impl RequestContext {
             ));
             attrs.push(("gen_ai.usage.reasoning_tokens", u.reasoning_tokens.into()));
             attrs.push(("switchyard.usage.audio_tokens", u.audio_tokens.into()));
+        }
+        if let Some(c) = cost {
+            attrs.push(("switchyard.cost", c.into()));
         }
         attrs.push(("http.request.method", l.method.to_string().into()));
         attrs.push((

@@ -101,6 +101,9 @@ pub(super) fn respond(
         passed,
     );
     ctx.sse = sse;
+    if tap.is_some() {
+        ctx.price = snap.proxy.price(ctx.deployment.as_deref());
+    }
     ctx.backend = Some(backend_name.unwrap_or_else(|| Arc::from("none")));
     ctx.counters = Some(counters);
     ctx.success = status.is_success();

@@ -37,6 +37,11 @@ impl Miss {
 }
 
 impl Proxy {
+    /// What a deployment's tokens cost, if it has a price.
+    pub fn price(&self, deployment: Option<&str>) -> Option<crate::config::Price> {
+        self.router.price(deployment?)
+    }
+
     /// The fallbacks of the deployment a request asks for, if it has any.
     pub fn fallbacks(&self, deployment: Option<&str>) -> Option<&Fallbacks> {
         self.router.fallbacks(deployment?)

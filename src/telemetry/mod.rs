@@ -66,6 +66,14 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    /// The consumer's configured name, or `-` without consumers.
+    pub consumer: String,
+    /// The deployment that served.
+    pub deployment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
     /// The deployment that could not serve the request.
     pub deployment: String,
@@ -198,6 +206,8 @@ pub struct Metrics {
     pub owner_routed: Counter,
     /// Requests that went on from their deployment to a fallback, by both and why.
     pub fallbacks: Family<FallbackLabels, Counter>,
+    /// What the tokens used cost, in `[usage] currency`, by consumer and deployment.
+    pub cost: Family<CostLabels, Counter<f64, AtomicU64>>,
     /// The per-request counters of each label set seen, found in the families once.
     request_counters: std::sync::RwLock<
         std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
@@ -216,6 +226,7 @@ pub struct RequestCounters {
 struct TokenCounters {
     labels: TokenLabels,
     counters: std::sync::OnceLock<[Counter; TOKEN_KINDS.len()]>,
+    cost: std::sync::OnceLock<Counter<f64, AtomicU64>>,
 }
 
 /// The `kind`s of `switchyard_tokens_total`: prompt and completion as the answer counts them,
@@ -241,6 +252,23 @@ impl RequestCounters {
         for (c, n) in counters.iter().zip(counts) {
             c.inc_by(n);
         }
+    }
+
+    /// Adds what a request's tokens cost.
+    pub fn add_cost(&self, metrics: &Metrics, cost: f64) {
+        self.tokens
+            .cost
+            .get_or_init(|| {
+                let l = &self.tokens.labels;
+                metrics
+                    .cost
+                    .get_or_create(&CostLabels {
+                        consumer: l.consumer.clone(),
+                        deployment: l.deployment.clone(),
+                    })
+                    .clone()
+            })
+            .inc_by(cost);
     }
 }
 
@@ -449,7 +477,14 @@ impl Metrics {
             "Requests that went on from their deployment to a fallback deployment, by both and why (throttled, unavailable, context_length_exceeded, content_filter)",
             fallbacks.clone(),
         );
+        let cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "cost",
+            "What the tokens used cost, from each answer's usage and its deployment's price, in the configured currency ([usage] currency), by consumer and deployment",
+            cost.clone(),
+        );
         Self {
+            cost,
             fallbacks,
             owners,
             owner_evictions,
@@ -527,6 +562,7 @@ impl Metrics {
                     kind: "prompt",
                 },
                 counters: std::sync::OnceLock::new(),
+                cost: std::sync::OnceLock::new(),
             }),
         };
         let mut cache = self

@@ -54,3 +54,99 @@ async fn streams_with_the_sdk_defaults_are_counted_too() {
     assert_eq!(tokens("reasoning"), 0.0);
     gw.stop().await;
 }
+
+/// The cost of a known mix of requests (plain and streamed chat, some with cached prompts,
+/// embeddings) is what each answer's usage at its deployment's price comes to, to the cent
+/// and below: in `switchyard_cost_total` per consumer and deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_is_each_answers_usage_at_its_deployments_price() {
+    let s = start_sim(sim("east")).await;
+    let tail = "\n[usage]\ncurrency = \"EUR\"\n\n[[deployments]]\nname = \"gpt-4o\"\nbackends = { east = \"gpt-4o\" }\nprice = { input = 2.50, cached_input = 1.25, output = 10.00 }\n\n[[deployments]]\nname = \"embed\"\nbackends = { east = \"text-embedding-3-large\" }\nprice = { input = 0.13, output = 0 }\n\n[[deployments]]\nname = \"free\"\nbackends = { east = \"free\" }\n\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\n";
+    let gw = gateway_with(&[B::sim(&s)], "", "", tail).await;
+    let client = client();
+    let send = |path: &'static str, body: serde_json::Value| {
+        client
+            .post(gw.url(path))
+            .header("content-type", "application/json")
+            .header("api-key", "team-a-key-0123456789")
+            .body(body.to_string())
+            .send()
+    };
+    let chat = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+    let long = "Tell me about the sea and the ships upon it. ".repeat(120);
+    let (mut chat_cost, mut embed_cost) = (0.0f64, 0.0f64);
+    for i in 0..6 {
+        let content = if i % 2 == 0 {
+            long.clone()
+        } else {
+            format!("Question {i}")
+        };
+        let stream = i >= 3;
+        let mut body = serde_json::json!({
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 5 + i,
+        });
+        if stream {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let r = send(chat, body).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let usage: serde_json::Value = if stream {
+            let last = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .rfind(|d| d.contains("\"usage\":{"))
+                .unwrap();
+            serde_json::from_str::<serde_json::Value>(last).unwrap()["usage"].clone()
+        } else {
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["usage"].clone()
+        };
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64;
+        let prompt = n(&usage["prompt_tokens"]);
+        let cached = n(&usage["prompt_tokens_details"]["cached_tokens"]);
+        let completion = n(&usage["completion_tokens"]);
+        chat_cost += ((prompt - cached) * 2.50 + cached * 1.25 + completion * 10.00) / 1e6;
+    }
+    for _ in 0..3 {
+        let r = send(
+            "/openai/deployments/embed/embeddings?api-version=2024-10-21",
+            serde_json::json!({"input": ["one two three", "four five"]}),
+        )
+        .await
+        .unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        embed_cost += v["usage"]["prompt_tokens"].as_u64().unwrap() as f64 * 0.13 / 1e6;
+    }
+    let r = send(
+        "/openai/deployments/free/chat/completions?api-version=2024-10-21",
+        serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+
+    let m = metrics_text(&client, &gw.admin).await;
+    let cost = |d: &str| {
+        metric_in(
+            &m,
+            &format!(r#"switchyard_cost_total{{consumer="team-a",deployment="{d}"}}"#),
+        )
+    };
+    assert!(chat_cost > 0.005, "a mix worth counting: {chat_cost}");
+    assert!(
+        (cost("gpt-4o") - chat_cost).abs() < 1e-9,
+        "{chat_cost}\n{m}"
+    );
+    assert!(
+        (cost("embed") - embed_cost).abs() < 1e-12,
+        "{embed_cost}\n{m}"
+    );
+    assert!(
+        !m.contains(r#"deployment="free"}"#),
+        "no price, no cost: {m}"
+    );
+    gw.stop().await;
+}

@@ -86,6 +86,7 @@ pub(super) fn validate(
     let limits = validate_limits(raw.limits, lookup)?;
     let affinity = validate_affinity(raw.affinity)?;
     let tracing = raw.tracing.map(validate_tracing).transpose()?;
+    let usage = validate_usage(raw.usage)?;
     Ok(Config {
         server,
         routing,
@@ -96,6 +97,38 @@ pub(super) fn validate(
         affinity,
         jwt,
         tracing,
+        usage,
+    })
+}
+
+fn validate_usage(raw: raw::RawUsage) -> Result<UsageConfig, ConfigError> {
+    let currency = raw.currency.unwrap_or_else(|| "USD".to_string());
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ConfigError::field(
+            "usage.currency",
+            format!("{currency:?} is not an ISO 4217 code such as \"USD\" or \"EUR\""),
+        ));
+    }
+    Ok(UsageConfig { currency })
+}
+
+/// A deployment's `price`, each figure per million tokens, finite and not negative.
+fn price(raw: raw::RawPrice, path: &str) -> Result<Price, ConfigError> {
+    let check = |v: f64, key: &str| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(ConfigError::field(
+                format!("{path}.{key}"),
+                format!("{v} is not a price (per million tokens, 0 or more)"),
+            ))
+        }
+    };
+    let input = check(raw.input, "input")?;
+    Ok(Price {
+        input,
+        cached_input: check(raw.cached_input.unwrap_or(input), "cached_input")?,
+        output: check(raw.output, "output")?,
     })
 }
 
@@ -221,6 +254,7 @@ fn validate_deployments(
     for (i, d) in raw.into_iter().enumerate() {
         let at = |field: &str| format!("deployments[{i}].{field}");
         chains.push((d.fallbacks, d.fallback_on));
+        let price = d.price.map(|p| price(p, &at("price"))).transpose()?;
         if !valid_deployment_name(&d.name) {
             return Err(ConfigError::field(
                 at("name"),
@@ -292,6 +326,7 @@ fn validate_deployments(
             ranks,
             fallbacks: Vec::new(),
             fallback_on: FallbackOn::default(),
+            price,
         });
     }
     // Fallbacks name deployments, later ones too: checked once every name is known.
