@@ -128,19 +128,18 @@ fn ask_usage(inbound: &Inbound<'_>, body: &[u8]) -> Option<Bytes> {
     if inbound.parts.method != http::Method::POST {
         return None;
     }
-    let path = inbound
-        .endpoint
-        .path_and_query
-        .split('?')
-        .next()
-        .unwrap_or("");
-    // Only these have `stream_options.include_usage`; the Responses API reports usage by
-    // itself and refuses the option.
-    if !(path.ends_with("/chat/completions") || path.ends_with("/completions")) {
+    let pq = inbound.endpoint.path_and_query.as_bytes();
+    let path = &pq[..memchr::memchr(b'?', pq).unwrap_or(pq.len())];
+    // Only chat completions and completions have `stream_options.include_usage`; the
+    // Responses API reports usage by itself and refuses the option.
+    if !path.ends_with(b"/completions") {
         return None;
     }
-    // Most requests are not streams and never say `stream`: no parse for them.
-    memchr::memmem::find(body, b"\"stream\"")?;
+    // Most requests are not streams and never say `stream`: no parse for them. The searcher
+    // is made once: making it cost more than the search.
+    static STREAM: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"stream\""));
+    STREAM.find(body)?;
     crate::usage::request_usage_chunk(body)
 }
 
