@@ -58,6 +58,8 @@ pub enum ErrorKind {
     ConsumerRateLimited,
     /// The caller's token quota for the period is spent.
     QuotaExceeded,
+    /// The caller's budget in money for the period is spent.
+    BudgetExceeded,
     /// No backend holds the stored object the request names (or it is another consumer's).
     ObjectNotFound,
     /// The request names stored objects held by different backends.
@@ -85,7 +87,7 @@ impl ErrorKind {
             ErrorKind::AllThrottled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized | ErrorKind::KeyExpired => StatusCode::UNAUTHORIZED,
             ErrorKind::ConsumerRateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::QuotaExceeded => StatusCode::FORBIDDEN,
+            ErrorKind::QuotaExceeded | ErrorKind::BudgetExceeded => StatusCode::FORBIDDEN,
             ErrorKind::NoBackendAvailable | ErrorKind::CredentialUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -141,6 +143,7 @@ impl ErrorKind {
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::ConsumerRateLimited => "consumer_rate_limit_exceeded",
             ErrorKind::QuotaExceeded => "consumer_quota_exceeded",
+            ErrorKind::BudgetExceeded => "consumer_budget_exceeded",
             ErrorKind::ObjectNotFound => "not_found",
             ErrorKind::ObjectsSplit => "objects_on_different_backends",
             ErrorKind::OwnerThrottled => "owner_rate_limited",
@@ -169,6 +172,7 @@ impl ErrorKind {
             ErrorKind::AllThrottled
             | ErrorKind::ConsumerRateLimited
             | ErrorKind::QuotaExceeded
+            | ErrorKind::BudgetExceeded
             | ErrorKind::OwnerThrottled => "rate_limit_error",
             _ => "gateway_error",
         }

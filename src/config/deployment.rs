@@ -150,4 +150,24 @@ mod tests {
             "EUR"
         );
     }
+
+    #[test]
+    fn a_budget_is_per_day_or_month_in_millionths() {
+        let consumer = |budget: &str| {
+            parse(&format!(
+                "[[consumers]]\nname = \"a\"\nkey = \"a-key-0123456789abc\"\nbudget = {budget}\n"
+            ))
+        };
+        let c = consumer("{ period = \"month\", amount = 500.25 }").unwrap();
+        let b = c.consumers[0].limits.budget.unwrap();
+        assert_eq!(
+            (b.period, b.micros),
+            (crate::config::QuotaPeriod::Month, 500_250_000)
+        );
+        assert!(c.consumers[0].limits.counts_tokens());
+        let e = consumer("{ period = \"hour\", amount = 1 }").unwrap_err();
+        assert_eq!(e.path, "consumers[0].budget.period");
+        let e = consumer("{ period = \"day\", amount = 0 }").unwrap_err();
+        assert_eq!(e.path, "consumers[0].budget.amount");
+    }
 }

@@ -284,13 +284,28 @@ pub struct ConsumerLimits {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<Quota>,
+    /// A budget in money (`consumers[].budget`; the consumer's overall limits only).
+    pub budget: Option<Budget>,
 }
 
 impl ConsumerLimits {
     /// Whether any limit counts tokens (and so needs each response's usage).
     pub fn counts_tokens(&self) -> bool {
-        self.tokens_per_minute.is_some() || self.token_quota.is_some()
+        self.tokens_per_minute.is_some() || self.token_quota.is_some() || self.budget.is_some()
     }
+}
+
+/// What a consumer may spend per fixed UTC window, in millionths of `[usage] currency` (whole
+/// numbers, so that every replica adds them up alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub period: QuotaPeriod,
+    pub micros: u64,
+}
+
+/// Money as whole millionths of the currency, as budgets count it.
+pub fn micros(amount: f64) -> u64 {
+    (amount * 1_000_000.0).round().max(0.0) as u64
 }
 
 /// A token budget per fixed UTC window (APIM's `token-quota`).

@@ -86,6 +86,8 @@ pub struct RawConsumer {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,
+    /// What it may spend per day or month, in `[usage] currency`.
+    pub budget: Option<RawBudget>,
     /// Limits for this consumer on one deployment, on top of its overall ones.
     #[serde(default)]
     pub deployments: std::collections::BTreeMap<String, RawLimitSet>,
@@ -106,6 +108,13 @@ pub struct RawLimitSet {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub token_quota: Option<RawQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub period: super::QuotaPeriod,
+    pub amount: f64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::config::{ConsumerConfig, ConsumerLimits, QuotaPeriod};
+use crate::config::{ConsumerConfig, ConsumerLimits, Price, QuotaPeriod};
 use crate::sync::lock;
 pub use shared::Shared;
 use shared::{SharedHold, SharedOutcome};
@@ -65,6 +65,8 @@ struct State {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     quota: Option<QuotaWindow>,
+    /// Spent of the budget, in millionths of the currency.
+    budget: Option<QuotaWindow>,
 }
 
 /// Why a request is refused.
@@ -80,8 +82,21 @@ pub enum Refusal {
         period: QuotaPeriod,
         resets_in: Duration,
     },
+    /// The budget for this period is spent: 403 until the next window.
+    Budget {
+        period: QuotaPeriod,
+        resets_in: Duration,
+    },
     /// The shared store cannot be reached and `fail_closed` is set: 503.
     StoreUnavailable(String),
+}
+
+/// What a request used, to settle its reservation with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Used {
+    pub tokens: u64,
+    /// What the tokens cost, in millionths of the currency.
+    pub cost: u64,
 }
 
 impl Refusal {
@@ -93,6 +108,7 @@ impl Refusal {
             } => "requests_per_minute",
             Refusal::Rate { .. } => "tokens_per_minute",
             Refusal::Quota { .. } => "token_quota",
+            Refusal::Budget { .. } => "budget",
             Refusal::StoreUnavailable(_) => "store_unavailable",
         }
     }
@@ -103,6 +119,8 @@ impl Refusal {
 pub struct Remaining {
     pub requests: Option<u64>,
     pub tokens: Option<u64>,
+    /// The budget left and the whole budget, in millionths of the currency.
+    pub budget: Option<(u64, u64)>,
 }
 
 /// Tokens held for one request until its real usage is known. Dropped without `settle` (the
@@ -112,6 +130,9 @@ pub struct Reservation {
     consumer: Arc<ConsumerLimiter>,
     tokens: u64,
     quota_window: Option<u64>,
+    /// The estimated cost held on the budget, in millionths, and the budget's window.
+    cost: u64,
+    budget_window: Option<u64>,
 }
 
 pub struct ConsumerLimiter {
@@ -158,7 +179,7 @@ pub struct Admission {
 
 impl Admission {
     /// Replaces the estimate with what the request used (`None`: keep the estimate).
-    pub fn settle(self, used: Option<u64>) {
+    pub fn settle(self, used: Option<Used>) {
         for r in self.reservations {
             r.settle(used);
         }
@@ -176,7 +197,7 @@ impl Admission {
             .partition(|r| r.consumer.scope.as_deref() == Some(deployment));
         self.reservations = kept;
         for r in left {
-            r.settle(Some(0));
+            r.settle(Some(Used::default()));
         }
         for h in &mut self.shared {
             h.leave(deployment);
@@ -189,6 +210,7 @@ impl Admission {
         self.shared.extend(other.shared);
         self.remaining.requests = tighter(self.remaining.requests, other.remaining.requests);
         self.remaining.tokens = tighter(self.remaining.tokens, other.remaining.tokens);
+        self.remaining.budget = self.remaining.budget.or(other.remaining.budget);
         self.counts_tokens |= other.counts_tokens;
     }
 }
@@ -208,6 +230,7 @@ fn limiter_for(
             requests: limits.requests_per_minute.map(|r| Bucket::new(r, now)),
             tokens: limits.tokens_per_minute.map(|t| Bucket::new(t, now)),
             quota: None,
+            budget: None,
         }),
     }))
 }
@@ -224,18 +247,18 @@ fn tighter(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 const INLINE_ESTIMATE_BYTES: usize = 16 * 1024;
 
 impl Limiter {
-    async fn estimate(&self, body: &Bytes, deployment: &str) -> u64 {
+    /// A request's prompt and completion tokens, estimated.
+    async fn estimate(&self, body: &Bytes, deployment: &str) -> (u64, u64) {
         let allowance = self.completion_estimate;
-        let total = |(prompt, completion): (u64, u64)| prompt + completion;
         if body.len() <= INLINE_ESTIMATE_BYTES {
-            return estimate::estimate(body, deployment, allowance).map_or(0, total);
+            return estimate::estimate(body, deployment, allowance).unwrap_or_default();
         }
         let (body, deployment) = (body.clone(), deployment.to_string());
         tokio::task::spawn_blocking(move || estimate::estimate(&body, &deployment, allowance))
             .await
             .ok()
             .flatten()
-            .map_or(0, total)
+            .unwrap_or_default()
     }
 
     /// `previous`: the limiter this one replaces on a reload. A consumer whose limit on a scope
@@ -300,11 +323,12 @@ impl Limiter {
         &self,
         consumer: &str,
         deployment: Option<&str>,
+        price: Option<Price>,
         body: &Bytes,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Option<Admission>, Refusal> {
-        self.admit_on(consumer, deployment, true, body, now, wall)
+        self.admit_on(consumer, deployment, true, price, body, now, wall)
             .await
     }
 
@@ -319,8 +343,9 @@ impl Limiter {
         now: Instant,
         wall: SystemTime,
     ) -> Result<(), Refusal> {
+        // A budget is on the overall limits, which hold the request already.
         let more = self
-            .admit_on(consumer, Some(deployment), false, body, now, wall)
+            .admit_on(consumer, Some(deployment), false, None, body, now, wall)
             .await?;
         match (admission.as_mut(), more) {
             (Some(a), Some(more)) => a.join(more),
@@ -331,11 +356,16 @@ impl Limiter {
     }
 
     /// [`Limiter::admit`], with the consumer's overall limits or without (`overall`).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "admit's and enter's arguments, and which of them this is"
+    )]
     async fn admit_on(
         &self,
         consumer: &str,
         deployment: Option<&str>,
         overall: bool,
+        price: Option<Price>,
         body: &Bytes,
         now: Instant,
         wall: SystemTime,
@@ -359,17 +389,29 @@ impl Limiter {
             return Ok(None);
         }
         let counts_tokens = applying.iter().any(|(_, l)| l.counts_tokens());
-        let tokens = if counts_tokens {
+        let (prompt, completion) = if counts_tokens {
             self.estimate(body, deployment.unwrap_or("")).await
         } else {
-            0
+            (0, 0)
         };
+        let tokens = prompt + completion;
+        // The budget holds the estimate's cost at the asked deployment's price.
+        let cost = price.map_or(0, |p| {
+            crate::config::micros(p.cost(&crate::usage::Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                ..Default::default()
+            }))
+        });
         if let Some(shared) = &self.shared {
             let scopes: Vec<(&str, &ConsumerLimits)> = applying
                 .iter()
                 .map(|(scope, l)| (*scope, &l.limits))
                 .collect();
-            return match shared.reserve(consumer, &scopes, tokens, wall).await? {
+            return match shared
+                .reserve(consumer, &scopes, tokens, cost, wall)
+                .await?
+            {
                 SharedOutcome::Admitted(hold, remaining) => Ok(Some(Admission {
                     reservations: Vec::new(),
                     shared: vec![hold],
@@ -391,11 +433,12 @@ impl Limiter {
         let mut reservations = Vec::with_capacity(applying.len());
         let mut remaining = Remaining::default();
         for (_, l) in applying {
-            match l.reserve(tokens, now, wall) {
+            match l.reserve(tokens, cost, now, wall) {
                 Ok((r, rem)) => {
                     reservations.push(r);
                     remaining.requests = tighter(remaining.requests, rem.requests);
                     remaining.tokens = tighter(remaining.tokens, rem.tokens);
+                    remaining.budget = remaining.budget.or(rem.budget);
                 }
                 Err(refusal) => {
                     // All or nothing: give back what the other limits already took.
@@ -420,14 +463,29 @@ impl ConsumerLimiter {
         self.limits.counts_tokens()
     }
 
-    /// Admits a request estimated at `tokens`, or says why not. Nothing is taken on refusal.
+    /// Admits a request estimated at `tokens` costing `cost` (millionths), or says why not.
+    /// Nothing is taken on refusal.
     fn reserve(
         self: &Arc<Self>,
         tokens: u64,
+        cost: u64,
         now: Instant,
         wall: SystemTime,
     ) -> Result<(Reservation, Remaining), Refusal> {
         let mut st = lock(&self.state);
+        let budget_window = self.limits.budget.map(|b| window_of(b.period, wall));
+        if let (Some(b), Some(window)) = (self.limits.budget, budget_window) {
+            let spent = match &st.budget {
+                Some(w) if w.window == window => w.used,
+                _ => 0,
+            };
+            if spent >= b.micros || (spent > 0 && spent + cost > b.micros) {
+                return Err(Refusal::Budget {
+                    period: b.period,
+                    resets_in: until_next_window(b.period, wall),
+                });
+            }
+        }
         let quota_window = self.limits.token_quota.map(|q| window_of(q.period, wall));
         if let (Some(q), Some(window)) = (self.limits.token_quota, quota_window) {
             let used = match &st.quota {
@@ -476,15 +534,27 @@ impl ConsumerLimiter {
                 }
             }
         }
+        if let Some(window) = budget_window {
+            match st.budget.as_mut() {
+                Some(w) if w.window == window => w.used += cost,
+                _ => st.budget = Some(QuotaWindow { window, used: cost }),
+            }
+        }
         let remaining = Remaining {
             requests: st.requests.as_ref().map(|b| b.level.max(0.0) as u64),
             tokens: st.tokens.as_ref().map(|b| b.level.max(0.0) as u64),
+            budget: self.limits.budget.map(|b| {
+                let spent = st.budget.as_ref().map_or(0, |w| w.used);
+                (b.micros.saturating_sub(spent), b.micros)
+            }),
         };
         Ok((
             Reservation {
                 consumer: self.clone(),
                 tokens,
                 quota_window,
+                cost,
+                budget_window,
             },
             remaining,
         ))
@@ -506,14 +576,25 @@ impl Reservation {
         {
             w.used = w.used.saturating_sub(self.tokens);
         }
+        if let (Some(window), Some(w)) = (self.budget_window, st.budget.as_mut())
+            && w.window == window
+        {
+            w.used = w.used.saturating_sub(self.cost);
+        }
     }
 
     /// Replaces the estimate with what the request really used. `None` keeps the estimate
     /// charged (the usage could not be read).
-    pub fn settle(self, used: Option<u64>) {
+    pub fn settle(self, used: Option<Used>) {
         let Some(used) = used else { return };
-        let delta = used as f64 - self.tokens as f64;
         let mut st = lock(&self.consumer.state);
+        if let (Some(window), Some(w)) = (self.budget_window, st.budget.as_mut())
+            && w.window == window
+        {
+            w.used = (w.used + used.cost).saturating_sub(self.cost);
+        }
+        let used = used.tokens;
+        let delta = used as f64 - self.tokens as f64;
         if let Some(b) = st.tokens.as_mut() {
             // Returned tokens cannot overfill the bucket; extra use can put it in debt.
             b.level = (b.level - delta).min(b.capacity);

@@ -45,6 +45,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local tokens = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, ts = tonumber(v[1]), tonumber(v[2])
@@ -54,22 +55,27 @@ end
 local lv = {}
 local wait, what = 0, 0
 for i = 0, n - 1 do
-  local rpm, tpm, ql = tonumber(ARGV[3 + i * 4]), tonumber(ARGV[4 + i * 4]), tonumber(ARGV[5 + i * 4])
+  local a = 4 + i * 6
+  local rpm, tpm, ql, bl = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4])
   if ql > 0 then
-    local used = tonumber(redis.call('GET', KEYS[3 + i * 3]) or '0')
-    if used >= ql or (used > 0 and used + tokens > ql) then return {2, i, 0} end
+    local used = tonumber(redis.call('GET', KEYS[3 + i * 4]) or '0')
+    if used >= ql or (used > 0 and used + tokens > ql) then return {2, i, 0, -1} end
+  end
+  if bl > 0 then
+    local spent = tonumber(redis.call('GET', KEYS[4 + i * 4]) or '0')
+    if spent >= bl or (spent > 0 and spent + cost > bl) then return {3, i, 0, -1} end
   end
   if rpm > 0 then
-    local l = level(KEYS[1 + i * 3], rpm)
-    lv[1 + i * 3] = l
+    local l = level(KEYS[1 + i * 4], rpm)
+    lv[1 + i * 4] = l
     if l < 1 then
       local w = math.ceil((1 - l) * 60000 / rpm)
       if w > wait then wait, what = w, 1 end
     end
   end
   if tpm > 0 then
-    local l = level(KEYS[2 + i * 3], tpm)
-    lv[2 + i * 3] = l
+    local l = level(KEYS[2 + i * 4], tpm)
+    lv[2 + i * 4] = l
     local need = math.min(tokens, tpm)
     if l < need then
       local w = math.ceil((need - l) * 60000 / tpm)
@@ -77,8 +83,8 @@ for i = 0, n - 1 do
     end
   end
 end
-if what ~= 0 then return {0, what, wait} end
-local rr, rt = -1, -1
+if what ~= 0 then return {0, what, wait, -1} end
+local rr, rt, rb = -1, -1, -1
 -- Stores a bucket's new level; returns what is left, floored at zero.
 local function take(key, level)
   redis.call('HSET', key, 'l', tostring(level), 't', now)
@@ -86,21 +92,28 @@ local function take(key, level)
   return math.max(0, math.floor(level))
 end
 for i = 0, n - 1 do
-  local rpm, tpm, ql, ttl = tonumber(ARGV[3 + i * 4]), tonumber(ARGV[4 + i * 4]), tonumber(ARGV[5 + i * 4]), tonumber(ARGV[6 + i * 4])
+  local a = 4 + i * 6
+  local rpm, tpm, ql, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local bl, bttl = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   if rpm > 0 then
-    local r = take(KEYS[1 + i * 3], lv[1 + i * 3] - 1)
+    local r = take(KEYS[1 + i * 4], lv[1 + i * 4] - 1)
     if rr < 0 or r < rr then rr = r end
   end
   if tpm > 0 then
-    local r = take(KEYS[2 + i * 3], lv[2 + i * 3] - tokens)
+    local r = take(KEYS[2 + i * 4], lv[2 + i * 4] - tokens)
     if rt < 0 or r < rt then rt = r end
   end
   if ql > 0 then
-    redis.call('INCRBY', KEYS[3 + i * 3], tokens)
-    redis.call('EXPIRE', KEYS[3 + i * 3], ttl)
+    redis.call('INCRBY', KEYS[3 + i * 4], tokens)
+    redis.call('EXPIRE', KEYS[3 + i * 4], ttl)
+  end
+  if bl > 0 then
+    local spent = redis.call('INCRBY', KEYS[4 + i * 4], cost)
+    redis.call('EXPIRE', KEYS[4 + i * 4], bttl)
+    rb = math.max(0, bl - spent)
   end
 end
-return {1, rr, rt}
+return {1, rr, rt, rb}
 "#;
 
 const SETTLE: &str = r#"
@@ -108,10 +121,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local delta = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 for i = 0, n - 1 do
-  local tpm, q = tonumber(ARGV[3 + i * 2]), tonumber(ARGV[4 + i * 2])
-  if tpm > 0 then
-    local key = KEYS[1 + i * 2]
+  local a = 4 + i * 3
+  local tpm, q, b = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  if tpm > 0 and delta ~= 0 then
+    local key = KEYS[1 + i * 3]
     local v = redis.call('HMGET', key, 'l', 't')
     local l, ts = tonumber(v[1]), tonumber(v[2])
     if l ~= nil then
@@ -121,9 +136,14 @@ for i = 0, n - 1 do
       redis.call('PEXPIRE', key, 120000)
     end
   end
-  if q > 0 and redis.call('EXISTS', KEYS[2 + i * 2]) == 1 then
-    if redis.call('INCRBY', KEYS[2 + i * 2], delta) < 0 then
-      redis.call('SET', KEYS[2 + i * 2], 0, 'KEEPTTL')
+  if q > 0 and delta ~= 0 and redis.call('EXISTS', KEYS[2 + i * 3]) == 1 then
+    if redis.call('INCRBY', KEYS[2 + i * 3], delta) < 0 then
+      redis.call('SET', KEYS[2 + i * 3], 0, 'KEEPTTL')
+    end
+  end
+  if b > 0 and cost ~= 0 and redis.call('EXISTS', KEYS[3 + i * 3]) == 1 then
+    if redis.call('INCRBY', KEYS[3 + i * 3], cost) < 0 then
+      redis.call('SET', KEYS[3 + i * 3], 0, 'KEEPTTL')
     end
   end
 end
@@ -168,13 +188,15 @@ return out
 #[derive(Debug)]
 pub struct SharedHold {
     shared: Arc<Shared>,
-    /// Each scope's token bucket and quota keys, two a scope.
+    /// Each scope's token bucket, quota and budget keys, three a scope.
     keys: Vec<String>,
-    /// Each scope's tokens per minute and whether it has a quota, two a scope.
+    /// Each scope's tokens per minute and whether it has a quota and a budget, three a scope.
     args: Vec<String>,
-    /// The scopes (`*`, or a deployment), one a pair of keys.
+    /// The scopes (`*`, or a deployment), one a triple of keys.
     scopes: Vec<String>,
     tokens: u64,
+    /// The estimated cost held on the budget, in millionths.
+    cost: u64,
 }
 
 enum Job {
@@ -296,8 +318,8 @@ impl Shared {
         scopes: &[(&str, &ConsumerLimits)],
         wall: SystemTime,
     ) -> (Vec<String>, Vec<String>) {
-        let mut keys = Vec::with_capacity(scopes.len() * 3);
-        let mut args = Vec::with_capacity(scopes.len() * 4);
+        let mut keys = Vec::with_capacity(scopes.len() * 4);
+        let mut args = Vec::with_capacity(scopes.len() * 6);
         for (scope, l) in scopes {
             // The consumer's name is the hash tag: every key of one script on one slot.
             let base = format!("{PREFIX}:{{{consumer}}}:{scope}");
@@ -312,10 +334,21 @@ impl Shared {
                 None => (format!("{base}:q"), 0, 0),
             };
             keys.push(quota_key);
+            let (budget_key, budget, budget_ttl) = match l.budget {
+                Some(b) => (
+                    format!("{base}:b:{}", window_of(b.period, wall)),
+                    b.micros,
+                    until_next_window(b.period, wall).as_secs() + 3600,
+                ),
+                None => (format!("{base}:b"), 0, 0),
+            };
+            keys.push(budget_key);
             args.push(l.requests_per_minute.unwrap_or(0).to_string());
             args.push(l.tokens_per_minute.unwrap_or(0).to_string());
             args.push(limit.to_string());
             args.push(ttl.to_string());
+            args.push(budget.to_string());
+            args.push(budget_ttl.to_string());
         }
         (keys, args)
     }
@@ -326,6 +359,7 @@ impl Shared {
         consumer: &str,
         scopes: &[(&str, &ConsumerLimits)],
         tokens: u64,
+        cost: u64,
         wall: SystemTime,
     ) -> Result<SharedOutcome, Refusal> {
         let (keys, per_scope) = Self::keys_and_args(consumer, scopes, wall);
@@ -333,6 +367,7 @@ impl Shared {
         call.key(&keys)
             .arg(tokens)
             .arg(scopes.len())
+            .arg(cost)
             .arg(&per_scope);
         let result = self.redis.script::<Vec<i64>>(&call).await;
         self.note(&result);
@@ -341,20 +376,22 @@ impl Shared {
             Err(e) => return Ok(SharedOutcome::Unavailable(e)),
         };
         match v.as_slice() {
-            [1, rr, rt] => {
-                // Settlement touches the token buckets and quota counters of each scope.
+            [1, rr, rt, rb] => {
+                // Settlement touches the token buckets, quota and budget counters of each scope.
                 let mut skeys = Vec::new();
                 let mut sargs = Vec::new();
                 let names = scopes.iter().map(|(s, _)| s.to_string()).collect();
                 for (i, (_, l)) in scopes.iter().enumerate() {
-                    skeys.push(keys[i * 3 + 1].clone());
-                    skeys.push(keys[i * 3 + 2].clone());
+                    skeys.extend_from_slice(&keys[i * 4 + 1..i * 4 + 4]);
                     sargs.push(l.tokens_per_minute.unwrap_or(0).to_string());
                     sargs.push(u8::from(l.token_quota.is_some()).to_string());
+                    sargs.push(u8::from(l.budget.is_some()).to_string());
                 }
+                let of = scopes.iter().find_map(|(_, l)| l.budget).map(|b| b.micros);
                 let remaining = Remaining {
                     requests: (*rr >= 0).then_some(*rr as u64),
                     tokens: (*rt >= 0).then_some(*rt as u64),
+                    budget: of.filter(|_| *rb >= 0).map(|of| (*rb as u64, of)),
                 };
                 Ok(SharedOutcome::Admitted(
                     SharedHold {
@@ -363,15 +400,26 @@ impl Shared {
                         args: sargs,
                         scopes: names,
                         tokens,
+                        cost,
                     },
                     remaining,
                 ))
             }
-            [0, what, wait_ms] => Err(Refusal::Rate {
+            [0, what, wait_ms, _] => Err(Refusal::Rate {
                 what: if *what == 1 { "requests" } else { "tokens" },
                 retry_after: Duration::from_millis((*wait_ms).max(1) as u64),
             }),
-            [2, scope, _] => {
+            [3, scope, _, _] => {
+                let period = scopes
+                    .get(*scope as usize)
+                    .and_then(|(_, l)| l.budget.map(|b| b.period))
+                    .unwrap_or(crate::config::QuotaPeriod::Day);
+                Err(Refusal::Budget {
+                    period,
+                    resets_in: until_next_window(period, wall),
+                })
+            }
+            [2, scope, _, _] => {
                 let (period, _) = scopes
                     .get(*scope as usize)
                     .and_then(|(_, l)| l.token_quota.map(|q| (q.period, q.tokens)))
@@ -501,10 +549,11 @@ impl Shared {
 
 impl SharedHold {
     /// Queues the settlement: `used` replaces the estimate; `None` keeps it.
-    pub fn settle(self, used: Option<u64>) {
+    pub fn settle(self, used: Option<super::Used>) {
         let Some(used) = used else { return };
-        let delta = used as i64 - self.tokens as i64;
-        queue_settle(&self.shared, delta, self.keys, self.args);
+        let delta = used.tokens as i64 - self.tokens as i64;
+        let cost = used.cost as i64 - self.cost as i64;
+        queue_settle(&self.shared, (delta, cost), self.keys, self.args);
     }
 
     /// Gives back the tokens held on scope `deployment` at once, and leaves it out of the
@@ -514,18 +563,24 @@ impl SharedHold {
             return;
         };
         self.scopes.remove(i);
-        let keys = self.keys.drain(i * 2..i * 2 + 2).collect();
-        let args = self.args.drain(i * 2..i * 2 + 2).collect();
-        queue_settle(&self.shared, -(self.tokens as i64), keys, args);
+        let keys = self.keys.drain(i * 3..i * 3 + 3).collect();
+        let args = self.args.drain(i * 3..i * 3 + 3).collect();
+        // A deployment's scope has no budget: the cost stays on the overall one.
+        queue_settle(&self.shared, (-(self.tokens as i64), 0), keys, args);
     }
 }
 
-/// Queues a settlement of `delta` tokens on the scopes whose keys and arguments are given.
-fn queue_settle(shared: &Shared, delta: i64, keys: Vec<String>, rest: Vec<String>) {
-    if delta == 0 || keys.is_empty() {
+/// Queues a settlement of `(tokens, cost)` more (or fewer) on the scopes whose keys and
+/// arguments are given.
+fn queue_settle(shared: &Shared, (delta, cost): (i64, i64), keys: Vec<String>, rest: Vec<String>) {
+    if (delta == 0 && cost == 0) || keys.is_empty() {
         return;
     }
-    let mut args = vec![delta.to_string(), (keys.len() / 2).to_string()];
+    let mut args = vec![
+        delta.to_string(),
+        (keys.len() / 3).to_string(),
+        cost.to_string(),
+    ];
     args.extend(rest);
     let _ = shared.jobs.try_send(Job::Settle { keys, args });
 }

@@ -1,6 +1,11 @@
 use super::*;
 use crate::config::Quota;
 
+/// A settlement of `tokens` used, at no cost.
+fn used(tokens: u64) -> Used {
+    Used { tokens, cost: 0 }
+}
+
 fn limiter(limits: ConsumerLimits) -> Arc<ConsumerLimiter> {
     limiter_for(&limits, None, Instant::now()).unwrap()
 }
@@ -17,11 +22,11 @@ async fn requests_per_minute() {
     });
     let wall = SystemTime::now();
     for i in 0..60 {
-        let (r, rem) = c.reserve(0, Instant::now(), wall).unwrap();
+        let (r, rem) = c.reserve(0, 0, Instant::now(), wall).unwrap();
         assert_eq!(rem.requests, Some(59 - i));
-        r.settle(Some(0));
+        r.settle(Some(used(0)));
     }
-    match c.reserve(0, Instant::now(), wall) {
+    match c.reserve(0, 0, Instant::now(), wall) {
         Err(Refusal::Rate {
             what: "requests",
             retry_after,
@@ -29,7 +34,7 @@ async fn requests_per_minute() {
         other => panic!("{other:?}"),
     }
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(c.reserve(0, Instant::now(), wall).is_ok());
+    assert!(c.reserve(0, 0, Instant::now(), wall).is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -39,10 +44,10 @@ async fn tokens_are_reserved_then_settled() {
         ..Default::default()
     });
     let wall = SystemTime::now();
-    let (a, rem) = c.reserve(600, Instant::now(), wall).unwrap();
+    let (a, rem) = c.reserve(600, 0, Instant::now(), wall).unwrap();
     assert_eq!(rem.tokens, Some(400));
     // A second 600 does not fit while the first is reserved...
-    match c.reserve(600, Instant::now(), wall) {
+    match c.reserve(600, 0, Instant::now(), wall) {
         Err(Refusal::Rate {
             what: "tokens",
             retry_after,
@@ -50,20 +55,20 @@ async fn tokens_are_reserved_then_settled() {
         other => panic!("{other:?}"),
     }
     // ... but once the first turns out to have used 100, it does.
-    a.settle(Some(100));
-    let (b, rem) = c.reserve(600, Instant::now(), wall).unwrap();
+    a.settle(Some(used(100)));
+    let (b, rem) = c.reserve(600, 0, Instant::now(), wall).unwrap();
     assert_eq!(rem.tokens, Some(300));
     // Using more than reserved goes into debt.
-    b.settle(Some(1000));
+    b.settle(Some(used(1000)));
     assert!(matches!(
-        c.reserve(1, Instant::now(), wall),
+        c.reserve(1, 0, Instant::now(), wall),
         Err(Refusal::Rate { .. })
     ));
     tokio::time::advance(Duration::from_secs(60)).await;
     // The minute's refill pays the 100-token debt first.
-    assert!(c.reserve(1000, Instant::now(), wall).is_err());
+    assert!(c.reserve(1000, 0, Instant::now(), wall).is_err());
     assert_eq!(
-        c.reserve(900, Instant::now(), wall).unwrap().1.tokens,
+        c.reserve(900, 0, Instant::now(), wall).unwrap().1.tokens,
         Some(0)
     );
 }
@@ -78,9 +83,9 @@ async fn quotas_use_fixed_utc_windows() {
         ..Default::default()
     });
     let day = at("Thu, 26 Nov 2026 23:59:00 GMT");
-    let (r, _) = c.reserve(900, Instant::now(), day).unwrap();
-    r.settle(Some(950));
-    match c.reserve(100, Instant::now(), day) {
+    let (r, _) = c.reserve(900, 0, Instant::now(), day).unwrap();
+    r.settle(Some(used(950)));
+    match c.reserve(100, 0, Instant::now(), day) {
         Err(Refusal::Quota {
             period: QuotaPeriod::Day,
             resets_in,
@@ -88,12 +93,12 @@ async fn quotas_use_fixed_utc_windows() {
         other => panic!("{other:?}"),
     }
     assert!(
-        c.reserve(50, Instant::now(), day).is_ok(),
+        c.reserve(50, 0, Instant::now(), day).is_ok(),
         "what is left can still be used"
     );
     let next_day = at("Fri, 27 Nov 2026 00:00:00 GMT");
     assert!(
-        c.reserve(900, Instant::now(), next_day).is_ok(),
+        c.reserve(900, 0, Instant::now(), next_day).is_ok(),
         "a new day, a new quota"
     );
 }
@@ -154,7 +159,10 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
     );
     let wall = SystemTime::now();
     let body = Bytes::from_static(b"{}");
-    let admit = async |d: &str| l.admit("team", Some(d), &body, Instant::now(), wall).await;
+    let admit = async |d: &str| {
+        l.admit("team", Some(d), None, &body, Instant::now(), wall)
+            .await
+    };
     let a = admit("gpt-4o").await.unwrap().unwrap();
     assert_eq!(a.remaining.requests, Some(1), "the tighter of 99 and 1");
     admit("gpt-4o").await.unwrap().unwrap();
@@ -169,7 +177,9 @@ async fn per_deployment_limits_apply_on_top_and_all_or_nothing() {
     // The refusal gave back the overall slot it had taken: three admitted, 97 left, not 96.
     let other = admit("gpt-4o-mini").await.unwrap().unwrap();
     assert_eq!(other.remaining.requests, Some(97));
-    let stranger = l.admit("stranger", None, &body, Instant::now(), wall).await;
+    let stranger = l
+        .admit("stranger", None, None, &body, Instant::now(), wall)
+        .await;
     assert!(stranger.unwrap().is_none());
 }
 
@@ -194,7 +204,7 @@ async fn a_fallback_moves_the_tokens_to_the_deployment_that_served() {
         Bytes::from_static(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100}"#);
     let now = Instant::now();
     let a = l
-        .admit("team", Some("gpt-4o"), &body, now, wall)
+        .admit("team", Some("gpt-4o"), None, &body, now, wall)
         .await
         .unwrap()
         .unwrap();
@@ -207,13 +217,13 @@ async fn a_fallback_moves_the_tokens_to_the_deployment_that_served() {
         .unwrap();
     let a = admission.unwrap();
     assert_eq!(a.remaining.tokens, Some(5_000 - held), "held on mini now");
-    a.settle(Some(40));
+    a.settle(Some(used(40)));
     // gpt-4o got its tokens back; mini and the overall limits were charged what was used.
     let probe = |d: &'static str| {
         let l = &l;
         let body = Bytes::from_static(b"{}");
         async move {
-            l.admit("team", Some(d), &body, now, wall)
+            l.admit("team", Some(d), None, &body, now, wall)
                 .await
                 .unwrap()
                 .unwrap()
@@ -230,4 +240,45 @@ async fn a_fallback_moves_the_tokens_to_the_deployment_that_served() {
     let on_mini = 5_000 - mini.remaining.tokens.unwrap();
     // Each probe holds its own small estimate (the same on both deployments).
     assert_eq!(on_mini - on_gpt, 40, "gpt-4o {on_gpt}, mini {on_mini}");
+}
+
+/// A budget holds each request's estimated cost and is settled with what it cost; spent, it
+/// refuses until the next window, as a token quota does.
+#[tokio::test(start_paused = true)]
+async fn a_budget_is_reserved_settled_and_spent() {
+    let c = limiter_for(
+        &ConsumerLimits {
+            budget: Some(crate::config::Budget {
+                period: QuotaPeriod::Day,
+                micros: 1_000,
+            }),
+            ..Default::default()
+        },
+        None,
+        Instant::now(),
+    )
+    .unwrap();
+    let wall = SystemTime::now();
+    let (r, rem) = c.reserve(10, 300, Instant::now(), wall).unwrap();
+    assert_eq!(rem.budget, Some((700, 1_000)));
+    r.settle(Some(Used {
+        tokens: 12,
+        cost: 500,
+    }));
+    let (r, rem) = c.reserve(10, 300, Instant::now(), wall).unwrap();
+    assert_eq!(rem.budget, Some((200, 1_000)), "500 spent, 300 held");
+    r.settle(Some(Used {
+        tokens: 12,
+        cost: 600,
+    }));
+    match c.reserve(10, 1, Instant::now(), wall) {
+        Err(Refusal::Budget { period, resets_in }) => {
+            assert_eq!(period, QuotaPeriod::Day);
+            assert!(resets_in <= Duration::from_secs(86_400));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The next day's window starts afresh.
+    let tomorrow = wall + Duration::from_secs(86_400);
+    assert!(c.reserve(10, 300, Instant::now(), tomorrow).is_ok());
 }

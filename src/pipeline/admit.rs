@@ -55,6 +55,7 @@ pub(super) async fn admit(
         .admit(
             &c.name,
             inbound.deployment(),
+            snap.proxy.price(inbound.deployment()),
             body,
             tokio::time::Instant::now(),
             std::time::SystemTime::now(),
@@ -64,6 +65,16 @@ pub(super) async fn admit(
             count_refusal(state, &c.name, &r);
             refusal(&c.name, r)
         })?;
+    if let Some((left, of)) = admitted.as_ref().and_then(|a| a.remaining.budget) {
+        let used = of.saturating_sub(left) as f64 / of.max(1) as f64;
+        state
+            .metrics
+            .budget_used
+            .get_or_create(&crate::telemetry::ConsumerLabels {
+                consumer: c.name.to_string(),
+            })
+            .set(used);
+    }
     Ok(admitted.map(|admission| Limit { admission }))
 }
 
@@ -138,6 +149,19 @@ fn refusal(consumer: &str, r: Refusal) -> GatewayError {
             ErrorKind::QuotaExceeded,
             format!(
                 "Token quota of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
+                match period {
+                    crate::config::QuotaPeriod::Hour => "hour",
+                    crate::config::QuotaPeriod::Day => "day",
+                    crate::config::QuotaPeriod::Month => "month",
+                },
+                resets_in.as_secs()
+            ),
+        )
+        .with_retry_after(Some(resets_in)),
+        Refusal::Budget { period, resets_in } => GatewayError::new(
+            ErrorKind::BudgetExceeded,
+            format!(
+                "The budget of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
                 match period {
                     crate::config::QuotaPeriod::Hour => "hour",
                     crate::config::QuotaPeriod::Day => "day",

@@ -62,9 +62,12 @@ impl RequestContext {
         if let Some(r) = self.reservation.take() {
             // A failed answer used nothing; a good one without readable usage keeps the estimate.
             let used = if self.success {
-                usage.map(|u| u.total_tokens)
+                usage.map(|u| crate::limits::Used {
+                    tokens: u.total_tokens,
+                    cost: cost.map_or(0, crate::config::micros),
+                })
             } else {
-                Some(0)
+                Some(crate::limits::Used::default())
             };
             r.settle(used);
         }

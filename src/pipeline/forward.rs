@@ -89,7 +89,7 @@ pub(super) async fn list(
     )
     .await;
     if let Some(l) = limit {
-        l.admission.settle(Some(0));
+        l.admission.settle(Some(crate::limits::Used::default()));
     }
     Served::gateway(result.unwrap_or_else(|failed| failed))
 }
@@ -120,6 +120,11 @@ pub(super) fn answered(
                 if let Some(t) = l.admission.remaining.tokens {
                     h.insert("x-ratelimit-remaining-tokens", HeaderValue::from(t));
                 }
+                if let Some((left, _)) = l.admission.remaining.budget
+                    && let Ok(v) = HeaderValue::from_str(&format!("{:.6}", left as f64 / 1e6))
+                {
+                    h.insert("x-ratelimit-remaining-budget", v);
+                }
             }
             Ok(Served {
                 backend: answer.backend,
@@ -142,7 +147,7 @@ pub(super) fn answered(
             }
             // Nothing was served: the reservation is given back, not charged.
             if let Some(l) = limit {
-                l.admission.settle(Some(0));
+                l.admission.settle(Some(crate::limits::Used::default()));
             }
             Err(Failed {
                 backend: answer.backend,

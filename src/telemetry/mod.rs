@@ -66,6 +66,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CostLabels {
     /// The consumer's configured name, or `-` without consumers.
     pub consumer: String,
@@ -208,6 +213,9 @@ pub struct Metrics {
     pub fallbacks: Family<FallbackLabels, Counter>,
     /// What the tokens used cost, in `[usage] currency`, by consumer and deployment.
     pub cost: Family<CostLabels, Counter<f64, AtomicU64>>,
+    /// The share of each consumer's budget spent (and held) this period, as of its latest
+    /// admitted request.
+    pub budget_used: Family<ConsumerLabels, Gauge<f64, AtomicU64>>,
     /// The per-request counters of each label set seen, found in the families once.
     request_counters: std::sync::RwLock<
         std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
@@ -483,7 +491,14 @@ impl Metrics {
             "What the tokens used cost, from each answer's usage and its deployment's price, in the configured currency ([usage] currency), by consumer and deployment",
             cost.clone(),
         );
+        let budget_used = Family::<ConsumerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "budget_used_ratio",
+            "The share of the consumer's budget (consumers[].budget) spent or held this period, as of its latest admitted request",
+            budget_used.clone(),
+        );
         Self {
+            budget_used,
             cost,
             fallbacks,
             owners,

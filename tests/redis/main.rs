@@ -423,3 +423,73 @@ async fn redis_going_away_loses_no_request_and_limits_resume_when_it_returns() {
     );
     gw.stop().await;
 }
+
+/// A budget in money spent across two replicas sharing Redis: each request holds its estimated
+/// cost and is settled with what it cost; once the day's budget is spent, both refuse with 403
+/// `consumer_budget_exceeded`, and no more was spent than the budget and one request's worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_is_spent_across_two_replicas() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let s = start_sim(sim("east")).await;
+    let t = format!(
+        "{}\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n",
+        tail_with(
+            &redis.url(),
+            "",
+            "budget = { period = \"day\", amount = 0.001 }"
+        )
+    );
+    let gw1 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let gw2 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let client = client();
+    let (mut spent, mut one, mut refused) = (0.0f64, 0.0f64, 0);
+    let mut lefts = Vec::new();
+    for i in 0..40 {
+        let base = if i % 2 == 0 { &gw1.base } else { &gw2.base };
+        let r = client
+            .post(format!("{base}{CHAT}"))
+            .header("content-type", "application/json")
+            .header("api-key", KEY)
+            .body(chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let left = header(&r, "x-ratelimit-remaining-budget");
+        let v: serde_json::Value = r.json().await.unwrap();
+        if status == 403 {
+            assert_eq!(v["error"]["code"], "consumer_budget_exceeded", "{v}");
+            refused += 1;
+            continue;
+        }
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(refused, 0, "once spent, the budget stays spent");
+        lefts.push(left.parse::<f64>().unwrap());
+        let u = &v["usage"];
+        one = (u["prompt_tokens"].as_f64().unwrap() * 2.5
+            + u["completion_tokens"].as_f64().unwrap() * 10.0)
+            / 1e6;
+        spent += one;
+    }
+    eprintln!(
+        "spent {spent:.6} of 0.001 in {} requests; {refused} refused",
+        lefts.len()
+    );
+    assert!(refused > 10, "the budget ran out: {refused} refused");
+    assert!(
+        spent <= 0.001 + one && spent >= 0.001 - 2.0 * one,
+        "spent {spent} against a budget of 0.001 (one request {one})"
+    );
+    assert!(lefts.windows(2).all(|w| w[1] < w[0]), "{lefts:?}");
+    let ratio = metric_value(
+        &client,
+        &gw1.admin,
+        "switchyard_budget_used_ratio{consumer=\"team-a\"}",
+    )
+    .await;
+    assert!(ratio > 0.8, "{ratio}");
+    gw1.stop().await;
+    gw2.stop().await;
+}

@@ -62,12 +62,13 @@ pub(super) fn validate_consumers(
                 ));
             }
         }
-        let limits = limit_set(
+        let mut limits = limit_set(
             c.requests_per_minute,
             c.tokens_per_minute,
             c.token_quota,
             &at(""),
         )?;
+        limits.budget = c.budget.map(|b| budget(b, &at("budget"))).transpose()?;
         let mut deployment_limits = Vec::with_capacity(c.deployments.len());
         for (deployment, set) in c.deployments {
             let path = at(&format!("deployments.{deployment}."));
@@ -115,6 +116,29 @@ pub(super) fn validate_consumers(
 }
 
 /// One set of limits; `at` is the path prefix its keys are reported under (ends with '.').
+/// `budget = { period = "day" | "month", amount = 500.0 }`.
+fn budget(raw: raw::RawBudget, path: &str) -> Result<Budget, ConfigError> {
+    if raw.period == QuotaPeriod::Hour {
+        return Err(ConfigError::field(
+            format!("{path}.period"),
+            "a budget is per \"day\" or \"month\"",
+        ));
+    }
+    if !raw.amount.is_finite() || raw.amount <= 0.0 || raw.amount > 1e12 {
+        return Err(ConfigError::field(
+            format!("{path}.amount"),
+            format!(
+                "{} is not an amount to spend (more than 0, in [usage] currency)",
+                raw.amount
+            ),
+        ));
+    }
+    Ok(Budget {
+        period: raw.period,
+        micros: micros(raw.amount),
+    })
+}
+
 pub(super) fn limit_set(
     rpm: Option<u32>,
     tpm: Option<u32>,
@@ -147,6 +171,7 @@ pub(super) fn limit_set(
         requests_per_minute: positive(rpm, "requests_per_minute")?,
         tokens_per_minute: positive(tpm, "tokens_per_minute")?,
         token_quota,
+        budget: None,
     })
 }
 
