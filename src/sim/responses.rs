@@ -137,6 +137,9 @@ pub fn words(rng: &mut SplitMix64, n: u32) -> Vec<&'static str> {
         .collect()
 }
 
+/// Reasoning tokens a reasoning model spends on each answer.
+pub const REASONING_TOKENS: u32 = 4;
+
 pub struct Reply<'a> {
     pub id: &'a str,
     pub created: u64,
@@ -149,14 +152,25 @@ pub struct Reply<'a> {
 }
 
 impl Reply<'_> {
+    /// As Azure counts it: a reasoning model (`o1`, `o3`, `o4-mini`, `gpt-5` ...) spends
+    /// reasoning tokens on top of the text, counted among the completion tokens; an audio model
+    /// (`gpt-4o-audio-preview` ...) answers in audio, its completion tokens audio tokens.
     fn usage(&self) -> Value {
-        let completion = self.words.len() as u32;
+        let m = self.model.to_ascii_lowercase();
+        let reasoning = if ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) {
+            REASONING_TOKENS
+        } else {
+            0
+        };
+        let text = self.words.len() as u32;
+        let audio = if m.contains("audio") { text } else { 0 };
+        let completion = text + reasoning;
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0}
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": audio}
         })
     }
 

@@ -150,3 +150,101 @@ async fn cost_is_each_answers_usage_at_its_deployments_price() {
     );
     gw.stop().await;
 }
+
+/// Every token kind the simulator reports, from plain and streamed answers of each operation
+/// (chat with a reasoning and an audio model, Responses, embeddings), is what
+/// `switchyard_tokens_total` counts, kind by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_kind_of_every_operation_is_counted() {
+    let s = start_sim(sim("east")).await;
+    let gw = gateway(&[B::sim(&s)], "", "").await;
+    let client = client();
+    let long = "Summarise the history of the lighthouse keepers of the north coast. ".repeat(80);
+    let mut want = HashMap::<&str, u64>::new();
+    let mut add = |u: &serde_json::Value| {
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let details = |a: &str, b: &str, k: &str| n(&u[a][k]) + n(&u[b][k]);
+        *want.entry("prompt").or_default() += n(&u["prompt_tokens"]) + n(&u["input_tokens"]);
+        *want.entry("completion").or_default() +=
+            n(&u["completion_tokens"]) + n(&u["output_tokens"]);
+        *want.entry("cached").or_default() += details(
+            "prompt_tokens_details",
+            "input_tokens_details",
+            "cached_tokens",
+        );
+        *want.entry("reasoning").or_default() += details(
+            "completion_tokens_details",
+            "output_tokens_details",
+            "reasoning_tokens",
+        );
+        *want.entry("audio").or_default() += details(
+            "prompt_tokens_details",
+            "completion_tokens_details",
+            "audio_tokens",
+        );
+    };
+    // The usage an answer reports: a JSON body's, or a stream's last usage.
+    let usage_of = |text: &str| -> serde_json::Value {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+            return v["usage"].clone();
+        }
+        let last = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .rfind(|d| d.contains("\"usage\":{"))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(last).unwrap();
+        if v["response"].is_object() {
+            v["response"]["usage"].clone()
+        } else {
+            v["usage"].clone()
+        }
+    };
+    let send = async |path: &str, body: serde_json::Value| {
+        let r = client
+            .post(gw.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let text = r.text().await.unwrap();
+        usage_of(&text)
+    };
+    let v1 = "/openai/v1/chat/completions";
+    for model in ["o3-mini", "gpt-4o-audio-preview", "gpt-4o"] {
+        for stream in [false, true] {
+            let mut body = serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": long}],
+                "max_tokens": 6,
+            });
+            if stream {
+                body["stream"] = true.into();
+                body["stream_options"] = serde_json::json!({"include_usage": true});
+            }
+            add(&send(v1, body).await);
+        }
+    }
+    for stream in [false, true] {
+        let body = serde_json::json!({"model": "o3", "input": long, "stream": stream});
+        add(&send("/openai/v1/responses", body).await);
+    }
+    let body = serde_json::json!({"model": "text-embedding-3-large", "input": ["a b c", "d e"]});
+    add(&send("/openai/v1/embeddings", body).await);
+
+    let m = metrics_text(&client, &gw.admin).await;
+    for (kind, want) in &want {
+        let counted: f64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("switchyard_tokens_total{") && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(counted, *want as f64, "{kind}\n{m}");
+        assert!(*want > 0, "the simulator reported some {kind} tokens");
+    }
+    gw.stop().await;
+}
