@@ -323,6 +323,17 @@ pub enum QuotaPeriod {
     Month,
 }
 
+impl QuotaPeriod {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Hour => "hour",
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+}
+
 /// A client of the gateway (APIM's subscription), known by its key.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {

@@ -46,8 +46,8 @@ impl Config {
             json!({
                 "requests_per_minute": l.requests_per_minute,
                 "tokens_per_minute": l.tokens_per_minute,
-                "token_quota": l.token_quota.map(|q| json!({"period": format!("{:?}", q.period).to_lowercase(), "tokens": q.tokens})),
-                "budget": l.budget.map(|b| json!({"period": format!("{:?}", b.period).to_lowercase(), "amount": b.micros as f64 / 1e6})),
+                "token_quota": l.token_quota.map(|q| json!({"period": q.period.as_str(), "tokens": q.tokens})),
+                "budget": l.budget.map(|b| json!({"period": b.period.as_str(), "amount": b.micros as f64 / 1e6})),
             })
         };
         let consumers: Vec<_> = self

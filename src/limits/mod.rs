@@ -60,6 +60,30 @@ struct QuotaWindow {
     used: u64,
 }
 
+impl QuotaWindow {
+    /// What `slot` holds as used in `window` (a slot of an older window holds nothing now).
+    fn used_in(slot: &Option<QuotaWindow>, window: u64) -> u64 {
+        match slot {
+            Some(w) if w.window == window => w.used,
+            _ => 0,
+        }
+    }
+
+    /// Adds `n` to `slot`'s count in `window`, starting the window afresh if it is a new one.
+    fn add(slot: &mut Option<QuotaWindow>, window: u64, n: u64) {
+        match slot.as_mut() {
+            Some(w) if w.window == window => w.used += n,
+            _ => *slot = Some(QuotaWindow { window, used: n }),
+        }
+    }
+
+    /// Whether `more` does not fit beside `used` of `limit`: a spent limit refuses all, and
+    /// a started one what would overrun it (the first request of a window always fits).
+    fn refuses(used: u64, more: u64, limit: u64) -> bool {
+        used >= limit || (used > 0 && used + more > limit)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     requests: Option<Bucket>,
@@ -474,30 +498,22 @@ impl ConsumerLimiter {
     ) -> Result<(Reservation, Remaining), Refusal> {
         let mut st = lock(&self.state);
         let budget_window = self.limits.budget.map(|b| window_of(b.period, wall));
-        if let (Some(b), Some(window)) = (self.limits.budget, budget_window) {
-            let spent = match &st.budget {
-                Some(w) if w.window == window => w.used,
-                _ => 0,
-            };
-            if spent >= b.micros || (spent > 0 && spent + cost > b.micros) {
-                return Err(Refusal::Budget {
-                    period: b.period,
-                    resets_in: until_next_window(b.period, wall),
-                });
-            }
+        if let (Some(b), Some(window)) = (self.limits.budget, budget_window)
+            && QuotaWindow::refuses(QuotaWindow::used_in(&st.budget, window), cost, b.micros)
+        {
+            return Err(Refusal::Budget {
+                period: b.period,
+                resets_in: until_next_window(b.period, wall),
+            });
         }
         let quota_window = self.limits.token_quota.map(|q| window_of(q.period, wall));
-        if let (Some(q), Some(window)) = (self.limits.token_quota, quota_window) {
-            let used = match &st.quota {
-                Some(w) if w.window == window => w.used,
-                _ => 0,
-            };
-            if used >= q.tokens || (used > 0 && used + tokens > q.tokens) {
-                return Err(Refusal::Quota {
-                    period: q.period,
-                    resets_in: until_next_window(q.period, wall),
-                });
-            }
+        if let (Some(q), Some(window)) = (self.limits.token_quota, quota_window)
+            && QuotaWindow::refuses(QuotaWindow::used_in(&st.quota, window), tokens, q.tokens)
+        {
+            return Err(Refusal::Quota {
+                period: q.period,
+                resets_in: until_next_window(q.period, wall),
+            });
         }
         let mut wait = None;
         if let Some(b) = st.requests.as_mut() {
@@ -524,21 +540,10 @@ impl ConsumerLimiter {
             b.level -= tokens as f64;
         }
         if let Some(window) = quota_window {
-            match st.quota.as_mut() {
-                Some(w) if w.window == window => w.used += tokens,
-                _ => {
-                    st.quota = Some(QuotaWindow {
-                        window,
-                        used: tokens,
-                    })
-                }
-            }
+            QuotaWindow::add(&mut st.quota, window, tokens);
         }
         if let Some(window) = budget_window {
-            match st.budget.as_mut() {
-                Some(w) if w.window == window => w.used += cost,
-                _ => st.budget = Some(QuotaWindow { window, used: cost }),
-            }
+            QuotaWindow::add(&mut st.budget, window, cost);
         }
         let remaining = Remaining {
             requests: st.requests.as_ref().map(|b| b.level.max(0.0) as u64),

@@ -149,11 +149,7 @@ fn refusal(consumer: &str, r: Refusal) -> GatewayError {
             ErrorKind::QuotaExceeded,
             format!(
                 "Token quota of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
-                match period {
-                    crate::config::QuotaPeriod::Hour => "hour",
-                    crate::config::QuotaPeriod::Day => "day",
-                    crate::config::QuotaPeriod::Month => "month",
-                },
+                period.as_str(),
                 resets_in.as_secs()
             ),
         )
@@ -162,11 +158,7 @@ fn refusal(consumer: &str, r: Refusal) -> GatewayError {
             ErrorKind::BudgetExceeded,
             format!(
                 "The budget of consumer '{consumer}' for this {} is spent; it renews in {} seconds.",
-                match period {
-                    crate::config::QuotaPeriod::Hour => "hour",
-                    crate::config::QuotaPeriod::Day => "day",
-                    crate::config::QuotaPeriod::Month => "month",
-                },
+                period.as_str(),
                 resets_in.as_secs()
             ),
         )
