@@ -1,7 +1,8 @@
-//! Per-consumer limits: requests per minute, tokens per minute and token quotas per fixed UTC
-//! hour, day or month, with APIM's answers (429 with `retry-after` over a rate, 403 once a quota
-//! is spent). A request reserves its estimate before it is forwarded and is settled with the
-//! usage the backend reports, so concurrent requests cannot overrun a limit by more than their
+//! Per-consumer limits: requests per minute, tokens per minute, token quotas per fixed UTC
+//! hour, day or month, and budgets in money per day or month, with APIM's answers (429 with
+//! `retry-after` over a rate, 403 once a quota or budget is spent). A request reserves its
+//! estimate (tokens, and their cost) before it is forwarded and is settled with the usage the
+//! backend reports, so concurrent requests cannot overrun a limit by more than their
 //! estimates' error. Kept in memory, per gateway, or in Redis, shared by every replica
 //! (`shared`). No HTTP types here.
 
