@@ -217,6 +217,32 @@ async fn rows_until(s: &Session, what: &str, mut ok: impl FnMut(&[Value]) -> boo
     }
 }
 
+const TEAM_KEY: &str = "team-a-key-0123456789";
+
+/// A chat completion as the consumer `team-a`: what it used and cost is summed as it goes.
+async fn chat_as_team(client: &reqwest::Client, base: &str) -> reqwest::Response {
+    client
+        .post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .header("api-key", TEAM_KEY)
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The consumers view's rows, as the page shows them.
+const READ_CONSUMERS: &str = r##"
+return [...document.querySelectorAll("#consumers tbody tr")].map((tr) => ({
+  name: tr.dataset.consumer,
+  requests: Number(tr.dataset.requests),
+  tokens: Number(tr.dataset.tokens),
+  cost: Number(tr.dataset.cost),
+  budget_left: Number(tr.dataset.budgetLeft),
+  text: tr.innerText,
+}));
+"##;
+
 fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter().find(|r| r["name"] == name).unwrap()
 }
@@ -236,19 +262,23 @@ async fn status_page_shows_live_backend_data_in_chromium() {
     })
     .await;
     let paygo = start_sim(sim("paygo")).await;
-    let gw = gateway(
+    // One priced deployment and a consumer with a budget, for the consumers view.
+    let gw = gateway_with(
         &[
             B::sim(&ptu).with("priority = 1"),
             B::sim(&paygo).with("priority = 2"),
         ],
         "",
         &format!("admin_key = \"{ADMIN_KEY}\""),
+        &format!(
+            "[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ ptu = \"gpt-4o\", paygo = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n\n[[consumers]]\nname = \"team-a\"\nkey = \"{TEAM_KEY}\"\nbudget = {{ period = \"day\", amount = 1.0 }}\n"
+        ),
     )
     .await;
     let client = client();
     let mut served = std::collections::HashMap::<String, u64>::new();
     for _ in 0..12 {
-        let r = post_chat(&client, &gw.base).await;
+        let r = chat_as_team(&client, &gw.base).await;
         assert_eq!(r.status(), 200);
         *served
             .entry(header(&r, "x-switchyard-backend"))
@@ -309,13 +339,54 @@ async fn status_page_shows_live_backend_data_in_chromium() {
 
     // More traffic: the figures move without a reload of the page.
     for _ in 0..10 {
-        assert_eq!(post_chat(&client, &gw.base).await.status(), 200);
+        assert_eq!(chat_as_team(&client, &gw.base).await.status(), 200);
     }
     rows_until(&s, "the new requests", |rows| {
         rows.iter()
             .any(|r| r["name"] == "paygo" && r["requests"] == by_paygo + 10)
     })
     .await;
+    // The consumers view: every request of the day, its tokens and cost, and the budget left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let consumers = loop {
+        let c = s.script(READ_CONSUMERS).await;
+        if c[0]["requests"] == 22 {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumers view never showed 22 requests: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let status: Value = client
+        .get(format!("{}/admin/status", gw.admin))
+        .header("x-admin-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let today = &status["consumers"]["list"][0]["today"];
+    assert_eq!(today["requests"], 22, "{status}");
+    let cost = today["cost"].as_f64().unwrap();
+    assert!(cost > 0.0, "{status}");
+    let team = &consumers[0];
+    assert_eq!(team["name"], "team-a", "{consumers}");
+    assert_eq!(team["tokens"], today["tokens"], "{consumers}");
+    assert!(
+        (team["cost"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{consumers}"
+    );
+    assert!(
+        (team["budget_left"].as_f64().unwrap() - (1.0 - cost)).abs() < 2e-6,
+        "{consumers}"
+    );
+    assert!(
+        team["text"].as_str().unwrap().contains("of 1.00 this day"),
+        "{consumers}"
+    );
     let header = s
         .script("return document.querySelector('header').innerText")
         .await;

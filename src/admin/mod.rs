@@ -2,6 +2,7 @@
 
 mod metrics;
 pub mod status;
+mod usage;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -190,7 +191,15 @@ async fn admin_api(
     let json = |v: serde_json::Value| text(StatusCode::OK, v.to_string(), "application/json");
     match (req.method().as_str(), path) {
         ("GET", "/admin/backends") => json(backends_json(&rt)),
-        ("GET", "/admin/status") => json(status_json(state, &rt)),
+        ("GET", "/admin/status") => {
+            let mut v = status_json(state, &rt);
+            v["consumers"] = usage::consumers(state, &rt).await;
+            json(v)
+        }
+        ("GET", "/admin/usage") => match usage::report(state, &rt, req.uri().query()).await {
+            Ok((body, content_type)) => text(StatusCode::OK, body, content_type),
+            Err(e) => e.into_response(),
+        },
         ("GET", "/admin/consumers") => json(consumers_json(&rt)),
         ("GET", "/admin/config") => {
             let mut v = rt.config.redacted_json();
@@ -235,7 +244,7 @@ async fn admin_api(
         }
         _ => GatewayError::new(
             ErrorKind::NotFound,
-            "admin routes: GET /admin/backends, GET /admin/status, GET /admin/config, POST /admin/reload, POST /admin/backends/{name}/drain|enable",
+            "admin routes: GET /admin/backends, GET /admin/status, GET /admin/consumers, GET /admin/usage, GET /admin/config, POST /admin/reload, POST /admin/backends/{name}/drain|enable",
         )
         .into_response(),
     }

@@ -107,6 +107,7 @@ impl Price {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::time::Duration;
 
     fn parse(extra: &str) -> Result<Config, crate::config::ConfigError> {
         let text = format!(
@@ -149,6 +150,14 @@ mod tests {
                 .currency,
             "EUR"
         );
+        let c = parse("").unwrap();
+        assert_eq!(c.usage.retention, Duration::from_secs(35 * 86_400));
+        let c = parse("[usage]\nretention = \"90d\"\n").unwrap();
+        assert_eq!(c.usage.retention, Duration::from_secs(90 * 86_400));
+        for bad in ["\"10m\"", "\"900d\"", "\"soon\""] {
+            let e = parse(&format!("[usage]\nretention = {bad}\n")).unwrap_err();
+            assert_eq!(e.path, "usage.retention", "{bad}");
+        }
     }
 
     #[test]

@@ -211,6 +211,8 @@ pub struct Config {
 pub struct UsageConfig {
     /// The currency of `[[deployments]] price` and of every cost shown (ISO 4217, e.g. `USD`).
     pub currency: String,
+    /// How long the usage report's hourly figures are kept.
+    pub retention: Duration,
 }
 
 /// Where and how spans are exported (OTLP over HTTP, JSON encoding).

@@ -30,6 +30,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawUsage {
     pub currency: Option<String>,
+    pub retention: Option<String>,
 }
 
 /// Per million tokens.

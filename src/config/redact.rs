@@ -88,7 +88,7 @@ impl Config {
             "backends": backends,
             "deployments": deployments,
             "consumers": consumers,
-            "usage": {"currency": self.usage.currency},
+            "usage": {"currency": self.usage.currency, "retention_s": self.usage.retention.as_secs()},
             "limits": store,
             "jwt": self.jwt.as_ref().map(|j| json!({"issuer": j.issuer, "audience": j.audiences, "jwks_url": j.jwks_url, "claim": j.claim})),
             // Header values are secrets: only their names are shown.

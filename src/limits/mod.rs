@@ -139,6 +139,15 @@ impl Refusal {
     }
 }
 
+/// A consumer's budget as it stands (`Limiter::budgets`); money in millionths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetState {
+    pub consumer: Arc<str>,
+    pub period: QuotaPeriod,
+    pub spent: u64,
+    pub amount: u64,
+}
+
 /// What remains after a request was admitted, for the response headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Remaining {
@@ -332,6 +341,29 @@ impl Limiter {
             completion_estimate,
             shared,
         }
+    }
+
+    /// Each consumer with a budget: its period, what is spent (and held) of it in the window
+    /// `wall` falls in, and the whole amount, in millionths of the currency. Read from the
+    /// shared store when limits are kept there.
+    pub async fn budgets(&self, wall: SystemTime) -> Result<Vec<BudgetState>, String> {
+        let mut out = Vec::new();
+        for (name, entry) in &self.consumers {
+            let Some(l) = &entry.overall else { continue };
+            let Some(b) = l.limits.budget else { continue };
+            let window = window_of(b.period, wall);
+            let spent = match &self.shared {
+                Some(shared) => shared.budget_spent(name, b.period, wall).await?,
+                None => QuotaWindow::used_in(&lock(&l.state).budget, window),
+            };
+            out.push(BudgetState {
+                consumer: name.clone(),
+                period: b.period,
+                spent,
+                amount: b.micros,
+            });
+        }
+        Ok(out)
     }
 
     /// Whether any of `consumer`'s limits counts tokens, so its request bodies are read.
@@ -625,6 +657,22 @@ fn window_of(period: QuotaPeriod, wall: SystemTime) -> u64 {
         QuotaPeriod::Month => {
             let (y, m, _) = civil_from_days((secs / 86_400) as i64);
             (y * 12 + i64::from(m) - 1) as u64
+        }
+    }
+}
+
+/// When the UTC window `wall` falls in began, in seconds since the epoch.
+pub fn window_start(period: QuotaPeriod, wall: SystemTime) -> u64 {
+    let secs = wall
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    match period {
+        QuotaPeriod::Hour => secs - secs % 3600,
+        QuotaPeriod::Day => secs - secs % 86_400,
+        QuotaPeriod::Month => {
+            let (y, m, _) = civil_from_days((secs / 86_400) as i64);
+            (days_from_civil(y, m, 1) as u64) * 86_400
         }
     }
 }

@@ -12,18 +12,21 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use futures_util::StreamExt;
+
 use super::{Refusal, Remaining, until_next_window, window_of};
 use crate::auth::outbound::TokenProvider;
-use crate::config::ConsumerLimits;
+use crate::config::{ConsumerLimits, QuotaPeriod};
 use crate::redis::Redis;
 use crate::sync::lock;
 use crate::telemetry::Metrics;
+use crate::usage::ledger::{Entry, Hour, Tally};
 
 /// Key prefix, versioned so a rolling upgrade with a new layout cannot misread old keys.
 const PREFIX: &str = "sy:v2";
@@ -35,6 +38,12 @@ const OWNER_PREFIX: &str = "sy:v1";
 const COOLDOWNS: &str = "sy:v2:cooldowns";
 /// Errors are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the usage ledger's figures are written to Redis.
+const USAGE_FLUSH: Duration = Duration::from_secs(5);
+/// How often a stopping replica looks whether its last requests have finished.
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// Hours of usage read from Redis at once for a report.
+const USAGE_READS: usize = 16;
 /// How often cooldowns learned by other replicas are read.
 const COOLDOWN_POLL: Duration = Duration::from_millis(250);
 /// Pending settlements and cooldowns; past this they are dropped (estimates stay charged).
@@ -184,6 +193,21 @@ end
 return out
 "#;
 
+/// Adds a flush's figures to one hour's, day's and month's usage hashes (one slot: the month is
+/// the hash tag), and keeps each until `retention` after the last hour written to it.
+const USAGE: &str = r#"
+local t = redis.call('TIME')
+local at = tonumber(ARGV[1])
+local left = at - tonumber(t[1])
+for k = 1, 3 do
+  for i = 2, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+  end
+  if redis.call('TTL', KEYS[k]) < left then redis.call('EXPIREAT', KEYS[k], at) end
+end
+return 1
+"#;
+
 /// A request's hold on shared limits, settled through the background task.
 #[derive(Debug)]
 pub struct SharedHold {
@@ -226,6 +250,9 @@ pub struct Shared {
     settle: redis::Script,
     cool: redis::Script,
     cooling: redis::Script,
+    usage: redis::Script,
+    /// Serialises flushes: a report's and the background task's must not both take figures.
+    flushing: tokio::sync::Mutex<()>,
     fail_closed: bool,
     up: AtomicBool,
     last_log: Mutex<Option<Instant>>,
@@ -257,12 +284,15 @@ impl Shared {
         credential: Option<Arc<TokenProvider>>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        metrics.ledger.set_shared();
         Arc::new(Self {
             redis,
             reserve: redis::Script::new(RESERVE),
             settle: redis::Script::new(SETTLE),
             cool: redis::Script::new(COOL),
             cooling: redis::Script::new(COOLING),
+            usage: redis::Script::new(USAGE),
+            flushing: tokio::sync::Mutex::new(()),
             fail_closed,
             up: AtomicBool::new(true),
             last_log: Mutex::new(None),
@@ -413,7 +443,7 @@ impl Shared {
                 let period = scopes
                     .get(*scope as usize)
                     .and_then(|(_, l)| l.budget.map(|b| b.period))
-                    .unwrap_or(crate::config::QuotaPeriod::Day);
+                    .unwrap_or(QuotaPeriod::Day);
                 Err(Refusal::Budget {
                     period,
                     resets_in: until_next_window(period, wall),
@@ -423,7 +453,7 @@ impl Shared {
                 let (period, _) = scopes
                     .get(*scope as usize)
                     .and_then(|(_, l)| l.token_quota.map(|q| (q.period, q.tokens)))
-                    .unwrap_or((crate::config::QuotaPeriod::Day, 0));
+                    .unwrap_or((QuotaPeriod::Day, 0));
                 Err(Refusal::Quota {
                     period,
                     resets_in: until_next_window(period, wall),
@@ -433,6 +463,23 @@ impl Shared {
                 "unexpected reply from the limits script: {v:?}"
             ))),
         }
+    }
+
+    /// What `consumer` has spent (and holds) of its budget in the window `wall` falls in, in
+    /// millionths: the key the reserve script counts it in.
+    pub async fn budget_spent(
+        &self,
+        consumer: &str,
+        period: QuotaPeriod,
+        wall: SystemTime,
+    ) -> Result<u64, String> {
+        let key = format!("{PREFIX}:{{{consumer}}}:*:b:{}", window_of(period, wall));
+        let r = self
+            .redis
+            .query::<Option<i64>>(redis::cmd("GET").arg(key))
+            .await;
+        self.note(&r);
+        Ok(r?.unwrap_or(0).max(0) as u64)
     }
 
     /// Tells the other replicas a backend asked to be left alone.
@@ -474,12 +521,14 @@ impl Shared {
         }
     }
 
-    /// Runs settlements and cooldown sharing until `shutdown`; `apply` receives cooldowns other
-    /// replicas learned: (deployment, backend name, time left).
+    /// Runs settlements, cooldown sharing and usage writes until `shutdown`, then goes on
+    /// writing what the requests still draining settle and use, for up to `grace`; `apply`
+    /// receives cooldowns other replicas learned: (deployment, backend name, time left).
     pub async fn run(
         self: Arc<Self>,
         apply: impl Fn(&str, &str, Duration) + Send,
         shutdown: CancellationToken,
+        grace: Duration,
     ) {
         let Some(mut rx) = lock(&self.jobs_rx).take() else {
             return;
@@ -492,16 +541,157 @@ impl Shared {
         }
         let mut poll = tokio::time::interval(COOLDOWN_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(USAGE_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 job = rx.recv() => match job {
-                    None => return,
+                    None => break,
                     Some(job) => self.write(job).await,
                 },
                 _ = poll.tick() => self.read_cooldowns(&apply).await,
+                _ = flush.tick() => {
+                    let _ = self.flush_usage().await;
+                }
             }
         }
+        // Requests still draining settle and use after the stop: their figures are written
+        // too, before the replica goes.
+        let until = Instant::now() + grace;
+        let mut check = tokio::time::interval(DRAIN_CHECK);
+        while self.metrics.in_flight.get() > 0 && Instant::now() < until {
+            tokio::select! {
+                job = rx.recv() => match job {
+                    None => break,
+                    Some(job) => self.write(job).await,
+                },
+                _ = check.tick() => {}
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            self.write(job).await;
+        }
+        let _ = self.flush_usage().await;
+    }
+
+    fn usage_keys(hour: Hour) -> [String; 3] {
+        let secs = hour * 3600;
+        let month = window_of(QuotaPeriod::Month, UNIX_EPOCH + Duration::from_secs(secs));
+        let base = format!("{PREFIX}:usage:{{m{month}}}");
+        [
+            format!("{base}:h:{hour}"),
+            format!("{base}:d:{}", hour / 24),
+            format!("{base}:m"),
+        ]
+    }
+
+    /// A usage hash's field: the consumer, the deployment and the figure, as a JSON array (names
+    /// may hold any character).
+    fn usage_field(consumer: &str, deployment: &str, figure: &str) -> String {
+        serde_json::json!([consumer, deployment, figure]).to_string()
+    }
+
+    /// Writes what the usage ledger holds to Redis; on failure it stays held for the next try.
+    pub async fn flush_usage(&self) -> Result<(), String> {
+        let _one = self.flushing.lock().await;
+        let ledger = &self.metrics.ledger;
+        let entries = ledger.drain();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let retention = ledger.retention().as_secs();
+        let mut by_hour: std::collections::BTreeMap<Hour, Vec<Entry>> = Default::default();
+        for e in entries {
+            by_hour.entry(e.hour).or_default().push(e);
+        }
+        let mut failed = None;
+        let mut unwritten = Vec::new();
+        for (hour, entries) in by_hour {
+            if failed.is_some() {
+                unwritten.extend(entries);
+                continue;
+            }
+            let mut call = self.usage.prepare_invoke();
+            call.key(&Self::usage_keys(hour)[..])
+                .arg((hour + 1) * 3600 + retention);
+            for e in &entries {
+                for (name, v) in Tally::FIELDS.iter().zip(e.tally.values()) {
+                    if v > 0 {
+                        call.arg(Self::usage_field(&e.consumer, &e.deployment, name))
+                            .arg(v);
+                    }
+                }
+            }
+            let r = self.redis.script::<()>(&call).await;
+            self.note(&r);
+            if let Err(e) = r {
+                failed = Some(e);
+                unwritten.extend(entries);
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                ledger.restore(unwritten);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads one usage hash as ledger entries at `hour`.
+    async fn read_usage(&self, key: &str, hour: Hour) -> Result<Vec<Entry>, String> {
+        let r = self
+            .redis
+            .query::<Vec<(String, u64)>>(redis::cmd("HGETALL").arg(key))
+            .await;
+        self.note(&r);
+        let mut tallies: std::collections::HashMap<(String, String), Tally> = Default::default();
+        for (field, v) in r? {
+            let Ok((consumer, deployment, figure)) =
+                serde_json::from_str::<(String, String, String)>(&field)
+            else {
+                continue;
+            };
+            tallies
+                .entry((consumer, deployment))
+                .or_default()
+                .set(&figure, v);
+        }
+        Ok(tallies
+            .into_iter()
+            .map(|((consumer, deployment), tally)| Entry {
+                hour,
+                consumer: consumer.into(),
+                deployment: deployment.into(),
+                tally,
+            })
+            .collect())
+    }
+
+    /// Every replica's usage from hour `from` up to `to`, this one's written first.
+    pub async fn usage(&self, from: Hour, to: Hour) -> Result<Vec<Entry>, String> {
+        self.flush_usage().await?;
+        let reads = (from..to).map(|h| async move {
+            let [key, ..] = Self::usage_keys(h);
+            self.read_usage(&key, h).await
+        });
+        let mut out = Vec::new();
+        let mut stream = futures_util::stream::iter(reads).buffered(USAGE_READS);
+        while let Some(r) = stream.next().await {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// Every replica's usage in the UTC day and month `hour` falls in, this one's written
+    /// first; each entry's hour is the period's first.
+    pub async fn usage_periods(&self, hour: Hour) -> Result<(Vec<Entry>, Vec<Entry>), String> {
+        self.flush_usage().await?;
+        let [_, day, month] = Self::usage_keys(hour);
+        let day = self.read_usage(&day, hour - hour % 24).await?;
+        let month = self.read_usage(&month, hour).await?;
+        Ok((day, month))
     }
 
     async fn write(&self, job: Job) {

@@ -98,6 +98,7 @@ pub(super) fn build(
         parts.identity_client,
         previous.map(|p| &p.auth),
     );
+    parts.metrics.ledger.set_retention(config.usage.retention);
     let limiter = Limiter::new(
         &config.consumers,
         config.limits.completion_estimate,

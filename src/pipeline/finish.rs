@@ -4,6 +4,7 @@
 
 use crate::telemetry::trace::{Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{AttemptOutcome, BackendStats};
+use crate::usage::ledger::Tally;
 use crate::usage::{Tap, Usage};
 
 use super::context::{RequestContext, first_chars};
@@ -45,6 +46,12 @@ impl RequestContext {
             total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
+        if let Some(c) = &self.counters {
+            // The hour of the access log line's own time stamp.
+            let hour = crate::usage::ledger::hour_of(std::time::SystemTime::now());
+            let nanos = cost.map_or(0, crate::usage::ledger::nanos);
+            c.record(&self.metrics, hour, &Tally::request(usage.as_ref(), nanos));
+        }
         if let Some(u) = usage {
             if let Some(s) = &self.stats {
                 BackendStats::add(&s.tokens, u.total_tokens);

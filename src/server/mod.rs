@@ -195,6 +195,7 @@ pub async fn start_on(
                     .remote_cooldown(deployment, backend, wait)
             },
             shutdown.clone(),
+            grace,
         ));
     }
     {

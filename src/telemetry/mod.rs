@@ -216,6 +216,8 @@ pub struct Metrics {
     /// The share of each consumer's budget spent (and held) this period, as of its latest
     /// admitted request.
     pub budget_used: Family<ConsumerLabels, Gauge<f64, AtomicU64>>,
+    /// Requests, tokens and cost by consumer, deployment and hour, for the usage report.
+    pub ledger: std::sync::Arc<crate::usage::ledger::Ledger>,
     /// The per-request counters of each label set seen, found in the families once.
     request_counters: std::sync::RwLock<
         std::collections::HashMap<u64, Vec<CachedCounters>, crate::fnv::FnvBuild>,
@@ -227,6 +229,8 @@ pub struct Metrics {
 pub struct RequestCounters {
     pub requests: Counter,
     tokens: std::sync::Arc<TokenCounters>,
+    /// The usage ledger's cell of the label set's consumer and deployment.
+    ledger: std::sync::Arc<crate::usage::ledger::Cell>,
 }
 
 /// Token counters are created with the first usage reported, so label sets that never carry
@@ -260,6 +264,16 @@ impl RequestCounters {
         for (c, n) in counters.iter().zip(counts) {
             c.inc_by(n);
         }
+    }
+
+    /// Counts a finished request in the usage ledger, in the hour it finished.
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        hour: crate::usage::ledger::Hour,
+        t: &crate::usage::ledger::Tally,
+    ) {
+        metrics.ledger.record(&self.ledger, hour, t);
     }
 
     /// Adds what a request's tokens cost.
@@ -529,6 +543,7 @@ impl Metrics {
             duration,
             in_flight,
             stream_errors,
+            ledger: Default::default(),
             request_counters: Default::default(),
         }
     }
@@ -579,6 +594,7 @@ impl Metrics {
                 counters: std::sync::OnceLock::new(),
                 cost: std::sync::OnceLock::new(),
             }),
+            ledger: self.ledger.cell(consumer, deployment),
         };
         let mut cache = self
             .request_counters

@@ -4,6 +4,8 @@
 //! (`stream_options.include_usage`), it is taken out again, with the `"usage":null` it makes
 //! every other chunk carry, so the client sees exactly the stream it asked for.
 
+pub mod ledger;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 

@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod deploy;
+mod usage;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -154,7 +154,27 @@ async fn two_replicas_share_one_limit_on_a_three_node_cluster() {
     assert!(
         keys[holding[0]]
             .iter()
+            .filter(|k| !k.starts_with("sy:v2:usage:"))
             .all(|k| k.starts_with("sy:v2:{team-a}:")),
+        "{keys:?}"
+    );
+    // The usage figures the replicas wrote as they stopped: an hour's, a day's and a month's
+    // hash, on the one node of the month's slot.
+    let usage: Vec<Vec<&String>> = keys
+        .iter()
+        .map(|node| {
+            node.iter()
+                .filter(|k| k.starts_with("sy:v2:usage:{m"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        usage
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| n.len())
+            .collect::<Vec<_>>(),
+        [3],
         "{keys:?}"
     );
 }
@@ -492,4 +512,86 @@ async fn a_budget_is_spent_across_two_replicas() {
     assert!(ratio > 0.8, "{ratio}");
     gw1.stop().await;
     gw2.stop().await;
+}
+
+/// Each replica writes its usage to Redis (every few seconds, and when it stops, after its last
+/// requests): either replica's usage report and status page show both replicas' requests,
+/// tokens and cost, and the consumer's budget as Redis counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_report_adds_up_both_replicas() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let s = start_sim(sim("east")).await;
+    let t = format!(
+        "{}\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n",
+        tail_with(
+            &redis.url(),
+            "",
+            "budget = { period = \"month\", amount = 5.0 }"
+        )
+    );
+    let gw1 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let gw2 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let client = client();
+    let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
+    for i in 0..8 {
+        let base = if i < 5 { &gw1.base } else { &gw2.base };
+        let r = client
+            .post(format!("{base}{CHAT}"))
+            .header("content-type", "application/json")
+            .header("api-key", KEY)
+            .body(chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        let (p, c) = (
+            v["usage"]["prompt_tokens"].as_u64().unwrap(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        );
+        prompt += p;
+        completion += c;
+        cost += (p as f64 * 2.5 + c as f64 * 10.0) / 1e6;
+    }
+    gw2.stop().await;
+    let report: serde_json::Value = client
+        .get(format!(
+            "{}/admin/usage?interval=total&group_by=consumer",
+            gw1.admin
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = report["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report}");
+    assert_eq!(rows[0]["consumer"], "team-a");
+    assert_eq!(rows[0]["requests"], 8, "{report}");
+    assert_eq!(rows[0]["prompt_tokens"], prompt);
+    assert_eq!(rows[0]["completion_tokens"], completion);
+    assert!(
+        (rows[0]["cost"].as_f64().unwrap() - cost).abs() < 1e-9,
+        "{report} {cost}"
+    );
+
+    let status: serde_json::Value = client
+        .get(format!("{}/admin/status", gw1.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let c = &status["consumers"]["list"][0];
+    assert_eq!(c["name"], "team-a", "{status}");
+    assert_eq!(c["today"]["requests"], 8, "{status}");
+    assert_eq!(c["month"]["tokens"], prompt + completion, "{status}");
+    assert_eq!(c["budget"]["period"], "month");
+    let left = c["budget"]["left"].as_f64().unwrap();
+    assert!((left - (5.0 - cost)).abs() < 2e-6, "{status} {cost}");
+    gw1.stop().await;
 }

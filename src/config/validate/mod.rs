@@ -101,6 +101,11 @@ pub(super) fn validate(
     })
 }
 
+/// The usage report's hourly figures are kept this long unless `usage.retention` says.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(35 * 86_400);
+/// Two years and a bit: a year-over-year comparison, not a data warehouse.
+const MAX_RETENTION: Duration = Duration::from_secs(800 * 86_400);
+
 fn validate_usage(raw: raw::RawUsage) -> Result<UsageConfig, ConfigError> {
     let currency = raw.currency.unwrap_or_else(|| "USD".to_string());
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -109,7 +114,24 @@ fn validate_usage(raw: raw::RawUsage) -> Result<UsageConfig, ConfigError> {
             format!("{currency:?} is not an ISO 4217 code such as \"USD\" or \"EUR\""),
         ));
     }
-    Ok(UsageConfig { currency })
+    let retention = match raw.retention {
+        None => DEFAULT_RETENTION,
+        Some(r) => {
+            let d =
+                server::parse_duration(&r).map_err(|e| ConfigError::field("usage.retention", e))?;
+            if !(Duration::from_secs(3600)..=MAX_RETENTION).contains(&d) {
+                return Err(ConfigError::field(
+                    "usage.retention",
+                    format!("{r:?} is out of range: at least \"1h\", at most \"800d\""),
+                ));
+            }
+            d
+        }
+    };
+    Ok(UsageConfig {
+        currency,
+        retention,
+    })
 }
 
 /// A deployment's `price`, each figure per million tokens, finite and not negative.
