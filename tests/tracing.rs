@@ -321,3 +321,170 @@ async fn unsampled_callers_are_not_recorded_but_still_propagated() {
     gw.stop().await;
     assert!(spans.lock().unwrap().is_empty(), "nothing was sampled");
 }
+
+/// A stand-in OTLP/HTTP collector for metrics: keeps every payload posted to `/v1/metrics`
+/// (JSON encoding), with its headers.
+async fn metrics_collector() -> (String, Arc<Mutex<Vec<(http::HeaderMap, Value)>>>) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let posts = Arc::new(Mutex::new(Vec::new()));
+    let p = posts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let p = p.clone();
+                    async move {
+                        assert_eq!(req.uri().path(), "/v1/metrics");
+                        let headers = req.headers().clone();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let v: Value = serde_json::from_slice(&body).unwrap();
+                        p.lock().unwrap().push((headers, v));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            switchyard::body::full("{}"),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, posts)
+}
+
+/// A number as OTLP's JSON encoding gives it: 64-bit integers as strings.
+fn number(v: &Value) -> f64 {
+    v.as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// The data points of metric `name` in a payload, with their attributes.
+fn points(payload: &Value, name: &str) -> Vec<(HashMap<String, Value>, Value)> {
+    let mut out = Vec::new();
+    for rm in payload["resourceMetrics"].as_array().unwrap() {
+        for sm in rm["scopeMetrics"].as_array().unwrap() {
+            for m in sm["metrics"].as_array().unwrap() {
+                if m["name"] != name {
+                    continue;
+                }
+                let data = m.get("histogram").or_else(|| m.get("sum")).unwrap();
+                for p in data["dataPoints"].as_array().unwrap() {
+                    out.push((attrs(p), p.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `[metrics]`: the GenAI client metrics, the cost and the tokens by kind reach an OTLP
+/// collector, with the collector's header, and add up to what the answers said; the last
+/// figures are sent as the gateway stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reach_an_otlp_collector_with_the_genai_conventions() {
+    let (url, posts) = metrics_collector().await;
+    let s = start_sim(sim("east")).await;
+    let tail = format!(
+        "\n[metrics]\notlp_endpoint = \"{url}\"\nservice_name = \"gateway-under-test\"\nexport_interval = \"100ms\"\nheaders = {{ \"x-collector-key\" = \"collector-secret-1234\" }}\n\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, cached_input = 1.25, output = 10.00 }}\n\n[[consumers]]\nname = \"team-a\"\nkey = \"team-a-key-0123456789\"\n"
+    );
+    let gw = gateway_with(&[B::sim(&s)], "", "", &tail).await;
+    let client = client();
+    let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
+    for stream in [false, true, false] {
+        let r = client
+            .post(gw.url(CHAT))
+            .header("content-type", "application/json")
+            .header("api-key", "team-a-key-0123456789")
+            .body(chat_body(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        if stream {
+            // Usage arrives in the stream only when the client asks; the gateway reads it
+            // either way, so count what a plain call of the same body reports.
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            continue;
+        }
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let (p, c) = (
+            v["usage"]["prompt_tokens"].as_u64().unwrap(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        );
+        prompt += p;
+        completion += c;
+        cost += (p as f64 * 2.5 + c as f64 * 10.0) / 1e6;
+    }
+    // One request the gateway refuses itself.
+    let r = client.post(gw.url(CHAT)).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    gw.stop().await;
+
+    let posts = posts.lock().unwrap();
+    let (headers, last) = posts.last().expect("a metrics export");
+    assert_eq!(headers["x-collector-key"], "collector-secret-1234");
+    assert_eq!(headers["content-type"], "application/json");
+    let service = &last["resourceMetrics"][0]["resource"]["attributes"];
+    assert!(
+        service.to_string().contains("gateway-under-test"),
+        "{service}"
+    );
+    // Cumulative: the last export holds every request.
+    let durations = points(last, "gen_ai.client.operation.duration");
+    let count: f64 = durations.iter().map(|(_, p)| number(&p["count"])).sum();
+    assert_eq!(count, 4.0, "{durations:?}");
+    let refused = durations
+        .iter()
+        .find(|(a, _)| a.get("error.type") == Some(&Value::from("401")))
+        .expect("the refused request, with its error type");
+    assert_eq!(number(&refused.1["count"]), 1.0);
+    let chat = durations
+        .iter()
+        .find(|(a, _)| a.get("error.type").is_none())
+        .unwrap();
+    assert_eq!(chat.0["gen_ai.operation.name"], "chat");
+    assert_eq!(chat.0["gen_ai.provider.name"], "azure.ai.openai");
+    assert_eq!(chat.0["gen_ai.request.model"], "gpt-4o");
+    assert_eq!(chat.0["switchyard.consumer"], "team-a");
+
+    let tokens = points(last, "gen_ai.client.token.usage");
+    let of = |kind: &str| {
+        tokens
+            .iter()
+            .filter(|(a, _)| a["gen_ai.token.type"] == kind)
+            .map(|(_, p)| (number(&p["sum"]), number(&p["count"])))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    // Three answers with usage: the stream's is the same body's, so a third of the rest again.
+    let (input, n) = of("input");
+    assert_eq!(n, 3.0, "{tokens:?}");
+    assert_eq!(input, prompt as f64 * 1.5, "{tokens:?}");
+    assert_eq!(of("output").0, completion as f64 * 1.5, "{tokens:?}");
+    let by_kind = points(last, "switchyard.tokens");
+    let completion_kind: f64 = by_kind
+        .iter()
+        .filter(|(a, _)| a["kind"] == "completion")
+        .map(|(_, p)| number(&p["asInt"]))
+        .sum();
+    assert_eq!(completion_kind, completion as f64 * 1.5);
+    let spent: f64 = points(last, "switchyard.cost")
+        .iter()
+        .map(|(_, p)| number(&p["asDouble"]))
+        .sum();
+    assert!((spent - cost * 1.5).abs() < 1e-9, "{spent} {cost}");
+    assert!(
+        !posts
+            .iter()
+            .any(|(_, v)| v.to_string().contains("team-a-key")),
+        "no key in the metrics"
+    );
+}

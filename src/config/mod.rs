@@ -202,6 +202,8 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// OpenTelemetry trace export; off when absent.
     pub tracing: Option<TracingConfig>,
+    /// OpenTelemetry metrics export; off when absent.
+    pub metrics: Option<MetricsConfig>,
     /// Usage and cost accounting.
     pub usage: UsageConfig,
 }
@@ -223,6 +225,17 @@ pub struct TracingConfig {
     pub service_name: String,
     /// Share of new traces recorded (a caller's sampled `traceparent` is always followed).
     pub sample_ratio: f64,
+    pub export_interval: Duration,
+    /// Sent with every export, e.g. a collector's API key; values are secrets.
+    pub headers: Vec<(http::HeaderName, Secret)>,
+}
+
+/// Where and how metrics are exported (OTLP over HTTP, JSON encoding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// The collector's metrics URL (`…/v1/metrics`).
+    pub endpoint: http::Uri,
+    pub service_name: String,
     pub export_interval: Duration,
     /// Sent with every export, e.g. a collector's API key; values are secrets.
     pub headers: Vec<(http::HeaderName, Secret)>,

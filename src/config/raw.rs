@@ -22,6 +22,7 @@ pub struct RawConfig {
     pub affinity: RawAffinity,
     pub jwt: Option<RawJwt>,
     pub tracing: Option<RawTracing>,
+    pub metrics: Option<RawMetrics>,
     #[serde(default)]
     pub usage: RawUsage,
 }
@@ -48,6 +49,16 @@ pub struct RawTracing {
     pub otlp_endpoint: String,
     pub service_name: Option<String>,
     pub sample_ratio: Option<f64>,
+    pub export_interval: Option<String>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub otlp_endpoint: String,
+    pub service_name: Option<String>,
     pub export_interval: Option<String>,
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,

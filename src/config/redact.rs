@@ -99,6 +99,12 @@ impl Config {
                 "export_interval_ms": t.export_interval.as_millis() as u64,
                 "headers": t.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             })),
+            "metrics": self.metrics.as_ref().map(|m| json!({
+                "otlp_endpoint": m.endpoint.to_string(),
+                "service_name": m.service_name,
+                "export_interval_ms": m.export_interval.as_millis() as u64,
+                "headers": m.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            })),
         })
     }
 }

@@ -599,3 +599,30 @@ fn a_deployment_backend_may_be_a_table_with_its_own_priority_and_weight() {
         assert_eq!(e.path, path, "{entry}: {e}");
     }
 }
+
+#[test]
+fn otlp_metrics_take_a_collector_and_an_interval() {
+    let with = |section: &str| format!("{SAMPLE}\n[metrics]\n{section}\n");
+    let c = Config::parse(
+        &with("otlp_endpoint = \"http://collector:4318/\"\nheaders = { \"x-key\" = \"s3cret\" }"),
+        &env,
+    )
+    .unwrap();
+    let m = c.metrics.unwrap();
+    assert_eq!(m.endpoint.to_string(), "http://collector:4318/v1/metrics");
+    assert_eq!(m.export_interval, Duration::from_secs(60));
+    assert_eq!(m.service_name, "switchyard");
+    assert!(!format!("{:?}", m.headers).contains("s3cret"));
+    assert_eq!(
+        err(&with("otlp_endpoint = \"collector\"")).path,
+        "metrics.otlp_endpoint"
+    );
+    let e = err(&with(
+        "otlp_endpoint = \"http://c:4318\"\nexport_interval = \"10ms\"",
+    ));
+    assert_eq!(e.path, "metrics.export_interval");
+    let e = err(&with(
+        "otlp_endpoint = \"http://c:4318\"\nheaders = { \"bad name\" = \"v\" }",
+    ));
+    assert_eq!(e.path, "metrics.headers.bad name");
+}

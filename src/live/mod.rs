@@ -30,6 +30,7 @@ use crate::ids::IdGen;
 use crate::limits::Shared;
 use crate::stall::StallLimit;
 use crate::telemetry::Metrics;
+use crate::telemetry::otlp::OtlpMetrics;
 use crate::telemetry::trace::Tracer;
 
 /// How long a session key stays with the backend that served it last: longer than any prompt
@@ -50,6 +51,8 @@ pub struct GatewayState {
     pub(crate) ids: IdGen,
     /// Starts traces and takes their spans, when `[tracing]` is configured.
     pub(crate) tracer: Option<Arc<Tracer>>,
+    /// Pushes metrics to an OpenTelemetry collector, when `[metrics]` is configured.
+    pub(crate) otlp: Option<Arc<OtlpMetrics>>,
     /// Which backend holds each stored object (response, file, batch, ...).
     pub(crate) owners: Arc<Owners>,
     /// Which backend each session key (`routing.affinity_key`) was last served by.
@@ -81,6 +84,7 @@ pub struct Parts {
     pub pools: Arc<Pools>,
     pub shared: Option<Arc<Shared>>,
     pub tracer: Option<Arc<Tracer>>,
+    pub otlp: Option<Arc<OtlpMetrics>>,
     pub source: Option<ConfigSource>,
 }
 
@@ -96,6 +100,7 @@ impl GatewayState {
             pools,
             shared,
             tracer,
+            otlp,
             source,
         } = parts;
         let last_text = match &source {
@@ -137,6 +142,7 @@ impl GatewayState {
             tasks,
             shutdown,
             tracer,
+            otlp,
             shared,
             identity_client,
             pools,

@@ -14,6 +14,7 @@ use crate::body::RequestBody;
 use crate::limits::Admission;
 use crate::live::GatewayState;
 use crate::proxy::AttemptLog;
+use crate::telemetry::otlp::OtlpMetrics;
 use crate::telemetry::trace::Tracer;
 use crate::telemetry::{BackendStats, Metrics, RequestCounters};
 use crate::upstream::X_REQUEST_ID;
@@ -23,6 +24,8 @@ use crate::usage::Tap;
 /// stream counts as in flight until the context is dropped.
 pub(super) struct RequestContext {
     pub(super) metrics: Arc<Metrics>,
+    /// Where the request's metrics are pushed over OTLP, when they are.
+    pub(super) otlp: Option<Arc<OtlpMetrics>>,
     pub(super) started: Instant,
     /// When the request arrived, for span timestamps.
     pub(super) wall_start: SystemTime,
@@ -87,6 +90,7 @@ impl RequestContext {
         state.metrics.in_flight.inc();
         let mut ctx = RequestContext {
             metrics: state.metrics.clone(),
+            otlp: state.otlp.clone(),
             started,
             wall_start: UNIX_EPOCH,
             request_id: request_id(req.headers(), &state.ids),

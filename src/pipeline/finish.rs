@@ -63,6 +63,20 @@ impl RequestContext {
                 }
             }
         }
+        if let Some(otlp) = &self.otlp {
+            otlp.record(&crate::telemetry::otlp::Finished {
+                operation: self.operation,
+                requested: self.requested.as_deref(),
+                deployment: self.deployment.as_deref(),
+                consumer: &self.consumer,
+                backend: self.backend.as_deref(),
+                status: self.status,
+                stream_failed: self.stream_failed,
+                duration: self.started.elapsed(),
+                usage,
+                cost,
+            });
+        }
         if let Some(tracer) = self.tracer.take() {
             self.record_spans(&tracer, usage, cost);
         }

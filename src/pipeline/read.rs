@@ -112,9 +112,11 @@ pub(super) async fn read<'a>(
         }
         None => body,
     };
-    // Only a sampled trace's spans read these.
-    if ctx.sampled() {
+    // Only a sampled trace's spans and the OTLP metrics read these.
+    if ctx.sampled() || ctx.otlp.is_some() {
         ctx.operation = trace::operation_name(path);
+    }
+    if ctx.sampled() {
         ctx.params = serde_json::from_slice(&body).ok();
     }
     Ok((inbound, Payload { body, passthrough }))

@@ -174,6 +174,16 @@ pub async fn start_on(
         }
         None => None,
     };
+    let otlp = match &config.metrics {
+        Some(m) => {
+            let client = crate::http_client::build_client(IDENTITY_CONNECT_TIMEOUT, true, &tls);
+            let otlp = crate::telemetry::otlp::OtlpMetrics::new(m, client, &config.usage.currency)
+                .map_err(std::io::Error::other)?;
+            tasks.spawn(otlp.clone().run(metrics.clone(), shutdown.clone(), grace));
+            Some(otlp)
+        }
+        None => None,
+    };
     let parts = live::Parts {
         metrics: metrics.clone(),
         tasks: tasks.clone(),
@@ -182,6 +192,7 @@ pub async fn start_on(
         pools,
         shared: shared.clone(),
         tracer,
+        otlp,
         source,
     };
     let state = GatewayState::new(parts, config).await?;

@@ -3,6 +3,7 @@
 //! small fixed sets; nothing from the request (keys, paths, error text) becomes a label.
 
 mod attempt;
+pub mod otlp;
 pub mod trace;
 
 pub use attempt::AttemptOutcome;

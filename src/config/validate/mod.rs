@@ -86,6 +86,7 @@ pub(super) fn validate(
     let limits = validate_limits(raw.limits, lookup)?;
     let affinity = validate_affinity(raw.affinity)?;
     let tracing = raw.tracing.map(validate_tracing).transpose()?;
+    let metrics = raw.metrics.map(validate_metrics).transpose()?;
     let usage = validate_usage(raw.usage)?;
     Ok(Config {
         server,
@@ -97,6 +98,7 @@ pub(super) fn validate(
         affinity,
         jwt,
         tracing,
+        metrics,
         usage,
     })
 }
@@ -168,37 +170,34 @@ fn validate_affinity(raw: raw::RawAffinity) -> Result<AffinityConfig, ConfigErro
     })
 }
 
-fn validate_tracing(raw: raw::RawTracing) -> Result<TracingConfig, ConfigError> {
-    let base = raw.otlp_endpoint.trim().trim_end_matches('/');
-    // A collector's base address gets the traces path; a full traces URL is taken as it is.
-    let url = if base.ends_with("/v1/traces") {
+/// An OTLP/HTTP collector's URL for one signal (`v1/traces`, `v1/metrics`): a collector's base
+/// address gets the signal's path, a full URL is taken as it is; and the headers sent with
+/// every export.
+fn otlp_target(
+    section: &str,
+    endpoint: &str,
+    signal: &str,
+    raw_headers: std::collections::BTreeMap<String, String>,
+) -> Result<(http::Uri, Vec<(http::HeaderName, Secret)>), ConfigError> {
+    let base = endpoint.trim().trim_end_matches('/');
+    let url = if base.ends_with(signal) {
         base.to_string()
     } else {
-        format!("{base}/v1/traces")
+        format!("{base}{signal}")
     };
-    let endpoint = url
+    let uri = url
         .parse::<http::Uri>()
         .ok()
         .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
         .ok_or_else(|| {
             ConfigError::field(
-                "tracing.otlp_endpoint",
-                format!(
-                    "{:?} is not an http(s) URL (e.g. \"http://localhost:4318\")",
-                    raw.otlp_endpoint
-                ),
+                format!("{section}.otlp_endpoint"),
+                format!("{endpoint:?} is not an http(s) URL (e.g. \"http://localhost:4318\")"),
             )
         })?;
-    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
-    if !(0.0..=1.0).contains(&sample_ratio) {
-        return Err(ConfigError::field(
-            "tracing.sample_ratio",
-            format!("{sample_ratio} is not between 0 and 1"),
-        ));
-    }
-    let mut headers = Vec::with_capacity(raw.headers.len());
-    for (name, value) in raw.headers {
-        let path = format!("tracing.headers.{name}");
+    let mut headers = Vec::with_capacity(raw_headers.len());
+    for (name, value) in raw_headers {
+        let path = format!("{section}.headers.{name}");
         let n = http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| ConfigError::field(&path, "is not a valid header name"))?;
         if http::HeaderValue::from_str(&value).is_err() {
@@ -206,14 +205,47 @@ fn validate_tracing(raw: raw::RawTracing) -> Result<TracingConfig, ConfigError> 
         }
         headers.push((n, Secret::new(value)));
     }
+    Ok((uri, headers))
+}
+
+fn service_name(raw: Option<String>) -> String {
+    raw.filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "switchyard".to_string())
+}
+
+fn validate_tracing(raw: raw::RawTracing) -> Result<TracingConfig, ConfigError> {
+    let (endpoint, headers) =
+        otlp_target("tracing", &raw.otlp_endpoint, "/v1/traces", raw.headers)?;
+    let sample_ratio = raw.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(ConfigError::field(
+            "tracing.sample_ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        ));
+    }
     Ok(TracingConfig {
         endpoint,
-        service_name: raw
-            .service_name
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| "switchyard".to_string()),
+        service_name: service_name(raw.service_name),
         sample_ratio,
         export_interval: opt_duration(raw.export_interval, "tracing.export_interval", 2000)?,
+        headers,
+    })
+}
+
+fn validate_metrics(raw: raw::RawMetrics) -> Result<MetricsConfig, ConfigError> {
+    let (endpoint, headers) =
+        otlp_target("metrics", &raw.otlp_endpoint, "/v1/metrics", raw.headers)?;
+    let export_interval = opt_duration(raw.export_interval, "metrics.export_interval", 60_000)?;
+    if export_interval < Duration::from_millis(100) {
+        return Err(ConfigError::field(
+            "metrics.export_interval",
+            "must be at least 100ms",
+        ));
+    }
+    Ok(MetricsConfig {
+        endpoint,
+        service_name: service_name(raw.service_name),
+        export_interval,
         headers,
     })
 }
