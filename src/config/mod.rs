@@ -616,6 +616,19 @@ impl Config {
                 t.endpoint, t.service_name, t.sample_ratio
             );
         }
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(
+                s,
+                "metrics       OTLP to {} (service {}, every {:?})",
+                m.endpoint, m.service_name, m.export_interval
+            );
+        }
+        let _ = writeln!(
+            s,
+            "usage         hourly figures kept {} days, costs in {}",
+            self.usage.retention.as_secs_f64() / 86_400.0,
+            self.usage.currency
+        );
         s
     }
 }

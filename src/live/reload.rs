@@ -151,6 +151,10 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
         changed.push("tracing");
         new.tracing = running.tracing.clone();
     }
+    if new.metrics != running.metrics {
+        changed.push("metrics");
+        new.metrics = running.metrics.clone();
+    }
     if new.limits.store != running.limits.store {
         changed.push("limits.store");
         new.limits.store = running.limits.store.clone();
