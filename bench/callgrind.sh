@@ -13,6 +13,9 @@
 #   N=1000 STREAM=1 bash bench/callgrind.sh # streamed answers, the client asking for usage
 #   N=1000 SDK_STREAM=1 bash bench/callgrind.sh  # streamed, not asking (the SDKs' default): the
 #                                           # gateway asks for the usage chunk and strips it
+#   EXTRA=$'[metrics]\notlp_endpoint = "http://127.0.0.1:9"\nexport_interval = "1h"' \
+#     bash bench/callgrind.sh               # with more config (here: OTLP metrics recorded,
+#                                           # never exported within the run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
@@ -29,6 +32,7 @@ S=($(port) $(port) $(port)); PG=$(port)
   for i in 0 1 2; do
     printf '[[backends]]\nname = "s%s"\nurl = "http://127.0.0.1:%s"\nauth = { type = "none" }\n' "$i" "${S[$i]}"
   done
+  printf '%s\n' "${EXTRA:-}"
 } > "$work/gw.toml"
 for p in "${S[@]}"; do RUST_LOG=warn $B simulate --listen 127.0.0.1:$p >/dev/null 2>&1 & done
 if [ "${TARGET:-switchyard}" = nginx ]; then

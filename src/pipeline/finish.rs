@@ -67,9 +67,9 @@ impl RequestContext {
             otlp.record(&crate::telemetry::otlp::Finished {
                 operation: self.operation,
                 requested: self.requested.as_deref(),
-                deployment: self.deployment.as_deref(),
+                deployment: self.counters.as_ref().map_or("-", |c| c.deployment()),
                 consumer: &self.consumer,
-                backend: self.backend.as_deref(),
+                backend: self.backend.as_deref().unwrap_or("none"),
                 status: self.status,
                 stream_failed: self.stream_failed,
                 duration: self.started.elapsed(),

@@ -267,6 +267,11 @@ impl RequestCounters {
         }
     }
 
+    /// The deployment label: the served deployment, `-` for none, `other` past the tracked.
+    pub fn deployment(&self) -> &str {
+        &self.tokens.labels.deployment
+    }
+
     /// Counts a finished request in the usage ledger, in the hour it finished.
     pub fn record(
         &self,

@@ -6,6 +6,8 @@
 //! posts through the gateway's own HTTP client (its TLS roots, `server.ca`) on the gateway's
 //! runtime.
 
+use std::collections::HashMap;
+use std::hash::Hasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry::metrics::{
+    BoundCounter, BoundHistogram, Counter, Histogram, Meter, MeterProvider as _,
+};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
@@ -69,20 +73,74 @@ impl opentelemetry_http::HttpClient for Client {
     }
 }
 
-/// What one finished request is recorded with.
+/// What one finished request is recorded with. Every name is one of a bounded set (the
+/// metrics' labels), so callers cannot grow the series.
 pub struct Finished<'a> {
     pub operation: Option<&'static str>,
-    /// The deployment the caller asked for (`gen_ai.request.model`).
+    /// The deployment the caller asked for (`gen_ai.request.model`), when a fallback served.
     pub requested: Option<&'a str>,
-    /// The deployment that served (a fallback's name when one did).
-    pub deployment: Option<&'a str>,
+    /// The deployment that served, as the Prometheus metrics label it (`-` for none, `other`
+    /// past the tracked ones).
+    pub deployment: &'a str,
     pub consumer: &'a str,
-    pub backend: Option<&'a str>,
+    pub backend: &'a str,
     pub status: u16,
     pub stream_failed: bool,
     pub duration: Duration,
     pub usage: Option<Usage>,
     pub cost: Option<f64>,
+}
+
+/// The `kind`s of `switchyard.tokens`, as in `switchyard_tokens_total`.
+const TOKEN_KINDS: [&str; 5] = ["prompt", "completion", "cached", "reasoning", "audio"];
+/// The status a request whose stream broke is keyed by.
+const STREAM_FAILED: u16 = 1;
+
+/// What a request's instruments are bound by.
+struct Key<'a> {
+    operation: &'static str,
+    model: &'a str,
+    deployment: &'a str,
+    consumer: &'a str,
+    backend: &'a str,
+    status: u16,
+}
+
+impl Key<'_> {
+    fn parts(&self) -> [&str; 5] {
+        [
+            self.operation,
+            self.model,
+            self.deployment,
+            self.consumer,
+            self.backend,
+        ]
+    }
+}
+
+/// The instruments bound to one key's attributes.
+struct Bound {
+    operation: &'static str,
+    /// Model, deployment, consumer, backend.
+    parts: [Box<str>; 4],
+    status: u16,
+    duration: BoundHistogram<f64>,
+    input: BoundHistogram<u64>,
+    output: BoundHistogram<u64>,
+    tokens: [BoundCounter<u64>; TOKEN_KINDS.len()],
+    cost: BoundCounter<f64>,
+}
+
+impl Bound {
+    fn is(&self, k: &Key<'_>) -> bool {
+        self.operation == k.operation
+            && self.status == k.status
+            && self
+                .parts
+                .iter()
+                .zip([k.model, k.deployment, k.consumer, k.backend])
+                .all(|(a, b)| **a == *b)
+    }
 }
 
 /// The instruments, and the provider that exports them.
@@ -92,6 +150,8 @@ pub struct OtlpMetrics {
     duration: Histogram<f64>,
     cost: Counter<f64>,
     tokens: Counter<u64>,
+    /// The instruments bound to each key seen.
+    bound: std::sync::RwLock<HashMap<u64, Vec<Arc<Bound>>, crate::fnv::FnvBuild>>,
 }
 
 impl std::fmt::Debug for OtlpMetrics {
@@ -166,61 +226,122 @@ impl OtlpMetrics {
                 )
                 .build(),
             provider,
+            bound: Default::default(),
+        }
+    }
+
+    /// The instruments bound to `key`'s attributes, made on first use: a request then records
+    /// with no attribute hashing (the SDK's own lookup cost more than the rest of the request
+    /// path together).
+    fn bound(&self, key: &Key<'_>) -> Arc<Bound> {
+        let hash = {
+            let mut h = crate::fnv::Fnv::default();
+            for part in key.parts() {
+                h.write(part.as_bytes());
+                h.write_u8(0xff);
+            }
+            h.write_u16(key.status);
+            h.finish()
+        };
+        // A poisoned lock only means a panic elsewhere mid-insert: the map is still whole.
+        let cache = self.bound.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = cache.get(&hash).and_then(|v| v.iter().find(|b| b.is(key))) {
+            return b.clone();
+        }
+        drop(cache);
+        let b = Arc::new(self.bind(key));
+        let mut cache = self.bound.write().unwrap_or_else(|e| e.into_inner());
+        let entries = cache.entry(hash).or_default();
+        match entries.iter().find(|e| e.is(key)) {
+            Some(e) => e.clone(),
+            None => {
+                entries.push(b.clone());
+                b
+            }
+        }
+    }
+
+    fn bind(&self, key: &Key<'_>) -> Bound {
+        let mut attrs: Vec<KeyValue> = Vec::with_capacity(8);
+        if !key.operation.is_empty() {
+            attrs.push(KeyValue::new("gen_ai.operation.name", key.operation));
+        }
+        attrs.push(KeyValue::new("gen_ai.provider.name", "azure.ai.openai"));
+        if key.model != "-" {
+            attrs.push(KeyValue::new("gen_ai.request.model", key.model.to_string()));
+        }
+        attrs.push(KeyValue::new(
+            "switchyard.deployment",
+            key.deployment.to_string(),
+        ));
+        attrs.push(KeyValue::new("switchyard.backend", key.backend.to_string()));
+        attrs.push(KeyValue::new(
+            "switchyard.consumer",
+            key.consumer.to_string(),
+        ));
+        let mut timed = attrs.clone();
+        match key.status {
+            STREAM_FAILED => timed.push(KeyValue::new("error.type", "stream_error")),
+            s if s >= 400 || s == 0 => timed.push(KeyValue::new("error.type", s.to_string())),
+            _ => {}
+        }
+        let typed = |kind: &'static str| {
+            let mut a = attrs.clone();
+            a.push(KeyValue::new("gen_ai.token.type", kind));
+            self.token_usage.bind(&a)
+        };
+        let who = [
+            KeyValue::new("switchyard.consumer", key.consumer.to_string()),
+            KeyValue::new("switchyard.deployment", key.deployment.to_string()),
+        ];
+        let kind = |kind: &'static str| {
+            let mut a = who.to_vec();
+            a.push(KeyValue::new("kind", kind));
+            self.tokens.bind(&a)
+        };
+        Bound {
+            operation: key.operation,
+            parts: [key.model, key.deployment, key.consumer, key.backend].map(Box::from),
+            status: key.status,
+            duration: self.duration.bind(&timed),
+            input: typed("input"),
+            output: typed("output"),
+            tokens: TOKEN_KINDS.map(kind),
+            cost: self.cost.bind(&who),
         }
     }
 
     /// Records one finished request.
     pub fn record(&self, f: &Finished<'_>) {
-        let mut attrs: Vec<KeyValue> = Vec::with_capacity(8);
-        if let Some(op) = f.operation {
-            attrs.push(KeyValue::new("gen_ai.operation.name", op));
-        }
-        attrs.push(KeyValue::new("gen_ai.provider.name", "azure.ai.openai"));
-        if let Some(m) = f.requested.or(f.deployment) {
-            attrs.push(KeyValue::new("gen_ai.request.model", m.to_string()));
-        }
-        if let Some(b) = f.backend {
-            attrs.push(KeyValue::new("switchyard.backend", b.to_string()));
-        }
-        attrs.push(KeyValue::new("switchyard.consumer", f.consumer.to_string()));
-        let deployment = f.deployment.unwrap_or("-").to_string();
-        attrs.push(KeyValue::new("switchyard.deployment", deployment.clone()));
-        let error = if f.stream_failed {
-            Some("stream_error".to_string())
-        } else if f.status >= 400 || f.status == 0 {
-            Some(f.status.to_string())
-        } else {
-            None
+        let key = Key {
+            operation: f.operation.unwrap_or(""),
+            model: f.requested.unwrap_or(f.deployment),
+            deployment: f.deployment,
+            consumer: f.consumer,
+            backend: f.backend,
+            status: if f.stream_failed {
+                STREAM_FAILED
+            } else {
+                f.status
+            },
         };
-        let mut timed = attrs.clone();
-        if let Some(e) = error {
-            timed.push(KeyValue::new("error.type", e));
-        }
-        self.duration.record(f.duration.as_secs_f64(), &timed);
+        let b = self.bound(&key);
+        b.duration.record(f.duration.as_secs_f64());
         if let Some(u) = f.usage {
-            for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
-                attrs.push(KeyValue::new("gen_ai.token.type", kind));
-                self.token_usage.record(n, &attrs);
-                attrs.pop();
-            }
-            let who = [
-                KeyValue::new("switchyard.consumer", f.consumer.to_string()),
-                KeyValue::new("switchyard.deployment", deployment.clone()),
+            b.input.record(u.prompt_tokens);
+            b.output.record(u.completion_tokens);
+            let counts = [
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                u.reasoning_tokens,
+                u.audio_tokens,
             ];
-            let kinds = [
-                ("prompt", u.prompt_tokens),
-                ("completion", u.completion_tokens),
-                ("cached", u.cached_tokens),
-                ("reasoning", u.reasoning_tokens),
-                ("audio", u.audio_tokens),
-            ];
-            for (kind, n) in kinds {
-                let mut a = who.to_vec();
-                a.push(KeyValue::new("kind", kind));
-                self.tokens.add(n, &a);
+            for (c, n) in b.tokens.iter().zip(counts) {
+                c.add(n);
             }
             if let Some(c) = f.cost {
-                self.cost.add(c, &who);
+                b.cost.add(c);
             }
         }
     }
