@@ -162,7 +162,9 @@ impl Query {
         }
         // Hours that overlap the range; none older than what is kept.
         let oldest = ledger::hour_of(now).saturating_sub(retention.as_secs() / 3600);
-        let to_hour = ledger::hour_of(to - Duration::from_nanos(1)) + 1;
+        // No figures are kept for hours to come.
+        let to_hour =
+            (ledger::hour_of(to - Duration::from_nanos(1)) + 1).min(ledger::hour_of(now) + 1);
         let from_hour = ledger::hour_of(from).max(oldest).min(to_hour);
         grouping.hour = interval != Interval::Total;
         Ok(Query {
@@ -439,9 +441,10 @@ mod tests {
             (h("2026-12-01T00:00:00Z"), h("2026-12-02T00:00:00Z"))
         );
         assert!(q.grouping.consumer && !q.grouping.deployment && !q.grouping.hour && q.csv);
-        // Older than what is kept: from the oldest hour kept.
-        let q = Query::parse(Some("from=1700000000&group_by="), now, DAY35).unwrap();
+        // Older than what is kept: from the oldest hour kept; nothing is kept to come.
+        let q = Query::parse(Some("from=1700000000&to=9999-12-31&group_by="), now, DAY35).unwrap();
         assert_eq!(q.from, h("2026-10-29T10:00:00Z"));
+        assert_eq!(q.to, h("2026-12-03T11:00:00Z"));
         assert!(!q.grouping.consumer && !q.grouping.deployment);
 
         for (query, param) in [

@@ -5,6 +5,10 @@
 //! fails open (or closed, if configured), says so in logs (once per interval), metrics and
 //! `/readyz`, and recovers by itself.
 //!
+//! The usage ledger's hourly figures are added to Redis by the same background task, every few
+//! seconds and once more on shutdown, into an hour's, a day's and a month's hash (the month is
+//! their hash tag), which the usage report and the status page read back.
+//!
 //! Every key one script touches carries the consumer's name as its hash tag, so on a Redis
 //! Cluster each script runs on one slot. Backend cooldowns live in one hash (backend ×
 //! deployment → until, on Redis's clock), read whole in one call: the cost per replica is fixed,

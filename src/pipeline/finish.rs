@@ -1,6 +1,7 @@
 //! The finish phase: when the answer's body ends (or the client goes away), the request is
 //! accounted for in one place: the access log line, token counts in the metrics and the status
-//! page's totals, the trace's spans, and the consumer's reservation settled with what was used.
+//! page's totals, the usage ledger's hour, the OTLP metrics, the trace's spans, and the
+//! consumer's reservation settled with what was used.
 
 use crate::telemetry::trace::{Attr, Span, SpanKind, Tracer};
 use crate::telemetry::{AttemptOutcome, BackendStats};

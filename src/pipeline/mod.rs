@@ -15,7 +15,8 @@
 //! 8. `respond::respond`: counters, the gateway's own headers, usage read as the body passes,
 //!    WebSocket upgrades tunnelled;
 //! 9. `RequestContext::finish` (`finish.rs`), when the body ends or the client goes away:
-//!    access log, token metrics, spans, and the reservation settled, in one place.
+//!    access log, token metrics, the usage ledger, OTLP metrics, spans, and the reservation
+//!    settled, in one place.
 
 mod admit;
 mod context;
