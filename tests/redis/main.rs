@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use switchyard::sim::Faults;
+use switchyard::sim::{Faults, Simulator};
 
 const KEY: &str = "team-a-key-0123456789";
 
@@ -46,6 +46,44 @@ async fn chat(client: &reqwest::Client, base: &str) -> (u16, u64) {
     let body: serde_json::Value =
         serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or_default();
     (status, body["usage"]["total_tokens"].as_u64().unwrap_or(0))
+}
+
+/// Two replicas sharing the Redis at `redis`, serving `gpt-4o` at a price from `s`, with
+/// `team-a` given `consumer` (a budget).
+async fn priced_replicas(redis: &str, s: &Simulator, consumer: &str) -> (Running, Running) {
+    let t = format!(
+        "{}\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n",
+        tail_with(redis, "", consumer)
+    );
+    (
+        gateway_with(&[B::sim(s)], "", "", &t).await,
+        gateway_with(&[B::sim(s)], "", "", &t).await,
+    )
+}
+
+/// A chat completion as `team-a`: its status, its body, and what it cost at `priced_replicas`'
+/// price (nothing without usage).
+async fn priced_chat(client: &reqwest::Client, base: &str) -> (u16, serde_json::Value, f64) {
+    let r = client
+        .post(format!("{base}{CHAT}"))
+        .header("content-type", "application/json")
+        .header("api-key", KEY)
+        .body(chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let left = r
+        .headers()
+        .get("x-ratelimit-remaining-budget")
+        .map(|v| v.to_str().unwrap().to_string());
+    let mut v = r.json_value().await;
+    let u = &v["usage"];
+    let cost = (u["prompt_tokens"].as_f64().unwrap_or(0.0) * 2.5
+        + u["completion_tokens"].as_f64().unwrap_or(0.0) * 10.0)
+        / 1e6;
+    v["remaining_budget"] = left.into();
+    (status, v, cost)
 }
 
 /// The statuses of `n` chat completions, one after the other.
@@ -453,32 +491,18 @@ async fn a_budget_is_spent_across_two_replicas() {
         return;
     };
     let s = start_sim(sim("east")).await;
-    let t = format!(
-        "{}\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n",
-        tail_with(
-            &redis.url(),
-            "",
-            "budget = { period = \"day\", amount = 0.001 }"
-        )
-    );
-    let gw1 = gateway_with(&[B::sim(&s)], "", "", &t).await;
-    let gw2 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let (gw1, gw2) = priced_replicas(
+        &redis.url(),
+        &s,
+        "budget = { period = \"day\", amount = 0.001 }",
+    )
+    .await;
     let client = client();
     let (mut spent, mut one, mut refused) = (0.0f64, 0.0f64, 0);
     let mut lefts = Vec::new();
     for i in 0..40 {
         let base = if i % 2 == 0 { &gw1.base } else { &gw2.base };
-        let r = client
-            .post(format!("{base}{CHAT}"))
-            .header("content-type", "application/json")
-            .header("api-key", KEY)
-            .body(chat_body(false))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let left = header(&r, "x-ratelimit-remaining-budget");
-        let v: serde_json::Value = r.json().await.unwrap();
+        let (status, v, cost) = priced_chat(&client, base).await;
         if status == 403 {
             assert_eq!(v["error"]["code"], "consumer_budget_exceeded", "{v}");
             refused += 1;
@@ -486,12 +510,15 @@ async fn a_budget_is_spent_across_two_replicas() {
         }
         assert_eq!(status, 200, "{v}");
         assert_eq!(refused, 0, "once spent, the budget stays spent");
-        lefts.push(left.parse::<f64>().unwrap());
-        let u = &v["usage"];
-        one = (u["prompt_tokens"].as_f64().unwrap() * 2.5
-            + u["completion_tokens"].as_f64().unwrap() * 10.0)
-            / 1e6;
-        spent += one;
+        lefts.push(
+            v["remaining_budget"]
+                .as_str()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap(),
+        );
+        one = cost;
+        spent += cost;
     }
     eprintln!(
         "spent {spent:.6} of 0.001 in {} requests; {refused} refused",
@@ -523,40 +550,24 @@ async fn the_usage_report_adds_up_both_replicas() {
         return;
     };
     let s = start_sim(sim("east")).await;
-    let t = format!(
-        "{}\n[[deployments]]\nname = \"gpt-4o\"\nbackends = {{ east = \"gpt-4o\" }}\nprice = {{ input = 2.50, output = 10.00 }}\n",
-        tail_with(
-            &redis.url(),
-            "",
-            "budget = { period = \"month\", amount = 5.0 }"
-        )
-    );
-    let gw1 = gateway_with(&[B::sim(&s)], "", "", &t).await;
-    let gw2 = gateway_with(&[B::sim(&s)], "", "", &t).await;
+    let (gw1, gw2) = priced_replicas(
+        &redis.url(),
+        &s,
+        "budget = { period = \"month\", amount = 5.0 }",
+    )
+    .await;
     let client = client();
     let (mut prompt, mut completion, mut cost) = (0u64, 0u64, 0.0f64);
     for i in 0..8 {
         let base = if i < 5 { &gw1.base } else { &gw2.base };
-        let r = client
-            .post(format!("{base}{CHAT}"))
-            .header("content-type", "application/json")
-            .header("api-key", KEY)
-            .body(chat_body(false))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: serde_json::Value = r.json().await.unwrap();
-        let (p, c) = (
-            v["usage"]["prompt_tokens"].as_u64().unwrap(),
-            v["usage"]["completion_tokens"].as_u64().unwrap(),
-        );
-        prompt += p;
-        completion += c;
-        cost += (p as f64 * 2.5 + c as f64 * 10.0) / 1e6;
+        let (status, v, c) = priced_chat(&client, base).await;
+        assert_eq!(status, 200, "{v}");
+        prompt += v["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion += v["usage"]["completion_tokens"].as_u64().unwrap();
+        cost += c;
     }
     gw2.stop().await;
-    let report: serde_json::Value = client
+    let report = client
         .get(format!(
             "{}/admin/usage?interval=total&group_by=consumer",
             gw1.admin
@@ -564,9 +575,8 @@ async fn the_usage_report_adds_up_both_replicas() {
         .send()
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_value()
+        .await;
     let rows = report["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{report}");
     assert_eq!(rows[0]["consumer"], "team-a");
@@ -578,14 +588,13 @@ async fn the_usage_report_adds_up_both_replicas() {
         "{report} {cost}"
     );
 
-    let status: serde_json::Value = client
+    let status = client
         .get(format!("{}/admin/status", gw1.admin))
         .send()
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_value()
+        .await;
     let c = &status["consumers"]["list"][0];
     assert_eq!(c["name"], "team-a", "{status}");
     assert_eq!(c["today"]["requests"], 8, "{status}");
