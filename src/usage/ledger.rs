@@ -128,29 +128,94 @@ pub struct Entry {
     pub tally: Tally,
 }
 
-/// One (consumer, deployment) pair's hours, oldest first.
+/// No hour counted yet.
+const NO_HOUR: u64 = u64::MAX;
+
+/// One (consumer, deployment) pair's figures: the live hour's in atomic counters, which the
+/// request path adds to without a lock (every replica's busiest label set is one cell, shared
+/// by all its threads), and the hours before it, oldest first.
 #[derive(Debug)]
 pub struct Cell {
     consumer: Arc<str>,
     deployment: Arc<str>,
+    /// The hour `live` counts, or [`NO_HOUR`].
+    current: AtomicU64,
+    /// The live hour's figures, in [`Tally::values`] order.
+    live: [AtomicU64; 7],
     hours: Mutex<VecDeque<(Hour, Tally)>>,
 }
 
 impl Cell {
-    fn add(&self, hour: Hour, t: &Tally, keep_from: Hour) {
-        let mut hours = lock(&self.hours);
-        match hours.iter_mut().rev().find(|(h, _)| *h <= hour) {
-            Some((h, sum)) if *h == hour => sum.add(t),
-            _ => {
-                // Hours come in order, but for figures put back after a failed write (or a
-                // clock set back): kept in order all the same.
-                let at = hours.partition_point(|(h, _)| *h < hour);
-                hours.insert(at, (hour, *t));
-                while hours.front().is_some_and(|(h, _)| *h < keep_from) {
-                    hours.pop_front();
-                }
+    fn new(consumer: Arc<str>, deployment: Arc<str>) -> Self {
+        Self {
+            consumer,
+            deployment,
+            current: AtomicU64::new(NO_HOUR),
+            live: Default::default(),
+            hours: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn add_live(&self, t: &Tally) {
+        for (c, v) in self.live.iter().zip(t.values()) {
+            if v > 0 {
+                c.fetch_add(v, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The live figures, left counting (`take`: taken, left at zero).
+    fn live(&self, take: bool) -> Tally {
+        let mut t = Tally::default();
+        for (name, c) in Tally::FIELDS.iter().zip(&self.live) {
+            let v = if take {
+                c.swap(0, Ordering::Relaxed)
+            } else {
+                c.load(Ordering::Relaxed)
+            };
+            t.set(name, v);
+        }
+        t
+    }
+
+    /// Counts `t` at `hour`. A request of the live hour only adds to atomic counters; the first
+    /// of a new hour closes the live one under the lock. One that finishes as another turns the
+    /// hour may be counted in the new hour: nothing is lost.
+    fn add(&self, hour: Hour, t: &Tally, keep_from: Hour) {
+        if self.current.load(Ordering::Acquire) == hour {
+            self.add_live(t);
+            return;
+        }
+        let mut hours = lock(&self.hours);
+        let current = self.current.load(Ordering::Acquire);
+        if current == hour {
+            self.add_live(t);
+        } else if current == NO_HOUR || hour > current {
+            if current != NO_HOUR {
+                let closed = self.live(true);
+                if closed != Tally::default() {
+                    insert(&mut hours, current, &closed);
+                }
+            }
+            self.add_live(t);
+            self.current.store(hour, Ordering::Release);
+            while hours.front().is_some_and(|(h, _)| *h < keep_from) {
+                hours.pop_front();
+            }
+        } else {
+            // An hour before the live one: figures put back after a failed write, or a clock
+            // set back.
+            insert(&mut hours, hour, t);
+        }
+    }
+}
+
+/// Adds `t` to `hour` in `hours`, kept in order.
+fn insert(hours: &mut VecDeque<(Hour, Tally)>, hour: Hour, t: &Tally) {
+    let at = hours.partition_point(|(h, _)| *h < hour);
+    match hours.get_mut(at) {
+        Some((h, sum)) if *h == hour => sum.add(t),
+        _ => hours.insert(at, (hour, *t)),
     }
 }
 
@@ -183,13 +248,7 @@ impl Ledger {
         let (consumer, deployment): (Arc<str>, Arc<str>) = (consumer.into(), deployment.into());
         lock(&self.cells)
             .entry((consumer.clone(), deployment.clone()))
-            .or_insert_with(|| {
-                Arc::new(Cell {
-                    consumer,
-                    deployment,
-                    hours: Mutex::new(VecDeque::new()),
-                })
-            })
+            .or_insert_with(|| Arc::new(Cell::new(consumer, deployment)))
             .clone()
     }
 
@@ -229,27 +288,33 @@ impl Ledger {
 
     /// Every figure held from `from` up to (not including) `to`.
     pub fn entries(&self, from: Hour, to: Hour) -> Vec<Entry> {
-        let mut out = Vec::new();
-        for cell in self.cells() {
-            let hours = lock(&cell.hours);
-            out.extend(hours.iter().filter(|(h, _)| (from..to).contains(h)).map(
-                |(hour, tally)| Entry {
-                    hour: *hour,
-                    consumer: cell.consumer.clone(),
-                    deployment: cell.deployment.clone(),
-                    tally: *tally,
-                },
-            ));
-        }
-        out
+        self.collect(false)
+            .into_iter()
+            .filter(|e| (from..to).contains(&e.hour))
+            .collect()
     }
 
     /// Takes every figure held, to be written to the shared store.
     pub fn drain(&self) -> Vec<Entry> {
+        self.collect(true)
+    }
+
+    /// Every cell's hours and live hour (`take`: taken, the cells left empty).
+    fn collect(&self, take: bool) -> Vec<Entry> {
         let mut out = Vec::new();
         for cell in self.cells() {
-            let hours = std::mem::take(&mut *lock(&cell.hours));
-            out.extend(hours.into_iter().map(|(hour, tally)| Entry {
+            let mut hours = lock(&cell.hours);
+            let closed = if take {
+                std::mem::take(&mut *hours)
+            } else {
+                hours.clone()
+            };
+            let current = cell.current.load(Ordering::Acquire);
+            let live = (current != NO_HOUR)
+                .then(|| (current, cell.live(take)))
+                .filter(|(_, t)| *t != Tally::default());
+            drop(hours);
+            out.extend(closed.into_iter().chain(live).map(|(hour, tally)| Entry {
                 hour,
                 consumer: cell.consumer.clone(),
                 deployment: cell.deployment.clone(),
@@ -329,7 +394,7 @@ mod tests {
         l.record(&c, 10, &Tally::request(Some(&used(5, 1)), 20));
         l.record(&c, 10, &Tally::request(None, 0));
         l.record(&c, 12, &Tally::request(Some(&used(1, 1)), 3));
-        // A request that started in hour 11 and ended after one of hour 12.
+        // Figures of hour 11 put back after one of hour 12 was counted.
         l.record(&c, 11, &Tally::request(Some(&used(2, 2)), 4));
         let hours: Vec<(Hour, u64)> = l
             .entries(0, 100)
@@ -339,17 +404,44 @@ mod tests {
         let mut sorted = hours.clone();
         sorted.sort();
         assert_eq!(sorted, [(10, 2), (11, 1), (12, 1)]);
-        assert_eq!(
-            lock(&c.hours).iter().map(|(h, _)| *h).collect::<Vec<_>>(),
-            [10, 11, 12]
-        );
+        assert_eq!(hours, [(10, 2), (11, 1), (12, 1)], "in order");
         // Hour 13 starts: three hours kept, so hour 10 goes.
         l.record(&c, 13, &Tally::request(None, 0));
-        assert_eq!(
-            lock(&c.hours).iter().map(|(h, _)| *h).collect::<Vec<_>>(),
-            [11, 12, 13]
-        );
+        let kept: Vec<Hour> = l.entries(0, 100).iter().map(|e| e.hour).collect();
+        assert_eq!(kept, [11, 12, 13]);
         assert_eq!(l.entries(11, 13).len(), 2);
+    }
+
+    #[test]
+    fn threads_counting_while_figures_are_drained_lose_nothing() {
+        let l = Ledger::default();
+        l.set_shared();
+        let c = l.cell("alice", "gpt-4o");
+        let mut drained = Vec::new();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (l, c) = (&l, &c);
+                s.spawn(move || {
+                    for i in 0..5_000u64 {
+                        // The hour turns half-way through.
+                        let hour = 100 + u64::from(i >= 2_500);
+                        l.record(c, hour, &Tally::request(Some(&used(t + 1, 1)), 7));
+                    }
+                });
+            }
+            for _ in 0..50 {
+                drained.extend(l.drain());
+            }
+        });
+        drained.extend(l.drain());
+        let mut total = Tally::default();
+        for e in &drained {
+            total.add(&e.tally);
+        }
+        assert_eq!(total.requests, 20_000);
+        assert_eq!(total.prompt_tokens, 5_000 * (1 + 2 + 3 + 4));
+        assert_eq!(total.cost_nanos, 20_000 * 7);
+        assert!(drained.iter().all(|e| e.hour == 100 || e.hour == 101));
     }
 
     #[test]
