@@ -255,14 +255,7 @@ impl RequestCounters {
                 metrics.tokens.get_or_create(&labels).clone()
             })
         });
-        let counts = [
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_tokens,
-            u.reasoning_tokens,
-            u.audio_tokens,
-        ];
-        for (c, n) in counters.iter().zip(counts) {
+        for (c, n) in counters.iter().zip(u.by_kind()) {
             c.inc_by(n);
         }
     }

@@ -22,6 +22,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 
+use super::TOKEN_KINDS;
 use crate::config::MetricsConfig;
 use crate::http_client::HttpsClient;
 use crate::usage::Usage;
@@ -91,8 +92,6 @@ pub struct Finished<'a> {
     pub cost: Option<f64>,
 }
 
-/// The `kind`s of `switchyard.tokens`, as in `switchyard_tokens_total`.
-const TOKEN_KINDS: [&str; 5] = ["prompt", "completion", "cached", "reasoning", "audio"];
 /// The status a request whose stream broke is keyed by.
 const STREAM_FAILED: u16 = 1;
 
@@ -330,14 +329,7 @@ impl OtlpMetrics {
         if let Some(u) = f.usage {
             b.input.record(u.prompt_tokens);
             b.output.record(u.completion_tokens);
-            let counts = [
-                u.prompt_tokens,
-                u.completion_tokens,
-                u.cached_tokens,
-                u.reasoning_tokens,
-                u.audio_tokens,
-            ];
-            for (c, n) in b.tokens.iter().zip(counts) {
+            for (c, n) in b.tokens.iter().zip(u.by_kind()) {
                 c.add(n);
             }
             if let Some(c) = f.cost {

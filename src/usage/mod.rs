@@ -24,6 +24,19 @@ pub struct Usage {
     pub audio_tokens: u64,
 }
 
+impl Usage {
+    /// The counts of `crate::telemetry::TOKEN_KINDS`, in its order.
+    pub fn by_kind(&self) -> [u64; 5] {
+        [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            self.audio_tokens,
+        ]
+    }
+}
+
 /// How much of a JSON body's end is kept to find `usage` in (it comes last in Azure's answers).
 const JSON_TAIL: usize = 64 * 1024;
 /// Longest single SSE event held while looking for its end.
